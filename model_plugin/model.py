@@ -1,0 +1,293 @@
+"""MiDashengLM for vLLM: Dasheng encoder + subsampling projector + vLLM's Qwen2 decoder.
+
+The multimodal processor never runs a Hugging Face feature extractor: it tokenizes the
+prompt, checks each clip, pads clips shorter than 0.2 s, and hands the raw 16 kHz
+waveforms (end to end, one flat tensor) and their sample counts to the model, which
+computes the log-mel on the device. The placeholder count comes from one function,
+`num_audio_tokens`, used by the processor, the model and the gateway alike.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.config.multimodal import BaseDummyOptions
+from vllm.inputs import MultiModalDataDict
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+    PromptUpdateDetails,
+)
+from vllm.sequence import IntermediateTensors
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
+
+from .encoder import DashengEncoder
+from .processing import MIN_AUDIO_SAMPLES, SAMPLE_RATE, num_audio_tokens
+
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+DUMMY_AUDIO_SECONDS = 30  # profiling clip: the longest the published model was trained on
+
+
+class MiDashengLMAudioInputs(TensorSchema):
+    """
+    Dimensions:
+        - s: samples of all clips, end to end
+        - n: number of clips
+    """
+
+    input_values: Annotated[torch.Tensor, TensorShape("s")]
+    audio_length: Annotated[torch.Tensor, TensorShape("n")]
+
+
+class AudioDataParser(MultiModalDataParser):
+    """Rejects audio the model cannot take, naming the problem, before it reaches the engine."""
+
+    def _parse_audio_data(self, data):
+        items = super()._parse_audio_data(data)
+        if isinstance(items, AudioProcessorItems):
+            for i, audio in enumerate(items.get_all()):
+                _check_waveform(i, audio)
+        return items
+
+
+def _check_waveform(index: int, audio: Any) -> None:
+    if not isinstance(audio, np.ndarray):
+        raise ValueError(f"audio {index}: expected a numpy waveform, got {type(audio).__name__}")
+    if audio.ndim != 1:
+        raise ValueError(f"audio {index}: expected a 1-D mono waveform, got shape {tuple(audio.shape)}")
+    if audio.size == 0:
+        raise ValueError(f"audio {index}: the waveform is empty")
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"audio {index}: expected float samples in [-1, 1], got dtype {audio.dtype}")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"audio {index}: the waveform contains NaN or infinite samples")
+
+
+class MiDashengLMProcessingInfo(BaseProcessingInfo):
+    def get_data_parser(self) -> MultiModalDataParser:
+        return AudioDataParser(target_sr=SAMPLE_RATE, target_channels=1)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"audio": None}
+
+    def get_dummy_audio_samples(self, seq_len: int) -> int:
+        """The profiling clip: 30 s, shortened so its tokens fit in the sequence."""
+        samples = DUMMY_AUDIO_SECONDS * SAMPLE_RATE
+        while samples > MIN_AUDIO_SAMPLES and num_audio_tokens(samples) > max(seq_len - 8, 1):
+            samples //= 2
+        return samples
+
+    def audio_token_id(self) -> int:
+        return self.get_tokenizer().convert_tokens_to_ids(AUDIO_TOKEN)
+
+
+class MiDashengLMDummyInputsBuilder(BaseDummyInputsBuilder[MiDashengLMProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return AUDIO_PLACEHOLDER * mm_counts.get("audio", 0)
+
+    def get_dummy_mm_data(
+        self,
+        seq_len: int,
+        mm_counts: Mapping[str, int],
+        mm_options: Mapping[str, BaseDummyOptions],
+    ) -> MultiModalDataDict:
+        return {
+            "audio": self._get_dummy_audios(
+                length=self.info.get_dummy_audio_samples(seq_len),
+                num_audios=mm_counts.get("audio", 0),
+                overrides=mm_options.get("audio"),
+            )
+        }
+
+
+class MiDashengLMMultiModalProcessor(BaseMultiModalProcessor[MiDashengLMProcessingInfo]):
+    def _call_hf_processor(
+        self,
+        prompt: str,
+        mm_data: Mapping[str, object],
+        mm_kwargs: Mapping[str, object],
+        tok_kwargs: Mapping[str, object],
+    ) -> BatchFeature:
+        input_ids = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
+        data: dict[str, Any] = {"input_ids": [input_ids]}
+        audios = mm_data.get("audios") or mm_data.get("audio") or []
+        if audios:
+            clips = []
+            for audio in audios:
+                clip = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+                if clip.shape[0] < MIN_AUDIO_SAMPLES:
+                    clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
+                clips.append(clip)
+            data["input_values"] = torch.cat(clips)
+            data["audio_length"] = torch.tensor([c.shape[0] for c in clips])
+        return BatchFeature(data)
+
+    def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
+        return False
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        lengths = hf_inputs.get("audio_length", torch.empty(0, dtype=torch.long))
+        return dict(
+            input_values=MultiModalFieldConfig.flat_from_sizes("audio", lengths),
+            audio_length=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
+        )
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        audio_token_id = self.info.audio_token_id()
+        lengths = out_mm_kwargs.get_data().get("audio_length")
+        counts = [] if lengths is None else [num_audio_tokens(int(n)) for n in lengths]
+
+        def replacement(item_idx: int):
+            return PromptUpdateDetails.select_token_id(
+                [audio_token_id] * counts[item_idx], embed_token_id=audio_token_id
+            )
+
+        return [PromptReplacement(modality="audio", target=[audio_token_id], replacement=replacement)]
+
+
+class AudioProjector(nn.Module):
+    """Concatenate each group of `subsample_factor` patches, then Linear-GELU-Linear."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        subsample_factor: int,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
+        super().__init__()
+        self.k = subsample_factor
+        self.net = nn.Sequential(
+            ColumnParallelLinear(
+                in_dim * self.k, out_dim, quant_config=quant_config, prefix=f"{prefix}.net.0", return_bias=False
+            ),
+            get_act_fn("gelu"),
+            RowParallelLinear(
+                out_dim, out_dim, quant_config=quant_config, prefix=f"{prefix}.net.2", return_bias=False
+            ),
+        )
+
+    def forward(self, patches: torch.Tensor, num_patches: list[int]) -> tuple[torch.Tensor, list[int]]:
+        # patches: (N, dim) packed -> ((tokens, out_dim) packed, tokens per clip)
+        tokens = [n // self.k for n in num_patches]
+        starts = np.cumsum([0] + num_patches[:-1])
+        keep = np.concatenate([s + np.arange(t * self.k) for s, t in zip(starts, tokens)])
+        grouped = patches[torch.from_numpy(keep).to(patches.device)].reshape(-1, self.k * patches.shape[-1])
+        return self.net(grouped), tokens
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    MiDashengLMMultiModalProcessor,
+    info=MiDashengLMProcessingInfo,
+    dummy_inputs=MiDashengLMDummyInputsBuilder,
+)
+class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("audio"):
+            return AUDIO_PLACEHOLDER
+        raise ValueError("Only audio modality is supported")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        self.config = config
+
+        with self._mark_tower_model(vllm_config, "audio"):
+            self.audio_encoder = DashengEncoder(
+                config.audio_encoder_config, quant_config, maybe_prefix(prefix, "audio_encoder")
+            )
+            self.audio_projector = AudioProjector(
+                config.audio_encoder_config.embed_dim,
+                config.text_config.hidden_size,
+                config.subsample_factor,
+                quant_config,
+                maybe_prefix(prefix, "audio_projector"),
+            )
+
+        with self._mark_language_model(vllm_config):
+            self.decoder = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "decoder"),
+                architectures=["Qwen2ForCausalLM"],
+            )
+
+        self.make_empty_intermediate_tensors = self.decoder.make_empty_intermediate_tensors
+
+    def _parse_and_validate_audio_input(self, **kwargs: object) -> MiDashengLMAudioInputs | None:
+        input_values = kwargs.pop("input_values", None)
+        if input_values is None:
+            return None
+        if isinstance(input_values, list):
+            input_values = torch.cat(input_values)
+        audio_length = kwargs.pop("audio_length")
+        if isinstance(audio_length, list):
+            audio_length = torch.stack(audio_length)
+        return MiDashengLMAudioInputs(input_values=input_values, audio_length=audio_length)
+
+    def _process_audio_input(self, audio_input: MiDashengLMAudioInputs) -> tuple[torch.Tensor, ...]:
+        num_samples = audio_input["audio_length"].tolist()
+        patches, num_patches = self.audio_encoder(audio_input["input_values"], num_samples)
+        embeddings, tokens = self.audio_projector(patches, num_patches)
+        return torch.split(embeddings, tokens)
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        audio_input = self._parse_and_validate_audio_input(**kwargs)
+        if audio_input is None:
+            return []
+        return self._process_audio_input(audio_input)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.decoder.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.decoder.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Some published snapshots carry the front end's STFT window and mel filterbank;
+        # both are recomputed here from the config.
+        loader = AutoWeightsLoader(self, skip_prefixes=["audio_encoder.front_end."])
+        return loader.load_weights(weights)

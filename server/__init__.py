@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway around vLLM's in-process async engine."""

@@ -1,0 +1,110 @@
+"""`mdl-serve`: the command line of midashenglm-serve.
+
+Subcommands: make-checkpoint, generate (offline captioning through vllm.LLM).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_CHECKPOINT = Path(".demo/tiny")
+
+
+def _make_checkpoint(args: argparse.Namespace) -> None:
+    from mdlserve.model_plugin.checkpoints import make_checkpoint
+
+    out = make_checkpoint(args.preset, args.out, seed=args.seed, frontend_buffer_keys=args.frontend_buffers)
+    print(out)
+
+
+def demo_clip(seconds: float = 5.0, seed: int = 0):
+    """A synthetic clip: a chirp over noise, 16 kHz mono float32."""
+    import numpy as np
+
+    t = np.arange(int(seconds * 16000)) / 16000
+    chirp = 0.3 * np.sin(2 * np.pi * (300 + 200 * t) * t)
+    noise = 0.05 * np.random.default_rng(seed).standard_normal(t.size)
+    return (chirp + noise).astype(np.float32)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from vllm import LLM, SamplingParams
+
+    from mdlserve.model_plugin.checkpoints import CAPTION_PROMPT
+    from mdlserve.server.audio import decode_audio
+
+    model = Path(args.model)
+    if args.model == str(DEMO_CHECKPOINT) and not (model / "config.json").exists():
+        from mdlserve.model_plugin.checkpoints import make_checkpoint
+
+        make_checkpoint("tiny", model)
+    clips = [(p, decode_audio(Path(p).read_bytes())) for p in args.audio] or [("<demo clip>", demo_clip())]
+    llm = LLM(
+        model=str(model),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=max(len(clips), 1),
+        load_format=args.load_format,
+        enforce_eager=args.enforce_eager,
+        **({"kv_cache_memory_bytes": args.kv_cache_bytes} if args.kv_cache_bytes else {}),
+    )
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "placeholder"}},
+                                      {"type": "text", "text": args.prompt or CAPTION_PROMPT}]}]
+        for _ in clips
+    ]  # fmt: skip
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    prompts = [
+        {"prompt": p, "multi_modal_data": {"audio": clip}}
+        for p, (_, clip) in zip(_render(llm, conversations), clips)
+    ]
+    for (name, clip), out in zip(clips, llm.generate(prompts, params, use_tqdm=False)):
+        print(json.dumps({"audio": name, "seconds": round(len(clip) / 16000, 3), "text": out.outputs[0].text}))
+
+
+def _render(llm, conversations) -> list[str]:
+    tokenizer = llm.get_tokenizer()
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdl-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a generated checkpoint (tiny: random weights; 7b: shapes only)")
+    mk.add_argument("--preset", choices=["tiny", "7b"], default="tiny")
+    mk.add_argument("--out", required=True, help="output directory")
+    mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    mk.add_argument("--frontend-buffers", action="store_true",
+                    help="also store the STFT window and mel filterbank, as some published snapshots do")
+    mk.set_defaults(func=_make_checkpoint)
+
+    gen = sub.add_parser("generate", help="caption or question audio files offline (vllm.LLM)")
+    gen.add_argument("audio", nargs="*", help="audio files (any common format); none: a generated demo clip")
+    gen.add_argument("--model", default=str(DEMO_CHECKPOINT), help="checkpoint directory (default: the demo checkpoint)")
+    gen.add_argument("--prompt", default=None, help="instruction (default: the captioning prompt)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=4096)
+    gen.add_argument("--load-format", default="auto", help="'dummy' for random weights of the right shapes")
+    gen.add_argument("--kv-cache-bytes", type=int, default=None,
+                     help="KV cache size in bytes (required on CPU machines; the default on CPU is 1 GiB)")
+    gen.add_argument("--enforce-eager", action="store_true")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "kv_cache_bytes", 0) is None:
+        from mdlserve.server.platform import default_kv_cache_bytes
+
+        args.kv_cache_bytes = default_kv_cache_bytes()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

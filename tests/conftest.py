@@ -1,0 +1,29 @@
+"""Shared fixtures: a generated tiny checkpoint and fast in-process engine settings.
+
+TORCHDYNAMO_DISABLE=1 with enforce_eager and VLLM_ENABLE_V1_MULTIPROCESSING=0 bring a
+tiny engine's start from ~30 s to ~2 s on a CPU with identical greedy outputs; tests
+marked `slow` start engines on vLLM's default multiprocess path instead.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# Engine keyword arguments every CPU test engine uses (vllm.LLM / AsyncEngineArgs).
+FAST_ENGINE_KWARGS = dict(
+    dtype="float32",
+    max_model_len=2048,
+    enforce_eager=True,
+    kv_cache_memory_bytes=256 << 20,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    from mdlserve.model_plugin.checkpoints import make_checkpoint
+
+    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny"))

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache size in bytes (required on CPU machines; the default on CPU is 1 GiB)")
     gen.add_argument("--enforce-eager", action="store_true")
     gen.set_defaults(func=_generate)
+
+    from mdlserve.benchmarks.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,317 @@
+"""HTTP load against any OpenAI-compatible chat server (our gateway, vLLM's own, ...).
+
+Each request is POST /v1/chat/completions with an `input_audio` part (base64 WAV) and a
+text part. Streaming requests are read as SSE: TTFT is the time to the first chunk with
+content, ITL the gaps between content chunks, TPOT = (E2E - TTFT) / (tokens - 1), with
+tokens from the final `usage` chunk. Clips are generated per request (seeded) or read
+from a directory and dithered per request, so the server never sees the same audio
+twice and its caches cannot skip the encoder. The audio is built in a worker thread
+before the request's clock starts.
+
+`serve` runs a closed loop per concurrency level (N clients, each sending its next
+request when the last one finished) and an open loop per request rate (Poisson
+arrivals, independent of completions).
+"""
+
+import asyncio
+import base64
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .common import SAMPLE_RATE, base_summary, gpu_name_without_cuda_context, latency_stats, make_clip, wav_bytes
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
+CLOSED_KEY, OPEN_KEY = 11, 12
+
+
+@dataclass
+class RequestSpec:
+    """What to send; the audio is materialised only when the request is about to go out."""
+
+    key: tuple[int, ...]  # seeds the clip (or the dither of a file clip)
+    clip_s: float
+    prompt: str
+    max_tokens: int
+    stream: bool
+    exact_tokens: bool  # min_tokens = max_tokens and ignore_eos (vLLM extensions)
+    prompt_kind: str = "caption"
+    source_clip: np.ndarray | None = None
+
+
+@dataclass
+class RequestResult:
+    start_s: float  # since the start of the run
+    status: str  # HTTP status code or an error kind ("timeout", "connect_error", ...)
+    ok: bool
+    clip_s: float
+    stream: bool
+    prompt_kind: str
+    e2e_ms: float | None = None
+    ttft_ms: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def tpot_ms(self) -> float | None:
+        if self.ttft_ms is None or self.e2e_ms is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
+
+    def raw(self) -> dict:
+        return {"start_s": self.start_s, "status": self.status, "ok": self.ok, "clip_s": self.clip_s,
+                "stream": self.stream, "prompt_kind": self.prompt_kind, "e2e_ms": self.e2e_ms,
+                "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "itl_ms": self.itl_ms,
+                "output_tokens": self.output_tokens, "error": self.error}  # fmt: skip
+
+
+def load_audio_dir(directory: str) -> list[np.ndarray]:
+    from mdlserve.server.audio import decode_audio
+
+    files = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    if not files:
+        raise SystemExit(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in {directory}")
+    return [decode_audio(p.read_bytes()) for p in files]
+
+
+def clip_for(spec: RequestSpec) -> np.ndarray:
+    if spec.source_clip is None:
+        return make_clip(spec.clip_s, spec.key)
+    dither = 1e-4 * np.random.default_rng(list(spec.key)).standard_normal(spec.source_clip.size, dtype=np.float32)
+    return spec.source_clip + dither
+
+
+def request_body(spec: RequestSpec, model: str) -> dict:
+    audio = base64.b64encode(wav_bytes(clip_for(spec))).decode("ascii")
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+            {"type": "text", "text": spec.prompt},
+        ]}],
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "stream": spec.stream,
+    }  # fmt: skip
+    if spec.stream:
+        body["stream_options"] = {"include_usage": True}
+    if spec.exact_tokens:
+        body.update(min_tokens=spec.max_tokens, ignore_eos=True)
+    return body
+
+
+def base_url(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+class ChatClient:
+    def __init__(self, url: str, api_key: str | None, timeout_s: float, model: str | None = None):
+        import httpx
+
+        self.url = base_url(url)
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0),
+                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))  # fmt: skip
+
+    async def __aenter__(self) -> "ChatClient":
+        if self.model is None:
+            resp = await self.http.get(f"{self.url}/v1/models")
+            resp.raise_for_status()
+            self.model = resp.json()["data"][0]["id"]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+
+    async def send(self, spec: RequestSpec, run_start: float) -> RequestResult:
+        import httpx
+
+        body = await asyncio.to_thread(request_body, spec, self.model)
+        start = time.perf_counter()
+        result = RequestResult(start_s=start - run_start, status="", ok=False, clip_s=spec.clip_s,
+                               stream=spec.stream, prompt_kind=spec.prompt_kind)  # fmt: skip
+        try:
+            async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as resp:
+                result.status = str(resp.status_code)
+                if resp.status_code != 200:
+                    result.error = (await resp.aread()).decode(errors="replace")[:300]
+                elif spec.stream:
+                    await self._read_stream(resp, start, result)
+                else:
+                    data = json.loads(await resp.aread())
+                    result.output_tokens = (data.get("usage") or {}).get("completion_tokens", 0)
+                    result.ok = True
+        except httpx.TimeoutException:
+            result.status, result.error = "timeout", "timed out"
+        except httpx.HTTPError as exc:
+            result.status, result.error = type(exc).__name__, str(exc)[:300]
+        result.e2e_ms = (time.perf_counter() - start) * 1000
+        return result
+
+    @staticmethod
+    async def _read_stream(resp, start: float, result: RequestResult) -> None:
+        last = None
+        chunks = 0
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                result.status, result.error = "stream_error", json.dumps(chunk["error"])[:300]
+                return
+            if chunk.get("usage"):
+                result.output_tokens = chunk["usage"].get("completion_tokens", 0)
+            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft_ms = (now - start) * 1000
+                else:
+                    result.itl_ms.append((now - last) * 1000)
+                last = now
+                chunks += 1
+        result.output_tokens = result.output_tokens or chunks
+        result.ok = True
+
+
+def summarize(results: list[RequestResult], duration_s: float) -> dict:
+    """Request throughput, latency statistics (ms) and error counts of a set of requests."""
+    ok = [r for r in results if r.ok]
+    duration_s = max(duration_s, 1e-9)
+    return {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": dict(Counter(r.status for r in results if not r.ok)),
+        "error_rate": (len(results) - len(ok)) / len(results) if results else 0.0,
+        "duration_s": duration_s,
+        "request_throughput": len(ok) / duration_s,
+        "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration_s,
+        "ttft_ms": latency_stats([r.ttft_ms for r in ok]),
+        "tpot_ms": latency_stats([r.tpot_ms for r in ok]),
+        "itl_ms": latency_stats([x for r in ok for x in r.itl_ms]),
+        "e2e_ms": latency_stats([r.e2e_ms for r in ok]),
+    }
+
+
+async def closed_loop(client: ChatClient, specs: list[RequestSpec], concurrency: int, bar) -> tuple[list, float]:
+    pending = iter(specs)
+    results: list[RequestResult] = []
+    start = time.perf_counter()
+
+    async def user() -> None:
+        for spec in pending:  # shared iterator: each spec goes to exactly one user
+            results.append(await client.send(spec, start))
+            bar.update(1)
+
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+async def open_loop(client: ChatClient, specs: list[RequestSpec], rate: float, seed: int, bar) -> tuple[list, float]:
+    gaps = np.random.default_rng([seed, OPEN_KEY, int(rate * 1000)]).exponential(1.0 / rate, len(specs))
+    start = time.perf_counter()
+
+    async def timed(spec: RequestSpec) -> RequestResult:
+        result = await client.send(spec, start)
+        bar.update(1)
+        return result
+
+    tasks = []
+    for spec, arrival in zip(specs, np.cumsum(gaps)):
+        await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+        tasks.append(asyncio.create_task(timed(spec)))
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - start
+
+
+def level_specs(args, level_key: tuple[int, ...], sources: list[np.ndarray]) -> list[RequestSpec]:
+    specs = []
+    for i in range(args.num_requests):
+        source = sources[i % len(sources)] if sources else None
+        specs.append(RequestSpec(
+            key=(args.seed, *level_key, i), clip_s=source.size / SAMPLE_RATE if source is not None else args.clip_s,
+            prompt=args.prompt, max_tokens=args.out_tokens, stream=args.stream, exact_tokens=True,
+            source_clip=source,
+        ))  # fmt: skip
+    return specs
+
+
+def client_versions() -> dict:
+    """Versions on the load generator's side (the server's are not visible over HTTP)."""
+    info = {"gpu": gpu_name_without_cuda_context(), "vllm": "unknown", "torch": "unknown"}
+    for name in ("vllm", "torch"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    return info
+
+
+async def _serve(args) -> tuple[dict, dict]:
+    from .common import parse_int_list
+
+    sources = load_audio_dir(args.audio_dir) if args.audio_dir else []
+    levels = [("closed", c) for c in parse_int_list(args.concurrency)]
+    levels += [("open", float(r)) for r in args.request_rate.replace(" ", "").split(",") if r]
+    if not levels:
+        raise SystemExit("nothing to run: give --concurrency and/or --request-rate")
+    rows, raw = [], []
+    async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name) as client:
+        for level_index, (mode, level) in enumerate(levels):
+            specs = level_specs(args, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
+            label = f"c={level}" if mode == "closed" else f"{level:g} req/s"
+            with tqdm(total=len(specs), desc=f"{mode} {label}", unit="req") as bar:
+                if mode == "closed":
+                    results, duration = await closed_loop(client, specs, level, bar)
+                else:
+                    results, duration = await open_loop(client, specs, level, args.seed, bar)
+            row = {"impl": args.impl, "via": "http", "mode": mode,
+                   "concurrency": level if mode == "closed" else None,
+                   "request_rate": level if mode == "open" else None,
+                   "clip_s": float(np.mean([s.clip_s for s in specs])), "out_tokens": args.out_tokens,
+                   "stream": args.stream, **summarize(results, duration)}  # fmt: skip
+            rows.append(row)
+            raw.extend({"mode": mode, "level": level, **r.raw()} for r in results)
+        model = client.model
+    return {"rows": rows, "model": model}, {"requests": raw}
+
+
+def serve_summary(args, rows: list[dict], model: str) -> dict:
+    summary = base_summary(preset="remote", dtype="unknown", quantization=None, engine_args={},
+                           versions=client_versions())  # fmt: skip
+    summary.update(mode="serve", target_url=base_url(args.url), model_name=model, serve=rows)
+    for r in rows:
+        level = {"concurrency": r["concurrency"]} if r["mode"] == "closed" else {"request_rate": r["request_rate"]}
+        if r["mode"] == "closed":
+            summary["throughput"].append({
+                "impl": r["impl"], "via": "http", "batch": r["concurrency"], "clip_s": r["clip_s"],
+                "out_tokens_per_clip": r["out_tokens"], "samples_per_s": r["request_throughput"],
+                "wall_s": r["duration_s"],
+            })  # fmt: skip
+        if r["ttft_ms"]["n"]:
+            summary["ttft"].append({"impl": r["impl"], "via": "http", "clip_s": r["clip_s"],
+                                    "median_ms": r["ttft_ms"]["median"], "p90_ms": r["ttft_ms"]["p90"],
+                                    "n": r["ttft_ms"]["n"], **level})  # fmt: skip
+    return summary
+
+
+def run_serve(args) -> dict:
+    from .common import run_dir, write_results
+    from .report import serve_table
+
+    result, raw = asyncio.run(_serve(args))
+    summary = serve_summary(args, result["rows"], result["model"])
+    out_dir = run_dir(args.out, args.run_name, "serve", summary["gpu"])
+    write_results(out_dir, summary, raw)
+    print(serve_table(summary))
+    print(f"results: {out_dir}")
+    return summary

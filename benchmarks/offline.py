@@ -1,0 +1,292 @@
+"""Offline measurements in one vllm.LLM engine: TTFT at batch 1, then throughput per batch.
+
+Runs as a worker process, one per implementation (`python -m mdlserve.benchmarks.offline
+SPEC.json RESULT.json`): plugin registration is process-global, and a fresh process
+gives the GPU memory back between implementations. The engine starts once and serves
+every point, because an engine start on an H100 takes minutes. The result file is
+rewritten after every point, so a worker killed by the time budget or a crash still
+leaves what it measured.
+
+Definitions:
+- throughput: `batch` fresh clips submitted in one `LLM.generate` call with exactly
+  `out_tokens` output tokens each (min_tokens = max_tokens, ignore_eos); wall time of
+  that call, which includes audio preprocessing; samples/s = batch / wall.
+- TTFT: one fresh clip, `max_tokens=1`; the engine's own per-request metric
+  `RequestOutput.metrics.first_token_latency` (vLLM 0.26, populated with
+  `disable_log_stats=False`): from the request's arrival (before audio preprocessing)
+  to the first output token reaching the frontend. The wall time of the call is
+  recorded next to it (`wall_ms`) and stands in only if the metric is missing.
+"""
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .common import make_clip, percentile, runtime_versions, write_json
+
+ARCHITECTURE = "MiDashengLMModel"
+# VLLM_PLUGINS allowlist per implementation: ours only, or none (vLLM's built-in class).
+PLUGIN_ALLOWLIST = {"plugin": "midashenglm", "builtin": "none"}
+EXPECTED_MODULE_PREFIX = {"plugin": "mdlserve.", "builtin": "vllm."}
+# Key spaces of make_clip, so that no two requests of a run share a clip.
+WARMUP_KEY, TTFT_KEY, THROUGHPUT_KEY = 1, 2, 3
+
+
+@dataclass
+class EngineOptions:
+    """The engine flags a run exposes and records; `extra` holds --engine-arg KEY=VALUE."""
+
+    dtype: str = "auto"
+    quantization: str | None = None
+    max_model_len: int = 1024
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = False
+    kv_cache_memory_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def llm_kwargs(self) -> dict:
+        """Arguments for vllm.LLM: the flags that are set, then `extra` (which wins)."""
+        fixed = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        return {**fixed, **self.extra}
+
+
+@dataclass
+class OfflineWorkload:
+    impl: str  # "plugin" | "builtin"
+    model: str
+    load_format: str
+    engine: EngineOptions
+    batches: list[int]
+    clip_s: float
+    out_tokens: int
+    ttft_clip_s: list[float]
+    ttft_repeats: int
+    prompt: str
+    seed: int
+    deadline: float | None = None  # unix time after which no new point starts
+
+    @classmethod
+    def from_json(cls, data: dict) -> "OfflineWorkload":
+        return cls(**{**data, "engine": EngineOptions(**data["engine"])})
+
+
+def worker_env(impl: str, base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env["VLLM_PLUGINS"] = PLUGIN_ALLOWLIST[impl]
+    return env
+
+
+def llm_kwargs(work: OfflineWorkload) -> dict:
+    kwargs = {
+        "model": work.model,
+        "load_format": work.load_format,
+        "max_num_seqs": max(work.batches + [1]),
+        "seed": work.seed,
+        "disable_log_stats": False,  # populates RequestOutput.metrics (TTFT)
+    }
+    if work.impl == "builtin":
+        kwargs["trust_remote_code"] = True  # the built-in loads the checkpoint's processor module
+    kwargs.update(work.engine.llm_kwargs())
+    if kwargs.get("kv_cache_memory_bytes") is None:
+        from mdlserve.server.platform import default_kv_cache_bytes
+
+        if default_kv_cache_bytes() is not None:
+            kwargs["kv_cache_memory_bytes"] = default_kv_cache_bytes()
+    return kwargs
+
+
+def loaded_model_class() -> str:
+    """'module:Class' that vLLM's registry resolves MiDashengLMModel to in this process."""
+    from vllm import ModelRegistry
+
+    entry = ModelRegistry.models[ARCHITECTURE]
+    if hasattr(entry, "module_name"):
+        return f"{entry.module_name}:{entry.class_name}"
+    return f"{entry.model_cls.__module__}:{entry.model_cls.__name__}"
+
+
+def effective_engine_config(llm) -> dict:
+    """What the engine actually runs with, including vLLM's defaults."""
+    cfg = llm.llm_engine.vllm_config
+    fields = {
+        "max_num_seqs": lambda: cfg.scheduler_config.max_num_seqs,
+        "max_num_batched_tokens": lambda: cfg.scheduler_config.max_num_batched_tokens,
+        "max_model_len": lambda: cfg.model_config.max_model_len,
+        "dtype": lambda: str(cfg.model_config.dtype).removeprefix("torch."),
+        "quantization": lambda: cfg.model_config.quantization,
+        "enforce_eager": lambda: cfg.model_config.enforce_eager,
+        "gpu_memory_utilization": lambda: cfg.cache_config.gpu_memory_utilization,
+        "kv_cache_memory_bytes": lambda: cfg.cache_config.kv_cache_memory_bytes,
+        "num_gpu_blocks": lambda: cfg.cache_config.num_gpu_blocks,
+        "enable_prefix_caching": lambda: cfg.cache_config.enable_prefix_caching,
+    }
+    out = {}
+    for name, get in fields.items():
+        try:
+            value = get()
+            out[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+        except AttributeError:
+            continue
+    return out
+
+
+class OfflineRunner:
+    def __init__(self, work: OfflineWorkload, result_path: Path):
+        self.work = work
+        self.result_path = result_path
+        self.result = {"impl": work.impl, "versions": {}, "model_class": None, "engine_args": {},
+                       "engine_effective": {}, "throughput": [], "ttft": [], "requests": [],
+                       "errors": [], "done": False}  # fmt: skip
+
+    def save(self) -> None:
+        write_json(self.result_path, self.result)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.work.impl}] {message}", flush=True)
+
+    def out_of_time(self, estimate_s: float = 0.0) -> bool:
+        return self.work.deadline is not None and time.time() + estimate_s > self.work.deadline
+
+    def skip(self, stage: str, point: dict) -> None:
+        self.result["errors"].append({"impl": self.work.impl, "stage": stage, **point, "error": "skipped: time budget"})
+
+    # ------------------------------------------------------------ engine
+
+    def start_engine(self):
+        from vllm import LLM
+
+        kwargs = llm_kwargs(self.work)
+        self.result["engine_args"] = kwargs
+        start = time.perf_counter()
+        llm = LLM(**kwargs)
+        self.result["startup_s"] = time.perf_counter() - start
+        self.result["versions"] = runtime_versions()
+        self.result["model_class"] = loaded_model_class()
+        self.result["engine_effective"] = effective_engine_config(llm)
+        if not self.result["model_class"].startswith(EXPECTED_MODULE_PREFIX[self.work.impl]):
+            raise RuntimeError(f"{self.work.impl} run resolved {ARCHITECTURE} to {self.result['model_class']}; "
+                               f"check VLLM_PLUGINS and that midashenglm-serve is installed")  # fmt: skip
+        tokenizer = llm.get_tokenizer()
+        conversation = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "clip"}},
+                                                     {"type": "text", "text": self.work.prompt}]}]  # fmt: skip
+        self.prompt_text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        self.log(f"engine up in {self.result['startup_s']:.1f} s, model class {self.result['model_class']}")
+        self.save()
+        return llm
+
+    def prompts(self, seconds: float, keys: list[tuple[int, ...]]) -> list[dict]:
+        return [{"prompt": self.prompt_text, "multi_modal_data": {"audio": make_clip(seconds, (self.work.seed, *k))}}
+                for k in keys]  # fmt: skip
+
+    @staticmethod
+    def sampling(out_tokens: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=out_tokens, min_tokens=out_tokens, ignore_eos=True, temperature=0.0)
+
+    # ------------------------------------------------------------ measurements
+
+    def warm_up(self, llm) -> None:
+        """Compiles kernels and fills allocator pools before anything is timed: a single
+        clip, then a small batch (the first call of a batch shape is slow on some backends)."""
+        seconds = self.work.clip_s if self.work.batches else max(self.work.ttft_clip_s)
+        start = time.perf_counter()
+        for batch in sorted({1, min(max(self.work.batches + [1]), 8)}):
+            llm.generate(self.prompts(seconds, [(WARMUP_KEY, batch, i) for i in range(batch)]),
+                         self.sampling(min(self.work.out_tokens, 16)), use_tqdm=False)  # fmt: skip
+        self.result["warmup_s"] = time.perf_counter() - start
+
+    def measure_ttft(self, llm) -> None:
+        for seconds in self.work.ttft_clip_s:
+            if self.out_of_time():
+                self.skip("ttft", {"clip_s": seconds})
+                continue
+            samples = []
+            for rep in range(self.work.ttft_repeats + 1):  # repetition 0 warms this length up
+                key = (TTFT_KEY, int(seconds * 1000), rep)
+                start = time.perf_counter()
+                (out,) = llm.generate(self.prompts(seconds, [key]), self.sampling(1), use_tqdm=False)
+                wall_ms = (time.perf_counter() - start) * 1000
+                metric = getattr(out.metrics, "first_token_latency", None)
+                row = {"kind": "ttft", "impl": self.work.impl, "clip_s": seconds, "repeat": rep,
+                       "warmup": rep == 0, "prompt_tokens": len(out.prompt_token_ids),
+                       "ttft_ms": metric * 1000 if metric else wall_ms, "wall_ms": wall_ms,
+                       "ttft_source": "engine_metrics" if metric else "wall"}  # fmt: skip
+                self.result["requests"].append(row)
+                if rep:
+                    samples.append(row)
+            ttfts = [r["ttft_ms"] for r in samples]
+            self.result["ttft"].append({
+                "impl": self.work.impl, "via": "engine", "clip_s": seconds, "n": len(ttfts),
+                "median_ms": percentile(ttfts, 50), "p90_ms": percentile(ttfts, 90),
+                "wall_median_ms": percentile([r["wall_ms"] for r in samples], 50),
+                "prompt_tokens": samples[0]["prompt_tokens"] if samples else None,
+                "ttft_source": samples[0]["ttft_source"] if samples else None,
+            })  # fmt: skip
+            self.log(f"ttft {seconds:g} s: median {self.result['ttft'][-1]['median_ms']:.1f} ms")
+            self.save()
+
+    def measure_throughput(self, llm) -> None:
+        clip_s, out_tokens = self.work.clip_s, self.work.out_tokens
+        samples_per_s = None
+        for batch in self.work.batches:
+            estimate = batch / samples_per_s if samples_per_s else 0.0
+            if self.out_of_time(estimate):
+                self.skip("throughput", {"batch": batch})
+                continue
+            prompts = self.prompts(clip_s, [(THROUGHPUT_KEY, batch, i) for i in range(batch)])
+            start = time.perf_counter()
+            outs = llm.generate(prompts, self.sampling(out_tokens), use_tqdm=False)
+            wall = time.perf_counter() - start
+            del prompts
+            produced = [len(o.outputs[0].token_ids) for o in outs]
+            samples_per_s = batch / wall
+            for o, n in zip(outs, produced):
+                first = getattr(o.metrics, "first_token_latency", None)
+                self.result["requests"].append({
+                    "kind": "throughput", "impl": self.work.impl, "batch": batch,
+                    "prompt_tokens": len(o.prompt_token_ids), "output_tokens": n,
+                    "ttft_ms": first * 1000 if first else None,
+                })  # fmt: skip
+            self.result["throughput"].append({
+                "impl": self.work.impl, "via": "engine", "batch": batch, "clip_s": clip_s,
+                "out_tokens_per_clip": out_tokens, "samples_per_s": samples_per_s, "wall_s": wall,
+                "output_tokens": sum(produced), "output_tokens_per_s": sum(produced) / wall,
+                "prompt_tokens_per_clip": sum(len(o.prompt_token_ids) for o in outs) / batch,
+            })  # fmt: skip
+            self.log(f"batch {batch}: {samples_per_s:.2f} samples/s ({wall:.1f} s)")
+            self.save()
+
+    def run(self) -> None:
+        stage = "startup"
+        try:
+            llm = self.start_engine()
+            stage = "warmup"
+            self.warm_up(llm)
+            stage = "ttft"
+            self.measure_ttft(llm)
+            stage = "throughput"
+            self.measure_throughput(llm)
+        except Exception as exc:  # record and stop: after a CUDA error the engine is unreliable
+            traceback.print_exc()
+            self.result["errors"].append({"impl": self.work.impl, "stage": stage,
+                                          "error": f"{type(exc).__name__}: {exc}"[:2000]})  # fmt: skip
+        self.result["done"] = True
+        self.save()
+
+
+def main(argv: list[str]) -> int:
+    spec_path, result_path = Path(argv[0]), Path(argv[1])
+    work = OfflineWorkload.from_json(json.loads(spec_path.read_text()))
+    runner = OfflineRunner(work, result_path)
+    runner.run()
+    return 1 if runner.result["errors"] and not (runner.result["throughput"] or runner.result["ttft"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

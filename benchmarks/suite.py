@@ -1,0 +1,135 @@
+"""The offline modes (throughput, ttft, compare): one worker process per implementation.
+
+The parent never imports torch or vLLM, so it holds no GPU memory; it hands each
+worker a share of the time budget, follows its result file for the progress bar, and
+merges the rows into one summary. `compare` reports, per row, plugin over built-in
+speed-up: samples/s ratio for throughput, built-in / plugin milliseconds for TTFT
+(above 1: the plugin is faster in both).
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .common import base_summary, write_results
+from .offline import OfflineWorkload, worker_env
+
+# Seconds a worker may run past its deadline (finishing a point, shutting down) before it is killed.
+GRACE_S = 120.0
+LOG_TAIL_LINES = 40
+
+
+def run_worker(work: OfflineWorkload, out_dir: Path, kill_after_s: float | None) -> dict:
+    """Run one implementation's worker; return its (possibly partial) result."""
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    result_path = out_dir / "logs" / f"{work.impl}.result.json"
+    log_path = logs / f"{work.impl}.log"
+    result_path.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+        json.dump(asdict(work), spec)
+    total = len(work.ttft_clip_s) + len(work.batches)
+    start = time.time()
+    with open(log_path, "w") as log, tqdm(total=total, desc=f"{work.impl}", unit="point") as bar:
+        proc = subprocess.Popen([sys.executable, "-m", "mdlserve.benchmarks.offline", spec.name, str(result_path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(work.impl))  # fmt: skip
+        bar.set_postfix_str("starting engine")
+        while proc.poll() is None:
+            time.sleep(2.0)
+            partial = _read(result_path)
+            done = len(partial.get("ttft", [])) + len(partial.get("throughput", [])) + _skipped(partial)
+            if partial.get("model_class") and bar.postfix != "engine up":
+                bar.set_postfix_str("engine up")
+            if done > bar.n:
+                bar.update(min(done, total) - bar.n)
+            if kill_after_s is not None and time.time() - start > kill_after_s:
+                proc.kill()
+                proc.wait()
+                break
+    Path(spec.name).unlink(missing_ok=True)
+    result = _read(result_path) or {"impl": work.impl, "throughput": [], "ttft": [], "requests": [], "errors": []}
+    if not result.get("done"):
+        why = "killed: time budget" if proc.returncode in (-9, 137) else f"worker exited with code {proc.returncode}"
+        result.setdefault("errors", []).append({"impl": work.impl, "stage": "worker", "error": why})
+    if proc.returncode != 0 or [e for e in result.get("errors", []) if not e["error"].startswith("skipped")]:
+        tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        print(f"--- {work.impl} worker log tail ({log_path}) ---\n" + "\n".join(tail), file=sys.stderr, flush=True)
+    return result
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _skipped(result: dict) -> int:
+    return sum(1 for e in result.get("errors", []) if e.get("error", "").startswith("skipped"))
+
+
+def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, out_dir: Path,
+                      *, preset: str, time_budget_s: float | None) -> dict:  # fmt: skip
+    """Run `template` for each implementation in turn; write and return the summary."""
+    deadline = time.time() + time_budget_s if time_budget_s else None
+    results = []
+    for i, impl in enumerate(impls):
+        share = (deadline - time.time()) / (len(impls) - i) if deadline else None
+        work = OfflineWorkload(**{**asdict(template), "engine": template.engine, "impl": impl,
+                                  "deadline": time.time() + share if share else None})  # fmt: skip
+        print(f"== {mode}: {impl} ({'no time limit' if share is None else f'{share:.0f} s budget'})", flush=True)
+        results.append(run_worker(work, out_dir, None if share is None else share + GRACE_S))
+
+    versions = next((r["versions"] for r in results if r.get("versions")), {})
+    effective = next((r["engine_effective"] for r in results if r.get("engine_effective")), {})
+    summary = base_summary(preset=preset, dtype=effective.get("dtype", template.engine.dtype),
+                           quantization=template.engine.quantization,
+                           engine_args={**asdict(template.engine), "load_format": template.load_format,
+                                        "max_num_seqs": max(template.batches + [1])},
+                           versions=versions)  # fmt: skip
+    summary.update({
+        "mode": mode,
+        "workload": {"clip_s": template.clip_s, "out_tokens": template.out_tokens, "batches": template.batches,
+                     "ttft_clip_s": template.ttft_clip_s, "ttft_repeats": template.ttft_repeats,
+                     "prompt": template.prompt, "seed": template.seed, "time_budget_s": time_budget_s},
+        "impls": {r["impl"]: {k: r.get(k) for k in ("model_class", "engine_args", "engine_effective",
+                                                    "startup_s", "warmup_s")} for r in results},
+        "throughput": [row for r in results for row in r.get("throughput", [])],
+        "ttft": [row for r in results for row in r.get("ttft", [])],
+        "errors": [e for r in results for e in r.get("errors", [])],
+    })  # fmt: skip
+    if len(impls) > 1:
+        summary["ratios"] = speedups(summary)
+    raw = {"requests": [row for r in results for row in r.get("requests", [])]}
+    write_results(out_dir, summary, raw)
+    return summary
+
+
+def speedups(summary: dict) -> list[dict]:
+    """Plugin over built-in per matching row; above 1 means the plugin is faster."""
+    out = []
+    by_batch = {(r["impl"], r["batch"]): r["samples_per_s"] for r in summary["throughput"]}
+    for batch in sorted({b for _, b in by_batch}):
+        ours, theirs = by_batch.get(("plugin", batch)), by_batch.get(("builtin", batch))
+        out.append({"metric": "samples_per_s", "batch": batch, "plugin": ours, "builtin": theirs,
+                    "speedup": ours / theirs if ours and theirs else None})  # fmt: skip
+    by_clip = {(r["impl"], r["clip_s"]): r["median_ms"] for r in summary["ttft"]}
+    for clip_s in sorted({c for _, c in by_clip}):
+        ours, theirs = by_clip.get(("plugin", clip_s)), by_clip.get(("builtin", clip_s))
+        out.append({"metric": "ttft_median_ms", "clip_s": clip_s, "plugin": ours, "builtin": theirs,
+                    "speedup": theirs / ours if ours and theirs else None})  # fmt: skip
+    return out
+
+
+def print_table(summary: dict) -> None:
+    """Compact stdout table of a finished offline run."""
+    from .report import offline_tables
+
+    print(offline_tables(summary), flush=True)
+

@@ -429,3 +429,19 @@ def test_notes_explain_key_and_test(helm):
     assert "get secret rel-midashenglm-serve-api-keys" in notes
     assert "helm test -n ml rel" in notes
     assert "rollout status deployment/rel-midashenglm-serve" in notes
+
+
+def test_configmap_is_accepted_by_the_gateway_settings(helm, monkeypatch):
+    """The rendered MDL_* variables parse into the gateway's Settings (pydantic, extra=forbid)."""
+    settings = pytest.importorskip("mdlserve.server.settings")
+    docs = helm.render(FULL)
+    for k in [k for k in __import__("os").environ if k.startswith("MDL_")]:
+        monkeypatch.delenv(k)
+    for k, v in config(docs).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MDL_API_KEYS", "key-aaaaaaaaaaaaaaaa,key-bbbbbbbbbbbbbbbb")
+    s = settings.Settings()
+    assert (s.host, s.port, s.model) == ("0.0.0.0", 8000, "/models/mdl/7b")
+    assert s.tensor_parallel_size == 2 and s.enforce_eager is True and s.drain_timeout == 30
+    assert s.allowed_domains == ["a.example", "b.example"]
+    assert s.api_keys == ["key-aaaaaaaaaaaaaaaa", "key-bbbbbbbbbbbbbbbb"]

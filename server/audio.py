@@ -1,6 +1,10 @@
 """Audio decoding: any common container/codec, any rate and channel count -> 16 kHz mono fp32."""
 
+import asyncio
 import io
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import soundfile
@@ -52,3 +56,32 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
     if not chunks or not rate:
         raise AudioDecodeError("the audio decodes to zero samples")
     return np.concatenate(chunks)[:, None], int(rate)
+
+
+class DecodePool:
+    """Runs `decode_audio` off the event loop on a pool of threads.
+
+    Threads rather than processes: libsndfile (via cffi), FFmpeg (PyAV) and soxr release
+    the GIL while they work, and threads avoid pickling the file bytes in and the samples
+    out (see server/bench_decode_pool.py and docs/gateway.md for the measurement).
+    """
+
+    def __init__(self, workers: int, on_decoded: Callable[[float, float], None] | None = None):
+        """`on_decoded(decode_seconds, audio_seconds)` is called on the event loop per clip."""
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audio-decode")
+        self._on_decoded = on_decoded
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        def timed() -> tuple[np.ndarray, float]:
+            start = time.perf_counter()
+            samples = decode_audio(data)
+            return samples, time.perf_counter() - start
+
+        samples, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        if self._on_decoded is not None:
+            self._on_decoded(seconds, samples.size / SAMPLE_RATE)
+        return samples
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,7 @@
 """`mdl-serve`: the command line of midashenglm-serve.
 
-Subcommands: make-checkpoint, generate (offline captioning through vllm.LLM).
+Subcommands: make-checkpoint, generate (offline captioning through vllm.LLM), serve (the
+OpenAI-compatible HTTP gateway).
 """
 
 import argparse
@@ -68,6 +69,47 @@ def _render(llm, conversations) -> list[str]:
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mdlserve.server.serve import serve
+    from mdlserve.server.settings import Settings
+
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    settings = Settings(**overrides)
+    if settings.model == str(DEMO_CHECKPOINT) and not (DEMO_CHECKPOINT / "config.json").exists():
+        from mdlserve.model_plugin.checkpoints import make_checkpoint
+
+        make_checkpoint("tiny", DEMO_CHECKPOINT)
+    return serve(settings)
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (`max_num_seqs` -> `--max-num-seqs`). Flags left out
+    are absent from the namespace, so MDL_* environment variables and defaults apply."""
+    import types
+    import typing
+
+    from mdlserve.server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        if extra.get("cli") is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (env MDL_{name.upper()})"
+        annotation = field.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+            annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+        kind = typing.get_origin(annotation) or annotation
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        elif kind is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(annotation), default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=argparse.SUPPRESS,
+                                help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdl-serve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--enforce-eager", action="store_true")
     gen.set_defaults(func=_generate)
 
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                         description="Every flag is also an MDL_<FLAG> environment variable; flags win.")
+    _add_settings_flags(srv)
+    srv.set_defaults(func=_serve)
+
     from mdlserve.benchmarks.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
@@ -107,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         from mdlserve.server.platform import default_kv_cache_bytes
 
         args.kv_cache_bytes = default_kv_cache_bytes()
-    args.func(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The FastAPI application factory."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from mdlserve.server.deps import require_api_key, require_api_key_for_ops, require_serving
+from mdlserve.server.errors import install_error_handlers
+from mdlserve.server.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from mdlserve.server.routes import audio, chat, health, models
+from mdlserve.server.settings import Settings
+from mdlserve.server.state import GatewayState
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; the engine starts (in the background) when the app's lifespan
+    starts and stops when it ends."""
+    state = GatewayState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = state
+    install_error_handlers(app)
+    # Middleware added last runs first: request ids and metrics wrap the size limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=state.metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+
+    work = [Depends(require_api_key), Depends(require_serving)]
+    app.include_router(chat.router, dependencies=work)
+    app.include_router(audio.router, dependencies=work)
+    app.include_router(models.router, dependencies=[Depends(require_api_key)])
+    app.include_router(health.router, dependencies=[Depends(require_api_key_for_ops)])
+    return app

@@ -1,0 +1,55 @@
+"""FastAPI dependencies: the state object, API-key auth, and serving checks."""
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from mdlserve.server.engine import EngineState
+from mdlserve.server.errors import ApiError
+from mdlserve.server.state import GatewayState
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+State = Annotated[GatewayState, Depends(get_state)]
+
+
+def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:
+    """Compare against every key (no early exit) in constant time per key."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
+def require_api_key(request: Request, state: State) -> None:
+    """`Authorization: Bearer <key>` when keys are configured; no-op otherwise."""
+    if not state.api_keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not _key_matches(token.strip().encode(), state.api_keys):
+        raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_api_key_for_ops(request: Request, state: State) -> None:
+    """Health and metrics are open unless --auth-health-metrics."""
+    if state.settings.auth_health_metrics:
+        require_api_key(request, state)
+
+
+def require_serving(state: State) -> None:
+    """Refuse new work (503) while the engine loads, after it died, or while draining."""
+    if state.draining:
+        raise ApiError(503, "server is shutting down; retry on another replica", code="draining",
+                       headers={"Retry-After": "1"})
+    if state.engine.state is EngineState.LOADING:
+        raise ApiError(503, "the model is still loading; retry shortly", code="loading", reason=None,
+                       headers={"Retry-After": "5"})
+    if not state.engine.up:
+        raise ApiError(503, "the engine is not running", code="engine_unavailable", reason=None)

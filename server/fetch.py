@@ -1,0 +1,199 @@
+"""Loading the bytes behind an `audio_url`: data:, http(s):// (SSRF-guarded) and file://.
+
+http(s) fetches resolve the host themselves, refuse any non-public address (loopback,
+private, link-local, multicast, reserved, ...), then connect to the checked IP (Host header
+and TLS SNI keep the original name), so a DNS answer that changes between check and
+connect cannot redirect us. Redirects are followed by hand, each hop checked the same way.
+"""
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+MAX_REDIRECTS = 5
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class FetchError(Exception):
+    """The URL cannot be used; the message names the problem (a client error)."""
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True only for globally routable unicast addresses."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """RFC 2397 `data:[<mediatype>][;base64],<data>`."""
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise FetchError("malformed data: URL (no comma)")
+    if header.endswith(";base64"):
+        if len(payload) * 3 // 4 > max_bytes:
+            raise FetchError(f"data: URL payload exceeds {max_bytes} bytes")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise FetchError("data: URL is not valid base64") from None
+    data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise FetchError(f"data: URL payload exceeds {max_bytes} bytes")
+    return data
+
+
+class AudioFetcher:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_bytes: int,
+        allowed_domains: list[str],
+        media_dir: Path | None,
+        allow_private: bool = False,
+        address_allowed: Callable[[IPAddress], bool] | None = None,
+    ):
+        """`address_allowed` replaces the public-address check (tests only); `allow_private`
+        turns the check off (tests only, MDL_UNSAFE_ALLOW_PRIVATE_URLS)."""
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.allowed_domains = allowed_domains
+        self.media_dir = media_dir
+        self.address_allowed = address_allowed or ((lambda ip: True) if allow_private else is_public_address)
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout),
+            headers={"User-Agent": "midashenglm-serve"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> bytes:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return decode_data_url(url, self.max_bytes)
+        if scheme == "file":
+            return await self._read_file(url)
+        if scheme not in ("http", "https"):
+            raise FetchError(f"unsupported audio_url scheme {scheme!r}: use https, http, data or file")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._fetch_http(url)
+        except TimeoutError:
+            raise FetchError(f"fetching audio_url timed out after {self.timeout:g} s") from None
+
+    async def _read_file(self, url: str) -> bytes:
+        if self.media_dir is None:
+            raise FetchError("file:// audio URLs are disabled (the server has no --media-dir)")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise FetchError("file:// URLs must not name a host")
+        # resolve() follows symlinks and '..', so nothing can point out of the directory.
+        path = Path(urllib.parse.unquote(parsed.path)).resolve()
+        if not path.is_relative_to(self.media_dir):
+            raise FetchError("file:// path is outside the media directory")
+        return await asyncio.to_thread(self._read_bounded, path)
+
+    def _read_bounded(self, path: Path) -> bytes:
+        if not path.is_file():
+            raise FetchError("file:// path does not exist in the media directory")
+        if path.stat().st_size > self.max_bytes:
+            raise FetchError(f"file exceeds {self.max_bytes} bytes (--fetch-max-bytes)")
+        return path.read_bytes()
+
+    async def _fetch_http(self, url: str) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme not in ("http", "https"):
+                raise FetchError(f"audio_url redirected to unsupported scheme {parsed.scheme!r}")
+            host = parsed.hostname
+            if not host:
+                raise FetchError("audio_url has no host")
+            if parsed.username or parsed.password:
+                raise FetchError("audio_url must not contain credentials")
+            self._check_domain(host)
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            ip = await self._resolve_checked(host, port)
+            request = self._client.build_request("GET", self._url_for_ip(parsed, ip), headers={"Host": parsed.netloc})
+            if parsed.scheme == "https":
+                request.extensions["sni_hostname"] = host
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException:
+                raise FetchError(f"fetching audio_url timed out after {self.timeout:g} s") from None
+            except httpx.HTTPError as exc:
+                raise FetchError(f"could not fetch audio_url ({type(exc).__name__})") from None
+            try:
+                if response.is_redirect:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise FetchError("audio_url redirect has no Location header")
+                    url = urllib.parse.urljoin(url, location)
+                    continue
+                if response.status_code != 200:
+                    raise FetchError(f"fetching audio_url failed: HTTP {response.status_code}")
+                return await self._read_body(response)
+            finally:
+                await response.aclose()
+        raise FetchError(f"audio_url redirected more than {MAX_REDIRECTS} times")
+
+    def _check_domain(self, host: str) -> None:
+        if not self.allowed_domains:
+            return
+        host = host.lower().rstrip(".")
+        if not any(host == d or host.endswith("." + d) for d in self.allowed_domains):
+            raise FetchError(f"audio_url host {host!r} is not in the allowed domains")
+
+    async def _resolve_checked(self, host: str, port: int) -> IPAddress:
+        try:
+            literal = ipaddress.ip_address(host)
+            addresses = [literal]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError):
+                raise FetchError(f"audio_url host {host!r} does not resolve") from None
+            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            if not addresses:
+                raise FetchError(f"audio_url host {host!r} does not resolve")
+        for ip in addresses:
+            if not self.address_allowed(ip):
+                raise FetchError(
+                    f"audio_url host {host!r} resolves to a non-public address ({ip}); "
+                    "loopback, private, link-local, multicast and reserved addresses are refused"
+                )
+        return addresses[0]
+
+    @staticmethod
+    def _url_for_ip(parsed: urllib.parse.SplitResult, ip: IPAddress) -> str:
+        host = f"[{ip}]" if ip.version == 6 else str(ip)
+        netloc = f"{host}:{parsed.port}" if parsed.port else host
+        return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path or "/", parsed.query, ""))
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise FetchError(f"audio_url content exceeds {self.max_bytes} bytes (--fetch-max-bytes)")
+        chunks, total = [], 0
+        try:
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise FetchError(f"audio_url content exceeds {self.max_bytes} bytes (--fetch-max-bytes)")
+                chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise FetchError(f"fetching audio_url timed out after {self.timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            raise FetchError(f"could not read audio_url ({type(exc).__name__})") from None
+        return b"".join(chunks)

@@ -1,0 +1,97 @@
+"""Prometheus metrics (prefix `mdl_`) and the bridge from vLLM's engine statistics.
+
+The gateway's metrics live in a registry of their own (one per app, so several apps can
+share a process in tests); /metrics serves it followed by prometheus-client's global
+registry, where vLLM registers its own `vllm:*` metrics.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY as GLOBAL_REGISTRY
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "mdl_requests", "HTTP requests by route and status code", ["route", "status"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "mdl_request_duration_seconds", "End-to-end request time, until the last byte is sent",
+            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.ttft = Histogram(
+            "mdl_ttft_seconds", "Time from request arrival at the gateway to the first generated token",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "mdl_queue_wait_seconds", "Time requests waited in the engine scheduler's queue (from vLLM)",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.decode = Histogram(
+            "mdl_decode_seconds", "Mean time per generated token after the first, one sample per request",
+            buckets=TOKEN_BUCKETS, registry=registry,
+        )
+        self.audio_decode = Histogram(
+            "mdl_audio_decode_seconds", "Time to decode and resample one audio clip (in the decode pool)",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.audio_seconds = Counter(
+            "mdl_audio_seconds", "Seconds of audio received (after decoding)", registry=registry
+        )
+        self.clips_in_flight = Gauge(
+            "mdl_clips_in_flight", "Admitted clip units not yet finished (running plus queued)", registry=registry
+        )
+        self.queue_length = Gauge(
+            "mdl_queue_length", "Admitted clip units beyond --max-num-seqs (waiting for a batch slot)",
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "mdl_rejections", "Requests refused, by reason", ["reason"], registry=registry
+        )
+        for reason in ("queue_full", "unauthorized", "payload_too_large", "bad_request", "draining", "timeout"):
+            self.rejections.labels(reason=reason)
+        self.engine_running = Gauge(
+            "mdl_engine_running_requests", "Requests in the engine's running batch (from vLLM)", registry=registry
+        )
+        self.engine_waiting = Gauge(
+            "mdl_engine_waiting_requests", "Requests waiting in the engine's scheduler (from vLLM)",
+            registry=registry,
+        )
+        self.engine_kv_cache_usage = Gauge(
+            "mdl_engine_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1, from vLLM)",
+            registry=registry,
+        )
+        self.engine_up = Gauge("mdl_engine_up", "1 while the engine answers, else 0", registry=registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(GLOBAL_REGISTRY)
+
+
+def engine_stat_logger(metrics: GatewayMetrics) -> type:
+    """A vLLM stat-logger class (passed to AsyncLLM via `stat_loggers`) that copies the
+    scheduler's gauges and finished requests' queue times into `metrics`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EngineStatsBridge(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                metrics.engine_running.set(scheduler_stats.num_running_reqs)
+                metrics.engine_waiting.set(scheduler_stats.num_waiting_reqs)
+                metrics.engine_kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+            if iteration_stats is not None:
+                for finished in iteration_stats.finished_requests:
+                    metrics.queue_wait.observe(finished.queued_time)
+
+        def log_engine_initialized(self):
+            pass
+
+    return EngineStatsBridge

@@ -1,0 +1,137 @@
+"""ASGI middleware: request ids, access metrics and logs, last-resort 500s, body size limit.
+
+Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
+duration covers the last byte sent.
+"""
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mdlserve.server.errors import PayloadTooLarge
+from mdlserve.server.metrics import GatewayMetrics
+
+logger = logging.getLogger("mdlserve.server")
+access_logger = logging.getLogger("mdlserve.server.access")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/chat", "/v1/models",
+    "/health/live", "/health/ready", "/metrics",
+})  # fmt: skip
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every log record (from the request being handled, or '-')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class RequestContextMiddleware:
+    """Assigns the request id (a sane client `X-Request-ID` or a new one), echoes it in the
+    response, records mdl_requests_total / mdl_request_duration_seconds, and turns an
+    unhandled exception into a 500 that names only the request id."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client_id = _header(scope, b"x-request-id")
+        request_id = client_id if client_id and _SANE_REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not response_started:
+                body = json.dumps({"error": {
+                    "message": f"internal error (request id {request_id})", "type": "server_error",
+                    "param": None, "code": "internal_error",
+                }}).encode()  # fmt: skip
+                await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+            status = 500
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.request_duration.labels(route=route).observe(elapsed)
+            access_logger.info("%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 as soon as a request body passes `max_bytes`: at once when
+    Content-Length says so, otherwise while the body streams in (Content-Length absent or
+    lying), before it is buffered."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._reject(send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _reject(self, send: Send) -> None:
+        self.metrics.rejections.labels(reason="payload_too_large").inc()
+        body = json.dumps({"error": {
+            "message": f"request body exceeds the limit of {self.max_bytes} bytes (--max-upload-bytes)",
+            "type": "invalid_request_error", "param": None, "code": "payload_too_large",
+        }}).encode()  # fmt: skip
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

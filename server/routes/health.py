@@ -1,0 +1,43 @@
+"""GET /health/live, GET /health/ready, GET /metrics.
+
+live: the process serves HTTP and the engine has not died (503 after an engine crash, so
+an orchestrator restarts the pod; 200 while the model is still loading).
+ready: 200 only while the engine is up and we are not draining.
+"""
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from mdlserve.server.deps import State
+from mdlserve.server.engine import EngineState
+from mdlserve.server.metrics import CONTENT_TYPE
+from mdlserve.server.schemas import HealthStatus
+
+router = APIRouter()
+
+
+def _status(code: int, status: str, detail: str | None = None) -> JSONResponse:
+    return JSONResponse(HealthStatus(status=status, detail=detail).model_dump(), status_code=code)
+
+
+@router.get("/health/live", response_model=HealthStatus)
+async def live(state: State) -> JSONResponse:
+    if state.engine.state in (EngineState.DEAD, EngineState.FAILED):
+        return _status(503, "dead", "the engine stopped")
+    return _status(200, "alive")
+
+
+@router.get("/health/ready", response_model=HealthStatus)
+async def ready(state: State) -> JSONResponse:
+    if state.draining:
+        return _status(503, "draining", "shutting down")
+    if state.engine.state is EngineState.LOADING:
+        return _status(503, "loading", "the model is loading")
+    if not state.engine.up:
+        return _status(503, state.engine.state.value, "the engine is not running")
+    return _status(200, "ready")
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)

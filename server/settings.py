@@ -1,0 +1,131 @@
+"""The gateway's one typed configuration object.
+
+Every field is settable by environment variable `MDL_<FIELD_IN_UPPER_SNAKE>` and, unless
+marked `cli=False`, by the `mdl-serve serve --<field-in-kebab-case>` flag (flags win over
+the environment). Defaults that depend on other fields (audio duration limit, decode
+workers) are filled in after validation so the running server always sees concrete values.
+"""
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
+
+MiB = 1 << 20
+# Tokens kept free for the text prompt (system prompt, question) and the answer when
+# deriving the default audio duration limit from the context length.
+RESERVED_TEXT_TOKENS = 512
+# Decoder tokens per second of audio (100 mel frames/s, 4 frames per patch, 5 patches per
+# token): 30 s -> 150 tokens.
+AUDIO_TOKENS_PER_SECOND = 5
+
+
+def default_max_audio_seconds(max_model_len: int) -> float:
+    """The longest audio (per request) whose tokens leave RESERVED_TEXT_TOKENS of the
+    context free: floor((max_model_len - 512) / 5) seconds, at least 1 s."""
+    budget = max(max_model_len - RESERVED_TEXT_TOKENS, AUDIO_TOKENS_PER_SECOND)
+    seconds = budget // AUDIO_TOKENS_PER_SECOND
+    while seconds > 1 and num_audio_tokens(seconds * SAMPLE_RATE) > budget:
+        seconds -= 1
+    return float(max(seconds, 1))
+
+
+def default_decode_workers() -> int:
+    """One decode thread per usable core, at least 2 so one slow file cannot stall all
+    uploads, at most 32 (see docs/gateway.md for the thread-vs-process measurement)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(max(cores, 2), 32)
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MDL_", extra="forbid", validate_default=True)
+
+    # Engine
+    model: str = Field(".demo/tiny", description="checkpoint directory or model id")
+    served_model_name: str = Field("midashenglm-7b", description="model name clients send and /v1/models lists")
+    dtype: str = Field("auto", description="weights/activations dtype (auto, float32, bfloat16, float16)")
+    max_model_len: int = Field(4096, ge=64, description="context length in tokens (prompt + audio + output)")
+    max_num_seqs: int = Field(512, ge=1, description="sequences (clips) the engine batches at once")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per engine step (vLLM default)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")
+    quantization: str | None = Field(None, description="vLLM quantization method (e.g. fp8)")
+    load_format: str = Field("auto", description="weight loading format ('dummy' for random weights)")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size in bytes (CPU default: 1 GiB)")
+    enforce_eager: bool = Field(False, description="skip torch.compile and CUDA graphs (faster start)")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated API keys; none: no authentication"
+    )
+    api_key_file: Path | None = Field(None, description="file with one API key per line (added to --api-keys)")
+    auth_health_metrics: bool = Field(False, description="also require an API key on /health/* and /metrics")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    # Admission and time limits
+    max_queue: int = Field(512, ge=0, description="clips admitted beyond --max-num-seqs before answering 429")
+    request_timeout: float = Field(300.0, gt=0, description="seconds before a request is aborted with 504")
+    drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+
+    # Input limits
+    max_upload_bytes: int = Field(25 * MiB, ge=1, description="largest request body in bytes")
+    max_audio_seconds: float | None = Field(
+        None, gt=0, description="longest total audio per request (default derived from --max-model-len)"
+    )
+    max_audio_parts: int = Field(8, ge=1, description="most audio clips in one request")
+    fetch_timeout: float = Field(10.0, gt=0, description="seconds to fetch one audio_url (all redirects)")
+    fetch_max_bytes: int = Field(25 * MiB, ge=1, description="largest audio_url download in bytes")
+    allowed_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated domains audio_url may fetch from; empty: any public host"
+    )
+    media_dir: Path | None = Field(None, description="directory file:// audio URLs may read from (else refused)")
+    decode_workers: int | None = Field(None, ge=1, description="audio decode threads (default: one per core)")
+
+    # Test-only: lets audio_url reach loopback/private addresses (local test servers).
+    # Environment only (MDL_UNSAFE_ALLOW_PRIVATE_URLS), never a CLI flag.
+    unsafe_allow_private_urls: bool = Field(False, json_schema_extra={"cli": False})
+
+    @field_validator("api_keys", "allowed_domains", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _normalise_domains(cls, value: list[str]) -> list[str]:
+        return [domain.lower().strip(".") for domain in value]
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> "Settings":
+        if self.max_audio_seconds is None:
+            self.max_audio_seconds = default_max_audio_seconds(self.max_model_len)
+        if self.decode_workers is None:
+            self.decode_workers = default_decode_workers()
+        if self.media_dir is not None:
+            self.media_dir = self.media_dir.resolve()
+        return self
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from --api-keys plus --api-key-file (blank lines and # comments skipped)."""
+        keys = list(self.api_keys)
+        if self.api_key_file is not None:
+            for line in self.api_key_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

@@ -8,7 +8,7 @@ seeing only its own valid patches. A clip's embeddings therefore never depend on
 else is in the batch, and no compute is spent on padding in the linear layers.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,6 +49,11 @@ class ChunkLayout:
     scatter_index: torch.Tensor  # (N,) slot of each token in the (chunks, max_q) grid
     key_mask: torch.Tensor  # (chunks, max_q) bool, True where a key may be attended
     max_q: int
+    # The same for variable-length kernels: queries are all tokens, keys the valid ones.
+    key_index: torch.Tensor  # (K,) tokens that serve as keys
+    cu_seqlens_q: torch.Tensor  # (chunks + 1,) int32
+    cu_seqlens_k: torch.Tensor  # (chunks + 1,) int32
+    max_k: int
 
     @classmethod
     def build(
@@ -69,7 +74,9 @@ class ChunkLayout:
         lens = np.asarray(chunk_lens)
         slot_in_chunk = np.concatenate(positions)
         chunk_of_token = np.repeat(np.arange(len(lens)), lens)
-        key_mask = np.arange(max_q)[None, :] < np.asarray(chunk_valid)[:, None]
+        valid = np.asarray(chunk_valid)
+        key_mask = np.arange(max_q)[None, :] < valid[:, None]
+        cu_q = np.concatenate([[0], np.cumsum(lens)])
         return cls(
             num_patches=num_patches,
             chunk_lens=chunk_lens,
@@ -77,17 +84,18 @@ class ChunkLayout:
             scatter_index=torch.from_numpy(chunk_of_token * max_q + slot_in_chunk),
             key_mask=torch.from_numpy(key_mask),
             max_q=max_q,
+            key_index=torch.from_numpy(np.nonzero(slot_in_chunk < valid[chunk_of_token])[0]),
+            cu_seqlens_q=torch.from_numpy(cu_q.astype(np.int32)),
+            cu_seqlens_k=torch.from_numpy(np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)),
+            max_k=int(valid.max()),
         )
 
     def to(self, device: torch.device) -> "ChunkLayout":
-        return ChunkLayout(
-            num_patches=self.num_patches,
-            chunk_lens=self.chunk_lens,
-            positions=self.positions.to(device, non_blocking=True),
-            scatter_index=self.scatter_index.to(device, non_blocking=True),
-            key_mask=self.key_mask.to(device, non_blocking=True),
-            max_q=self.max_q,
-        )
+        tensors = {
+            name: getattr(self, name).to(device, non_blocking=True)
+            for name in ("positions", "scatter_index", "key_mask", "key_index", "cu_seqlens_q", "cu_seqlens_k")
+        }
+        return replace(self, **tensors)
 
 
 class LogMelFrontEnd(nn.Module):
@@ -175,6 +183,19 @@ class PatchEmbed(nn.Module):
         return F.linear(x.reshape(clips, patches, -1), weight, self.proj.bias)
 
 
+def _flash_attn_version(head_dim: int) -> int | None:
+    """vLLM's bundled FlashAttention version for this GPU, or None (CPU, fp32, no FA)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda() or torch.get_default_dtype() not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    except ImportError:
+        return None
+    return get_flash_attn_version(head_size=head_dim)
+
+
 class DashengAttention(nn.Module):
     def __init__(
         self,
@@ -194,19 +215,46 @@ class DashengAttention(nn.Module):
             dim, self.head_dim, num_heads, bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv"
         )
         self.proj = RowParallelLinear(dim, dim, quant_config=quant_config, prefix=f"{prefix}.proj")
+        self.flash_attn_version = _flash_attn_version(self.head_dim)
 
     def forward(self, x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
         # x: (N, dim) packed patches of all clips
         qkv, _ = self.qkv(x)  # (N, 3 * heads * head_dim)
+        if self.flash_attn_version is not None and qkv.is_cuda:
+            out = self._flash_attention(qkv, layout)
+        else:
+            out = self._masked_sdpa(qkv, layout)
+        out, _ = self.proj(out)
+        return out
+
+    def _flash_attention(self, qkv: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        """Variable-length FlashAttention: no padding, keys gathered to the valid ones."""
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        out = flash_attn_varlen_func(
+            q,
+            k[layout.key_index],
+            v[layout.key_index],
+            max_seqlen_q=layout.max_q,
+            cu_seqlens_q=layout.cu_seqlens_q,
+            max_seqlen_k=layout.max_k,
+            cu_seqlens_k=layout.cu_seqlens_k,
+            softmax_scale=self.head_dim**-0.5,
+            causal=False,
+            fa_version=self.flash_attn_version,
+        )
+        return out.reshape(qkv.shape[0], -1)
+
+    def _masked_sdpa(self, qkv: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        """Chunks padded to a grid, padded keys masked (CPU and any device without FA)."""
         chunks = len(layout.chunk_lens)
         grid = qkv.new_zeros(chunks * layout.max_q, qkv.shape[-1])
         grid[layout.scatter_index] = qkv
         grid = grid.view(chunks, layout.max_q, 3, self.num_heads, self.head_dim)
         q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each (chunks, heads, max_q, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask[:, None, None, :])
-        out = out.transpose(1, 2).reshape(chunks * layout.max_q, -1)[layout.scatter_index]
-        out, _ = self.proj(out)
-        return out
+        return out.transpose(1, 2).reshape(chunks * layout.max_q, -1)[layout.scatter_index]
 
 
 class DashengMlp(nn.Module):

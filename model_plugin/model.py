@@ -2,8 +2,8 @@
 
 The multimodal processor never runs a Hugging Face feature extractor: it tokenizes the
 prompt, checks each clip, pads clips shorter than 0.2 s, and hands the raw 16 kHz
-waveforms (end to end, one flat tensor) and their sample counts to the model, which
-computes the log-mel on the device. The placeholder count comes from one function,
+waveforms (zero-copy views, one tensor per clip) and their sample counts to the model,
+which concatenates them on the device and computes the log-mel there. The placeholder count comes from one function,
 `num_audio_tokens`, used by the processor, the model and the gateway alike.
 """
 
@@ -48,7 +48,7 @@ DUMMY_AUDIO_SECONDS = 30  # profiling clip: the longest the published model was 
 class MiDashengLMAudioInputs(TensorSchema):
     """
     Dimensions:
-        - s: samples of all clips, end to end
+        - s: samples of all clips, end to end (concatenated on the device)
         - n: number of clips
     """
 
@@ -76,7 +76,8 @@ def _check_waveform(index: int, audio: Any) -> None:
         raise ValueError(f"audio {index}: the waveform is empty")
     if not np.issubdtype(audio.dtype, np.floating):
         raise ValueError(f"audio {index}: expected float samples in [-1, 1], got dtype {audio.dtype}")
-    if not np.isfinite(audio).all():
+    # One reduction instead of an elementwise mask: NaN and inf propagate into the sum.
+    if not np.isfinite(audio.sum()):
         raise ValueError(f"audio {index}: the waveform contains NaN or infinite samples")
 
 
@@ -129,13 +130,15 @@ class MiDashengLMMultiModalProcessor(BaseMultiModalProcessor[MiDashengLMProcessi
         data: dict[str, Any] = {"input_ids": [input_ids]}
         audios = mm_data.get("audios") or mm_data.get("audio") or []
         if audios:
+            # Zero-copy views of the caller's float32 arrays: a 30 s clip is 1.9 MB, and
+            # with hundreds of clips in flight every copy here shows in throughput.
             clips = []
             for audio in audios:
                 clip = torch.from_numpy(np.asarray(audio, dtype=np.float32))
                 if clip.shape[0] < MIN_AUDIO_SAMPLES:
                     clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
                 clips.append(clip)
-            data["input_values"] = torch.cat(clips)
+            data["input_values"] = clips
             data["audio_length"] = torch.tensor([c.shape[0] for c in clips])
         return BatchFeature(data)
 
@@ -147,9 +150,8 @@ class MiDashengLMMultiModalProcessor(BaseMultiModalProcessor[MiDashengLMProcessi
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
-        lengths = hf_inputs.get("audio_length", torch.empty(0, dtype=torch.long))
         return dict(
-            input_values=MultiModalFieldConfig.flat_from_sizes("audio", lengths),
+            input_values=MultiModalFieldConfig.batched("audio"),
             audio_length=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
         )
 
@@ -252,8 +254,11 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         input_values = kwargs.pop("input_values", None)
         if input_values is None:
             return None
+        # Clips of different lengths arrive as a list; equal-length ones stacked (n, s).
         if isinstance(input_values, list):
             input_values = torch.cat(input_values)
+        else:
+            input_values = input_values.reshape(-1)
         audio_length = kwargs.pop("audio_length")
         if isinstance(audio_length, list):
             audio_length = torch.stack(audio_length)

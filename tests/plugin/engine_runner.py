@@ -1,0 +1,53 @@
+"""Run a vLLM engine on clips in its own process and print the results as one JSON line.
+
+Usage: engine_runner.py CHECKPOINT CLIPS.npz
+
+The process environment decides what runs: `VLLM_PLUGINS=""` switches our plugin off
+(vLLM's built-in MiDashengLM, which needs `trust_remote_code` for the HF processor);
+without `VLLM_ENABLE_V1_MULTIPROCESSING=0` the engine core runs in its own process.
+Plugin registration is process-global, hence the separate interpreter. Each clip is its
+own `generate()` call so that the built-in's batch padding cannot change any clip.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+PROMPT = (
+    "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>Caption the audio.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def model_class_name(model) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def main() -> None:
+    checkpoint, clips_file = sys.argv[1], sys.argv[2]
+    import vllm
+
+    plugin_off = os.environ.get("VLLM_PLUGINS") == ""
+    in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+    kwargs = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+    if in_process:
+        kwargs["enforce_eager"] = True
+    llm = vllm.LLM(model=checkpoint, trust_remote_code=plugin_off, **kwargs)
+    greedy = vllm.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with np.load(clips_file) as data:
+        clips = [data[f"arr_{i}"] for i in range(len(data.files))]
+    results = []
+    for clip in clips:
+        (out,) = llm.generate(
+            {"prompt": PROMPT, "multi_modal_data": {"audio": clip}}, greedy, use_tqdm=False
+        )
+        results.append(
+            {"prompt_token_ids": list(out.prompt_token_ids), "output_token_ids": list(out.outputs[0].token_ids)}
+        )
+    print(json.dumps({"model_class": llm.apply_model(model_class_name)[0], "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,9 @@ def _check_waveform(index: int, audio: Any) -> None:
 
 class MiDashengLMProcessingInfo(BaseProcessingInfo):
     def get_data_parser(self) -> MultiModalDataParser:
-        return AudioDataParser(target_sr=SAMPLE_RATE, target_channels=1)
+        # No `target_channels`: vLLM would downmix 2-D arrays by guessing which axis is
+        # time, silently; a multi-channel array is rejected by `_check_waveform` instead.
+        return AudioDataParser(target_sr=SAMPLE_RATE)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"audio": None}
@@ -144,6 +146,20 @@ class MiDashengLMMultiModalProcessor(BaseMultiModalProcessor[MiDashengLMProcessi
 
     def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
         return False
+
+    def _maybe_apply_prompt_updates(self, mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied):
+        # vLLM would fail an assert on extra clips and leave a surplus <|AUDIO|> token as
+        # plain text (no audio behind it); both are the caller's error, so say so.
+        clips = mm_items.get_all_counts().get("audio", 0)
+        placeholders = prompt_ids.count(self.info.audio_token_id())
+        if not is_update_applied and placeholders != clips:
+            raise ValueError(
+                f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) "
+                f"but {clips} audio clip(s) were given"
+            )
+        return super()._maybe_apply_prompt_updates(
+            mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied
+        )
 
     def _get_mm_fields_config(
         self,

@@ -1,0 +1,150 @@
+"""The plugin inside a real vLLM engine: generate(), chat(), placeholders, bad input."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mdlserve.model_plugin.checkpoints import DEFAULT_SYSTEM_PROMPT
+from mdlserve.model_plugin.processing import num_audio_tokens
+
+from .conftest import PROMPT, SR, TRAILING_PATCH_SAMPLES, audio_prompt, make_clip
+
+ENGINE_LENGTHS = [1600, SR, 161280, 161600, TRAILING_PATCH_SAMPLES, 30 * SR]
+TWO_AUDIO_PROMPT = (
+    "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|> and "
+    "<|audio_bos|><|AUDIO|><|audio_eos|>Caption the audio.<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(engine):
+    return engine.get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def audio_token_id(tokenizer):
+    return tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [make_clip(n, seed=10 + i) for i, n in enumerate(ENGINE_LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def alone_outputs(engine, greedy, clips):
+    return [engine.generate(audio_prompt(c), greedy, use_tqdm=False)[0] for c in clips]
+
+
+def test_prompt_expands_each_audio_to_its_token_count(alone_outputs, tokenizer, audio_token_id):
+    text_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    for n, out in zip(ENGINE_LENGTHS, alone_outputs):
+        ids = list(out.prompt_token_ids)
+        assert ids.count(audio_token_id) == num_audio_tokens(n)
+        assert len(ids) == len(text_ids) - 1 + num_audio_tokens(n)
+        start = ids.index(audio_token_id)
+        assert ids[start : start + num_audio_tokens(n)] == [audio_token_id] * num_audio_tokens(n)
+    counts = [list(o.prompt_token_ids).count(audio_token_id) for o in alone_outputs]
+    assert counts == [1, 5, 50, 50, 101, 150]
+
+
+def test_generate_batch_matches_one_clip_per_call(engine, greedy, clips, alone_outputs):
+    """Several clips of different lengths in one generate() call, same tokens as alone."""
+    batched = engine.generate([audio_prompt(c) for c in clips], greedy, use_tqdm=False)
+    for alone, together in zip(alone_outputs, batched):
+        assert len(together.outputs[0].token_ids) == 8
+        assert list(together.prompt_token_ids) == list(alone.prompt_token_ids)
+        assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+
+
+def test_audio_changes_the_output(alone_outputs):
+    """Different clips give different continuations: the audio reaches the decoder."""
+    outputs = {tuple(o.outputs[0].token_ids) for o in alone_outputs}
+    assert len(outputs) >= 3
+
+
+def test_two_audios_in_one_prompt(engine, greedy, clips, audio_token_id):
+    (out,) = engine.generate(
+        {"prompt": TWO_AUDIO_PROMPT, "multi_modal_data": {"audio": [clips[1], clips[2]]}}, greedy, use_tqdm=False
+    )
+    assert list(out.prompt_token_ids).count(audio_token_id) == 5 + 50
+    assert len(out.outputs[0].token_ids) == 8
+
+
+def wav_data_url(clip: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, SR, format="WAV", subtype="FLOAT")
+    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_chat_with_audio_url_parts_matches_generate(engine, greedy, clips, tmp_path):
+    """chat() renders the checkpoint's template, decodes the wav and gives the same
+    tokens as generate() on the rendered prompt with the same samples."""
+    clip = clips[2]
+    wav_path = tmp_path / "clip.wav"
+    sf.write(wav_path, clip, SR, subtype="FLOAT")
+    np.testing.assert_array_equal(sf.read(wav_path, dtype="float32")[0], clip)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio_url", "audio_url": {"url": wav_data_url(clip)}},
+                {"type": "text", "text": "Caption the audio."},
+            ],
+        }
+    ]
+    (chat_out,) = engine.chat(messages, greedy, use_tqdm=False)
+    rendered = f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n" + PROMPT
+    (gen_out,) = engine.generate(audio_prompt(clip, rendered), greedy, use_tqdm=False)
+    assert list(chat_out.prompt_token_ids) == list(gen_out.prompt_token_ids)
+    assert list(chat_out.outputs[0].token_ids) == list(gen_out.outputs[0].token_ids)
+
+
+def test_chat_with_two_audio_parts(engine, greedy, clips, audio_token_id):
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio_url", "audio_url": {"url": wav_data_url(clips[0])}},
+                {"type": "audio_url", "audio_url": {"url": wav_data_url(clips[5])}},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
+    (out,) = engine.chat(messages, greedy, use_tqdm=False)
+    assert list(out.prompt_token_ids).count(audio_token_id) == 1 + 150
+    assert len(out.outputs[0].token_ids) == 8
+
+
+GOOD = make_clip(SR, seed=99)
+BAD_INPUTS = {
+    "empty": (PROMPT, np.zeros(0, dtype=np.float32), "audio 0: the waveform is empty"),
+    "nan": (PROMPT, np.where(np.arange(SR) == 123, np.nan, GOOD).astype(np.float32), "NaN or infinite"),
+    "inf": (PROMPT, np.where(np.arange(SR) == 5, -np.inf, GOOD).astype(np.float32), "NaN or infinite"),
+    "2d_channels_first": (PROMPT, [np.stack([GOOD, GOOD])], "audio 0: expected a 1-D mono waveform, got shape (2, 16000)"),
+    "2d_channels_last": (PROMPT, [np.stack([GOOD, GOOD], axis=1)], "audio 0: expected a 1-D mono waveform, got shape (16000, 2)"),
+    "2d_single_channel": (PROMPT, [GOOD[None, :]], "audio 0: expected a 1-D mono waveform, got shape (1, 16000)"),
+    "int16": (PROMPT, (GOOD * 3000).astype(np.int16), "audio 0: expected float samples in [-1, 1], got dtype int16"),
+    "more_audio_than_placeholders": (
+        PROMPT, [GOOD, GOOD], "the prompt has 1 <|AUDIO|> placeholder(s) but 2 audio clip(s) were given"
+    ),
+    "fewer_audio_than_placeholders": (
+        TWO_AUDIO_PROMPT, [GOOD], "the prompt has 2 <|AUDIO|> placeholder(s) but 1 audio clip(s) were given"
+    ),
+    "top_level_2d_array_is_a_list_of_clips": (
+        PROMPT, np.stack([GOOD, GOOD]), "the prompt has 1 <|AUDIO|> placeholder(s) but 2 audio clip(s) were given"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_audio_is_rejected_with_a_clear_message(name, engine, greedy):
+    prompt, audio, message = BAD_INPUTS[name]
+    with pytest.raises(ValueError) as excinfo:
+        engine.generate({"prompt": prompt, "multi_modal_data": {"audio": audio}}, greedy, use_tqdm=False)
+    assert message in str(excinfo.value)
+    (out,) = engine.generate(audio_prompt(GOOD), greedy, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 8

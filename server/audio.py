@@ -17,15 +17,27 @@ class AudioDecodeError(ValueError):
     """The bytes are not audio we can decode; the message names the problem."""
 
 
-def decode_audio(data: bytes) -> np.ndarray:
-    """Decode to 16 kHz mono float32. soundfile (libsndfile) first, PyAV (ffmpeg) second."""
+# Sample rates outside this range are corrupt or hostile headers: resampling 1 Hz audio to
+# 16 kHz multiplies its size by 16000 (a 200 kB WAV became gigabytes and crashed soxr).
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+BLOCK_FRAMES = 1 << 16
+
+
+def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
+    """Decode to 16 kHz mono float32. soundfile (libsndfile) first, PyAV (ffmpeg) second.
+
+    Decoding stops as soon as the audio passes `max_seconds`, so memory is bounded by the
+    limit and not by what a tiny compressed file (hours of FLAC silence) decodes to.
+    """
     if not data:
         raise AudioDecodeError("the audio is empty (0 bytes)")
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        mono, rate = _decode_with_soundfile(data, max_seconds)
+    except AudioDecodeError:
+        raise
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
-        samples, rate = _decode_with_av(data)
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+        mono, rate = _decode_with_av(data, max_seconds)
     if mono.size == 0:
         raise AudioDecodeError("the audio decodes to zero samples")
     if not np.isfinite(mono).all():
@@ -35,27 +47,64 @@ def decode_audio(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
+def _check_rate(rate: int) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioDecodeError(
+            f"sample rate {rate} Hz is outside the supported range {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+        )
+
+
+def _frame_limit(rate: int, max_seconds: float | None) -> int | None:
+    return None if max_seconds is None else int(max_seconds * rate)
+
+
+def _too_long(max_seconds: float) -> AudioDecodeError:
+    return AudioDecodeError(f"the audio is longer than the limit of {max_seconds:g} s (--max-audio-seconds)")
+
+
+def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Block by block, each block mixed down at once (memory: the mono samples only)."""
+    chunks, frames = [], 0
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        rate = f.samplerate
+        _check_rate(rate)
+        limit = _frame_limit(rate, max_seconds)
+        for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="float32", always_2d=True):
+            frames += block.shape[0]
+            if limit is not None and frames > limit:
+                raise _too_long(max_seconds)
+            chunks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
+
+
+def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av
 
+    chunks, frames = [], 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
                 raise AudioDecodeError("the file has no audio stream")
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono")
-            chunks = []
+            rate = stream.rate or stream.codec_context.sample_rate
+            if rate:
+                _check_rate(rate)
+            limit = _frame_limit(rate, max_seconds) if rate else None
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            rate = stream.rate or stream.codec_context.sample_rate
+                    samples = out.to_ndarray().reshape(-1)
+                    frames += samples.size
+                    if limit is not None and frames > limit:
+                        raise _too_long(max_seconds)
+                    chunks.append(samples)
     except AudioDecodeError:
         raise
     except Exception as exc:  # PyAV raises many unrelated types for corrupt input
         raise AudioDecodeError(f"unrecognised or corrupt audio ({type(exc).__name__})") from None
     if not chunks or not rate:
         raise AudioDecodeError("the audio decodes to zero samples")
-    return np.concatenate(chunks)[:, None], int(rate)
+    return np.concatenate(chunks), int(rate)
 
 
 class DecodePool:
@@ -72,10 +121,10 @@ class DecodePool:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audio-decode")
         self._on_decoded = on_decoded
 
-    async def decode(self, data: bytes) -> np.ndarray:
+    async def decode(self, data: bytes, max_seconds: float | None = None) -> np.ndarray:
         def timed() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
-            samples = decode_audio(data)
+            samples = decode_audio(data, max_seconds)
             return samples, time.perf_counter() - start
 
         samples, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed)

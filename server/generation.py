@@ -174,7 +174,7 @@ class Job:
     async def _load(self, source: AudioSource) -> np.ndarray:
         data = await source.load()
         try:
-            return await self.state.decoder.decode(data)
+            return await self.state.decoder.decode(data, self.state.settings.max_audio_seconds)
         except AudioDecodeError as exc:
             raise bad_request(f"{source.param}: could not decode audio: {exc}", param=source.param,
                               code="invalid_audio") from None

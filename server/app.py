@@ -30,7 +30,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.gateway = state
     install_error_handlers(app)
     # Middleware added last runs first: request ids and metrics wrap the size limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=state.metrics)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=state.metrics,
+                       body_timeout=settings.request_timeout)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
 
     work = [Depends(require_api_key), Depends(require_serving)]

@@ -23,6 +23,7 @@ _KINDS = {
     401: ("authentication_error", "unauthorized"),
     404: ("not_found_error", "bad_request"),
     405: ("invalid_request_error", "bad_request"),
+    408: ("invalid_request_error", "timeout"),
     413: ("invalid_request_error", "payload_too_large"),
     422: ("invalid_request_error", "bad_request"),
     429: ("rate_limit_error", "queue_full"),
@@ -66,6 +67,15 @@ class PayloadTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes (--max-upload-bytes)")
         self.limit = limit
+
+
+class BodyTimeout(StarletteHTTPException):
+    """Raised from the body-counting receive wrapper when the body is still incomplete at
+    its deadline (slow uploads); passes through FastAPI's body parsing like PayloadTooLarge."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"request body not received within {seconds:g} s (--request-timeout)",
+                         headers={"Connection": "close"})
 
 
 def error_response(

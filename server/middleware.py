@@ -4,6 +4,7 @@ Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouche
 duration covers the last byte sent.
 """
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -13,7 +14,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mdlserve.server.errors import PayloadTooLarge
+from mdlserve.server.errors import BodyTimeout, PayloadTooLarge
 from mdlserve.server.metrics import GatewayMetrics
 
 logger = logging.getLogger("mdlserve.server")
@@ -90,12 +91,14 @@ class RequestContextMiddleware:
 class BodySizeLimitMiddleware:
     """Answers 413 as soon as a request body passes `max_bytes`: at once when
     Content-Length says so, otherwise while the body streams in (Content-Length absent or
-    lying), before it is buffered."""
+    lying), before it is buffered. Answers 408 when the whole body has not arrived within
+    `body_timeout` seconds of the request (slow-loris uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics):
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics, body_timeout: float):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,14 +109,23 @@ class BodySizeLimitMiddleware:
             await self._reject(send)
             return
         received = 0
+        body_complete = False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise PayloadTooLarge(self.max_bytes)
+                body_complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, counting_receive, send)

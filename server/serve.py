@@ -17,6 +17,7 @@ import uvicorn
 
 from mdlserve.server.app import create_app
 from mdlserve.server.engine import EngineState
+from mdlserve.server.http_protocol import GuardedHttpToolsProtocol
 from mdlserve.server.middleware import RequestIdFilter
 from mdlserve.server.settings import Settings
 from mdlserve.server.state import GatewayState
@@ -85,7 +86,7 @@ def serve(settings: Settings) -> int:
     state: GatewayState = app.state.gateway
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=FINAL_GRACE_S, lifespan="on",
+        timeout_graceful_shutdown=FINAL_GRACE_S, lifespan="on", http=GuardedHttpToolsProtocol,
     )
     server = DrainingServer(config, state)
     logger.info("serving %s as %r on http://%s:%d", settings.model, settings.served_model_name, settings.host,

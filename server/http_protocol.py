@@ -1,0 +1,94 @@
+"""uvicorn's httptools protocol with the two header limits uvicorn itself lacks.
+
+uvicorn bounds neither the size of a request's headers (a 1 MiB header was accepted) nor
+the time they take to arrive (a client sending half a request line held its connection
+forever: slow-loris). Here a request's line and headers must total at most
+MAX_HEADER_BYTES (else 431) and arrive within HEADER_TIMEOUT_S of the connection opening
+or of the request's first byte (else 408, connection closed). The body's own time limit
+is BodySizeLimitMiddleware's (server/middleware.py).
+"""
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEADER_BYTES = 64 << 10
+HEADER_TIMEOUT_S = 10.0
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; uvicorn then calls send_400_response."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_headers = True
+        self._raw_header_bytes = 0
+        self._parsed_header_bytes = 0
+        self._refusal: tuple[int, str] | None = None
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            HEADER_TIMEOUT_S, self._headers_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Earlier chunks all belonged to the unfinished headers: bounds what the parser buffers.
+        if self._in_headers and self._raw_header_bytes > MAX_HEADER_BYTES:
+            self._send_refusal(431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+            return
+        if self._in_headers:
+            self._raw_header_bytes += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+        self._parsed_header_bytes = 0
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        self._parsed_header_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._parsed_header_bytes += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._raw_header_bytes = 0
+        self._cancel_header_timer()
+        if self._parsed_header_bytes > MAX_HEADER_BYTES:
+            self._refusal = (431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+            raise _Refused()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refusal is None:
+            super().send_400_response(msg)
+        else:
+            self._send_refusal(*self._refusal)
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.logger.warning("request headers not received within %g s; closing the connection", HEADER_TIMEOUT_S)
+            self._send_refusal(408, f"request headers not received within {HEADER_TIMEOUT_S:g} s")
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _send_refusal(self, status: int, message: str) -> None:
+        body = message.encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+        )
+        self.transport.close()

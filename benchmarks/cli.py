@@ -87,6 +87,8 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("MDL_API_KEY") or os.environ.get("OPENAI_API_KEY"),
                    help="bearer token (default: $MDL_API_KEY or $OPENAI_API_KEY)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
+    p.add_argument("--ready-timeout-s", type=float, default=600.0,
+                   help="how long to retry the warm-up request while the server answers 503 (loading)")
     p.add_argument("--impl", choices=IMPLS, default="plugin", help="which implementation serves the URL (a label)")
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .common import SAMPLE_RATE, base_summary, gpu_name_without_cuda_context, latency_stats, make_clip, wav_bytes
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".webm"}
-CLOSED_KEY, OPEN_KEY = 11, 12
+CLOSED_KEY, OPEN_KEY, WARMUP_KEY = 11, 12, 13
 
 
 @dataclass
@@ -111,11 +111,13 @@ def base_url(url: str) -> str:
 
 
 class ChatClient:
-    def __init__(self, url: str, api_key: str | None, timeout_s: float, model: str | None = None):
+    def __init__(self, url: str, api_key: str | None, timeout_s: float, model: str | None = None,
+                 ready_timeout_s: float = 600.0):  # fmt: skip
         import httpx
 
         self.url = base_url(url)
         self.model = model
+        self.ready_timeout_s = ready_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0),
                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))  # fmt: skip
@@ -125,7 +127,30 @@ class ChatClient:
             resp = await self.http.get(f"{self.url}/v1/models")
             resp.raise_for_status()
             self.model = resp.json()["data"][0]["id"]
+        await self.wait_ready(self.ready_timeout_s)
         return self
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Send a small warm-up request until it succeeds: a server still loading its model
+        answers 503 (or refuses connections); any other failure (401, 422, ...) means the
+        load test would only measure errors, so it stops the run with the server's answer."""
+        import httpx
+
+        deadline = time.perf_counter() + timeout_s
+        for attempt in range(1_000_000):
+            spec = RequestSpec(key=(WARMUP_KEY, attempt), clip_s=1.0, prompt="Caption the audio.", max_tokens=2,
+                               stream=False, exact_tokens=False)  # fmt: skip
+            try:
+                resp = await self.http.post(f"{self.url}/v1/chat/completions", json=request_body(spec, self.model))
+                if resp.status_code == 200:
+                    return
+                if resp.status_code != 503:
+                    raise SystemExit(f"warm-up request failed with {resp.status_code}: {resp.text[:500]}")
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"{self.url} was not ready after {timeout_s:g} s")
+            await asyncio.sleep(2.0)
 
     async def __aexit__(self, *exc) -> None:
         await self.http.aclose()
@@ -265,7 +290,7 @@ async def _serve(args) -> tuple[dict, dict]:
     if not levels:
         raise SystemExit("nothing to run: give --concurrency and/or --request-rate")
     rows, raw = [], []
-    async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name) as client:
+    async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s) as client:
         for level_index, (mode, level) in enumerate(levels):
             specs = level_specs(args, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
             label = f"c={level}" if mode == "closed" else f"{level:g} req/s"

@@ -88,7 +88,7 @@ def plot_serve(summary: dict, path: Path) -> Path | None:
             for key, label in PERCENTILES:
                 ax.plot(x, [r[metric][key] for r in mode_rows], "o-", label=label)
             ax.set_xlabel("concurrency (closed loop)" if mode == "closed" else "request rate (req/s, Poisson)")
-            ax.set_ylabel(metric.replace("_ms", " (ms)").upper())
+            ax.set_ylabel({"ttft_ms": "TTFT (ms)", "e2e_ms": "E2E latency (ms)"}[metric])
             ax.grid(True, alpha=0.3)
             ax.legend()
     fig.suptitle(f"HTTP latency percentiles ({summary.get('target_url', '')})")

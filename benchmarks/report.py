@@ -94,7 +94,7 @@ def loadtest_section(summary: dict) -> str:
     if not lt:
         return ""
     o = lt["overall"]
-    parts = [f"### Load test `{lt['scenario']['name']}` ({lt['duration_s']:g} s)\n",
+    parts = [f"### Load test `{lt['scenario']['name']}` ({lt['duration_s']:.0f} s)\n",
              _table(["requests", "ok", "error rate", "errors", "req/s", "TTFT p50/p90/p99 ms", "E2E p50/p90/p99 ms"],
                     [[o["requests"], o["ok"], o["error_rate"], _errors(o["errors"]), o["request_throughput"],
                       _pcts(o["ttft_ms"]), _pcts(o["e2e_ms"])]])]  # fmt: skip

@@ -8,6 +8,8 @@ speed-up: samples/s ratio for throughput, built-in / plugin milliseconds for TTF
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,9 @@ from .common import base_summary, write_results
 from .offline import OfflineWorkload, worker_env
 
 # Seconds a worker may run past its deadline (finishing a point, shutting down) before it is killed.
-GRACE_S = 120.0
+GRACE_S = 60.0
+# Seconds a worker that has written its final result may take to exit (engine shutdown).
+EXIT_WAIT_S = 30.0
 LOG_TAIL_LINES = 40
 
 
@@ -36,9 +40,13 @@ def run_worker(work: OfflineWorkload, out_dir: Path, kill_after_s: float | None)
         json.dump(asdict(work), spec)
     total = len(work.ttft_clip_s) + len(work.batches)
     start = time.time()
+    finished_at = None
     with open(log_path, "w") as log, tqdm(total=total, desc=f"{work.impl}", unit="point") as bar:
+        # Own process group: stopping the worker also stops vLLM's engine-core process,
+        # which would otherwise keep the GPU memory the next implementation needs.
         proc = subprocess.Popen([sys.executable, "-m", "mdlserve.benchmarks.offline", spec.name, str(result_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(work.impl))  # fmt: skip
+                                stdout=log, stderr=subprocess.STDOUT, env=worker_env(work.impl),
+                                start_new_session=True)  # fmt: skip
         bar.set_postfix_str("starting engine")
         while proc.poll() is None:
             time.sleep(2.0)
@@ -48,19 +56,47 @@ def run_worker(work: OfflineWorkload, out_dir: Path, kill_after_s: float | None)
                 bar.set_postfix_str("engine up")
             if done > bar.n:
                 bar.update(min(done, total) - bar.n)
-            if kill_after_s is not None and time.time() - start > kill_after_s:
-                proc.kill()
-                proc.wait()
+            if partial.get("done") and finished_at is None:
+                finished_at = time.time()
+            over_time = kill_after_s is not None and time.time() - start > kill_after_s
+            hung_on_exit = finished_at is not None and time.time() - finished_at > EXIT_WAIT_S
+            if over_time or hung_on_exit:
+                _stop_group(proc)
                 break
+    _stop_group(proc)  # engine-core leftovers of a worker that exited by itself
     Path(spec.name).unlink(missing_ok=True)
     result = _read(result_path) or {"impl": work.impl, "throughput": [], "ttft": [], "requests": [], "errors": []}
     if not result.get("done"):
-        why = "killed: time budget" if proc.returncode in (-9, 137) else f"worker exited with code {proc.returncode}"
+        why = "stopped: time budget" if proc.returncode in (-9, -15) else f"worker exited with code {proc.returncode}"
         result.setdefault("errors", []).append({"impl": work.impl, "stage": "worker", "error": why})
     if proc.returncode != 0 or [e for e in result.get("errors", []) if not e["error"].startswith("skipped")]:
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         print(f"--- {work.impl} worker log tail ({log_path}) ---\n" + "\n".join(tail), file=sys.stderr, flush=True)
     return result
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group, SIGKILL whatever is left 10 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        give_up = time.time() + 10.0
+        while _group_alive(proc.pid) and time.time() < give_up:
+            proc.poll()  # reaps the worker itself, which otherwise keeps the group alive
+            time.sleep(0.2)
+        if not _group_alive(proc.pid):
+            break
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _read(path: Path) -> dict:
@@ -131,5 +167,8 @@ def print_table(summary: dict) -> None:
     """Compact stdout table of a finished offline run."""
     from .report import offline_tables
 
-    print(offline_tables(summary), flush=True)
+    print(offline_tables(summary) or "no point was measured", flush=True)
+    for error in summary.get("errors", []):
+        where = ", ".join(f"{k} {error[k]}" for k in ("batch", "clip_s") if k in error)
+        print(f"{error['impl']} {error['stage']}{' (' + where + ')' if where else ''}: {error['error']}", flush=True)
 

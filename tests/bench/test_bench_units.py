@@ -1,0 +1,157 @@
+"""Benchmark building blocks that need no engine: parsing, clips, scenarios, reports, plots."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mdlserve.benchmarks import reference
+from mdlserve.benchmarks.common import (
+    latency_stats,
+    make_clip,
+    parse_engine_arg,
+    parse_int_list,
+    parse_seconds_list,
+    write_results,
+)
+from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, base_url, request_body, summarize
+from mdlserve.benchmarks.loadtest import Scenario, drift, windows
+from mdlserve.benchmarks.offline import EngineOptions, llm_kwargs, OfflineWorkload
+from mdlserve.benchmarks.suite import speedups
+
+
+def test_list_parsing():
+    assert parse_int_list("1, 8,32") == [1, 8, 32]
+    assert parse_int_list("") == []
+    assert parse_seconds_list("2:32:2") == [float(s) for s in reference.TTFT_CLIP_SECONDS]
+    assert parse_seconds_list("2,4.5") == [2.0, 4.5]
+    assert parse_seconds_list("") == []
+
+
+def test_engine_arg_parsing_and_precedence():
+    assert parse_engine_arg("max-num-batched-tokens=16384") == ("max_num_batched_tokens", 16384)
+    assert parse_engine_arg("enable_prefix_caching=false") == ("enable_prefix_caching", False)
+    assert parse_engine_arg('compilation_config={"level": 0}') == ("compilation_config", {"level": 0})
+    assert parse_engine_arg("tokenizer_mode=slow") == ("tokenizer_mode", "slow")
+    with pytest.raises(ValueError):
+        parse_engine_arg("no-equals-sign")
+    engine = EngineOptions(dtype="bfloat16", max_num_batched_tokens=8192, extra={"max_num_batched_tokens": 4096})
+    kwargs = engine.llm_kwargs()
+    assert kwargs["max_num_batched_tokens"] == 4096 and kwargs["dtype"] == "bfloat16"
+    assert "quantization" not in kwargs  # unset flags leave vLLM's defaults
+
+
+def test_worker_engine_kwargs_per_implementation():
+    work = OfflineWorkload(impl="builtin", model="m", load_format="dummy", engine=EngineOptions(kv_cache_memory_bytes=1),
+                           batches=[1, 512, 8], clip_s=30, out_tokens=100, ttft_clip_s=[2], ttft_repeats=1,
+                           prompt="p", seed=0)  # fmt: skip
+    kwargs = llm_kwargs(work)
+    assert kwargs["max_num_seqs"] == 512 and kwargs["trust_remote_code"] and not kwargs["disable_log_stats"]
+    work.impl = "plugin"
+    assert "trust_remote_code" not in llm_kwargs(work)
+
+
+def test_clips_are_fresh_and_reproducible():
+    a, b, c = make_clip(2.0, (0, 1, 1)), make_clip(2.0, (0, 1, 1)), make_clip(2.0, (0, 1, 2))
+    assert a.dtype == np.float32 and a.shape == (32000,)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_request_body_is_openai_chat_with_audio():
+    spec = RequestSpec(key=(0, 1), clip_s=1.0, prompt="Caption the audio.", max_tokens=7, stream=True,
+                       exact_tokens=True)  # fmt: skip
+    body = request_body(spec, "m")
+    audio, text = body["messages"][0]["content"]
+    assert audio["type"] == "input_audio" and audio["input_audio"]["format"] == "wav"
+    assert text == {"type": "text", "text": "Caption the audio."}
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["min_tokens"] == body["max_tokens"] == 7 and body["ignore_eos"]
+    assert base_url("http://h:8000/v1/") == "http://h:8000"
+
+
+def test_http_summary_counts_and_latencies():
+    results = [
+        RequestResult(start_s=0.0, status="200", ok=True, clip_s=1, stream=True, prompt_kind="caption",
+                      e2e_ms=100.0, ttft_ms=10.0, itl_ms=[30.0, 30.0, 30.0], output_tokens=4),
+        RequestResult(start_s=1.0, status="503", ok=False, clip_s=1, stream=True, prompt_kind="qa", e2e_ms=5.0),
+        RequestResult(start_s=2.0, status="timeout", ok=False, clip_s=1, stream=False, prompt_kind="qa"),
+    ]  # fmt: skip
+    s = summarize(results, duration_s=2.0)
+    assert (s["requests"], s["ok"], s["errors"]) == (3, 1, {"503": 1, "timeout": 1})
+    assert s["request_throughput"] == 0.5 and s["output_tokens_per_s"] == 2.0
+    assert s["tpot_ms"]["median"] == 30.0 and s["itl_ms"]["n"] == 3
+    assert latency_stats([])["median"] is None
+
+
+def test_bundled_scenario_traffic_shape():
+    scenario = Scenario.load("mixed-traffic")
+    planned = scenario.requests(seed=0)
+    assert planned == scenario.requests(seed=0)  # reproducible from the seed
+    times = [t for t, _ in planned]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] < scenario.duration_s
+    ramp = sum(t < scenario.ramp_up_s for t in times) / scenario.ramp_up_s
+    steady = sum(t >= scenario.ramp_up_s for t in times) / (scenario.duration_s - scenario.ramp_up_s)
+    assert ramp < steady  # the rate ramps up
+    specs = [s for _, s in planned]
+    assert all(1 <= s.clip_s <= 60 for s in specs)
+    assert {s.prompt_kind for s in specs} == {"caption", "qa"} and {s.stream for s in specs} == {True, False}
+    assert len({s.key for s in specs}) == len(specs)  # a fresh clip per request
+    smoke = scenario.smoke()
+    assert smoke.duration_s < 10 and all(c["max_s"] <= 4 for c in smoke.clips)
+
+
+def test_windows_and_drift():
+    results = [RequestResult(start_s=t, status="200", ok=True, clip_s=1, stream=True, prompt_kind="caption",
+                             e2e_ms=100.0 + 10 * t, ttft_ms=5.0) for t in np.arange(0, 20, 0.5)]  # fmt: skip
+    rows = windows(results, duration_s=20, window_s=5)
+    assert [w["requests"] for w in rows] == [10, 10, 10, 10]
+    d = drift(rows, ramp_up_s=5)
+    assert d["e2e_p50_last_ms"] > d["e2e_p50_first_ms"] and d["e2e_p50_ratio"] > 1
+    assert d["e2e_p50_slope_ms_per_min"] == pytest.approx(600, rel=0.01)
+
+
+def _synthetic_summary() -> dict:
+    throughput = [{"impl": impl, "via": "engine", "batch": b, "clip_s": 30.0, "out_tokens_per_clip": 100,
+                   "samples_per_s": b * f, "wall_s": 1 / f, "output_tokens": b * 100,
+                   "output_tokens_per_s": b * f * 100} for impl, f in (("plugin", 1.0), ("builtin", 0.5))
+                  for b in (1, 8)]  # fmt: skip
+    ttft = [{"impl": impl, "via": "engine", "clip_s": c, "median_ms": m, "p90_ms": m * 1.1, "n": 3}
+            for impl, m in (("plugin", 20.0), ("builtin", 40.0)) for c in (2.0, 4.0)]  # fmt: skip
+    summary = {"gpu": "cpu", "vllm": "x", "torch": "y", "commit": "c", "date": "d", "preset": "tiny",
+               "dtype": "float32", "quantization": None, "engine_args": {}, "mode": "compare",
+               "throughput": throughput, "ttft": ttft}  # fmt: skip
+    summary["ratios"] = speedups(summary)
+    return summary
+
+
+def test_speedups_reports_plugin_over_builtin():
+    ratios = _synthetic_summary()["ratios"]
+    assert [r["speedup"] for r in ratios if r["metric"] == "samples_per_s"] == [2.0, 2.0]
+    assert [r["speedup"] for r in ratios if r["metric"] == "ttft_median_ms"] == [2.0, 2.0]
+
+
+def test_results_files_markdown_and_plots(tmp_path):
+    written = write_results(tmp_path, _synthetic_summary(), {"requests": []})
+    names = {p.name for p in written}
+    assert names == {"summary.json", "raw.json", "summary.md", "throughput.png", "ttft.png"}
+    assert json.loads((tmp_path / "summary.json").read_text())["ratios"][0]["speedup"] == 2.0
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 8 | 8.00 | 4.00 |" in md and "authors README" in md
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
+
+
+def test_reference_numbers():
+    assert list(reference.README_SAMPLES_PER_S) == [1, 4, 8, 16, 32, 64, 128, 200]
+    assert list(reference.REPORT_SAMPLES_PER_S) == [1, 4, 8, 16, 32, 64, 128, 512]
+    assert reference.README_SAMPLES_PER_S[200] == 25.15 and reference.REPORT_SAMPLES_PER_S[512] == 29.04
+
+
+def test_mdl_serve_bench_command_line():
+    from mdlserve.server.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "compare", "--dummy", "--engine-arg", "a=1", "--engine-arg", "b=x"])
+    assert args.bench_mode == "compare" and args.engine_arg == ["a=1", "b=x"] and args.dummy
+    args = build_parser().parse_args(["bench", "serve", "--url", "http://h:1", "--request-rate", "1,2"])
+    assert args.bench_mode == "serve" and args.stream
+    args = build_parser().parse_args(["bench", "soak", "mixed-traffic", "--url", "u", "--duration-s", "60"])
+    assert args.duration_s == 60

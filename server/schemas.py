@@ -100,14 +100,16 @@ class TranscriptionForm(_Body):
     model: str
     prompt: str | None = Field(None, description="instruction; default: the captioning prompt")
     response_format: Literal["json", "text", "verbose_json"] = "json"
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=2, description="default 0")
     stream: bool = False
     language: str | None = Field(None, description="accepted for compatibility and ignored")
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
 
     def sampling(self) -> SamplingFields:
-        return SamplingFields(temperature=self.temperature, max_completion_tokens=self.max_completion_tokens,
+        """OpenAI's transcription default is temperature 0 (greedy), unlike chat's 1."""
+        temperature = 0.0 if self.temperature is None else self.temperature
+        return SamplingFields(temperature=temperature, max_completion_tokens=self.max_completion_tokens,
                               seed=self.seed)
 
 

@@ -1,0 +1,128 @@
+"""Gateway test helpers: a real `mdl-serve serve` subprocess, audio files, metrics parsing."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile
+
+from mdlserve.server.bench_decode_pool import encode
+
+MODEL = "midashenglm-7b"
+# Fast engine start (see tests/conftest.py): eager, no dynamo, explicit small KV cache.
+FAST_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(256 << 20)]
+START_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mdlserve.server.cli serve ...` in its own session (so a signal reaches only
+    the server process, as in a container) with stderr in a log file."""
+
+    def __init__(self, checkpoint: str, args: list[str], log_dir: Path, *, env: dict[str, str] | None = None,
+                 fast: bool = True, name: str = "server"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        process_env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {}))
+        if fast:
+            process_env["TORCHDYNAMO_DISABLE"] = "1"
+        else:
+            process_env.pop("TORCHDYNAMO_DISABLE", None)
+        command = [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", checkpoint,
+                   "--port", str(self.port), *(FAST_FLAGS if fast else []), *args]
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=process_env,
+                                        start_new_session=True)
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        self._wait(lambda r: r.status_code in (200, 503), "/health/live", timeout)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        self._wait(lambda r: r.status_code == 200, "/health/ready", timeout)
+
+    def _wait(self, ok, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if ok(httpx.get(self.url + path, timeout=2)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"server not up after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def terminate(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    """frames x channels float32: a sine plus a little noise (so lossy codecs keep content)."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
+    return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
+
+
+def audio_file(fmt: str = "wav", rate: int = 16000, channels: int = 1, seconds: float = 2.0) -> bytes:
+    return encode(tone(seconds, rate, channels), rate, fmt)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def audio_part(data: bytes, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(data), "format": fmt}}
+
+
+def chat_body(*parts: dict, text: str = "Caption the audio.", max_tokens: int = 4, **extra) -> dict:
+    content = [*parts, {"type": "text", "text": text}] if text else list(parts)
+    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": content}], **extra}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of samples `name{labels...}` in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, seen = 0.0, False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+                seen = True
+    if not seen:
+        raise KeyError(name)
+    return total
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format="WAV")
+    return buf.getvalue()

@@ -1,0 +1,151 @@
+"""Admission (429 with Retry-After, nothing accepted lost), client disconnects aborting the
+engine request (streaming and not), the request timeout (504), and API-key auth."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from .conftest import API_KEYS, AUTH, MAX_NUM_SEQS, MAX_QUEUE, REQUEST_TIMEOUT_S
+from .helpers import audio_file, audio_part, chat_body, metric
+
+CLIP = audio_part(audio_file(seconds=1.0))
+LONG = 1900  # more tokens than the tiny engine makes in a minute on a CPU: only an abort ends it quickly
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=120, headers=AUTH) as c:
+        yield c
+
+
+def _metrics(client) -> str:
+    return client.get("/metrics").text
+
+
+def _wait_idle(client, timeout: float = 20) -> str:
+    """Until no clip units are admitted and the engine runs/waits on nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _metrics(client)
+        idle = [metric(text, "mdl_clips_in_flight"), metric(text, "mdl_engine_running_requests"),
+                metric(text, "mdl_engine_waiting_requests")]
+        if idle == [0, 0, 0] or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
+
+
+def _generated(text: str) -> float:
+    """Tokens the engine generated so far (vLLM's own counter)."""
+    return metric(text, "vllm:generation_tokens_total")
+
+
+def _assert_aborted(client, before: str, after: str) -> None:
+    """The engine stopped generating for the request long before its LONG tokens, and
+    generates nothing any more: the request was aborted, not left running or finished."""
+    assert metric(after, "mdl_clips_in_flight") == 0
+    assert metric(after, "mdl_engine_running_requests") == 0
+    assert _generated(after) - _generated(before) < LONG
+    time.sleep(1)
+    assert _generated(_metrics(client)) == _generated(after)
+
+
+def test_excess_requests_get_429_quickly_and_accepted_ones_complete(gateway, client):
+    before = metric(_metrics(client), "mdl_rejections_total", reason="queue_full")
+    total, max_tokens = 14, 24
+
+    async def one(http: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+        started = time.monotonic()
+        r = await http.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=max_tokens))
+        return r.status_code, time.monotonic() - started, r
+
+    async def burst():
+        limits = httpx.Limits(max_connections=total)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=AUTH, limits=limits) as http:
+            return await asyncio.gather(*(one(http) for _ in range(total)))
+
+    results = asyncio.run(burst())
+    statuses = sorted(status for status, _, _ in results)
+    accepted = [r for status, _, r in results if status == 200]
+    rejected = [(elapsed, r) for status, elapsed, r in results if status == 429]
+    assert set(statuses) == {200, 429}, statuses
+    assert len(accepted) >= MAX_NUM_SEQS + MAX_QUEUE  # capacity was used
+    assert all(r.json()["usage"]["completion_tokens"] == max_tokens for r in accepted)  # nothing lost
+    for elapsed, r in rejected:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full" and "at capacity" in r.json()["error"]["message"]
+        assert elapsed < 10
+    text = _wait_idle(client)
+    assert metric(text, "mdl_rejections_total", reason="queue_full") - before == len(rejected)
+    assert metric(text, "mdl_clips_in_flight") == 0 and metric(text, "mdl_queue_length") == 0
+
+
+def test_streaming_client_disconnect_aborts_engine_request(gateway, client):
+    before = _metrics(client)
+    with httpx.Client(base_url=gateway.url, timeout=60, headers=AUTH) as http:
+        with http.stream("POST", "/v1/chat/completions",
+                         json=chat_body(CLIP, max_tokens=LONG, stream=True)) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            received = [next(lines) for _ in range(4)]
+            assert any(line.startswith("data: ") for line in received)
+            assert metric(_metrics(client), "mdl_clips_in_flight") == 1
+        # leaving the block closes the connection mid-stream
+    _assert_aborted(client, before, _wait_idle(client))
+
+
+def test_non_streaming_client_disconnect_aborts_engine_request(gateway, client):
+    before = _metrics(client)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG), headers=AUTH,
+                   timeout=httpx.Timeout(30, read=2.5))
+    text = _wait_idle(client)
+    _assert_aborted(client, before, text)
+    assert metric(text, "mdl_requests_total", route="/v1/chat/completions", status="499") >= 1
+
+
+def test_request_timeout_aborts_and_answers_504(client):
+    before = _metrics(client)
+    started = time.monotonic()
+    r = client.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG))
+    elapsed = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert f"request timed out after {REQUEST_TIMEOUT_S:g} s" in r.json()["error"]["message"]
+    assert REQUEST_TIMEOUT_S - 1 < elapsed < REQUEST_TIMEOUT_S + 15
+    text = _wait_idle(client)
+    assert metric(text, "mdl_rejections_total", reason="timeout") == metric(before, "mdl_rejections_total",
+                                                                            reason="timeout") + 1
+    _assert_aborted(client, before, text)
+
+
+def test_streaming_timeout_ends_stream_with_error_event(client):
+    with client.stream("POST", "/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG, stream=True)) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert '"code": "timeout"' in lines[-2] or '"code":"timeout"' in lines[-2]
+    assert metric(_wait_idle(client), "mdl_clips_in_flight") == 0
+    assert metric(_metrics(client), "mdl_engine_running_requests") == 0
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic a2V5LW9uZQ=="},
+                                     {"Authorization": f"Bearer {API_KEYS[0]}x"}])
+def test_requests_without_a_valid_key_get_401(gateway, headers):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        r = httpx.request(method, gateway.url + path, headers=headers, json=chat_body(CLIP), timeout=30)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert "API key" in r.json()["error"]["message"]
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_every_configured_key_works_and_ops_endpoints_are_open(gateway):
+    for key in API_KEYS:
+        assert httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    for path in ("/health/live", "/health/ready", "/metrics"):
+        assert httpx.get(gateway.url + path).status_code == 200
+    text = httpx.get(gateway.url + "/metrics").text
+    assert metric(text, "mdl_rejections_total", reason="unauthorized") >= 8
+    assert "key-one" not in text
+    assert not any(key in gateway.log_tail(10**7) for key in API_KEYS)  # keys never logged

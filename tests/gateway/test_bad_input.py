@@ -1,0 +1,183 @@
+"""Bad input: each case answered 4xx in OpenAI's error shape with a message that names the
+problem, and the server still healthy (a real request succeeds) afterwards."""
+
+import json
+import socket
+import urllib.parse
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import AUTH, UPLOAD_LIMIT
+from .helpers import MODEL, audio_file, audio_part, b64, chat_body, wav_bytes
+
+WAV = audio_file("wav", 16000, 1, seconds=1.0)
+URL_PART = lambda url: {"type": "audio_url", "audio_url": {"url": url}}  # noqa: E731
+
+
+def chat(**overrides):
+    return ("POST", "/v1/chat/completions", {"json": {**chat_body(audio_part(WAV)), **overrides}})
+
+
+def chat_parts(*parts, **overrides):
+    return ("POST", "/v1/chat/completions", {"json": chat_body(*parts, **overrides)})
+
+
+def transcribe(data=None, files=True, **form):
+    fields = {"model": MODEL, **form}
+    return ("POST", "/v1/audio/transcriptions",
+            {"data": {k: v for k, v in fields.items() if v is not None},
+             "files": {"file": ("clip.wav", WAV if data is None else data)} if files else None})
+
+
+def audio_chat(**form):
+    return ("POST", "/v1/audio/chat", {"data": form, "files": {"file": ("clip.wav", WAV)}})
+
+
+def _empty_wav() -> bytes:
+    return wav_bytes(np.zeros((0, 1), dtype=np.float32), 16000)
+
+
+CASES = {
+    # Body and schema
+    "invalid json": (("POST", "/v1/chat/completions", {"content": b"{not json",
+                                                       "headers": {"content-type": "application/json"}}),
+                     400, "JSON"),
+    "missing model": (("POST", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "x"}]}}),
+                      400, "model: Field required"),
+    "missing messages": (("POST", "/v1/chat/completions", {"json": {"model": MODEL}}), 400,
+                         "messages: Field required"),
+    "empty messages": (chat(messages=[]), 400, "messages: List should have at least 1 item"),
+    "unknown model": (chat(model="gpt-4o"), 404, "model 'gpt-4o' does not exist"),
+    "temperature too high": (chat(temperature=5), 400, "temperature: Input should be less than or equal to 2"),
+    "temperature wrong type": (chat(temperature="hot"), 400, "temperature: Input should be a valid number"),
+    "top_p zero": (chat(top_p=0), 400, "top_p: Input should be greater than 0"),
+    "max_tokens zero": (chat(max_tokens=0), 400, "max_tokens: Input should be greater than or equal to 1"),
+    "max_tokens beyond context": (chat(max_tokens=100000), 400, "max_tokens is 100000 but only"),
+    "n zero": (chat(n=0), 400, "n: Input should be greater than or equal to 1"),
+    "too many stops": (chat(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop sequences"),
+    "unknown role": (chat(messages=[{"role": "robot", "content": "x"}]), 400, "role"),
+    "content wrong type": (chat(messages=[{"role": "user", "content": 123}]), 400, "content"),
+    "unknown part type": (chat_parts({"type": "image_url", "image_url": {"url": "x"}}), 400, "image_url"),
+    "input_audio without data": (chat_parts({"type": "input_audio", "input_audio": {"format": "wav"}}), 400,
+                                 "data: Field required"),
+    "stream_options wrong type": (chat(stream=True, stream_options="yes"), 400, "stream_options"),
+    # Audio content
+    "wrong base64": (chat_parts({"type": "input_audio", "input_audio": {"data": "@@not base64@@", "format": "wav"}}),
+                     400, "input_audio.data is not valid base64"),
+    "unsupported format": (chat_parts({"type": "input_audio", "input_audio": {"data": b64(WAV), "format": "xyz"}}),
+                           400, "unsupported audio format 'xyz'"),
+    "corrupt audio": (chat_parts(audio_part(np.random.default_rng(1).bytes(5000))), 400, "could not decode audio"),
+    "truncated mp3": (chat_parts(audio_part(audio_file("mp3", 44100, 2)[:120], "mp3")), 400,
+                      "could not decode audio"),
+    "truncated flac": (chat_parts(audio_part(audio_file("flac", 44100, 1)[:60], "flac")), 400,
+                       "could not decode audio"),
+    "zero-length audio": (chat_parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}), 400,
+                          "the audio is empty"),
+    "wav without samples": (chat_parts(audio_part(_empty_wav())), 400, "zero samples"),
+    "audio too long": (chat_parts(audio_part(audio_file("wav", 8000, 1, seconds=25))), 400, "audio too long: 25.0 s"),
+    "too many audio parts": (chat_parts(*[audio_part(WAV)] * 9), 400, "too many audio parts: 9 (the limit is 8"),
+    "audio in assistant message": (chat(messages=[{"role": "assistant", "content": [audio_part(WAV)]},
+                                                  {"role": "user", "content": "x"}]),
+                                   400, "audio is only allowed in user messages"),
+    # audio_url
+    "url to loopback": (chat_parts(URL_PART("http://127.0.0.1:9/a.wav")), 400, "non-public address (127.0.0.1)"),
+    "url to localhost name": (chat_parts(URL_PART("http://localhost/a.wav")), 400, "non-public address"),
+    "url to metadata service": (chat_parts(URL_PART("http://169.254.169.254/latest")), 400, "non-public address"),
+    "url to private range": (chat_parts(URL_PART("https://10.1.2.3/a.wav")), 400, "non-public address (10.1.2.3)"),
+    "url to ipv6 loopback": (chat_parts(URL_PART("http://[::1]:8000/a.wav")), 400, "non-public address (::1)"),
+    "url to mapped loopback": (chat_parts(URL_PART("http://[::ffff:127.0.0.1]/a.wav")), 400, "non-public address"),
+    "url unsupported scheme": (chat_parts(URL_PART("ftp://example.com/a.wav")), 400,
+                               "unsupported audio_url scheme 'ftp'"),
+    "url host does not resolve": (chat_parts(URL_PART("https://no-such-host.invalid/a.wav")), 400, "does not resolve"),
+    "file url outside media dir": (chat_parts(URL_PART("file:///etc/passwd")), 400, "outside the media directory"),
+    "malformed data url": (chat_parts(URL_PART("data:audio/wav;base64")), 400, "malformed data: URL"),
+    "bad base64 data url": (chat_parts(URL_PART("data:audio/wav;base64,%%%")), 400, "data: URL is not valid base64"),
+    # Multipart endpoints
+    "transcription without file": (transcribe(files=False), 400, "file: Field required"),
+    "transcription without model": (transcribe(model=None), 400, "model: Field required"),
+    "transcription bad response_format": (transcribe(response_format="srt"), 400, "response_format"),
+    "transcription of a text file": (transcribe(data=b"hello, this is not audio at all" * 10), 400,
+                                     "could not decode audio"),
+    "transcription empty file": (transcribe(data=b""), 400, "the audio is empty"),
+    "transcription bad temperature": (transcribe(temperature="warm"), 400, "temperature"),
+    "transcription unknown model": (transcribe(model="whisper-1"), 404, "model 'whisper-1' does not exist"),
+    "audio chat without question": (audio_chat(), 400, "exactly one of 'messages'"),
+    "audio chat messages not json": (audio_chat(messages="[{"), 400, "messages is not valid JSON"),
+    "audio chat messages wrong shape": (audio_chat(messages=json.dumps([{"role": "user"}])), 400,
+                                        "invalid messages: 0.content"),
+    "audio chat without user message": (audio_chat(messages=json.dumps([{"role": "system", "content": "x"}])), 400,
+                                        "needs a user message"),
+    # Routing
+    "unknown endpoint": (("POST", "/v1/completions", {"json": {}}), 404, "no such endpoint: POST /v1/completions"),
+    "wrong method": (("GET", "/v1/chat/completions", {}), 405, "method GET is not allowed"),
+}
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=60, headers=AUTH) as c:
+        yield c
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_input_is_a_named_4xx(client, case):
+    (method, path, kwargs), status, message = CASES[case]
+    response = client.request(method, path, **{k: v for k, v in kwargs.items() if v is not None})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"], error
+    assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+def _raw_exchange(url: str, head: str, chunks: list[bytes]) -> bytes:
+    parsed = urllib.parse.urlsplit(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may stop reading once it has answered
+        response = b""
+        while b"\r\n\r\n" not in response or len(response) < response.find(b"\r\n\r\n") + 60:
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    return response
+
+
+def test_declared_oversize_body_is_refused_before_upload(gateway):
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Authorization: Bearer key-one\r\n"
+            f"Content-Length: {UPLOAD_LIMIT + 1}\r\n\r\n")
+    response = _raw_exchange(gateway.url, head, [])  # no body sent at all
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"exceeds the limit of 2097152 bytes" in response
+
+
+def test_chunked_oversize_body_is_cut_off_while_streaming(gateway):
+    head = ("POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+            "Authorization: Bearer key-one\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    part_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    # A well-formed file part whose 9 x 256 KiB pass the 2 MiB limit; the body never ends.
+    response = _raw_exchange(gateway.url, head, [chunk(part_head)] + [chunk(b"x" * (256 << 10))] * 9)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert b"exceeds the limit" in response
+
+
+def test_server_healthy_after_bad_input(client):
+    text = client.get("/metrics").text
+    assert 'mdl_rejections_total{reason="bad_request"}' in text
+    assert 'mdl_rejections_total{reason="payload_too_large"}' in text
+    assert client.get("/health/ready").status_code == 200
+    r = client.post("/v1/chat/completions", json=chat_body(audio_part(WAV), max_tokens=2))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

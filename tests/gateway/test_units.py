@@ -1,0 +1,242 @@
+"""In-process units: the SSRF guard and URL fetching (against local HTTP servers), settings
+from env and flags, admission arithmetic."""
+
+import asyncio
+import http.server
+import ipaddress
+import threading
+import time
+
+import pytest
+
+from mdlserve.server.admission import Admission, request_weight
+from mdlserve.server.cli import build_parser
+from mdlserve.server.errors import ApiError
+from mdlserve.server.fetch import AudioFetcher, FetchError, is_public_address
+from mdlserve.server.metrics import GatewayMetrics
+from mdlserve.server.settings import Settings, default_max_audio_seconds
+
+PUBLIC_FOR_TEST = ipaddress.ip_address("127.0.0.1")
+CLIP = b"RIFF-pretend-audio" * 100
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802
+        action = self.routes.get(self.path)
+        if action is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        action(self)
+
+    def log_message(self, *args):
+        pass
+
+
+def _redirect(location):
+    def go(h):
+        h.send_response(302)
+        h.send_header("Location", location)
+        h.end_headers()
+    return go
+
+
+def _body(data, declared=True):
+    def go(h):
+        h.send_response(200)
+        if declared:
+            h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+    return go
+
+
+def _slow(h):
+    time.sleep(3)
+    try:
+        _body(CLIP)(h)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client gave up, as it should
+
+
+@pytest.fixture(scope="module")
+def origin():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = server.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    _Handler.routes = {
+        "/clip.wav": _body(CLIP),
+        "/undeclared": _body(b"x" * 5000, declared=False),
+        "/big": _body(b"x" * 5000),
+        "/hop": _redirect("/clip.wav"),
+        "/to-private": _redirect(f"http://127.0.0.2:{port}/clip.wav"),
+        "/to-file": _redirect("file:///etc/passwd"),
+        "/loop": _redirect("/loop"),
+        "/slow": _slow,
+        "/host": lambda h: _body(h.headers["Host"].encode())(h),
+    }
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield base
+    server.shutdown()
+
+
+def fetch(url, **kwargs):
+    async def run():
+        options = dict(timeout=2, max_bytes=4096, allowed_domains=[], media_dir=None,
+                       address_allowed=lambda ip: ip == PUBLIC_FOR_TEST)
+        options.update(kwargs)
+        fetcher = AudioFetcher(**options)
+        try:
+            return await fetcher.fetch(url)
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.0.0.1", False),
+    ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+    ("0.0.0.0", False), ("224.0.0.1", False), ("240.0.0.1", False), ("::1", False), ("fe80::1", False),
+    ("fc00::1", False), ("::ffff:127.0.0.1", False), ("ff02::1", False),
+])  # fmt: skip
+def test_public_address_classification(address, public):
+    assert is_public_address(ipaddress.ip_address(address)) is public
+
+
+def test_fetch_and_redirect(origin):
+    assert fetch(origin + "/clip.wav") == CLIP
+    assert fetch(origin + "/hop") == CLIP
+    # The connection goes to the checked IP, with the original Host header.
+    assert fetch(origin + "/host") == origin.removeprefix("http://").encode()
+
+
+def test_redirect_to_private_address_is_refused(origin):
+    with pytest.raises(FetchError, match=r"non-public address \(127\.0\.0\.2\)"):
+        fetch(origin + "/to-private")
+
+
+def test_redirect_to_other_scheme_and_loops_are_refused(origin):
+    with pytest.raises(FetchError, match="redirected to unsupported scheme 'file'"):
+        fetch(origin + "/to-file")
+    with pytest.raises(FetchError, match="redirected more than 5 times"):
+        fetch(origin + "/loop")
+
+
+def test_size_limits_declared_or_not(origin):
+    with pytest.raises(FetchError, match="exceeds 4096 bytes"):
+        fetch(origin + "/big")
+    with pytest.raises(FetchError, match="exceeds 4096 bytes"):
+        fetch(origin + "/undeclared")
+
+
+def test_fetch_timeout(origin):
+    with pytest.raises(FetchError, match="timed out after 0.5 s"):
+        fetch(origin + "/slow", timeout=0.5)
+
+
+def test_upstream_errors(origin):
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch(origin + "/missing")
+
+
+def test_default_guard_refuses_loopback_and_bypass_allows(origin):
+    with pytest.raises(FetchError, match="non-public address"):
+        fetch(origin + "/clip.wav", address_allowed=None)
+    assert fetch(origin + "/clip.wav", address_allowed=None, allow_private=True) == CLIP
+
+
+def test_domain_allowlist(origin):
+    with pytest.raises(FetchError, match="not in the allowed domains"):
+        fetch(origin + "/clip.wav", allowed_domains=["example.com"])
+    assert fetch(origin + "/clip.wav", allowed_domains=["127.0.0.1"]) == CLIP
+
+
+def test_file_urls_stay_in_media_dir(tmp_path):
+    media = (tmp_path / "media").resolve()
+    media.mkdir()
+    (media / "a.wav").write_bytes(CLIP)
+    (tmp_path / "secret.wav").write_bytes(b"secret")
+    (media / "link.wav").symlink_to(tmp_path / "secret.wav")
+    assert fetch(f"file://{media}/a.wav", media_dir=media) == CLIP
+    for escape in (f"file://{media}/../secret.wav", f"file://{media}/link.wav", "file:///etc/passwd"):
+        with pytest.raises(FetchError, match="outside the media directory"):
+            fetch(escape, media_dir=media)
+    with pytest.raises(FetchError, match="file:// audio URLs are disabled"):
+        fetch(f"file://{media}/a.wav")
+
+
+def test_data_urls():
+    assert fetch("data:audio/wav;base64,UklGRg==") == b"RIFF"
+    assert fetch("data:,hello%20world") == b"hello world"
+    with pytest.raises(FetchError, match="exceeds 4096 bytes"):
+        fetch("data:audio/wav;base64," + "A" * 8000)
+
+
+def test_settings_from_env_and_flags(monkeypatch):
+    monkeypatch.setenv("MDL_MAX_NUM_SEQS", "7")
+    monkeypatch.setenv("MDL_API_KEYS", "a, b,,c")
+    monkeypatch.setenv("MDL_ALLOWED_DOMAINS", "Example.com,cdn.test.")
+    monkeypatch.setenv("MDL_ENFORCE_EAGER", "true")
+    settings = Settings()
+    assert settings.max_num_seqs == 7 and settings.enforce_eager is True
+    assert settings.api_keys == ["a", "b", "c"]
+    assert settings.allowed_domains == ["example.com", "cdn.test"]
+    args = build_parser().parse_args(["serve", "--max-num-seqs", "3", "--no-enforce-eager"])
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    assert overrides == {"max_num_seqs": 3, "enforce_eager": False}  # flags only where given
+    assert Settings(**overrides).max_num_seqs == 3  # a flag wins over the environment
+
+
+def test_every_contract_flag_exists_and_test_bypass_is_not_a_flag():
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    flags = {option for action in serve._actions for option in action.option_strings if option.startswith("--")}
+    expected = {
+        "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
+        "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
+        "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
+        "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
+        "fetch-timeout", "fetch-max-bytes", "allowed-domains", "media-dir", "decode-workers", "log-level",
+    }  # fmt: skip
+    assert {"--" + f for f in expected} <= flags
+    assert not any("unsafe" in f or "private" in f for f in flags)
+
+
+def test_defaults_and_derived_limits(tmp_path):
+    settings = Settings()
+    assert (settings.served_model_name, settings.max_model_len, settings.max_num_seqs, settings.max_queue) == (
+        "midashenglm-7b", 4096, 512, 512)
+    assert settings.max_upload_bytes == 25 << 20 and settings.max_audio_parts == 8
+    # (4096 - 512) / 5 tokens per second
+    assert settings.max_audio_seconds == default_max_audio_seconds(4096) == 716
+    assert Settings(max_model_len=2048).max_audio_seconds == 307
+    assert settings.decode_workers >= 2
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nfile-key\n\n")
+    assert Settings(api_keys="x", api_key_file=keys).all_api_keys() == ["x", "file-key"]
+
+
+def test_admission_counts_clip_units():
+    async def run():
+        admission = Admission(max_num_seqs=2, max_queue=2, metrics=GatewayMetrics())
+        assert request_weight(num_clips=0, n=1) == 1 and request_weight(num_clips=3, n=2) == 6
+        first = admission.admit(3)
+        with pytest.raises(ApiError) as full:
+            admission.admit(2)
+        assert full.value.status == 429 and full.value.headers == {"Retry-After": "1"}
+        with pytest.raises(ApiError) as never:
+            admission.admit(5)
+        assert never.value.status == 400
+        second = admission.admit(1)
+        assert admission.metrics.queue_length._value.get() == 2
+        first.release()
+        first.release()  # idempotent
+        second.release()
+        await asyncio.wait_for(admission.wait_idle(), 1)
+        assert admission.in_flight == 0
+
+    asyncio.run(run())

@@ -21,8 +21,12 @@ PROMPT = (
 )
 
 
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def model_class_name(model) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
+    return qualified_name(type(model))
 
 
 def main() -> None:
@@ -46,7 +50,15 @@ def main() -> None:
         results.append(
             {"prompt_token_ids": list(out.prompt_token_ids), "output_token_ids": list(out.outputs[0].token_ids)}
         )
-    print(json.dumps({"model_class": llm.apply_model(model_class_name)[0], "results": results}))
+    if in_process:
+        model_class = llm.apply_model(model_class_name)[0]
+    else:
+        # The model lives in the engine-core process; ask the registry this process (and
+        # that one, through the same plugin loading) resolves the architecture with.
+        from vllm import ModelRegistry
+
+        model_class = qualified_name(ModelRegistry._try_load_model_cls("MiDashengLMModel"))
+    print(json.dumps({"model_class": model_class, "results": results}))
 
 
 if __name__ == "__main__":

@@ -33,10 +33,15 @@ if ! "$PY" -c "import mdlserve.benchmarks" 2>/dev/null; then
     echo "installing midashenglm-serve (editable, no dependencies)"
     "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 fi
-"$PY" -c "import torch, vllm; print(f'vllm {vllm.__version__}, torch {torch.__version__}, cuda {torch.cuda.is_available()}')"
-if [ ! -f "$CHECKPOINT/config.json" ]; then
-    "$PY" -c "import sys; from mdlserve.model_plugin.checkpoints import make_checkpoint; make_checkpoint('7b', sys.argv[1])" "$CHECKPOINT"
-fi
+# Fail early if vLLM is not importable; write the 7b checkpoint (config + tokenizer) once.
+"$PY" - "$CHECKPOINT" <<'EOF'
+import pathlib, sys
+import torch, vllm
+print(f"vllm {vllm.__version__}, torch {torch.__version__}, cuda {torch.cuda.is_available()}", flush=True)
+if not (pathlib.Path(sys.argv[1]) / "config.json").exists():
+    from mdlserve.model_plugin.checkpoints import make_checkpoint
+    print(f"writing the 7b checkpoint to {make_checkpoint('7b', sys.argv[1])}", flush=True)
+EOF
 
 # shellcheck disable=SC2086  # BENCH_EXTRA_ARGS is a list of flags
 "$PY" -m mdlserve.benchmarks compare --model "$CHECKPOINT" --dummy --dtype bfloat16 \

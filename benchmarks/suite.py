@@ -9,6 +9,7 @@ speed-up: samples/s ratio for throughput, built-in / plugin milliseconds for TTF
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,26 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def wait_for_gpu_memory_release(timeout_s: float = 90.0) -> None:
+    """Before an engine starts: wait until the previous worker's GPU memory is back.
+    vLLM refuses to start when free memory is below gpu_memory_utilization, and a
+    killed process's memory is returned by the driver with some delay."""
+    if not shutil.which("nvidia-smi"):
+        return
+    give_up = time.time() + timeout_s
+    while time.time() < give_up:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        try:
+            used, total = (float(x) for x in query.stdout.splitlines()[0].split(","))
+        except (IndexError, ValueError):
+            return
+        if used < 0.05 * total:
+            return
+        time.sleep(2.0)
+    print(f"warning: {used:.0f} of {total:.0f} MiB GPU memory still in use", file=sys.stderr, flush=True)
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -120,6 +141,7 @@ def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, ou
         work = OfflineWorkload(**{**asdict(template), "engine": template.engine, "impl": impl,
                                   "deadline": time.time() + share if share else None})  # fmt: skip
         print(f"== {mode}: {impl} ({'no time limit' if share is None else f'{share:.0f} s budget'})", flush=True)
+        wait_for_gpu_memory_release()
         results.append(run_worker(work, out_dir, None if share is None else share + GRACE_S))
 
     versions = next((r["versions"] for r in results if r.get("versions")), {})

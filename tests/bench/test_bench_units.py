@@ -155,3 +155,38 @@ def test_mdl_serve_bench_command_line():
     assert args.bench_mode == "serve" and args.stream
     args = build_parser().parse_args(["bench", "soak", "mixed-traffic", "--url", "u", "--duration-s", "60"])
     assert args.duration_s == 60
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: each call takes 0.2 s and returns the requested tokens."""
+
+    def generate(self, prompts, params, use_tqdm=False):
+        import time
+        from types import SimpleNamespace
+
+        time.sleep(0.2)
+        return [SimpleNamespace(prompt_token_ids=[0] * 10, outputs=[SimpleNamespace(token_ids=[1] * params.max_tokens)],
+                                metrics=SimpleNamespace(first_token_latency=0.01)) for _ in prompts]  # fmt: skip
+
+
+def test_time_budget_skips_points_that_would_not_fit(tmp_path):
+    import time
+
+    from mdlserve.benchmarks.offline import OfflineRunner
+
+    work = OfflineWorkload(impl="plugin", model="m", load_format="auto", engine=EngineOptions(), batches=[1, 512],
+                           clip_s=0.5, out_tokens=3, ttft_clip_s=[0.5], ttft_repeats=1, prompt="p", seed=0)  # fmt: skip
+    runner = OfflineRunner(work, tmp_path / "result.json")
+    runner.prompt_text = "p"
+    runner.measure_ttft(_FakeLLM())
+    work.deadline = time.time() + 2.0
+    runner.measure_throughput(_FakeLLM())  # batch 1 at ~5/s: 512 clips would need ~100 s
+    assert [r["batch"] for r in runner.result["throughput"]] == [1]
+    assert runner.result["throughput"][0]["output_tokens"] == 3
+    assert runner.result["errors"] == [{"impl": "plugin", "stage": "throughput", "batch": 512,
+                                        "error": "skipped: time budget"}]  # fmt: skip
+    (row,) = runner.result["ttft"]
+    assert row["n"] == 1 and row["median_ms"] == 10.0 and row["ttft_source"] == "engine_metrics"
+    work.deadline = time.time() - 1
+    runner.measure_ttft(_FakeLLM())
+    assert runner.result["errors"][-1]["stage"] == "ttft" and len(runner.result["ttft"]) == 1

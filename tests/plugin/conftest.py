@@ -105,4 +105,5 @@ def run_engine_subprocess(
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
+    return json.loads(line.removeprefix("RESULT_JSON "))

@@ -1,6 +1,6 @@
 """Run a vLLM engine on clips in its own process and print the results as one JSON line.
 
-Usage: engine_runner.py CHECKPOINT CLIPS.npz
+Usage: engine_runner.py CHECKPOINT CLIPS.npz   (result on the stdout line starting RESULT_JSON)
 
 The process environment decides what runs: `VLLM_PLUGINS=""` switches our plugin off
 (vLLM's built-in MiDashengLM, which needs `trust_remote_code` for the HF processor);
@@ -58,7 +58,7 @@ def main() -> None:
         from vllm import ModelRegistry
 
         model_class = qualified_name(ModelRegistry._try_load_model_cls("MiDashengLMModel"))
-    print(json.dumps({"model_class": model_class, "results": results}))
+    print("RESULT_JSON " + json.dumps({"model_class": model_class, "results": results}), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_default_multiprocess_engine_with_frontend_buffer_keys(tmp_path, parity_
     that also stores the front end's window and filterbank: it loads (the keys are
     skipped) and gives the tokens of the in-process engine on the plain checkpoint."""
     checkpoint = make_checkpoint("tiny", tmp_path / "tiny_fe", frontend_buffer_keys=True)
-    clips = parity_clips[:3] + parity_clips[6:7]
+    clips = [parity_clips[0], parity_clips[6]]
     run = run_engine_subprocess(
         str(checkpoint),
         clips,
@@ -73,7 +73,8 @@ def test_default_multiprocess_engine_with_frontend_buffer_keys(tmp_path, parity_
         unset=("VLLM_ENABLE_V1_MULTIPROCESSING", "TORCHDYNAMO_DISABLE"),
     )
     assert run["model_class"] == "mdlserve.model_plugin.model.MiDashengLMModel"
-    expected = our_results[:3] + our_results[6:7]
+    expected = [our_results[0], our_results[6]]
+    assert len(run["results"]) == len(expected)
     for theirs, ours in zip(run["results"], expected):
         assert theirs["prompt_token_ids"] == ours["prompt_token_ids"]
         assert theirs["output_token_ids"] == ours["output_token_ids"]

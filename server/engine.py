@@ -113,7 +113,9 @@ class EngineHandle:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     async def stop(self) -> None:
-        previous, self.state = self.state, EngineState.STOPPED
+        previous = self.state
+        if previous not in (EngineState.FAILED, EngineState.DEAD):  # keep the cause: serve() exits 1 on it
+            self.state = EngineState.STOPPED
         self.metrics.engine_up.set(0)
         if self._watch_task is not None:
             self._watch_task.cancel()

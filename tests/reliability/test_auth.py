@@ -1,0 +1,100 @@
+"""Authentication: only a configured key in `Authorization: Bearer` opens the API; keys are
+compared in constant time and never appear in responses, metrics or the server log."""
+
+import types
+
+import httpx
+import pytest
+
+from mdlserve.server import deps
+
+from gateway.helpers import MODEL
+
+from .conftest import API_KEY, OTHER_API_KEY
+from .traffic import CLIP, captioning_body
+
+CANARY_KEY = "sk-canary-never-valid-5c1d"
+PROTECTED = [
+    ("GET", "/v1/models", {}),
+    ("POST", "/v1/chat/completions", {"json": captioning_body()}),
+    ("POST", "/v1/audio/transcriptions", {"files": {"file": ("a.wav", CLIP, "audio/wav")}, "data": {"model": MODEL}}),
+    ("POST", "/v1/audio/chat", {"files": {"file": ("a.wav", CLIP, "audio/wav")}, "data": {"prompt": "What is it?"}}),
+]
+BAD_CREDENTIALS = [
+    ("no Authorization header", {}, "", "missing API key"),
+    ("bearer scheme without a token", {"Authorization": "Bearer"}, "", "missing API key"),
+    ("empty Authorization header", {"Authorization": ""}, "", "missing API key"),
+    ("bearer null", {"Authorization": "Bearer null"}, "", "invalid API key"),
+    ("wrong key", {"Authorization": f"Bearer {CANARY_KEY}"}, "", "invalid API key"),
+    ("valid key minus its last character", {"Authorization": f"Bearer {API_KEY[:-1]}"}, "", "invalid API key"),
+    ("valid key plus a character", {"Authorization": f"Bearer {API_KEY}x"}, "", "invalid API key"),
+    ("both keys joined", {"Authorization": f"Bearer {API_KEY}{OTHER_API_KEY}"}, "", "invalid API key"),
+    ("key as Basic credentials", {"Authorization": f"Basic {API_KEY}"}, "", "missing API key"),
+    ("key without a scheme", {"Authorization": API_KEY}, "", "missing API key"),
+    ("key in X-API-Key", {"X-API-Key": API_KEY}, "", "missing API key"),
+    ("key in the query string", {}, f"?api_key={API_KEY}", "missing API key"),
+    ("key in the query string as key=", {}, f"?key={API_KEY}", "missing API key"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), PROTECTED, ids=[path for _, path, _ in PROTECTED])
+@pytest.mark.parametrize(("case", "headers", "query", "words"), BAD_CREDENTIALS,
+                         ids=[case for case, *_ in BAD_CREDENTIALS])
+def test_bad_credentials_are_refused(guarded_server, reliability_report, method, path, kwargs, case, headers, query,
+                                     words):
+    response = httpx.request(method, guarded_server.url + path + query, headers=headers, timeout=30, **kwargs)
+    message = response.json().get("error", {}).get("message", "")
+    reliability_report.add_bad_input(f"auth: {case} ({method} {path})", response.status_code, message)
+    assert response.status_code == 401, response.text
+    assert words in message
+    assert response.headers.get("www-authenticate") == "Bearer"
+    assert API_KEY not in response.text and CANARY_KEY not in response.text
+
+
+@pytest.mark.parametrize("key", [API_KEY, OTHER_API_KEY])
+def test_each_configured_key_opens_the_api(guarded_server, key):
+    response = httpx.post(guarded_server.url + "/v1/chat/completions", json=captioning_body(),
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
+    """Every configured key goes through hmac.compare_digest, also after a match (no early
+    exit that would tell which key position matched)."""
+    compared: list[tuple[bytes, bytes]] = []
+    real_compare = deps.hmac.compare_digest
+
+    def recording_compare(a, b):
+        compared.append((a, b))
+        return real_compare(a, b)
+
+    monkeypatch.setattr(deps.hmac, "compare_digest", recording_compare)
+    keys = [b"key-a", b"key-b", b"key-c"]
+    state = types.SimpleNamespace(api_keys=keys)
+    for token in ("key-a", "key-c", "nope"):
+        compared.clear()
+        request = types.SimpleNamespace(headers={"authorization": f"Bearer {token}"})
+        try:
+            deps.require_api_key(request, state)
+            accepted = True
+        except deps.ApiError:
+            accepted = False
+        assert accepted == (token != "nope")
+        assert compared == [(token.encode(), key) for key in keys]
+
+
+def test_no_key_in_server_log_or_metrics(guarded_server, reliability_report):
+    """Runs after the auth cases above (valid, wrong and query-string keys were all sent):
+    neither key nor the canary appear in the debug-level server log or in /metrics."""
+    httpx.post(guarded_server.url + f"/v1/chat/completions?api_key={CANARY_KEY}", json=captioning_body(),
+               headers={"Authorization": f"Bearer {CANARY_KEY}", "X-Request-ID": "auth-leak-probe"}, timeout=30)
+    log = guarded_server.server.log_path.read_text(errors="replace")
+    metrics = httpx.get(guarded_server.url + "/metrics").text
+    leaks = [name for name, secret in (("API key", API_KEY), ("second API key", OTHER_API_KEY),
+                                        ("wrong key", CANARY_KEY)) if secret in log or secret in metrics]
+    observed = f"log of {len(log)} characters (debug level) and /metrics searched: " + (
+        f"found {', '.join(leaks)}" if leaks else "no key found")
+    assert "auth-leak-probe" in log, "the probe request should be in the log that was searched"
+    assert reliability_report.add_fault("API keys kept out of logs and metrics",
+                                        "no configured or attempted key in the server log or /metrics",
+                                        observed, not leaks), observed

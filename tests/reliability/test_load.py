@@ -1,0 +1,181 @@
+"""Load and overload: nothing accepted is lost, excess load is refused cleanly (429 with
+Retry-After), long runs do not drift or leak, and abandoned requests leave the engine."""
+
+import asyncio
+import time
+
+import httpx
+
+from .conftest import API_KEY, GUARDED_REQUEST_TIMEOUT_S, MAX_NUM_SEQS, MAX_QUEUE
+from .report import LoadRun
+from .traffic import (
+    Outcome, captioning_body, footprint, gauges, percentile, send_chat, status_counts, wait_idle,
+)  # fmt: skip
+
+CAPACITY = MAX_NUM_SEQS + MAX_QUEUE
+# Soak bounds: generous, since the machine is shared; a leak shows up as steady growth.
+SOAK_RSS_GROWTH_BYTES = 300 << 20
+SOAK_FD_GROWTH = 16
+SOAK_LATENCY_DRIFT = 3.0
+
+
+def test_twice_capacity_every_request_answered_or_refused(open_server, reliability_report, heavy):
+    """2x(N+Q) simultaneous requests, half of them streaming, in several waves: each gets a
+    complete answer or a 429 with Retry-After; nothing hangs, fails or is cut short."""
+    concurrency, waves = 2 * CAPACITY, (10 if heavy else 3)
+
+    async def run() -> tuple[list[Outcome], float]:
+        started = time.perf_counter()
+        outcomes: list[Outcome] = []
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+            for _ in range(waves):
+                outcomes += await asyncio.gather(*(
+                    send_chat(client, open_server.url, captioning_body(max_tokens=8, stream=i % 2 == 1))
+                    for i in range(concurrency)
+                ))  # fmt: skip
+        return outcomes, time.perf_counter() - started
+
+    outcomes, duration = asyncio.run(run())
+    idle = asyncio.run(wait_idle(open_server.url))
+    refused = [o for o in outcomes if o.refused]
+    lost = [o for o in outcomes if o.lost]
+    p99_429 = percentile([o.latency_s for o in refused], 99)
+    reliability_report.add_load(LoadRun(
+        "overload 2x(N+Q)", len(outcomes), concurrency, duration, len(lost), status_counts(outcomes),
+        {"N": MAX_NUM_SEQS, "Q": MAX_QUEUE, "waves": waves, "429_p99_s": round(p99_429, 3),
+         "completed": sum(o.complete for o in outcomes)},
+    ))  # fmt: skip
+    assert not lost, [(o.label, o.detail) for o in lost]
+    assert refused, "2x capacity at once should have been partly refused"
+    assert sum(o.complete for o in outcomes) >= waves * MAX_NUM_SEQS
+    assert p99_429 < 5.0, "a 429 should come back at once, before any audio work"
+    assert not any(idle.values()), idle
+
+
+def test_soak_constant_load_no_errors_drift_or_leaks(open_server, reliability_report, heavy):
+    """Closed-loop load at the server's capacity for a fixed time: no errors, latency does not
+    drift, and RSS and open file descriptors of server plus engine stay bounded."""
+    duration_s = 600.0 if heavy else 75.0
+    workers = CAPACITY
+    pid = open_server.server.process.pid
+
+    async def worker(client: httpx.AsyncClient, deadline: float, results: list[tuple[float, Outcome]]) -> None:
+        index = 0
+        while time.monotonic() < deadline:
+            sent_at = time.monotonic()
+            outcome = await send_chat(client, open_server.url, captioning_body(max_tokens=4, stream=index % 3 == 0))
+            results.append((sent_at, outcome))
+            index += 1
+            if outcome.refused:
+                await asyncio.sleep(1.0)
+
+    async def run() -> list[tuple[float, Outcome]]:
+        results: list[tuple[float, Outcome]] = []
+        async with httpx.AsyncClient(timeout=120) as client:
+            await send_chat(client, open_server.url, captioning_body())  # warm-up, not counted
+            start_footprint.extend(footprint(pid))
+            started = time.monotonic()
+            await asyncio.gather(*(worker(client, started + duration_s, results) for _ in range(workers)))
+        return results
+
+    start_footprint: list[int] = []
+    began = time.perf_counter()
+    results = asyncio.run(run())
+    elapsed = time.perf_counter() - began
+    idle = asyncio.run(wait_idle(open_server.url))
+    end_rss, end_fds = footprint(pid)
+    start_rss, start_fds = start_footprint
+    results.sort(key=lambda item: item[0])
+    outcomes = [outcome for _, outcome in results]
+    errors = [o for o in outcomes if o.lost]
+    fifth = max(len(results) // 5, 1)
+    first_p50 = percentile([o.latency_s for o in outcomes[:fifth] if o.complete], 50)
+    last_p50 = percentile([o.latency_s for o in outcomes[-fifth:] if o.complete], 50)
+    reliability_report.add_load(LoadRun(
+        "soak", len(outcomes), workers, elapsed, len(errors), status_counts(outcomes),
+        {"error_rate": round(len(errors) / max(len(outcomes), 1), 4),
+         "p50_first_fifth_s": round(first_p50, 3), "p50_last_fifth_s": round(last_p50, 3),
+         "rss_start_mib": start_rss >> 20, "rss_end_mib": end_rss >> 20, "fds_start": start_fds,
+         "fds_end": end_fds},
+    ))  # fmt: skip
+    assert len(outcomes) >= workers * 5, "the soak should have completed several requests per worker"
+    assert not errors, [(o.label, o.detail) for o in errors[:5]]
+    assert last_p50 <= SOAK_LATENCY_DRIFT * first_p50 + 1.0, (first_p50, last_p50)
+    assert end_rss - start_rss <= SOAK_RSS_GROWTH_BYTES, (start_rss >> 20, end_rss >> 20)
+    assert end_fds - start_fds <= SOAK_FD_GROWTH, (start_fds, end_fds)
+    assert not any(idle.values()), idle
+
+
+def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, guarded_server, reliability_report):
+    """Streams dropped mid-way, non-streaming clients that give up, slow readers and
+    requests past --request-timeout (the guarded server's short one): afterwards nothing is
+    left running or queued on either server."""
+    url = open_server.url
+    long_body = captioning_body(max_tokens=1000, stream=True)
+
+    async def drop_stream_after_first_chunks(client: httpx.AsyncClient) -> str:
+        async with client.stream("POST", url + "/v1/chat/completions", json=long_body) as response:
+            chunks = 0
+            async for line in response.aiter_lines():
+                chunks += line.startswith("data: ")
+                if chunks >= 3:
+                    return f"{response.status_code}: dropped after {chunks} events"
+        return f"{response.status_code}: stream ended before 3 events"
+
+    async def give_up_waiting(client: httpx.AsyncClient) -> str:
+        try:
+            response = await client.post(url + "/v1/chat/completions", json=captioning_body(max_tokens=1000),
+                                         timeout=1.5)
+            return f"{response.status_code} (finished within the client's patience)"
+        except httpx.TimeoutException:
+            return "client timed out and closed the connection"
+
+    async def read_slowly(client: httpx.AsyncClient) -> Outcome:
+        started = time.perf_counter()
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=captioning_body(max_tokens=16, stream=True)) as response:
+            body = b""
+            async for piece in response.aiter_raw(chunk_size=16):
+                body += piece
+                await asyncio.sleep(0.05)
+        complete = b"data: [DONE]" in body and b'"finish_reason":"length"' in body.replace(b" ", b"")
+        return Outcome(response.status_code, time.perf_counter() - started, complete=complete)
+
+    async def outlive_request_timeout(client: httpx.AsyncClient) -> Outcome:
+        started = time.perf_counter()
+        response = await client.post(guarded_server.url + "/v1/chat/completions",
+                                     json=captioning_body(max_tokens=1000), timeout=GUARDED_REQUEST_TIMEOUT_S + 60,
+                                     headers={"Authorization": f"Bearer {API_KEY}"})
+        code = response.json().get("error", {}).get("code") if response.status_code != 200 else None
+        return Outcome(response.status_code, time.perf_counter() - started, detail=str(code))
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            busy = asyncio.gather(
+                drop_stream_after_first_chunks(client), drop_stream_after_first_chunks(client),
+                give_up_waiting(client), outlive_request_timeout(client),
+            )  # fmt: skip
+            await asyncio.sleep(1.0)
+            during = await asyncio.to_thread(gauges, url)
+            dropped_a, dropped_b, gave_up, timed_out = await busy
+            slow = await read_slowly(client)
+        return during, [dropped_a, dropped_b, gave_up], timed_out, slow
+
+    started = time.perf_counter()
+    during, abandoned, timed_out, slow = asyncio.run(run())
+    idle = asyncio.run(wait_idle(url))
+    guarded_idle = asyncio.run(wait_idle(guarded_server.url))
+    observed = (f"while busy {during}; abandoned: {abandoned}; timed out: {timed_out.status} {timed_out.detail} "
+                f"after {timed_out.latency_s:.1f} s; slow reader: {slow.status} complete={slow.complete}; "
+                f"afterwards {idle}, timeout server {guarded_idle}")
+    passed = (during["mdl_clips_in_flight"] > 0 and timed_out.status == 504 and timed_out.detail == "timeout"
+              and slow.complete and not any(idle.values()) and not any(guarded_idle.values()))
+    reliability_report.add_load(LoadRun(
+        "disconnects, slow reader, timeout", 5, 4, time.perf_counter() - started, int(not slow.complete),
+        {"abandoned": 3, "504": int(timed_out.status == 504), "200": int(slow.status == 200)},
+    ))  # fmt: skip
+    assert reliability_report.add_fault(
+        "client disconnects, slow reads, request timeout",
+        "504 timeout at --request-timeout, slow reader gets the full stream, engine and admission gauges return to 0",
+        observed, passed,
+    ), observed

@@ -39,63 +39,60 @@ class ChunkLayout:
     Built once per encoder call on the CPU from the clips' sample counts. Tokens are the
     patches of clip 0, then clip 1, ...; a clip's patches split into chunks of
     `chunk_patches`, the last one shorter. In each chunk, the keys are the chunk's valid
-    patches: those with index < num_samples // 640 in their clip. A chunk with no valid
-    patch (the lone extra patch that centred framing can add) attends over itself.
+    patches: those with index < num_samples // 640 in their clip, always a prefix of the
+    chunk. A chunk with no valid patch (the lone extra patch that centred framing can
+    add) attends over itself.
     """
 
     num_patches: list[int]  # per clip
-    chunk_lens: list[int]  # per chunk, query count
+    chunk_lens: list[int]  # per chunk: queries
+    chunk_keys: list[int]  # per chunk: keys (a prefix of the chunk)
     positions: torch.Tensor  # (N,) patch index inside its chunk, for the time embedding
-    scatter_index: torch.Tensor  # (N,) slot of each token in the (chunks, max_q) grid
-    key_mask: torch.Tensor  # (chunks, max_q) bool, True where a key may be attended
-    max_q: int
-    # The same for variable-length kernels: queries are all tokens, keys the valid ones.
-    key_index: torch.Tensor  # (K,) tokens that serve as keys
-    cu_seqlens_q: torch.Tensor  # (chunks + 1,) int32
+    # Variable-length kernels: chunk boundaries of the queries and of the gathered keys.
+    cu_seqlens: torch.Tensor  # (chunks + 1,) int32
     cu_seqlens_k: torch.Tensor  # (chunks + 1,) int32
-    max_k: int
+    key_index: torch.Tensor | None  # (K,) tokens that are keys; None: every token is one
+    # Padded kernels (SDPA): chunks on a (chunks, max_len) grid with a key mask.
+    scatter_index: torch.Tensor  # (N,) slot of each token in the grid
+    key_mask: torch.Tensor  # (chunks, max_len) bool
+    max_len: int
 
     @classmethod
     def build(
         cls, num_samples: list[int], chunk_patches: int, samples_per_patch: int, hop: int
     ) -> "ChunkLayout":
-        num_patches, chunk_lens, chunk_valid, positions = [], [], [], []
+        num_patches, chunk_lens, chunk_keys = [], [], []
         for n in num_samples:
             patches = (n // hop + 1) // (samples_per_patch // hop)
             valid = n // samples_per_patch
             num_patches.append(patches)
             for start in range(0, patches, chunk_patches):
                 length = min(chunk_patches, patches - start)
-                valid_here = min(max(valid - start, 0), length)
+                keys = min(max(valid - start, 0), length)
                 chunk_lens.append(length)
-                chunk_valid.append(valid_here if valid_here > 0 else length)
-                positions.append(np.arange(length))
-        max_q = max(chunk_lens)
-        lens = np.asarray(chunk_lens)
-        slot_in_chunk = np.concatenate(positions)
+                chunk_keys.append(keys if keys > 0 else length)
+        lens, keys = np.asarray(chunk_lens), np.asarray(chunk_keys)
+        max_len = int(lens.max())
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        slot_in_chunk = np.arange(starts[-1]) - np.repeat(starts[:-1], lens)
         chunk_of_token = np.repeat(np.arange(len(lens)), lens)
-        valid = np.asarray(chunk_valid)
-        key_mask = np.arange(max_q)[None, :] < valid[:, None]
-        cu_q = np.concatenate([[0], np.cumsum(lens)])
         return cls(
             num_patches=num_patches,
             chunk_lens=chunk_lens,
+            chunk_keys=chunk_keys,
             positions=torch.from_numpy(slot_in_chunk),
-            scatter_index=torch.from_numpy(chunk_of_token * max_q + slot_in_chunk),
-            key_mask=torch.from_numpy(key_mask),
-            max_q=max_q,
-            key_index=torch.from_numpy(np.nonzero(slot_in_chunk < valid[chunk_of_token])[0]),
-            cu_seqlens_q=torch.from_numpy(cu_q.astype(np.int32)),
-            cu_seqlens_k=torch.from_numpy(np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)),
-            max_k=int(valid.max()),
+            cu_seqlens=torch.from_numpy(starts.astype(np.int32)),
+            cu_seqlens_k=torch.from_numpy(np.concatenate([[0], np.cumsum(keys)]).astype(np.int32)),
+            key_index=None if (keys == lens).all() else torch.from_numpy(np.nonzero(slot_in_chunk < keys[chunk_of_token])[0]),
+            scatter_index=torch.from_numpy(chunk_of_token * max_len + slot_in_chunk),
+            key_mask=torch.from_numpy(np.arange(max_len)[None, :] < keys[:, None]),
+            max_len=max_len,
         )
 
     def to(self, device: torch.device) -> "ChunkLayout":
-        tensors = {
-            name: getattr(self, name).to(device, non_blocking=True)
-            for name in ("positions", "scatter_index", "key_mask", "key_index", "cu_seqlens_q", "cu_seqlens_k")
-        }
-        return replace(self, **tensors)
+        names = ("positions", "cu_seqlens", "cu_seqlens_k", "key_index", "scatter_index", "key_mask")
+        tensors = {name: getattr(self, name) for name in names}
+        return replace(self, **{k: v if v is None else v.to(device, non_blocking=True) for k, v in tensors.items()})
 
 
 class LogMelFrontEnd(nn.Module):
@@ -228,17 +225,20 @@ class DashengAttention(nn.Module):
         return out
 
     def _flash_attention(self, qkv: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
-        """Variable-length FlashAttention: no padding, keys gathered to the valid ones."""
+        """Variable-length FlashAttention over the packed tokens, no padding. Keys are
+        gathered only when some chunk has a patch that is not a key."""
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        if layout.key_index is not None:
+            k, v = k[layout.key_index], v[layout.key_index]
         out = flash_attn_varlen_func(
             q,
-            k[layout.key_index],
-            v[layout.key_index],
-            max_seqlen_q=layout.max_q,
-            cu_seqlens_q=layout.cu_seqlens_q,
-            max_seqlen_k=layout.max_k,
+            k,
+            v,
+            max_seqlen_q=layout.max_len,
+            cu_seqlens_q=layout.cu_seqlens,
+            max_seqlen_k=layout.max_len,
             cu_seqlens_k=layout.cu_seqlens_k,
             softmax_scale=self.head_dim**-0.5,
             causal=False,
@@ -249,12 +249,12 @@ class DashengAttention(nn.Module):
     def _masked_sdpa(self, qkv: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
         """Chunks padded to a grid, padded keys masked (CPU and any device without FA)."""
         chunks = len(layout.chunk_lens)
-        grid = qkv.new_zeros(chunks * layout.max_q, qkv.shape[-1])
+        grid = qkv.new_zeros(chunks * layout.max_len, qkv.shape[-1])
         grid[layout.scatter_index] = qkv
-        grid = grid.view(chunks, layout.max_q, 3, self.num_heads, self.head_dim)
-        q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each (chunks, heads, max_q, head_dim)
+        grid = grid.view(chunks, layout.max_len, 3, self.num_heads, self.head_dim)
+        q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each (chunks, heads, max_len, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask[:, None, None, :])
-        return out.transpose(1, 2).reshape(chunks * layout.max_q, -1)[layout.scatter_index]
+        return out.transpose(1, 2).reshape(chunks * layout.max_len, -1)[layout.scatter_index]
 
 
 class DashengMlp(nn.Module):
@@ -286,10 +286,94 @@ class DashengBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class EncoderGraphs:
+    """CUDA graphs of the encoder's transformer blocks for small batches.
+
+    One 30 s clip is 750 patches: the blocks' ~400 kernel launches and their Python cost
+    more than the GPU work itself, and a lone request's time to first token waits on
+    exactly that. Tokens are padded up to a multiple of the chunk length; the padding
+    forms a chunk of its own (it attends only to itself), unused chunk slots have zero
+    length, so the real tokens' results are those of the eager path. One graph per
+    padded size, captured on first use, all sharing one memory pool (replays are
+    sequential and each output is consumed before the next replay).
+    """
+
+    max_chunks = 32
+
+    def __init__(self, encoder: "DashengEncoder", max_tokens: int):
+        self.encoder = encoder
+        self.chunk = encoder.chunk_patches
+        self.max_tokens = max_tokens
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, ChunkLayout]] = {}
+
+    def __call__(self, x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor | None:
+        """Run the blocks through a graph, or return None when the batch is too large."""
+        tokens = x.shape[0]
+        padded = -(-tokens // self.chunk) * self.chunk
+        if padded > self.max_tokens or len(layout.chunk_lens) + 1 > self.max_chunks:
+            return None
+        if padded not in self.graphs:
+            self.graphs[padded] = self._capture(padded, x)
+        graph, x_in, out, static = self.graphs[padded]
+        x_in[:tokens].copy_(x)
+        x_in[tokens:].zero_()
+        pad = [padded - tokens] if padded > tokens else []
+        self._set_chunks(static, layout.chunk_lens + pad, layout.chunk_keys + pad)
+        graph.replay()
+        return out[:tokens]
+
+    def _set_chunks(self, static: ChunkLayout, lens: list[int], keys: list[int]) -> None:
+        """Write a layout into the captured buffers; unused chunk slots get length 0 and
+        unused key slots point at token 0 (beyond cu_seqlens_k[-1], never read)."""
+        free = self.max_chunks - len(lens)
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        key_index = np.concatenate([s + np.arange(k) for s, k in zip(starts, keys)])
+        key_index = np.pad(key_index, (0, static.key_index.shape[0] - key_index.size))
+        cu = np.concatenate([starts, np.full(free, starts[-1])]).astype(np.int32)
+        cu_k = np.concatenate([[0], np.cumsum(keys), np.full(free, sum(keys))]).astype(np.int32)
+        static.cu_seqlens.copy_(torch.from_numpy(cu), non_blocking=True)
+        static.cu_seqlens_k.copy_(torch.from_numpy(cu_k), non_blocking=True)
+        static.key_index.copy_(torch.from_numpy(key_index), non_blocking=True)
+
+    def _capture(self, padded: int, like: torch.Tensor):
+        device = like.device
+        x_in = torch.zeros(padded, like.shape[1], dtype=like.dtype, device=device)
+        static = ChunkLayout(
+            num_patches=[],
+            chunk_lens=[],
+            chunk_keys=[],
+            positions=torch.empty(0, dtype=torch.long, device=device),
+            cu_seqlens=torch.zeros(self.max_chunks + 1, dtype=torch.int32, device=device),
+            cu_seqlens_k=torch.zeros(self.max_chunks + 1, dtype=torch.int32, device=device),
+            key_index=torch.zeros(padded, dtype=torch.long, device=device),
+            scatter_index=torch.empty(0, dtype=torch.long, device=device),
+            key_mask=torch.empty(0, 0, dtype=torch.bool, device=device),
+            max_len=self.chunk,
+        )
+        full = [self.chunk] * (padded // self.chunk)
+        self._set_chunks(static, full, full)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.encoder.run_blocks(x_in, static)  # warm-up outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.encoder.run_blocks(x_in, static)
+        return graph, x_in, out, static
+
+
 class DashengEncoder(nn.Module):
     """Waveforms (16 kHz mono, packed) -> one embedding per 40 ms patch (packed)."""
 
-    def __init__(self, config: DashengConfig, quant_config: QuantizationConfig | None = None, prefix: str = ""):
+    def __init__(
+        self,
+        config: DashengConfig,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        cuda_graph_max_tokens: int = 0,
+    ):
         super().__init__()
         if config.init_values:
             raise ValueError("Dasheng encoders with LayerScale (init_values) are not supported")
@@ -305,9 +389,18 @@ class DashengEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.hop = config.hop_length
+        # Graphs need the variable-length kernel (static shapes, no host-side masks).
+        use_graphs = cuda_graph_max_tokens > 0 and self.blocks[0].attn.flash_attn_version is not None
+        self.graphs = EncoderGraphs(self, cuda_graph_max_tokens) if use_graphs else None
 
     def layout(self, num_samples: list[int]) -> ChunkLayout:
         return ChunkLayout.build(num_samples, self.chunk_patches, self.samples_per_patch, self.hop)
+
+    def run_blocks(self, x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        # x: (N, dim) patches with positions added -> (N, dim) normalised features
+        for block in self.blocks:
+            x = block(x, layout)
+        return self.norm(x)
 
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
         # waveforms: (total_samples,) fp32 -> ((N, embed_dim) patches, patches per clip)
@@ -320,6 +413,5 @@ class DashengEncoder(nn.Module):
         x = patches[keep]  # (N, dim), clip-major
         time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)
         x = x + time_table[layout.positions] + self.freq_pos_embed.reshape(1, -1)
-        for block in self.blocks:
-            x = block(x, layout)
-        return self.norm(x), layout.num_patches
+        out = self.graphs(x, layout) if self.graphs is not None and x.is_cuda else None
+        return (self.run_blocks(x, layout) if out is None else out), layout.num_patches

@@ -42,6 +42,9 @@ from .processing import MIN_AUDIO_SAMPLES, SAMPLE_RATE, num_audio_tokens
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+# Encoder calls of up to this many patches (about 60 s of audio) replay CUDA graphs:
+# below it kernel launches, not arithmetic, bound the encoder.
+ENCODER_GRAPH_MAX_TOKENS = 1512
 DUMMY_AUDIO_SECONDS = 30  # profiling clip: the longest the published model was trained on
 
 
@@ -244,9 +247,14 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         quant_config = vllm_config.quant_config
         self.config = config
 
+        # Encoder CUDA graphs follow vLLM's --enforce-eager; single GPU only.
+        graphs = not vllm_config.model_config.enforce_eager and vllm_config.parallel_config.world_size == 1
         with self._mark_tower_model(vllm_config, "audio"):
             self.audio_encoder = DashengEncoder(
-                config.audio_encoder_config, quant_config, maybe_prefix(prefix, "audio_encoder")
+                config.audio_encoder_config,
+                quant_config,
+                maybe_prefix(prefix, "audio_encoder"),
+                cuda_graph_max_tokens=ENCODER_GRAPH_MAX_TOKENS if graphs else 0,
             )
             self.audio_projector = AudioProjector(
                 config.audio_encoder_config.embed_dim,

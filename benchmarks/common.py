@@ -121,8 +121,11 @@ def gpu_name_without_cuda_context() -> str:
     """GPU name from nvidia-smi, for naming a run before any worker starts. The parent of
     the engine workers must not create a CUDA context: it would hold GPU memory all run."""
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return "gpu"
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     return "cpu"

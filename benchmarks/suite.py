@@ -108,11 +108,11 @@ def wait_for_gpu_memory_release(timeout_s: float = 90.0) -> None:
         return
     give_up = time.time() + timeout_s
     while time.time() < give_up:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True, timeout=30)  # fmt: skip
         try:
+            query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total",
+                                    "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)  # fmt: skip
             used, total = (float(x) for x in query.stdout.splitlines()[0].split(","))
-        except (IndexError, ValueError):
+        except (OSError, subprocess.SubprocessError, IndexError, ValueError):
             return
         if used < 0.05 * total:
             return

@@ -63,8 +63,10 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--clip-s", type=float, default=None, help="clip length for throughput (default 30)")
         p.add_argument("--out-tokens", type=int, default=None, help="output tokens per clip (default 100)")
     if mode != "throughput":
-        p.add_argument("--ttft-clips", default=None, help="audio lengths: START:STOP:STEP or comma list (default 2:32:2)")
-        p.add_argument("--ttft-repeats", type=int, default=None, help="measurements per length after warm-up (default 10)")
+        p.add_argument("--ttft-clips", default=None,
+                       help="audio lengths: START:STOP:STEP or comma list (default 2:32:2)")
+        p.add_argument("--ttft-repeats", type=int, default=None,
+                       help="measurements per length after warm-up (default 10)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new points after this long (split evenly between implementations)")

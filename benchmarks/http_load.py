@@ -119,8 +119,8 @@ class ChatClient:
         self.model = model
         self.ready_timeout_s = ready_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0),
-                                      limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))  # fmt: skip
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
 
     async def __aenter__(self) -> "ChatClient":
         if self.model is None:

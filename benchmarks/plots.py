@@ -129,5 +129,6 @@ def _save(fig, path: Path) -> Path:
 
 def plot_all(summary: dict, out_dir: Path) -> list[Path]:
     made = [plot_throughput(summary, out_dir / "throughput.png"), plot_ttft(summary, out_dir / "ttft.png"),
-            plot_serve(summary, out_dir / "serve_latency.png"), plot_loadtest(summary, out_dir / "loadtest_drift.png")]  # fmt: skip
+            plot_serve(summary, out_dir / "serve_latency.png"),
+            plot_loadtest(summary, out_dir / "loadtest_drift.png")]  # fmt: skip
     return [p for p in made if p is not None]

@@ -110,7 +110,8 @@ def wait_for_gpu_memory_release(timeout_s: float = 90.0) -> None:
     while time.time() < give_up:
         try:
             query = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total",
-                                    "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)  # fmt: skip
+                                    "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True, timeout=30)  # fmt: skip
             used, total = (float(x) for x in query.stdout.splitlines()[0].split(","))
         except (OSError, subprocess.SubprocessError, IndexError, ValueError):
             return

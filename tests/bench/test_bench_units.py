@@ -42,9 +42,9 @@ def test_engine_arg_parsing_and_precedence():
 
 
 def test_worker_engine_kwargs_per_implementation():
-    work = OfflineWorkload(impl="builtin", model="m", load_format="dummy", engine=EngineOptions(kv_cache_memory_bytes=1),
-                           batches=[1, 512, 8], clip_s=30, out_tokens=100, ttft_clip_s=[2], ttft_repeats=1,
-                           prompt="p", seed=0)  # fmt: skip
+    work = OfflineWorkload(impl="builtin", model="m", load_format="dummy",
+                           engine=EngineOptions(kv_cache_memory_bytes=1), batches=[1, 512, 8], clip_s=30,
+                           out_tokens=100, ttft_clip_s=[2], ttft_repeats=1, prompt="p", seed=0)  # fmt: skip
     kwargs = llm_kwargs(work)
     assert kwargs["max_num_seqs"] == 512 and kwargs["trust_remote_code"] and not kwargs["disable_log_stats"]
     work.impl = "plugin"

@@ -38,7 +38,7 @@ FETCH_TIMEOUT_S = 2
 GUARDED_REQUEST_TIMEOUT_S = 10
 OPEN_REQUEST_TIMEOUT_S = 120
 MAX_AUDIO_SECONDS = 30
-DRAIN_TIMEOUT_S = 40
+DRAIN_TIMEOUT_S = 90
 # Names the hooked resolver answers (nothing else resolves except localhost and numeric hosts).
 TEST_HOSTS = {
     "private-alias.test": ["10.20.30.40"],

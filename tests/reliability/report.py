@@ -51,7 +51,8 @@ class ReliabilityReport:
     def add_bad_input(self, name: str, status: int, message: str) -> None:
         self.bad_inputs.append({"name": name, "status": status, "message": message})
 
-    def add_ssrf(self, name: str, url: str, status: int, message: str, refused: bool) -> None:
+    def add_ssrf(self, name: str, url: str, status: int | None, message: str, refused: bool) -> None:
+        """`status` None: checked on the gateway's fetcher in-process, not over HTTP."""
         self.ssrf_cases.append({"name": name, "url": url, "status": status, "message": message,
                                 "refused": refused})
 
@@ -153,6 +154,6 @@ def render_markdown(data: dict) -> str:
         lines.append(f"| {_cell(case['name'])} | {case['status']} | {_cell(case['message'])} |")
     lines += ["", "## SSRF", "", "| Case | URL | Status | Refused | Message |", "|---|---|---|---|---|"]
     for case in ssrf["cases"]:
-        lines.append(f"| {_cell(case['name'])} | `{_cell(case['url'])}` | {case['status']} | "
+        lines.append(f"| {_cell(case['name'])} | `{_cell(case['url'])}` | {case['status'] or 'n/a'} | "
                      f"{'yes' if case['refused'] else '**no**'} | {_cell(case['message'])} |")
     return "\n".join(lines) + "\n"

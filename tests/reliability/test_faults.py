@@ -16,6 +16,9 @@ from .local_http import MisbehavingAudioHost
 from .traffic import Outcome, captioning_body, engine_core, send_chat, wait_idle
 
 DEATH_NOTICE_S = 5.0
+# Long enough to be in flight when SIGTERM lands, short enough to finish inside the drain
+# timeout even on a busy shared CPU.
+DRAIN_TEST_TOKENS = 200
 EXIT_WAIT_S = 30.0
 
 
@@ -71,10 +74,12 @@ def test_sigterm_under_load_drains_then_exits_zero(drained_server, reliability_r
     url = drained_server.url
 
     async def run():
-        async with httpx.AsyncClient(timeout=120) as client:
-            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=40, stream=stream)))
-                         for stream in (False, True, False, True)]
-            await asyncio.sleep(1.5)
+        async with httpx.AsyncClient(timeout=DRAIN_TIMEOUT_S + 30) as client:
+            streams_started = [asyncio.Event() for _ in range(3)]
+            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=DRAIN_TEST_TOKENS)))]
+            in_flight += [asyncio.create_task(send_chat(client, url, captioning_body(DRAIN_TEST_TOKENS, stream=True),
+                                                        first_event=started)) for started in streams_started]
+            await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streams_started)), timeout=60)
             drained_server.process.send_signal(signal.SIGTERM)
             signalled_at = time.monotonic()
             await asyncio.sleep(0.3)

@@ -6,7 +6,10 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import pytest
+
+from gateway.helpers import audio_part, chat_body, wav_bytes
 
 from .conftest import UPLOAD_LIMIT
 from .hostile import HostileCase, hostile_cases
@@ -31,6 +34,28 @@ def test_hostile_request_is_refused_with_its_cause(guarded_server, auth, reliabi
     reliability_report.add_bad_input(case.name, response.status_code, message)
     assert 400 <= response.status_code < 500, (response.status_code, message)
     assert any(word.lower() in message.lower() for word in case.words), message
+
+
+EDGE_AUDIO = [
+    ("WAV of a single sample", wav_bytes(np.full((1, 1), 0.1, np.float32), 16000)),
+    ("WAV at the lowest accepted rate (1 kHz, 10 ms)", wav_bytes(np.full((10, 1), 0.1, np.float32), 1000)),
+    ("WAV at the highest accepted rate (768 kHz, 0.1 s)", wav_bytes(np.full((76800, 1), 0.1, np.float32), 768000)),
+    ("8-channel WAV", wav_bytes(np.full((16000, 8), 0.1, np.float32), 16000)),
+    ("WAV of digital silence", wav_bytes(np.zeros((16000, 1), np.float32), 16000)),
+    ("WAV clipped at full scale", wav_bytes(np.ones((16000, 1), np.float32), 16000)),
+]
+
+
+@pytest.mark.parametrize(("case", "payload"), EDGE_AUDIO, ids=[case for case, _ in EDGE_AUDIO])
+def test_extreme_but_valid_audio_is_answered(guarded_server, auth, reliability_report, case, payload):
+    """Legitimate extremes are captioned (200) or refused with a named cause, never a 5xx."""
+    response = httpx.post(guarded_server.url + "/v1/chat/completions", headers=auth, timeout=60,
+                          json=chat_body(audio_part(payload)))
+    message = _error_message(response) if response.status_code != 200 else "captioned"
+    observed = f"{response.status_code}: {message}"
+    passed = response.status_code == 200 or (400 <= response.status_code < 500 and bool(message))
+    assert reliability_report.add_fault(f"edge audio: {case}", "200, or 4xx naming the cause", observed,
+                                        passed), observed
 
 
 def _raw_exchange(url: str, payload: bytes, pause_after: int | None = None, pause_s: float = 0.0,

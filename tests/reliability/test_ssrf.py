@@ -86,17 +86,22 @@ def _target_addresses() -> set[str]:
 
 @pytest.mark.parametrize(("case", "url"), SSRF_URLS, ids=[case for case, _ in SSRF_URLS])
 def test_audio_url_to_non_public_address_is_refused(guarded_server, auth, reliability_report, case, url):
+    """400 invalid_audio_url, and the server's connect() log (an audit hook in its process)
+    gains no entry while handling it: refused before any connection attempt."""
+    connects_before = len(guarded_server.connected_to())
     response = httpx.post(guarded_server.url + "/v1/chat/completions", json=_audio_url_body(url), headers=auth,
                           timeout=30)
+    attempted = guarded_server.connected_to()[connects_before:]
     error = response.json().get("error", {})
-    refused = response.status_code == 400 and error.get("code") == "invalid_audio_url"
-    reliability_report.add_ssrf(case, url, response.status_code, error.get("message", ""), refused)
-    assert refused, (response.status_code, error)
+    refused = response.status_code == 400 and error.get("code") == "invalid_audio_url" and not attempted
+    message = error.get("message", "") + (f"; connect() attempted to {attempted}" if attempted else "")
+    reliability_report.add_ssrf(case, url, response.status_code, message, refused)
+    assert refused, (response.status_code, error, attempted)
 
 
-def test_refused_urls_never_opened_a_connection(guarded_server):
-    """The server's connect() log (an audit hook in its process) holds no SSRF target: every
-    case was refused before connecting. Runs after the cases above."""
+def test_server_never_connected_to_an_ssrf_target(guarded_server):
+    """Over the whole session (other suites' requests included), the guarded server's
+    connect() log holds none of the addresses the SSRF cases name."""
     attempted = {host for host, _ in guarded_server.connected_to()}
     assert not attempted & _target_addresses(), sorted(attempted)
 
@@ -126,12 +131,16 @@ class _Redirector:
         self.server.server_close()
 
 
+# Destinations of this process's connect() calls while a redirect test records them.
 _connects: list[tuple] | None = None
 
 
 def _record_connects(event: str, args: tuple) -> None:
     if _connects is not None and event == "socket.connect" and isinstance(args[1], tuple):
         _connects.append(args[1])
+
+
+sys.addaudithook(_record_connects)
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +177,7 @@ def test_redirect_to_non_public_address_is_refused(redirector, reliability_repor
     finally:
         _connects = None
     refused = message != "fetched" and connected <= {"127.0.0.1"}
-    reliability_report.add_ssrf(f"redirect to {target}", url, 400 if message != "fetched" else 200, message, refused)
+    reliability_report.add_ssrf(f"redirect to {target} (in-process fetcher)", url, None, message, refused)
     assert refused, (message, connected)
     assert "non-public" in message or "unsupported scheme" in message, message
 
-
-sys.addaudithook(_record_connects)

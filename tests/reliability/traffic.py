@@ -41,11 +41,14 @@ def captioning_body(max_tokens: int = 4, stream: bool = False) -> dict:
     return chat_body(audio_part(CLIP), max_tokens=max_tokens, stream=stream)
 
 
-async def send_chat(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None) -> Outcome:
+async def send_chat(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None,
+                    first_event: asyncio.Event | None = None) -> Outcome:
+    """`first_event` (streams only) is set when the first SSE event arrives: the request is
+    then certainly admitted and running."""
     started = time.perf_counter()
     try:
         if body.get("stream"):
-            return await _send_stream(client, url, body, headers, started)
+            return await _send_stream(client, url, body, headers, started, first_event)
         response = await client.post(url + "/v1/chat/completions", json=body, headers=headers)
     except httpx.HTTPError as exc:
         return Outcome(None, time.perf_counter() - started, detail=type(exc).__name__)
@@ -57,7 +60,7 @@ async def send_chat(client: httpx.AsyncClient, url: str, body: dict, headers: di
     return _refusal_or_error(response, latency)
 
 
-async def _send_stream(client, url, body, headers, started) -> Outcome:
+async def _send_stream(client, url, body, headers, started, first_event) -> Outcome:
     async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as response:
         if response.status_code != 200:
             await response.aread()
@@ -66,6 +69,8 @@ async def _send_stream(client, url, body, headers, started) -> Outcome:
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
+            if first_event is not None:
+                first_event.set()
             data = line[len("data: "):]
             if data == "[DONE]":
                 done = True

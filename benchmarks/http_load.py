@@ -32,7 +32,7 @@ CLOSED_KEY, OPEN_KEY, WARMUP_KEY = 11, 12, 13
 
 @dataclass
 class RequestSpec:
-    """What to send; the audio is materialised only when the request is about to go out."""
+    """What to send; the audio is materialised when the request is encoded."""
 
     key: tuple[int, ...]  # seeds the clip (or the dither of a file clip)
     clip_s: float
@@ -42,6 +42,7 @@ class RequestSpec:
     exact_tokens: bool  # min_tokens = max_tokens and ignore_eos (vLLM extensions)
     prompt_kind: str = "caption"
     source_clip: np.ndarray | None = None
+    body: bytes | None = None  # the encoded request, when built ahead of the measurement
 
 
 @dataclass
@@ -106,6 +107,19 @@ def request_body(spec: RequestSpec, model: str) -> dict:
     return body
 
 
+def encode_body(spec: RequestSpec, model: str) -> bytes:
+    return json.dumps(request_body(spec, model)).encode()
+
+
+async def encode_bodies(specs: list[RequestSpec], model: str) -> None:
+    """Build every request before a level's clock starts: a 30 s clip is ~1.3 MB of JSON, and
+    generating and encoding hundreds of them inside the measurement would time the load
+    generator's CPU instead of the server."""
+    bodies = await asyncio.gather(*(asyncio.to_thread(encode_body, spec, model) for spec in specs))
+    for spec, body in zip(specs, bodies):
+        spec.body = body
+
+
 def base_url(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1")
 
@@ -158,12 +172,13 @@ class ChatClient:
     async def send(self, spec: RequestSpec, run_start: float) -> RequestResult:
         import httpx
 
-        body = await asyncio.to_thread(request_body, spec, self.model)
+        body = spec.body or await asyncio.to_thread(encode_body, spec, self.model)
         start = time.perf_counter()
         result = RequestResult(start_s=start - run_start, status="", ok=False, clip_s=spec.clip_s,
                                stream=spec.stream, prompt_kind=spec.prompt_kind)  # fmt: skip
         try:
-            async with self.http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as resp:
+            async with self.http.stream("POST", f"{self.url}/v1/chat/completions", content=body,
+                                        headers={"Content-Type": "application/json"}) as resp:
                 result.status = str(resp.status_code)
                 if resp.status_code != 200:
                     result.error = (await resp.aread()).decode(errors="replace")[:300]
@@ -293,6 +308,7 @@ async def _serve(args) -> tuple[dict, dict]:
     async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s) as client:
         for level_index, (mode, level) in enumerate(levels):
             specs = level_specs(args, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
+            await encode_bodies(specs, client.model)
             label = f"c={level}" if mode == "closed" else f"{level:g} req/s"
             with tqdm(total=len(specs), desc=f"{mode} {label}", unit="req") as bar:
                 if mode == "closed":

@@ -71,15 +71,16 @@ class EngineHandle:
         """Begin loading; `on_failure()` is called if the engine cannot start or dies."""
         self._start_task = asyncio.create_task(self._start(on_failure), name="engine-start")
 
-    async def _start(self, on_failure) -> None:
+    def _build(self):
+        """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(self.settings)
+        return AsyncLLM.from_engine_args(engine_args(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
+
+    async def _start(self, on_failure) -> None:
         started = time.perf_counter()
         try:
-            self.engine = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, args, stat_loggers=[engine_stat_logger(self.metrics)]
-            )
+            self.engine = await asyncio.to_thread(self._build)
             self.tokenizer = self.engine.get_tokenizer()
         except Exception:
             logger.exception("the engine failed to start")

@@ -199,6 +199,7 @@ class Job:
             top_p=1.0 if fields.top_p is None else fields.top_p,
             seed=fields.seed,
             stop=fields.stop,
+            min_tokens=fields.min_tokens,
             output_kind=RequestOutputKind.DELTA,
         )
 

@@ -4,7 +4,7 @@ import json
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 # input_audio.format values we accept. The bytes are decoded by content sniffing; the
 # format only has to name something we can decode.
@@ -73,6 +73,7 @@ class SamplingFields(_Body):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no end-of-sequence before this many tokens")
 
     @field_validator("stop")
     @classmethod
@@ -80,6 +81,13 @@ class SamplingFields(_Body):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
         return value
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "SamplingFields":
+        limit = self.output_limit()
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
+        return self
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

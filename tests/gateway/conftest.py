@@ -1,11 +1,14 @@
-"""One gateway server per test session (real `mdl-serve serve` subprocess, fast engine).
+"""Gateway servers for the test session (real `mdl-serve serve` subprocesses).
 
-Small limits so the limit tests are cheap: 2 MiB bodies, 20 s of audio, 1 MiB fetches;
-4 running + 4 queued clip units for the backpressure tests; API keys on; a 15 s request
-timeout; a media dir for file:// URLs. The SSRF guard is on (test_lifecycle.py runs the
-server that may fetch from a local HTTP server).
+gateway: fast engine; small limits so the limit tests are cheap (2 MiB bodies, 20 s of
+audio, 1 MiB fetches); 4 running + 4 queued clip units for the backpressure tests; API
+keys on; a 10 s request timeout; a media dir for file:// URLs; the SSRF guard on.
+lifecycle (only when test_lifecycle.py is selected): vLLM's default engine path, no API
+keys, and the test-only MDL_UNSAFE_ALLOW_PRIVATE_URLS so audio_url can reach a local HTTP
+server. Both start together so their (slow, on CPU) engine loads overlap.
 """
 
+import httpx
 import pytest
 
 from .helpers import ServerProcess
@@ -16,7 +19,7 @@ UPLOAD_LIMIT = 2 << 20
 MAX_AUDIO_SECONDS = 20
 MAX_NUM_SEQS = 4
 MAX_QUEUE = 4
-REQUEST_TIMEOUT_S = 15
+REQUEST_TIMEOUT_S = 10
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +27,46 @@ def media_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("media")
 
 
+class Servers:
+    def __init__(self, checkpoint: str, logs, media_dir, with_lifecycle: bool):
+        self.gateway = ServerProcess(checkpoint, [
+            "--media-dir", str(media_dir), "--max-upload-bytes", str(UPLOAD_LIMIT),
+            "--max-audio-seconds", str(MAX_AUDIO_SECONDS), "--fetch-max-bytes", str(1 << 20),
+            "--fetch-timeout", "3", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
+            "--api-keys", ",".join(API_KEYS), "--request-timeout", str(REQUEST_TIMEOUT_S),
+        ], logs, name="gateway")  # fmt: skip
+        self.lifecycle = ServerProcess(
+            checkpoint, ["--max-model-len", "2048", "--drain-timeout", "240"], logs,
+            env={"MDL_UNSAFE_ALLOW_PRIVATE_URLS": "1"}, fast=False, name="lifecycle",
+        ) if with_lifecycle else None
+        # What /health/* said while the gateway's engine was loading (asserted in test_api.py).
+        self.while_loading: dict[str, httpx.Response] = {}
+
+    def stop(self) -> None:
+        for server in (self.gateway, self.lifecycle):
+            if server is not None:
+                server.terminate()
+
+
 @pytest.fixture(scope="session")
-def gateway(tiny_checkpoint, tmp_path_factory, media_dir):
-    server = ServerProcess(tiny_checkpoint, [
-        "--media-dir", str(media_dir), "--max-upload-bytes", str(UPLOAD_LIMIT),
-        "--max-audio-seconds", str(MAX_AUDIO_SECONDS), "--fetch-max-bytes", str(1 << 20), "--fetch-timeout", "3",
-        "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE), "--api-keys", ",".join(API_KEYS),
-        "--request-timeout", str(REQUEST_TIMEOUT_S),
-    ], tmp_path_factory.mktemp("logs"), name="gateway")  # fmt: skip
+def servers(request, tiny_checkpoint, tmp_path_factory, media_dir):
+    with_lifecycle = any("test_lifecycle" in item.nodeid for item in request.session.items)
+    started = Servers(tiny_checkpoint, tmp_path_factory.mktemp("logs"), media_dir, with_lifecycle)
     try:
-        server.wait_ready()
-        yield server
+        started.gateway.wait_listening()
+        url = started.gateway.url
+        started.while_loading = {
+            "ready": httpx.get(url + "/health/ready", timeout=10),
+            "live": httpx.get(url + "/health/live", timeout=10),
+            "chat": httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=10, json={
+                "model": "midashenglm-7b", "messages": [{"role": "user", "content": "hi"}]}),
+        }  # fmt: skip
+        yield started
     finally:
-        server.terminate()
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(servers) -> ServerProcess:
+    servers.gateway.wait_ready()
+    return servers.gateway

@@ -19,7 +19,7 @@ from mdlserve.server.bench_decode_pool import encode
 MODEL = "midashenglm-7b"
 # Fast engine start (see tests/conftest.py): eager, no dynamo, explicit small KV cache.
 FAST_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(256 << 20)]
-START_TIMEOUT_S = 240
+START_TIMEOUT_S = 400
 
 
 def free_port() -> int:
@@ -40,15 +40,16 @@ class ServerProcess:
         process_env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {}))
         if fast:
             process_env["TORCHDYNAMO_DISABLE"] = "1"
-        else:
+        else:  # vLLM's defaults: torch.compile, multiprocessing
             process_env.pop("TORCHDYNAMO_DISABLE", None)
+            process_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         command = [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", checkpoint,
                    "--port", str(self.port), *(FAST_FLAGS if fast else []), *args]
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=process_env,
                                         start_new_session=True)
 
-    def wait_listening(self, timeout: float = 60) -> None:
+    def wait_listening(self, timeout: float = 180) -> None:
         self._wait(lambda r: r.status_code in (200, 503), "/health/live", timeout)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:

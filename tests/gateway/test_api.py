@@ -41,6 +41,16 @@ def test_models_lists_served_name(client):
     assert body["data"][0]["max_model_len"] == 2048
 
 
+def test_not_ready_while_the_engine_loads(servers, gateway):
+    """Observed right after the server started listening, before its engine was up."""
+    ready = servers.while_loading["ready"]
+    assert ready.status_code == 503 and ready.json()["status"] == "loading"
+    assert servers.while_loading["live"].status_code == 200
+    chat = servers.while_loading["chat"]
+    assert chat.status_code == 503 and "still loading" in chat.json()["error"]["message"]
+    assert chat.headers["retry-after"] == "5"
+
+
 def test_health_endpoints(client):
     assert client.get("/health/live").json() == {"status": "alive", "detail": None}
     assert client.get("/health/ready").json()["status"] == "ready"

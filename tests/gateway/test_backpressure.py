@@ -11,7 +11,9 @@ from .conftest import API_KEYS, AUTH, MAX_NUM_SEQS, MAX_QUEUE, REQUEST_TIMEOUT_S
 from .helpers import audio_file, audio_part, chat_body, metric
 
 CLIP = audio_part(audio_file(seconds=1.0))
-LONG = 1900  # more tokens than the tiny engine makes in a minute on a CPU: only an abort ends it quickly
+# More tokens than the tiny engine makes in the request timeout on a CPU (min_tokens: no
+# early end-of-sequence either), so only an abort ends such a request early.
+LONG = 1900
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def _wait_idle(client, timeout: float = 20) -> str:
                 metric(text, "mdl_engine_waiting_requests")]
         if idle == [0, 0, 0] or time.monotonic() > deadline:
             return text
-        time.sleep(0.2)
+        time.sleep(0.3)
 
 
 def _generated(text: str) -> float:
@@ -85,7 +87,7 @@ def test_streaming_client_disconnect_aborts_engine_request(gateway, client):
     before = _metrics(client)
     with httpx.Client(base_url=gateway.url, timeout=60, headers=AUTH) as http:
         with http.stream("POST", "/v1/chat/completions",
-                         json=chat_body(CLIP, max_tokens=LONG, stream=True)) as r:
+                         json=chat_body(CLIP, max_tokens=LONG, min_tokens=LONG, stream=True)) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             received = [next(lines) for _ in range(4)]
@@ -98,8 +100,8 @@ def test_streaming_client_disconnect_aborts_engine_request(gateway, client):
 def test_non_streaming_client_disconnect_aborts_engine_request(gateway, client):
     before = _metrics(client)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG), headers=AUTH,
-                   timeout=httpx.Timeout(30, read=2.5))
+        httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG, min_tokens=LONG),
+                   headers=AUTH, timeout=httpx.Timeout(30, read=2.5))
     text = _wait_idle(client)
     _assert_aborted(client, before, text)
     assert metric(text, "mdl_requests_total", route="/v1/chat/completions", status="499") >= 1
@@ -108,7 +110,7 @@ def test_non_streaming_client_disconnect_aborts_engine_request(gateway, client):
 def test_request_timeout_aborts_and_answers_504(client):
     before = _metrics(client)
     started = time.monotonic()
-    r = client.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG))
+    r = client.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG, min_tokens=LONG))
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
     assert f"request timed out after {REQUEST_TIMEOUT_S:g} s" in r.json()["error"]["message"]
@@ -120,7 +122,8 @@ def test_request_timeout_aborts_and_answers_504(client):
 
 
 def test_streaming_timeout_ends_stream_with_error_event(client):
-    with client.stream("POST", "/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG, stream=True)) as r:
+    body = chat_body(CLIP, max_tokens=LONG, min_tokens=LONG, stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"

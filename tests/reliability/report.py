@@ -97,12 +97,15 @@ class ReliabilityReport:
 
 
 def _commit() -> str:
+    """HEAD's short hash, marked when the code under test differs from it (shared tree)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "server", "model_plugin"],
+                                 cwd=REPO_ROOT).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return sha
+    return f"{sha}+uncommitted server/plugin changes" if changed else sha
 
 
 def _machine() -> str:
@@ -112,7 +115,7 @@ def _machine() -> str:
 
 
 def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")[:160]
+    return str(value).replace("|", "\\|").replace("\n", " ")[:400]
 
 
 def render_markdown(data: dict) -> str:

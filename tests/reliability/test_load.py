@@ -17,6 +17,8 @@ CAPACITY = MAX_NUM_SEQS + MAX_QUEUE
 SOAK_RSS_GROWTH_BYTES = 300 << 20
 SOAK_FD_GROWTH = 16
 SOAK_LATENCY_DRIFT = 3.0
+# Output tokens of the request meant to outlive --request-timeout (context 2048, prompt ~41).
+OUTLIVING_MAX_TOKENS = 2000
 
 
 def test_twice_capacity_every_request_answered_or_refused(open_server, reliability_report, heavy):
@@ -147,8 +149,10 @@ def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, gua
 
     async def outlive_request_timeout(client: httpx.AsyncClient) -> Outcome:
         started = time.perf_counter()
-        response = await client.post(guarded_server.url + "/v1/chat/completions",
-                                     json=captioning_body(max_tokens=1000), timeout=GUARDED_REQUEST_TIMEOUT_S + 60,
+        # Two sequences of (nearly) the whole context: far beyond 10 s on any CPU.
+        body = {**captioning_body(max_tokens=OUTLIVING_MAX_TOKENS), "n": 2}
+        response = await client.post(guarded_server.url + "/v1/chat/completions", json=body,
+                                     timeout=GUARDED_REQUEST_TIMEOUT_S + 60,
                                      headers={"Authorization": f"Bearer {API_KEY}"})
         code = response.json().get("error", {}).get("code") if response.status_code != 200 else None
         return Outcome(response.status_code, time.perf_counter() - started, detail=str(code))

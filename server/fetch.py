@@ -7,7 +7,6 @@ connect cannot redirect us. Redirects are followed by hand, each hop checked the
 """
 
 import asyncio
-import base64
 import binascii
 import ipaddress
 import socket
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pybase64
 
 MAX_REDIRECTS = 5
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -44,7 +44,7 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         if len(payload) * 3 // 4 > max_bytes:
             raise FetchError(f"data: URL payload exceeds {max_bytes} bytes")
         try:
-            return base64.b64decode(payload, validate=True)
+            return pybase64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise FetchError("data: URL is not valid base64") from None
     data = urllib.parse.unquote_to_bytes(payload)

@@ -11,7 +11,6 @@ Every endpoint goes through the same steps:
 """
 
 import asyncio
-import base64
 import binascii
 import logging
 import time
@@ -19,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pybase64
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
 from mdlserve.server.audio import AudioDecodeError
@@ -88,7 +88,7 @@ def _source_for(part: InputAudioPart | AudioUrlPart, where: str, state: GatewayS
 
         async def load_base64() -> bytes:
             try:
-                return await asyncio.to_thread(base64.b64decode, data, validate=True)
+                return await asyncio.to_thread(pybase64.b64decode, data, validate=True)
             except (binascii.Error, ValueError):
                 raise bad_request(f"{where}.input_audio.data is not valid base64",
                                   param=f"{where}.input_audio.data") from None

@@ -137,17 +137,14 @@ class ChatClient:
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
 
     async def __aenter__(self) -> "ChatClient":
-        if self.model is None:
-            resp = await self.http.get(f"{self.url}/v1/models")
-            resp.raise_for_status()
-            self.model = resp.json()["data"][0]["id"]
         await self.wait_ready(self.ready_timeout_s)
         return self
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Send a small warm-up request until it succeeds: a server still loading its model
-        answers 503 (or refuses connections); any other failure (401, 422, ...) means the
-        load test would only measure errors, so it stops the run with the server's answer."""
+        """Look up the model name and send a small warm-up request until it succeeds: a
+        server still starting refuses connections or answers 503; any other failure (401,
+        422, ...) means the load test would only measure errors, so it stops the run with
+        the server's answer."""
         import httpx
 
         deadline = time.perf_counter() + timeout_s
@@ -155,10 +152,16 @@ class ChatClient:
             spec = RequestSpec(key=(WARMUP_KEY, attempt), clip_s=1.0, prompt="Caption the audio.", max_tokens=2,
                                stream=False, exact_tokens=False)  # fmt: skip
             try:
-                resp = await self.http.post(f"{self.url}/v1/chat/completions", json=request_body(spec, self.model))
-                if resp.status_code == 200:
-                    return
-                if resp.status_code != 503:
+                if self.model is None:
+                    resp = await self.http.get(f"{self.url}/v1/models")
+                    if resp.status_code == 200:
+                        self.model = resp.json()["data"][0]["id"]
+                if self.model is not None:
+                    resp = await self.http.post(f"{self.url}/v1/chat/completions",
+                                                json=request_body(spec, self.model))
+                    if resp.status_code == 200:
+                        return
+                if resp.status_code not in (200, 503):
                     raise SystemExit(f"warm-up request failed with {resp.status_code}: {resp.text[:500]}")
             except httpx.TransportError:
                 pass

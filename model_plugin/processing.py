@@ -77,7 +77,7 @@ class MiDashengLMProcessor(ProcessorMixin):
                 out += self.audio_token * next(counts) + piece
             expanded.append(out)
 
-        data = dict(self.tokenizer(expanded, return_tensors=return_tensors))
+        data = dict(self.tokenizer(expanded, return_tensors=return_tensors, padding=len(expanded) > 1))
         if audios:
             feats = self.feature_extractor(
                 audios,

@@ -192,16 +192,19 @@ class Job:
                 param="max_tokens", code="context_length_exceeded",
             )
         self.n = fields.n
-        return SamplingParams(
-            n=fields.n,
-            max_tokens=requested or room,
-            temperature=1.0 if fields.temperature is None else fields.temperature,
-            top_p=1.0 if fields.top_p is None else fields.top_p,
-            seed=fields.seed,
-            stop=fields.stop,
-            min_tokens=fields.min_tokens,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            return SamplingParams(
+                n=fields.n,
+                max_tokens=requested or room,
+                temperature=1.0 if fields.temperature is None else fields.temperature,
+                top_p=1.0 if fields.top_p is None else fields.top_p,
+                seed=fields.seed,
+                stop=fields.stop,
+                min_tokens=fields.min_tokens,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's own checks, e.g. "n must be 1 when using greedy sampling"
+            raise bad_request(f"invalid sampling parameters: {exc}") from None
 
     async def start(self, prepared: PreparedPrompt, params) -> list[Delta]:
         """Submit and wait for the first output; returns its deltas.

@@ -13,14 +13,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-# Engine keyword arguments every CPU test engine uses (vllm.LLM / AsyncEngineArgs).
-FAST_ENGINE_KWARGS = dict(
-    dtype="float32",
-    max_model_len=2048,
-    enforce_eager=True,
-    kv_cache_memory_bytes=256 << 20,
-)
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:

@@ -7,8 +7,8 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import CHART, REPO, find, kinds, server_container
-from contract import ENV_VARS
+from .manifests import CHART, REPO, find, kinds, server_container
+from .contract import ENV_VARS
 
 # Every optional feature on at once (non-default values everywhere it matters).
 FULL = {

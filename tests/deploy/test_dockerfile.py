@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from .manifests import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 HADOLINT = Path(sys.executable).with_name("hadolint")

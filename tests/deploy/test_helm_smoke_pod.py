@@ -8,7 +8,7 @@ import sys
 import threading
 
 import pytest
-from conftest import find
+from .manifests import find
 
 
 class Gateway(http.server.BaseHTTPRequestHandler):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from contract import DCGM, METRICS, REJECTION_REASONS, label_values, metric_names, unknown_metrics
+from .manifests import REPO
+from .contract import DCGM, METRICS, REJECTION_REASONS, label_values, metric_names, unknown_metrics
 
 DEPLOY = REPO / "deploy"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_ENGINE_KWARGS
+from fast_engine import FAST_ENGINE_KWARGS
 
 HERE = Path(__file__).parent
 SR = 16000

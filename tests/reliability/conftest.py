@@ -37,6 +37,8 @@ FETCH_TIMEOUT_S = 2
 # a shared CPU is judged on lost requests, not on the timeout doing its job.
 GUARDED_REQUEST_TIMEOUT_S = 10
 OPEN_REQUEST_TIMEOUT_S = 120
+# Room for a request that cannot finish within GUARDED_REQUEST_TIMEOUT_S (test_load.py).
+GUARDED_MAX_MODEL_LEN = 4096
 MAX_AUDIO_SECONDS = 30
 DRAIN_TIMEOUT_S = 90
 # Names the hooked resolver answers (nothing else resolves except localhost and numeric hosts).
@@ -104,7 +106,8 @@ class _Servers:
                  "--fetch-max-bytes", str(FETCH_MAX_BYTES)]
         self.guarded = HookedServer(ServerProcess(
             checkpoint, [*small, "--api-keys", f"{API_KEY},{OTHER_API_KEY}", "--max-upload-bytes", str(UPLOAD_LIMIT),
-                         "--request-timeout", str(GUARDED_REQUEST_TIMEOUT_S), "--log-level", "debug"],
+                         "--request-timeout", str(GUARDED_REQUEST_TIMEOUT_S), "--log-level", "debug",
+                         "--max-model-len", str(GUARDED_MAX_MODEL_LEN)],
             self.logs, env=_hook_env(self.logs / "guarded-connects.log"), name="guarded",
         ), self.logs / "guarded-connects.log")  # fmt: skip
         self.open = HookedServer(ServerProcess(

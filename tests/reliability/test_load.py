@@ -17,8 +17,9 @@ CAPACITY = MAX_NUM_SEQS + MAX_QUEUE
 SOAK_RSS_GROWTH_BYTES = 300 << 20
 SOAK_FD_GROWTH = 16
 SOAK_LATENCY_DRIFT = 3.0
-# Output tokens of the request meant to outlive --request-timeout (context 2048, prompt ~41).
-OUTLIVING_MAX_TOKENS = 2000
+# Output tokens of the request meant to outlive --request-timeout (guarded context 4096,
+# prompt ~41).
+OUTLIVING_TOKENS = 4000
 
 
 def test_twice_capacity_every_request_answered_or_refused(open_server, reliability_report, heavy):
@@ -149,8 +150,8 @@ def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, gua
 
     async def outlive_request_timeout(client: httpx.AsyncClient) -> Outcome:
         started = time.perf_counter()
-        # Two sequences of (nearly) the whole context: far beyond 10 s on any CPU.
-        body = {**captioning_body(max_tokens=OUTLIVING_MAX_TOKENS), "n": 2}
+        # min_tokens forbids an early end of sequence: 4000 decode steps, ~20 s even on an idle CPU.
+        body = {**captioning_body(max_tokens=OUTLIVING_TOKENS), "min_tokens": OUTLIVING_TOKENS}
         response = await client.post(guarded_server.url + "/v1/chat/completions", json=body,
                                      timeout=GUARDED_REQUEST_TIMEOUT_S + 60,
                                      headers={"Authorization": f"Bearer {API_KEY}"})

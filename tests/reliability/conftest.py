@@ -59,7 +59,7 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session")
 def heavy(request) -> bool:
-    return request.config.getoption("--heavy") or os.environ.get("MDL_RELIABILITY_HEAVY") == "1"
+    return request.config.getoption("--heavy", default=False) or os.environ.get("MDL_RELIABILITY_HEAVY") == "1"
 
 
 @pytest.fixture(scope="session")

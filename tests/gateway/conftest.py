@@ -36,7 +36,7 @@ class Servers:
             "--api-keys", ",".join(API_KEYS), "--request-timeout", str(REQUEST_TIMEOUT_S),
         ], logs, name="gateway")  # fmt: skip
         self.lifecycle = ServerProcess(
-            checkpoint, ["--max-model-len", "2048", "--drain-timeout", "240"], logs,
+            checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240"], logs,
             env={"MDL_UNSAFE_ALLOW_PRIVATE_URLS": "1"}, fast=False, name="lifecycle",
         ) if with_lifecycle else None
         # What /health/* said while the gateway's engine was loading (asserted in test_api.py).

@@ -17,7 +17,8 @@ from .helpers import audio_file, audio_part, chat_body, metric
 pytestmark = pytest.mark.slow
 
 CLIP = audio_file("wav", 44100, 2, seconds=1.0)
-TOKENS = 1500
+# Long enough that the drain outlasts the checks made right after SIGTERM.
+TOKENS = 3500
 
 
 @pytest.fixture(scope="module")

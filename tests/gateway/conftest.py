@@ -34,6 +34,7 @@ class Servers:
             "--max-audio-seconds", str(MAX_AUDIO_SECONDS), "--fetch-max-bytes", str(1 << 20),
             "--fetch-timeout", "3", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
             "--api-keys", ",".join(API_KEYS), "--request-timeout", str(REQUEST_TIMEOUT_S),
+            "--max-model-len", "4096",
         ], logs, name="gateway")  # fmt: skip
         self.lifecycle = ServerProcess(
             checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240"], logs,

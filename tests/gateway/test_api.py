@@ -38,7 +38,7 @@ def test_models_lists_served_name(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [MODEL]
-    assert body["data"][0]["max_model_len"] == 2048
+    assert body["data"][0]["max_model_len"] == 4096
 
 
 def test_not_ready_while_the_engine_loads(servers, gateway):

@@ -13,7 +13,8 @@ from .helpers import audio_file, audio_part, chat_body, metric
 CLIP = audio_part(audio_file(seconds=1.0))
 # More tokens than the tiny engine makes in the request timeout on a CPU (min_tokens: no
 # early end-of-sequence either), so only an abort ends such a request early.
-LONG = 1900
+# Outlives --request-timeout (10 s) even on an idle CPU: 4000 decode steps (context 4096).
+LONG = 4000
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,12 @@ def _assert_aborted(client, before: str, after: str) -> None:
 
 def test_excess_requests_get_429_quickly_and_accepted_ones_complete(gateway, client):
     before = metric(_metrics(client), "mdl_rejections_total", reason="queue_full")
-    total, max_tokens = 14, 24
+    # min_tokens keeps each request busy long enough that all of them overlap on a fast CPU.
+    total, max_tokens = 14, 300
 
     async def one(http: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
         started = time.monotonic()
-        r = await http.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=max_tokens))
+        r = await http.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=max_tokens, min_tokens=max_tokens))
         return r.status_code, time.monotonic() - started, r
 
     async def burst():

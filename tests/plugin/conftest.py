@@ -17,25 +17,12 @@ import torch
 
 from fast_engine import FAST_ENGINE_KWARGS
 
+from .engine_runner import PROMPT, SR, make_clip
+
 HERE = Path(__file__).parent
-SR = 16000
-PROMPT = (
-    "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>Caption the audio.<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
 # L % 640 >= 480: centred framing adds a patch beyond the last valid one; at 640*504+500
 # samples it is alone in the third chunk (252 + 252 + 1 patches) and has no valid key.
 TRAILING_PATCH_SAMPLES = 640 * 504 + 500
-
-
-def make_clip(num_samples: int, seed: int) -> np.ndarray:
-    """A deterministic clip with structure the encoder can see: a tone, a sweep, noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(num_samples) / SR
-    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
-    sweep = 0.2 * np.sin(2 * np.pi * (100 + 300 * t) * t)
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t + seed)
-    return ((tone + sweep) * envelope + 0.05 * rng.standard_normal(num_samples)).astype(np.float32)
 
 
 def audio_prompt(clip: np.ndarray, prompt: str = PROMPT) -> dict:

@@ -1,6 +1,6 @@
 """Run a vLLM engine on clips in its own process and print the results as one JSON line.
 
-Usage: engine_runner.py CHECKPOINT CLIPS.npz   (result on the stdout line starting RESULT_JSON)
+Usage: engine_runner.py CHECKPOINT CLIPS.npz [DTYPE]   (result on the stdout line starting RESULT_JSON)
 
 The process environment decides what runs: `VLLM_PLUGINS=""` switches our plugin off
 (vLLM's built-in MiDashengLM, which needs `trust_remote_code` for the HF processor);
@@ -15,10 +15,21 @@ import sys
 
 import numpy as np
 
+SR = 16000
 PROMPT = (
     "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>Caption the audio.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+
+
+def make_clip(num_samples: int, seed: int) -> np.ndarray:
+    """A deterministic clip with structure the encoder can see: a tone, a sweep, noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / SR
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
+    sweep = 0.2 * np.sin(2 * np.pi * (100 + 300 * t) * t)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t + seed)
+    return ((tone + sweep) * envelope + 0.05 * rng.standard_normal(num_samples)).astype(np.float32)
 
 
 def qualified_name(cls: type) -> str:
@@ -31,11 +42,12 @@ def model_class_name(model) -> str:
 
 def main() -> None:
     checkpoint, clips_file = sys.argv[1], sys.argv[2]
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "float32"
     import vllm
 
     plugin_off = os.environ.get("VLLM_PLUGINS") == ""
     in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    kwargs = dict(dtype="float32", max_model_len=2048, kv_cache_memory_bytes=256 << 20)
+    kwargs = dict(dtype=dtype, max_model_len=2048, kv_cache_memory_bytes=256 << 20)
     if in_process:
         kwargs["enforce_eager"] = True
     llm = vllm.LLM(model=checkpoint, trust_remote_code=plugin_off, **kwargs)

@@ -1,15 +1,19 @@
 """In-process units: the SSRF guard and URL fetching (against local HTTP servers), settings
-from env and flags, admission arithmetic."""
+from env and flags, admission arithmetic, audio decoding."""
 
 import asyncio
 import http.server
+import io
 import ipaddress
 import threading
 import time
 
+import numpy as np
 import pytest
+import soundfile
 
 from mdlserve.server.admission import Admission, request_weight
+from mdlserve.server.audio import decode_audio
 from mdlserve.server.cli import build_parser
 from mdlserve.server.errors import ApiError
 from mdlserve.server.fetch import AudioFetcher, FetchError, is_public_address
@@ -240,3 +244,20 @@ def test_admission_counts_clip_units():
         assert admission.in_flight == 0
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_decoded_samples_are_libsndfiles_channel_mean(subtype, channels):
+    """16-bit PCM is scaled by us rather than libsndfile; every path gives libsndfile's
+    float samples averaged over channels, across block boundaries (3 blocks here)."""
+    rng = np.random.default_rng(channels)
+    frames = 150_000
+    buf = io.BytesIO()
+    soundfile.write(buf, (rng.standard_normal((frames, channels)) * 0.2).clip(-1, 1), 16000, format="WAV", subtype=subtype)
+    expected = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float64", always_2d=True)[0].mean(axis=1)
+    decoded = decode_audio(buf.getvalue())
+    assert decoded.dtype == np.float32 and decoded.shape == (frames,)
+    np.testing.assert_allclose(decoded, expected, rtol=0, atol=1e-6)
+    if subtype == "PCM_16" and channels == 1:
+        assert np.array_equal(decoded, soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0])

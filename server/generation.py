@@ -108,7 +108,7 @@ def _source_for(part: InputAudioPart | AudioUrlPart, where: str, state: GatewayS
 
 @dataclass
 class PreparedPrompt:
-    prompt: str
+    token_ids: list[int]  # the rendered chat, one <|AUDIO|> per clip (the engine expands them)
     clips: list[np.ndarray]
     prompt_tokens: int
     audio_seconds: float
@@ -162,14 +162,15 @@ class Job:
                               "--max-audio-seconds)", code="audio_too_long")
         tokenizer = self.state.engine.tokenizer
         prompt = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
-        # Each clip is one <|AUDIO|> token in the text and num_audio_tokens(...) in the engine.
-        text_tokens = len(tokenizer.encode(prompt, add_special_tokens=False))
-        prompt_tokens = text_tokens + sum(num_audio_tokens(clip.size) - 1 for clip in clips)
+        # Tokenized once, here: the engine takes the ids and does not tokenize again. Each clip
+        # is one <|AUDIO|> token here and num_audio_tokens(...) in the engine.
+        token_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_tokens = len(token_ids) + sum(num_audio_tokens(clip.size) - 1 for clip in clips)
         max_len = self.state.settings.max_model_len
         if prompt_tokens >= max_len:
             raise bad_request(f"the prompt is {prompt_tokens} tokens (text and audio) but the model's context "
                               f"is {max_len} tokens", code="context_length_exceeded")
-        return PreparedPrompt(prompt, list(clips), prompt_tokens, seconds)
+        return PreparedPrompt(token_ids, list(clips), prompt_tokens, seconds)
 
     async def _load(self, source: AudioSource) -> np.ndarray:
         data = await source.load()
@@ -211,7 +212,7 @@ class Job:
         Client-caused engine rejections (vLLM input validation) become 400s here."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        inputs = {"prompt": prepared.prompt, "multi_modal_data": {"audio": prepared.clips}}
+        inputs = {"prompt_token_ids": prepared.token_ids, "multi_modal_data": {"audio": prepared.clips}}
         self.prompt_tokens = prepared.prompt_tokens
         self._stream = self.state.engine.engine.generate(inputs, params, self.request_id)
         try:

@@ -28,7 +28,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from .config import DashengConfig
 
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
@@ -160,8 +160,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, config: DashengConfig):
         super().__init__()
-        kernel = _pair(config.patch_size)
-        if _pair(config.patch_stride) != kernel or kernel[0] != config.n_mels:
+        kernel = as_pair(config.patch_size)
+        if as_pair(config.patch_stride) != kernel or kernel[0] != config.n_mels:
             raise ValueError(
                 f"Dasheng patches must span all {config.n_mels} mel bins without overlap; "
                 f"got patch_size {config.patch_size}, patch_stride {config.patch_stride}"

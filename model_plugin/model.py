@@ -37,8 +37,8 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
-from .encoder import DashengEncoder
-from .processing import MIN_AUDIO_SAMPLES, SAMPLE_RATE, num_audio_tokens
+from .encoder import DashengEncoder, as_pair
+from .processing import HOP_LENGTH, MIN_AUDIO_SAMPLES, PATCH_FRAMES, SAMPLE_RATE, SUBSAMPLE_FACTOR, num_audio_tokens
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -82,6 +82,20 @@ def _check_waveform(index: int, audio: Any) -> None:
     # One reduction instead of an elementwise mask: NaN and inf propagate into the sum.
     if not np.isfinite(audio.sum()):
         raise ValueError(f"audio {index}: the waveform contains NaN or infinite samples")
+
+
+def _check_token_framing(config) -> None:
+    """The prompt side (processing.num_audio_tokens, which the processor and the gateway use
+    before the encoder runs) assumes the published framing. A checkpoint that differs would
+    give the encoder a different token count than the prompt reserved, so refuse it by name."""
+    enc = config.audio_encoder_config
+    found = {"sample_rate": enc.sample_rate, "hop_length": enc.hop_length,
+             "frames per patch": as_pair(enc.patch_stride)[1], "subsample_factor": config.subsample_factor}
+    expected = {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "frames per patch": PATCH_FRAMES,
+                "subsample_factor": SUBSAMPLE_FACTOR}
+    wrong = [f"{k} {found[k]} (supported: {v})" for k, v in expected.items() if found[k] != v]
+    if wrong:
+        raise ValueError("unsupported MiDashengLM checkpoint: " + ", ".join(wrong))
 
 
 class MiDashengLMProcessingInfo(BaseProcessingInfo):
@@ -246,6 +260,7 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         self.config = config
+        _check_token_framing(config)
 
         # Encoder CUDA graphs follow vLLM's --enforce-eager; single GPU only.
         graphs = not vllm_config.model_config.enforce_eager and vllm_config.parallel_config.world_size == 1

@@ -19,16 +19,14 @@ MiB = 1 << 20
 # Tokens kept free for the text prompt (system prompt, question) and the answer when
 # deriving the default audio duration limit from the context length.
 RESERVED_TEXT_TOKENS = 512
-# Decoder tokens per second of audio (100 mel frames/s, 4 frames per patch, 5 patches per
-# token): 30 s -> 150 tokens.
-AUDIO_TOKENS_PER_SECOND = 5
 
 
 def default_max_audio_seconds(max_model_len: int) -> float:
     """The longest audio (per request) whose tokens leave RESERVED_TEXT_TOKENS of the
     context free: floor((max_model_len - 512) / 5) seconds, at least 1 s."""
-    budget = max(max_model_len - RESERVED_TEXT_TOKENS, AUDIO_TOKENS_PER_SECOND)
-    seconds = budget // AUDIO_TOKENS_PER_SECOND
+    tokens_per_second = num_audio_tokens(SAMPLE_RATE)  # 5: 100 mel frames/s, 4 per patch, 5 patches per token
+    budget = max(max_model_len - RESERVED_TEXT_TOKENS, tokens_per_second)
+    seconds = budget // tokens_per_second
     while seconds > 1 and num_audio_tokens(seconds * SAMPLE_RATE) > budget:
         seconds -= 1
     return float(max(seconds, 1))

@@ -82,6 +82,22 @@ def test_auto_classes_load_without_trust_remote_code(tiny_checkpoint):
     assert "the text has 1 <|AUDIO|> placeholder(s) but 2 audio clip(s) were given" in str(excinfo.value)
 
 
+def test_checkpoint_with_other_framing_is_refused_by_name(tiny_checkpoint):
+    """Prompt-side token counts assume 160-sample hops, 4-frame patches and 5x subsampling;
+    a checkpoint with other values would overflow or underfill its placeholders."""
+    from mdlserve.model_plugin.model import _check_token_framing
+
+    register()
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    _check_token_framing(config)
+    config.audio_encoder_config.hop_length = 320
+    config.subsample_factor = 4
+    with pytest.raises(ValueError) as excinfo:
+        _check_token_framing(config)
+    assert str(excinfo.value) == ("unsupported MiDashengLM checkpoint: hop_length 320 (supported: 160), "
+                                  "subsample_factor 4 (supported: 5)")
+
+
 @pytest.fixture(scope="module")
 def checkpoint_7b(tmp_path_factory):
     return make_checkpoint("7b", tmp_path_factory.mktemp("ckpt7b") / "7b")

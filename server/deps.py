@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the state object, API-key auth, and serving checks."""
+"""FastAPI dependencies: the state object, API-key auth, and serving checks.
+
+All `async def` although none awaits: FastAPI runs plain `def` dependencies in its thread
+pool, which would cost every request three thread hand-offs for microseconds of work."""
 
 import hmac
 from typing import Annotated
@@ -10,7 +13,7 @@ from mdlserve.server.errors import ApiError
 from mdlserve.server.state import GatewayState
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
@@ -25,7 +28,7 @@ def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:
     return matched
 
 
-def require_api_key(request: Request, state: State) -> None:
+async def require_api_key(request: Request, state: State) -> None:
     """`Authorization: Bearer <key>` when keys are configured; no-op otherwise."""
     if not state.api_keys:
         return
@@ -37,13 +40,13 @@ def require_api_key(request: Request, state: State) -> None:
         raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_api_key_for_ops(request: Request, state: State) -> None:
+async def require_api_key_for_ops(request: Request, state: State) -> None:
     """Health and metrics are open unless --auth-health-metrics."""
     if state.settings.auth_health_metrics:
-        require_api_key(request, state)
+        await require_api_key(request, state)
 
 
-def require_serving(state: State) -> None:
+async def require_serving(state: State) -> None:
     """Refuse new work (503) while the engine loads, after it died, or while draining."""
     if state.draining:
         raise ApiError(503, "server is shutting down; retry on another replica", code="draining",

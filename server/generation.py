@@ -136,7 +136,8 @@ class Job:
         self.request_id = request_id
         self.arrival = time.perf_counter()
         self.deadline = asyncio.get_running_loop().time() + state.settings.request_timeout
-        self.created = int(time.time())
+        self.arrival_time = time.time()
+        self.created = int(self.arrival_time)
         self.prompt_tokens = 0
         self.audio_seconds = 0.0
         self.n = 1
@@ -209,13 +210,19 @@ class Job:
 
     async def start(self, prepared: PreparedPrompt, params) -> list[Delta]:
         """Submit and wait for the first output; returns its deltas.
-        Client-caused engine rejections (vLLM input validation) become 400s here."""
+        Client-caused engine rejections (vLLM input validation) become 400s here.
+
+        vLLM's multimodal processing (waveform checks, hashing, placeholder expansion) runs
+        in its renderer's worker thread, not on this event loop, which every other request
+        and stream shares."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        inputs = {"prompt_token_ids": prepared.token_ids, "multi_modal_data": {"audio": prepared.clips}}
+        engine = self.state.engine.engine
+        prompt = {"prompt_token_ids": prepared.token_ids, "multi_modal_data": {"audio": prepared.clips}}
         self.prompt_tokens = prepared.prompt_tokens
-        self._stream = self.state.engine.engine.generate(inputs, params, self.request_id)
         try:
+            engine_input = await engine.renderer.process_for_engine_async(prompt, self.arrival_time)
+            self._stream = engine.generate(engine_input, params, self.request_id)
             return await self._next()
         except ValueError as exc:  # vLLM raises ValueError for requests it cannot take
             await self.close()

@@ -63,8 +63,8 @@ def heavy(request) -> bool:
 
 
 @pytest.fixture(scope="session")
-def reliability_report(tmp_path_factory):
-    report = ReliabilityReport()
+def reliability_report(tmp_path_factory, heavy):
+    report = ReliabilityReport(heavy=heavy)
     yield report
     directory = Path(os.environ.get("MDL_RELIABILITY_REPORT_DIR") or tmp_path_factory.mktemp("reliability-report"))
     json_path, _ = report.write(directory)

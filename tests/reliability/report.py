@@ -35,6 +35,7 @@ class LoadRun:
 
 @dataclass
 class ReliabilityReport:
+    heavy: bool = False  # --heavy: the long soak and larger counts; its files get a "-heavy" suffix
     load_runs: list[LoadRun] = field(default_factory=list)
     faults: list[dict] = field(default_factory=list)
     bad_inputs: list[dict] = field(default_factory=list)
@@ -64,6 +65,7 @@ class ReliabilityReport:
             "date": datetime.date.today().isoformat(),
             "commit": _commit(),
             "machine": _machine(),
+            "variant": "heavy" if self.heavy else "ci",
             "load": {
                 "requests": sum(run.requests for run in self.load_runs),
                 "max_concurrency": max((run.concurrency for run in self.load_runs), default=0),
@@ -89,7 +91,7 @@ class ReliabilityReport:
     def write(self, directory: Path) -> tuple[Path, Path]:
         data = self.to_dict()
         directory.mkdir(parents=True, exist_ok=True)
-        stem = directory / f"reliability-{data['date']}"
+        stem = directory / f"reliability-{data['date']}{'-heavy' if self.heavy else ''}"
         json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
         json_path.write_text(json.dumps(data, indent=2) + "\n")
         md_path.write_text(render_markdown(data))
@@ -124,7 +126,8 @@ def render_markdown(data: dict) -> str:
     lines = [
         f"# Reliability report {data['date']}",
         "",
-        f"Commit `{data['commit']}` on {data['machine']}.",
+        f"Commit `{data['commit']}` on {data['machine']}; {data['variant']} variant "
+        f"(`pytest tests/reliability{' --heavy' if data['variant'] == 'heavy' else ''}`).",
         "",
         "## Totals",
         "",

@@ -1,6 +1,7 @@
 """Authentication: only a configured key in `Authorization: Bearer` opens the API; keys are
 compared in constant time and never appear in responses, metrics or the server log."""
 
+import asyncio
 import types
 
 import httpx
@@ -75,7 +76,7 @@ def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
         compared.clear()
         request = types.SimpleNamespace(headers={"authorization": f"Bearer {token}"})
         try:
-            deps.require_api_key(request, state)
+            asyncio.run(deps.require_api_key(request, state))
             accepted = True
         except deps.ApiError:
             accepted = False

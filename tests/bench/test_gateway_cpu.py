@@ -1,0 +1,19 @@
+"""benchmarks/gateway_cpu.py end to end on the tiny checkpoint: a real server, real requests."""
+
+import json
+import subprocess
+import sys
+
+
+def test_reports_api_process_cpu_per_request(tiny_checkpoint, tmp_path):
+    out = tmp_path / "gateway-cpu.json"
+    proc = subprocess.run([sys.executable, "-m", "mdlserve.benchmarks.gateway_cpu", "--model", tiny_checkpoint,
+                           "--requests", "6", "--concurrency", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == result
+    assert result["requests"] == 6 and result["concurrency"] == 3 and result["clip_s"] == 30.0
+    # Six 30 s WAV bodies (1.3 MB of base64 each) cannot be parsed, decoded and processed for free.
+    assert 0.5 < result["api_process_cpu_ms_per_request"] < 5000
+    assert result["wall_s"] > 0

@@ -4,6 +4,12 @@ Every admitted request goes to the engine at once (vLLM's scheduler batches cont
 and queues what does not fit); this object only bounds the total. A request weighs
 `n * max(1, clips)` units: each of its `n` sequences carries all of its clips. Capacity is
 `max_num_seqs` (what one batch runs) plus `max_queue` (what may wait for a slot).
+
+A unit is reserved as soon as a work request's headers arrive (`reserve`, from
+AdmissionGateMiddleware), before its body is read: under overload a request that would be
+refused gets its 429 at once instead of after its 1.3 MB of JSON has been parsed, and
+bodies still uploading count against capacity. The route's `admit` then takes the
+reservation over at the request's real weight.
 """
 
 import asyncio
@@ -40,8 +46,15 @@ class Admission:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def admit(self, weight: int) -> Ticket:
-        """Admit now or raise: 400 when the request could never fit, 429 when full now."""
+    def reserve(self) -> Ticket | None:
+        """One unit for a request whose body has not been read yet; None when full."""
+        if self.in_flight >= self.capacity:
+            return None
+        return self._take(1)
+
+    def admit(self, weight: int, reserved: Ticket | None = None) -> Ticket:
+        """Admit now or raise: 400 when the request could never fit, 429 when full now.
+        A `reserved` ticket's units count towards `weight` and pass to the new ticket."""
         if weight > self.capacity:
             raise ApiError(
                 400,
@@ -49,13 +62,23 @@ class Admission:
                 f"{self.capacity}",
                 code="request_too_large",
             )
-        if self.in_flight + weight > self.capacity:
-            raise ApiError(
-                429,
-                f"server is at capacity ({self.in_flight} of {self.capacity} clip slots in use); retry shortly",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
+        held = 0 if reserved is None or reserved.released else reserved.weight
+        if self.in_flight - held + weight > self.capacity:
+            raise self.full()
+        if held:
+            reserved.released = True  # its units now belong to the returned ticket
+            self.in_flight -= held
+        return self._take(weight)
+
+    def full(self) -> ApiError:
+        return ApiError(
+            429,
+            f"server is at capacity ({self.in_flight} of {self.capacity} clip slots in use); retry shortly",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+    def _take(self, weight: int) -> Ticket:
         self.in_flight += weight
         self._idle.clear()
         self._publish()

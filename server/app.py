@@ -7,7 +7,7 @@ from fastapi import Depends, FastAPI
 
 from mdlserve.server.deps import require_api_key, require_api_key_for_ops, require_serving
 from mdlserve.server.errors import install_error_handlers
-from mdlserve.server.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from mdlserve.server.middleware import AdmissionGateMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
 from mdlserve.server.routes import audio, chat, health, models
 from mdlserve.server.settings import Settings
 from mdlserve.server.state import GatewayState
@@ -29,9 +29,11 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = state
     install_error_handlers(app)
-    # Middleware added last runs first: request ids and metrics wrap the size limit.
+    # Middleware added last runs first: request ids and metrics, then the admission gate
+    # (before any body byte is read), then the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=state.metrics,
                        body_timeout=settings.request_timeout)
+    app.add_middleware(AdmissionGateMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
 
     work = [Depends(require_api_key), Depends(require_serving)]

@@ -28,16 +28,21 @@ def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:
     return matched
 
 
+def api_key_error(authorization: str, keys: list[bytes]) -> ApiError | None:
+    """The 401 for an `Authorization` header value, or None when it carries a valid key."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})
+    if not _key_matches(token.strip().encode(), keys):
+        return ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
 async def require_api_key(request: Request, state: State) -> None:
     """`Authorization: Bearer <key>` when keys are configured; no-op otherwise."""
-    if not state.api_keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not _key_matches(token.strip().encode(), state.api_keys):
-        raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if state.api_keys and (error := api_key_error(request.headers.get("authorization", ""), state.api_keys)):
+        raise error
 
 
 async def require_api_key_for_ops(request: Request, state: State) -> None:

@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, access metrics and logs, last-resort 500s, body size limit.
+"""ASGI middleware: request ids, access metrics and logs, last-resort 500s, the admission
+gate, body size limit.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
 duration covers the last byte sent.
@@ -14,18 +15,18 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mdlserve.server.errors import BodyTimeout, PayloadTooLarge
+from mdlserve.server.deps import api_key_error
+from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, error_response
 from mdlserve.server.metrics import GatewayMetrics
+from mdlserve.server.state import GatewayState
 
 logger = logging.getLogger("mdlserve.server")
 access_logger = logging.getLogger("mdlserve.server.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-ROUTES = frozenset({
-    "/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/chat", "/v1/models",
-    "/health/live", "/health/ready", "/metrics",
-})  # fmt: skip
+WORK_ROUTES = frozenset({"/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/chat"})
+ROUTES = WORK_ROUTES | {"/v1/models", "/health/live", "/health/ready", "/metrics"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -86,6 +87,40 @@ class RequestContextMiddleware:
             self.metrics.request_duration.labels(route=route).observe(elapsed)
             access_logger.info("%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
             request_id_var.reset(token)
+
+
+class AdmissionGateMiddleware:
+    """Reserves one admission unit when a work request's headers arrive, or answers 429 at
+    once, before the body is read, when there is none (Admission.reserve). Requests the
+    routes answer differently pass untouched: unauthenticated (401), while loading, after
+    an engine death or while draining (503). The route takes the reservation over when it
+    admits the request; if it never does (a 4xx, a 429 at the request's real weight, a
+    client gone) the reservation is released when the response is done."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in WORK_ROUTES
+                or not state.ready
+                or (state.api_keys and api_key_error(_header(scope, b"authorization") or "", state.api_keys))):
+            await self.app(scope, receive, send)
+            return
+        reservation = state.admission.reserve()
+        if reservation is None:
+            refusal = state.admission.full()
+            state.metrics.rejections.labels(reason=refusal.reason).inc()
+            response = error_response(refusal.status, refusal.message, type_=refusal.type, code=refusal.code,
+                                      headers=refusal.headers)
+            await response(scope, receive, send)
+            return
+        scope.setdefault("state", {})["admission_reservation"] = reservation
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            reservation.release()
 
 
 class BodySizeLimitMiddleware:

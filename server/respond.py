@@ -38,7 +38,8 @@ async def start_job(
 ) -> tuple[Job, Ticket, list[Delta]] | Response:
     """Admit, prepare and submit; returns the running job, or a 499 response when the
     client went away meanwhile. Every failure releases the admission ticket."""
-    ticket = state.admission.admit(request_weight(len(conversation.audio), fields.n))
+    reservation = getattr(request.state, "admission_reservation", None)  # from AdmissionGateMiddleware
+    ticket = state.admission.admit(request_weight(len(conversation.audio), fields.n), reserved=reservation)
     job = Job(state, f"{prefix}-{uuid.uuid4().hex}")
     logger.info("request %s -> engine request %s (%d clips)", request.state.request_id, job.request_id,
                 len(conversation.audio))

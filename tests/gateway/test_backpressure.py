@@ -2,6 +2,9 @@
 engine request (streaming and not), the request timeout (504), and API-key auth."""
 
 import asyncio
+import contextlib
+import json
+import socket
 import time
 
 import httpx
@@ -86,6 +89,65 @@ def test_excess_requests_get_429_quickly_and_accepted_ones_complete(servers, gat
     text = _wait_idle(client)
     assert metric(text, "mdl_rejections_total", reason="queue_full") - before == len(rejected)
     assert metric(text, "mdl_clips_in_flight") == 0 and metric(text, "mdl_queue_length") == 0
+
+
+def _raw_post_headers(port: int, headers: dict[str, str], body: bytes = b"", content_length: int | None = None) -> bytes:
+    """POST the headers (and `body`, possibly less than Content-Length); return what the
+    server answers within 10 s, up to the end of a JSON error body."""
+    lines = [f"POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+             f"Content-Length: {len(body) if content_length is None else content_length}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        while not answer.rstrip().endswith(b"}}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_at_capacity_429_comes_before_the_body(gateway, client):
+    """With every admission unit taken, an authenticated request is refused as soon as its
+    headers arrive: the 429 comes although not one byte of its 1 MB body was sent. An
+    unauthenticated one still gets its 401 (from the route, after its body)."""
+    _wait_idle(client, timeout=120)
+    body = json.dumps(chat_body(CLIP, max_tokens=LONG, min_tokens=LONG, stream=True))
+
+    async def hold(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", "/v1/chat/completions", content=body,
+                               headers={"Content-Type": "application/json"}):
+            await asyncio.sleep(3600)  # until cancelled: MAX_QUEUE of them never even start in the engine
+
+    async def at_capacity() -> tuple[float, bytes, bytes]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60, headers=AUTH) as http:
+            holders = [asyncio.create_task(hold(http)) for _ in range(MAX_NUM_SEQS + MAX_QUEUE)]
+            try:
+                deadline = time.monotonic() + REQUEST_TIMEOUT_S / 2
+                while (in_flight := metric(await asyncio.to_thread(_metrics, client), "mdl_clips_in_flight")) \
+                        < MAX_NUM_SEQS + MAX_QUEUE and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                refused = await asyncio.to_thread(_raw_post_headers, gateway.port, AUTH, content_length=1 << 20)
+                stranger = await asyncio.to_thread(_raw_post_headers, gateway.port, {"Authorization": "Bearer wrong"},
+                                                   body.encode())
+            finally:
+                for holder in holders:
+                    holder.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+            return in_flight, refused, stranger
+
+    before = metric(_metrics(client), "mdl_rejections_total", reason="queue_full")
+    in_flight, refused, stranger = asyncio.run(at_capacity())
+    assert in_flight == MAX_NUM_SEQS + MAX_QUEUE
+    head, _, payload = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429"), refused[:300]
+    assert b"retry-after: 1" in head.lower()
+    assert json.loads(payload)["error"]["code"] == "queue_full"
+    assert stranger.startswith(b"HTTP/1.1 401"), stranger[:300]
+    text = _wait_idle(client)
+    assert metric(text, "mdl_rejections_total", reason="queue_full") == before + 1
+    assert metric(text, "mdl_clips_in_flight") == 0 and metric(text, "mdl_engine_running_requests") == 0
 
 
 def test_streaming_client_disconnect_aborts_engine_request(gateway, client):

@@ -246,6 +246,32 @@ def test_admission_counts_clip_units():
     asyncio.run(run())
 
 
+def test_admission_reservations_pass_to_the_admitted_ticket():
+    """AdmissionGateMiddleware reserves one unit per request before its body is read; the
+    route's admit() counts it towards the real weight, and a request that never gets
+    admitted gives it back."""
+    async def run():
+        admission = Admission(max_num_seqs=2, max_queue=1, metrics=GatewayMetrics())
+        a, b, c = admission.reserve(), admission.reserve(), admission.reserve()
+        assert admission.in_flight == 3 and admission.reserve() is None  # full: 429 before the body
+        ticket = admission.admit(1, reserved=a)
+        assert a.released and ticket.weight == 1 and admission.in_flight == 3
+        with pytest.raises(ApiError) as full:
+            admission.admit(2, reserved=b)  # b's unit plus one more does not fit
+        assert full.value.status == 429 and not b.released and admission.in_flight == 3
+        b.release()  # the middleware, after the 429 response
+        two = admission.admit(2, reserved=c)  # the unit b gave back
+        assert c.released and admission.in_flight == 3
+        c.release()  # no-op: taken over
+        assert admission.in_flight == 3
+        ticket.release()
+        two.release()
+        await asyncio.wait_for(admission.wait_idle(), 1)
+        assert admission.metrics.clips_in_flight._value.get() == 0
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
 @pytest.mark.parametrize("channels", [1, 2, 5])
 def test_decoded_samples_are_libsndfiles_channel_mean(subtype, channels):

@@ -5,6 +5,10 @@ import asyncio
 import time
 
 import httpx
+import pytest
+
+from gateway.helpers import ServerProcess
+from mdlserve.server.settings import Settings
 
 from .conftest import API_KEY, GUARDED_REQUEST_TIMEOUT_S, MAX_NUM_SEQS, MAX_QUEUE
 from .report import LoadRun
@@ -52,6 +56,47 @@ def test_twice_capacity_every_request_answered_or_refused(open_server, reliabili
     assert refused, "2x capacity at once should have been partly refused"
     assert sum(o.complete for o in outcomes) >= waves * MAX_NUM_SEQS
     assert p99_429 < 5.0, "a 429 should come back at once, before any audio work"
+    assert not any(idle.values()), idle
+
+
+def test_twice_default_capacity_answered_or_refused(tiny_checkpoint, tmp_path, reliability_report, heavy):
+    """Heavy only: the same 2x(N+Q) burst against a server on the real defaults (N = Q = 512:
+    2048 requests at once): admission at full scale, nothing accepted lost."""
+    if not heavy:
+        pytest.skip("2048 simultaneous requests: --heavy only")
+    defaults = Settings()
+    capacity = defaults.max_num_seqs + defaults.max_queue
+    concurrency = 2 * capacity
+    server = ServerProcess(tiny_checkpoint, ["--request-timeout", "600"], tmp_path, name="defaults")
+    try:
+        server.wait_ready()
+
+        async def run() -> tuple[list[Outcome], float]:
+            limits = httpx.Limits(max_connections=concurrency)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+                started = time.perf_counter()
+                outcomes = await asyncio.gather(*(
+                    send_chat(client, server.url, captioning_body(max_tokens=4, stream=i % 2 == 1))
+                    for i in range(concurrency)
+                ))  # fmt: skip
+                return list(outcomes), time.perf_counter() - started
+
+        outcomes, duration = asyncio.run(run())
+        idle = asyncio.run(wait_idle(server.url))
+    finally:
+        server.terminate()
+    refused = [o for o in outcomes if o.refused]
+    lost = [o for o in outcomes if o.lost]
+    p99_429 = percentile([o.latency_s for o in refused], 99)
+    reliability_report.add_load(LoadRun(
+        "overload 2x(N+Q), default limits", len(outcomes), concurrency, duration, len(lost), status_counts(outcomes),
+        {"N": defaults.max_num_seqs, "Q": defaults.max_queue, "429_p99_s": round(p99_429, 3),
+         "429_p50_s": round(percentile([o.latency_s for o in refused], 50), 3),
+         "completed": sum(o.complete for o in outcomes)},
+    ))  # fmt: skip
+    assert not lost, [(o.label, o.detail) for o in lost[:5]]
+    assert sum(o.complete for o in outcomes) >= capacity
+    assert refused, "2x capacity at once should have been partly refused"
     assert not any(idle.values()), idle
 
 

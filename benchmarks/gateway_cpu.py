@@ -6,7 +6,9 @@ Starts `mdl-serve serve` on the checkpoint (vLLM's default multiprocess path, so
 engine core is a separate process and is not counted), warms it up, then sends
 `--requests` chat completions with a fresh 30 s 16 kHz WAV each (bodies built before the
 measurement), `--concurrency` at a time, `max_tokens` 1, and reads the server process's
-user + system CPU time before and after. With `--py-spy FILE` it also records the
+user + system CPU time before and after: all threads, and the main thread alone (the
+event loop, which every request and stream shares; decoding and vLLM's input processing
+run in worker threads). With `--py-spy FILE` it also records the
 process's stacks (py-spy raw format) during the measurement. Works on a CPU with the tiny
 checkpoint: what it measures is the HTTP, JSON, audio and input-processing work per
 request, which does not depend on the model's size.
@@ -54,6 +56,12 @@ async def send_all(url: str, bodies: list[bytes], concurrency: int) -> None:
         await asyncio.gather(*(one(body) for body in bodies))
 
 
+def main_thread_cpu(process: psutil.Process) -> float:
+    """CPU seconds of the process's main thread (on Linux its thread id is the pid)."""
+    (main,) = [t for t in process.threads() if t.id == process.pid]
+    return main.user_time + main.system_time
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,9 +106,9 @@ def main() -> None:
             spy = subprocess.Popen([shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--format", "raw", "-o", args.py_spy, "--pid",
                                     str(server.pid), "--rate", "200", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before, start = process.cpu_times(), time.perf_counter()
+        before, loop_before, start = process.cpu_times(), main_thread_cpu(process), time.perf_counter()
         asyncio.run(send_all(url, bodies[8:], args.concurrency))
-        after, wall = process.cpu_times(), time.perf_counter() - start
+        after, loop_after, wall = process.cpu_times(), main_thread_cpu(process), time.perf_counter() - start
         if spy is not None:
             spy.send_signal(2)
             spy.wait()
@@ -110,6 +118,7 @@ def main() -> None:
     cpu_s = (after.user - before.user) + (after.system - before.system)
     result = {"requests": args.requests, "concurrency": args.concurrency, "clip_s": CLIP_S, "wall_s": round(wall, 2),
               "api_process_cpu_ms_per_request": round(cpu_s / args.requests * 1000, 2),
+              "event_loop_cpu_ms_per_request": round((loop_after - loop_before) / args.requests * 1000, 2),
               "machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     print(json.dumps(result))
     if args.out:

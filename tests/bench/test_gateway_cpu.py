@@ -16,4 +16,5 @@ def test_reports_api_process_cpu_per_request(tiny_checkpoint, tmp_path):
     assert result["requests"] == 6 and result["concurrency"] == 3 and result["clip_s"] == 30.0
     # Six 30 s WAV bodies (1.3 MB of base64 each) cannot be parsed, decoded and processed for free.
     assert 0.5 < result["api_process_cpu_ms_per_request"] < 5000
+    assert 0 < result["event_loop_cpu_ms_per_request"] <= result["api_process_cpu_ms_per_request"]
     assert result["wall_s"] > 0

@@ -2,7 +2,8 @@
 
 Every endpoint goes through the same steps:
   1. `Conversation.from_messages`: template-ready messages plus the audio sources, in order.
-  2. admission (`Admission.admit`, by the route) before any expensive work.
+  2. admission (one unit reserved by AdmissionGateMiddleware when the headers arrive,
+     `Admission.admit` by the route at the real weight) before any expensive work.
   3. `Job.prepare`: fetch/decode audio in the decode pool, check duration and context
      limits, render the chat template.
   4. `Job.start`: submit to the engine and wait for the first output, so that everything

@@ -3,6 +3,7 @@
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,35 @@ MODEL = "midashenglm-7b"
 # Fast engine start (see tests/conftest.py): eager, no dynamo, explicit small KV cache.
 FAST_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(256 << 20)]
 START_TIMEOUT_S = 400
+
+
+def raw_exchange(url: str, head: str, chunks: list[bytes] = ()) -> bytes:
+    """Send a hand-written request head and body chunks over a plain socket (for what
+    httpx will not send: lying sizes, bodies that never come); return the response, read
+    up to the end of its Content-Length body, or until the server closes."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may stop reading once it has answered
+        response = b""
+        while not _complete(response):
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    return response
+
+
+def _complete(response: bytes) -> bool:
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    length = re.search(rb"^content-length: *(\d+)", head, re.IGNORECASE | re.MULTILINE)
+    return length is not None and len(body) >= int(length.group(1))
 
 
 def free_port() -> int:

@@ -2,16 +2,14 @@
 engine request (streaming and not), the request timeout (504), and API-key auth."""
 
 import asyncio
-import contextlib
 import json
-import socket
 import time
 
 import httpx
 import pytest
 
 from .conftest import API_KEYS, AUTH, MAX_NUM_SEQS, MAX_QUEUE, REQUEST_TIMEOUT_S
-from .helpers import audio_file, audio_part, chat_body, metric
+from .helpers import audio_file, audio_part, chat_body, metric, raw_exchange
 
 CLIP = audio_part(audio_file(seconds=1.0))
 # More tokens than the tiny engine makes in the request timeout on a CPU (min_tokens: no
@@ -91,21 +89,9 @@ def test_excess_requests_get_429_quickly_and_accepted_ones_complete(servers, gat
     assert metric(text, "mdl_clips_in_flight") == 0 and metric(text, "mdl_queue_length") == 0
 
 
-def _raw_post_headers(port: int, headers: dict[str, str], body: bytes = b"", content_length: int | None = None) -> bytes:
-    """POST the headers (and `body`, possibly less than Content-Length); return what the
-    server answers within 10 s, up to the end of a JSON error body."""
-    lines = [f"POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
-             f"Content-Length: {len(body) if content_length is None else content_length}",
-             *(f"{k}: {v}" for k, v in headers.items())]
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        while not answer.rstrip().endswith(b"}}"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
+def _chat_head(authorization: str, content_length: int) -> str:
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: {authorization}\r\nContent-Length: {content_length}\r\n\r\n")
 
 
 def test_at_capacity_429_comes_before_the_body(gateway, client):
@@ -128,9 +114,10 @@ def test_at_capacity_429_comes_before_the_body(gateway, client):
                 while (in_flight := metric(await asyncio.to_thread(_metrics, client), "mdl_clips_in_flight")) \
                         < MAX_NUM_SEQS + MAX_QUEUE and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                refused = await asyncio.to_thread(_raw_post_headers, gateway.port, AUTH, content_length=1 << 20)
-                stranger = await asyncio.to_thread(_raw_post_headers, gateway.port, {"Authorization": "Bearer wrong"},
-                                                   body.encode())
+                # A 1 MiB body announced, not one byte of it sent.
+                refused = await asyncio.to_thread(raw_exchange, gateway.url, _chat_head(AUTH["Authorization"], 1 << 20))
+                stranger = await asyncio.to_thread(raw_exchange, gateway.url,
+                                                   _chat_head("Bearer wrong", len(body.encode())), [body.encode()])
             finally:
                 for holder in holders:
                     holder.cancel()

@@ -2,15 +2,13 @@
 problem, and the server still healthy (a real request succeeds) afterwards."""
 
 import json
-import socket
-import urllib.parse
 
 import httpx
 import numpy as np
 import pytest
 
 from .conftest import AUTH, UPLOAD_LIMIT
-from .helpers import MODEL, audio_file, audio_part, b64, chat_body, wav_bytes
+from .helpers import MODEL, audio_file, audio_part, b64, chat_body, raw_exchange, wav_bytes
 
 WAV = audio_file("wav", 16000, 1, seconds=1.0)
 URL_PART = lambda url: {"type": "audio_url", "audio_url": {"url": url}}  # noqa: E731
@@ -135,29 +133,11 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
 
 
-def _raw_exchange(url: str, head: str, chunks: list[bytes]) -> bytes:
-    parsed = urllib.parse.urlsplit(url)
-    with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
-        sock.sendall(head.encode())
-        try:
-            for chunk in chunks:
-                sock.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may stop reading once it has answered
-        response = b""
-        while b"\r\n\r\n" not in response or len(response) < response.find(b"\r\n\r\n") + 60:
-            data = sock.recv(65536)
-            if not data:
-                break
-            response += data
-    return response
-
-
 def test_declared_oversize_body_is_refused_before_upload(gateway):
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             "Authorization: Bearer key-one\r\n"
             f"Content-Length: {UPLOAD_LIMIT + 1}\r\n\r\n")
-    response = _raw_exchange(gateway.url, head, [])  # no body sent at all
+    response = raw_exchange(gateway.url, head, [])  # no body sent at all
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b"exceeds the limit of 2097152 bytes" in response
 
@@ -172,7 +152,7 @@ def test_chunked_oversize_body_is_cut_off_while_streaming(gateway):
 
     part_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
     # A well-formed file part whose 9 x 256 KiB pass the 2 MiB limit; the body never ends.
-    response = _raw_exchange(gateway.url, head, [chunk(part_head)] + [chunk(b"x" * (256 << 10))] * 9)
+    response = raw_exchange(gateway.url, head, [chunk(part_head)] + [chunk(b"x" * (256 << 10))] * 9)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b"exceeds the limit" in response
 

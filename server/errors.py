@@ -86,6 +86,11 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def api_error_response(exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code,
+                          headers=exc.headers)
+
+
 def _count_rejection(request: Request, reason: str | None) -> None:
     if reason is not None:
         request.app.state.gateway.metrics.rejections.labels(reason=reason).inc()
@@ -108,9 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         _count_rejection(request, exc.reason)
-        return error_response(
-            exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code, headers=exc.headers
-        )
+        return api_error_response(exc)
 
     @app.exception_handler(AudioDecodeError)
     async def _audio_error(request: Request, exc: AudioDecodeError) -> JSONResponse:

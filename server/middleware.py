@@ -16,7 +16,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mdlserve.server.deps import api_key_error
-from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, error_response
+from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, api_error_response
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.state import GatewayState
 
@@ -112,9 +112,7 @@ class AdmissionGateMiddleware:
         if reservation is None:
             refusal = state.admission.full()
             state.metrics.rejections.labels(reason=refusal.reason).inc()
-            response = error_response(refusal.status, refusal.message, type_=refusal.type, code=refusal.code,
-                                      headers=refusal.headers)
-            await response(scope, receive, send)
+            await api_error_response(refusal)(scope, receive, send)
             return
         scope.setdefault("state", {})["admission_reservation"] = reservation
         try:

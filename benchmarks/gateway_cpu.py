@@ -16,44 +16,34 @@ request, which does not depend on the model's size.
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 
-import httpx
-import numpy as np
 import psutil
-import soundfile
+
+from .http_load import ChatClient, RequestSpec, encode_bodies
 
 CLIP_S = 30.0
-SAMPLE_RATE = 16000
+WARMUP_REQUESTS = 8
+GATEWAY_CPU_KEY = 31
 
 
-def wav_body(rng: np.random.Generator, model: str) -> bytes:
-    buf = io.BytesIO()
-    soundfile.write(buf, (rng.standard_normal(int(CLIP_S * SAMPLE_RATE)) * 0.1).astype(np.float32), SAMPLE_RATE,
-                    format="WAV", subtype="PCM_16")
-    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
-    return json.dumps({"model": model, "max_tokens": 1, "temperature": 0, "messages": [
-        {"role": "user", "content": [audio, {"type": "text", "text": "Caption the audio."}]}]}).encode()
-
-
-async def send_all(url: str, bodies: list[bytes], concurrency: int) -> None:
+async def send_all(client: ChatClient, specs: list[RequestSpec], concurrency: int) -> None:
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(body: bytes) -> None:
-            async with gate:
-                r = await client.post("/v1/chat/completions", content=body,
-                                      headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    raise SystemExit(f"request failed: {r.status_code} {r.text[:300]}")
-        await asyncio.gather(*(one(body) for body in bodies))
+
+    async def one(spec: RequestSpec) -> None:
+        async with gate:
+            result = await client.send(spec, 0.0)
+        if not result.ok:
+            raise SystemExit(f"request failed: {result.status} {result.error}")
+
+    await asyncio.gather(*(one(spec) for spec in specs))
 
 
 def main_thread_cpu(process: psutil.Process) -> float:
@@ -68,6 +58,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def measure(url: str, server: psutil.Process, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(process CPU s, main-thread CPU s, wall s) over the measured requests."""
+    async with ChatClient(url, api_key=None, timeout_s=600) as client:  # waits until the server answers
+        specs = [RequestSpec(key=(GATEWAY_CPU_KEY, i), clip_s=CLIP_S, prompt="Caption the audio.", max_tokens=1,
+                             stream=False, exact_tokens=False) for i in range(WARMUP_REQUESTS + args.requests)]
+        await encode_bodies(specs, client.model)
+        await send_all(client, specs[:WARMUP_REQUESTS], WARMUP_REQUESTS)
+        spy = None
+        if args.py_spy:
+            py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-o", args.py_spy, "--pid", str(server.pid),
+                                    "--rate", "200", "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before, loop_before, start = server.cpu_times(), main_thread_cpu(server), time.perf_counter()
+        await send_all(client, specs[WARMUP_REQUESTS:], args.concurrency)
+        after, loop_after, wall = server.cpu_times(), main_thread_cpu(server), time.perf_counter() - start
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
+    return (after.user - before.user) + (after.system - before.system), loop_after - loop_before, wall
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (the tiny preset is enough)")
@@ -78,47 +90,19 @@ def main() -> None:
     args = p.parse_args()
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", args.model, "--port", str(port),
          "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(1 << 30),
-         "--max-num-seqs", str(max(args.concurrency, 8))],
+         "--max-num-seqs", str(max(args.concurrency, WARMUP_REQUESTS))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(url + "/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.5)
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        rng = np.random.default_rng(0)
-        bodies = [wav_body(rng, model) for _ in range(args.requests + 8)]
-        asyncio.run(send_all(url, bodies[:8], 8))
-
-        process = psutil.Process(server.pid)
-        spy = None
-        if args.py_spy:
-            spy = subprocess.Popen([shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--format", "raw", "-o", args.py_spy, "--pid",
-                                    str(server.pid), "--rate", "200", "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        before, loop_before, start = process.cpu_times(), main_thread_cpu(process), time.perf_counter()
-        asyncio.run(send_all(url, bodies[8:], args.concurrency))
-        after, loop_after, wall = process.cpu_times(), main_thread_cpu(process), time.perf_counter() - start
-        if spy is not None:
-            spy.send_signal(2)
-            spy.wait()
+        cpu_s, loop_s, wall = asyncio.run(measure(f"http://127.0.0.1:{port}", psutil.Process(server.pid), args))
     finally:
         server.terminate()
         server.wait()
-    cpu_s = (after.user - before.user) + (after.system - before.system)
     result = {"requests": args.requests, "concurrency": args.concurrency, "clip_s": CLIP_S, "wall_s": round(wall, 2),
               "api_process_cpu_ms_per_request": round(cpu_s / args.requests * 1000, 2),
-              "event_loop_cpu_ms_per_request": round((loop_after - loop_before) / args.requests * 1000, 2),
+              "event_loop_cpu_ms_per_request": round(loop_s / args.requests * 1000, 2),
               "machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
     print(json.dumps(result))
     if args.out:

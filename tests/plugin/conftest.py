@@ -5,10 +5,7 @@ CPU); engines that need a different process setup (vLLM's built-in implementatio
 the default multiprocess path) run through `engine_runner.py` in subprocesses.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +14,8 @@ import torch
 
 from fast_engine import FAST_ENGINE_KWARGS
 
-from .engine_runner import PROMPT, SR, make_clip
+from .engine_runner import PROMPT, SR, make_clip, run_in_subprocess
 
-HERE = Path(__file__).parent
 # L % 640 >= 480: centred framing adds a patch beyond the last valid one; at 640*504+500
 # samples it is alone in the third chunk (252 + 252 + 1 patches) and has no valid key.
 TRAILING_PATCH_SAMPLES = 640 * 504 + 500
@@ -84,13 +80,4 @@ def run_engine_subprocess(
     for name in unset:
         env.pop(name, None)
     env.update(env_overrides)
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "engine_runner.py"), checkpoint, str(clips_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
-    return json.loads(line.removeprefix("RESULT_JSON "))
+    return run_in_subprocess(checkpoint, str(clips_file), env)

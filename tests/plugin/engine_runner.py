@@ -11,6 +11,7 @@ own `generate()` call so that the built-in's batch padding cannot change any cli
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -30,6 +31,18 @@ def make_clip(num_samples: int, seed: int) -> np.ndarray:
     sweep = 0.2 * np.sin(2 * np.pi * (100 + 300 * t) * t)
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t + seed)
     return ((tone + sweep) * envelope + 0.05 * rng.standard_normal(num_samples)).astype(np.float32)
+
+
+def run_in_subprocess(checkpoint: str, clips_file: str, env: dict[str, str], dtype: str = "float32",
+                      timeout: float = 600) -> dict:
+    """This script in a fresh interpreter with `env`; its JSON result. RuntimeError, with
+    the end of its stderr, if it fails."""
+    proc = subprocess.run([sys.executable, __file__, checkpoint, clips_file, dtype], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine_runner.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
+    return json.loads(line.removeprefix("RESULT_JSON "))
 
 
 def qualified_name(cls: type) -> str:

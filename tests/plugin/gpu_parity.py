@@ -14,31 +14,22 @@ Exits 1 if a float32 output or any prompt differs.
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from engine_runner import SR, make_clip
+from engine_runner import SR, make_clip, run_in_subprocess
 
-HERE = Path(__file__).parent
 # As in test_plugin_builtin_parity.py: sub-second to 61 s, window edges 10.08 s and beyond.
 LENGTHS = [1600, 3199, SR, 10 * SR, 161280, 161600, 30 * SR, 61 * SR]
 DTYPES = ["float32", "bfloat16"]
 
 
 def run(impl: str, checkpoint: str, clips_file: str, dtype: str) -> dict:
-    env = dict(os.environ)
-    if impl == "builtin":
-        env["VLLM_PLUGINS"] = ""
-    proc = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), checkpoint, clips_file, dtype],
-                          env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"{impl} {dtype} failed:\n{proc.stderr[-4000:]}")
-    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT_JSON ")]
-    return json.loads(line.removeprefix("RESULT_JSON "))
+    env = dict(os.environ, **({"VLLM_PLUGINS": ""} if impl == "builtin" else {}))
+    return run_in_subprocess(checkpoint, clips_file, env, dtype, timeout=900)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

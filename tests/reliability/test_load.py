@@ -179,7 +179,9 @@ def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, gua
     requests past --request-timeout (the guarded server's short one): afterwards nothing is
     left running or queued on either server."""
     url = open_server.url
-    long_body = captioning_body(max_tokens=1000, stream=True)
+    # min_tokens: sampled at temperature 1, the tiny model can end a request within a few
+    # tokens, and then there is nothing left to abandon.
+    long_body = {**captioning_body(max_tokens=1000, stream=True), "min_tokens": 1000}
 
     async def drop_stream_after_first_chunks(client: httpx.AsyncClient) -> tuple[str, dict | None]:
         """Drops the stream after 3 events; the gauges are read just before, while it is
@@ -195,8 +197,8 @@ def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, gua
 
     async def give_up_waiting(client: httpx.AsyncClient) -> str:
         try:
-            response = await client.post(url + "/v1/chat/completions", json=captioning_body(max_tokens=1000),
-                                         timeout=1.5)
+            response = await client.post(url + "/v1/chat/completions",
+                                         json={**captioning_body(max_tokens=1000), "min_tokens": 1000}, timeout=1.5)
             return f"{response.status_code} (finished within the client's patience)"
         except httpx.TimeoutException:
             return "client timed out and closed the connection"

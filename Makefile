@@ -1,4 +1,6 @@
 # The two commands of the README: `make run` and `make test`. Both install what they need.
+# Every step prints one line with the time it took (scripts/step.sh); pip's output goes to
+# .venv/setup.log.
 PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -6,16 +8,18 @@ PORT ?= 8000
 .PHONY: setup run test generate demo-checkpoint
 
 setup:
-	bash scripts/setup.sh
+	@bash scripts/setup.sh
 
 demo-checkpoint: setup
-	@test -f .demo/tiny/config.json || .venv/bin/mdl-serve make-checkpoint --preset tiny --out .demo/tiny
+	@test -f .demo/tiny/config.json || { mkdir -p .demo && STEP_LOG=.demo/make-checkpoint.log \
+		scripts/step.sh "demo checkpoint (.demo/tiny)" .venv/bin/mdl-serve make-checkpoint --preset tiny --out .demo/tiny; }
 
 generate: demo-checkpoint
-	.venv/bin/mdl-serve generate --model .demo/tiny
+	@scripts/step.sh "generate" .venv/bin/mdl-serve generate --model .demo/tiny
 
 run: demo-checkpoint
-	.venv/bin/mdl-serve serve --model .demo/tiny --host $(HOST) --port $(PORT)
+	@echo "serve: .demo/tiny on http://$(HOST):$(PORT) (Ctrl-C stops it)"
+	@.venv/bin/mdl-serve serve --model .demo/tiny --host $(HOST) --port $(PORT)
 
 test: setup
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	@scripts/step.sh "tests" $(PY) -m pytest -q -ra $(PYTEST_ARGS)

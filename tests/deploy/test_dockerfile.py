@@ -168,23 +168,62 @@ def test_every_copy_source_is_in_the_context(context):
                     assert src == "." or src in context, f"{ins} {src}: not in the build context"
 
 
-def test_package_builds_from_the_context(context, tmp_path):
-    """What `pip install .[gpu]` gets in the image: a wheel built from only the context files
-    holds the gateway, the plugin and both entry points."""
-    root = tmp_path / "ctx"
+@pytest.fixture(scope="module")
+def context_copy(context, tmp_path_factory) -> Path:
+    """A directory holding exactly the build context's files."""
+    root = tmp_path_factory.mktemp("ctx")
     for f in context:
         (root / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, root / f)
+    return root
+
+
+def test_package_builds_from_the_context(context, context_copy, tmp_path):
+    """What `pip install .[gpu]` gets in the image: a wheel built from only the context files
+    holds the gateway, the plugin, the benchmarks with their scenario files, and both entry
+    points."""
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path / "dist"), str(context_copy)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp_path / "dist").glob("midashenglm_serve-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert {"mdlserve/server/cli.py", "mdlserve/model_plugin/__init__.py"} <= names
+    shipped = {f"mdlserve/{f}" for f in context if f.endswith((".py", ".yaml")) and not f.startswith("benchmarks/results/")}
+    assert shipped and shipped <= names, f"declare these packages in pyproject.toml: {sorted(shipped - names)}"
+    assert "mdlserve/benchmarks/scenarios/mixed-traffic.yaml" in names
     assert "mdl-serve = mdlserve.server.cli:main" in entry_points
     assert "midashenglm = mdlserve.model_plugin:register" in entry_points
+
+
+BUILD_RECORDING_WARNINGS = """
+import sys, warnings
+from setuptools import build_meta
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    getattr(build_meta, sys.argv[1])(sys.argv[2])
+for w in caught:
+    print(f"{w.category.__name__}: {str(w.message).splitlines()[0]}")
+"""
+
+
+@pytest.mark.parametrize("hook, allowed", [
+    ("build_wheel", set()),
+    # Every editable strategy of setuptools emits this notice; it is not about our layout.
+    ("build_editable", {"InformationOnly: Editable installation."}),
+])
+def test_setuptools_warns_about_nothing(context_copy, tmp_path, hook, allowed):
+    """The package layout and package data are declared completely in pyproject.toml, so
+    neither the image's wheel nor scripts/setup.sh's editable install prints setuptools'
+    page-long notices (an undeclared data folder, for one, is a "Package would be ignored"
+    warning)."""
+    root = tmp_path / "src"
+    shutil.copytree(context_copy, root)
+    out = subprocess.run([sys.executable, "-c", BUILD_RECORDING_WARNINGS, hook, str(tmp_path / "dist")],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    warned = {line for line in out.stdout.splitlines() if line.split(":")[0].endswith(("Warning", "InformationOnly"))}
+    assert warned <= allowed, warned
 
 
 # --- HEALTHCHECK ------------------------------------------------------------------------------

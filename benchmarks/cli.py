@@ -70,6 +70,10 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="stop starting new points after this long (split evenly between implementations)")
+    if mode != "ttft":
+        p.add_argument("--profile-dir", default=None,
+                       help="after the throughput points, profile one more batch of the largest size with "
+                            "vLLM's torch profiler; traces and kernel tables go here (one folder per implementation)")
     e = p.add_argument_group("engine flags (recorded in the summary)")
     e.add_argument("--dtype", default=None, help="default auto (the checkpoint's: bf16 for 7b)")
     e.add_argument("--quantization", default=None)
@@ -129,7 +133,7 @@ def _offline_command(args: argparse.Namespace) -> None:
         impl=IMPLS[0], model=model, load_format="dummy" if args.dummy else "auto", engine=engine,
         batches=parse_int_list(args.batches), clip_s=args.clip_s, out_tokens=args.out_tokens,
         ttft_clip_s=parse_seconds_list(args.ttft_clips), ttft_repeats=args.ttft_repeats,
-        prompt=args.prompt, seed=args.seed,
+        prompt=args.prompt, seed=args.seed, profile_dir=getattr(args, "profile_dir", None),
     )  # fmt: skip
     impls = IMPLS if mode == "compare" else [args.impl]
     out_dir = run_dir(args.out, args.run_name, mode, gpu_name_without_cuda_context())

@@ -33,7 +33,7 @@ ARCHITECTURE = "MiDashengLMModel"
 PLUGIN_ALLOWLIST = {"plugin": "midashenglm", "builtin": "none"}
 EXPECTED_MODULE_PREFIX = {"plugin": "mdlserve.", "builtin": "vllm."}
 # Key spaces of make_clip, so that no two requests of a run share a clip.
-WARMUP_KEY, TTFT_KEY, THROUGHPUT_KEY = 1, 2, 3
+WARMUP_KEY, TTFT_KEY, THROUGHPUT_KEY, PROFILE_KEY = 1, 2, 3, 4
 
 
 @dataclass
@@ -69,6 +69,7 @@ class OfflineWorkload:
     prompt: str
     seed: int
     deadline: float | None = None  # unix time after which no new point starts
+    profile_dir: str | None = None  # profile one more batch of the largest size (vLLM's torch profiler)
 
     @classmethod
     def from_json(cls, data: dict) -> "OfflineWorkload":
@@ -91,6 +92,9 @@ def llm_kwargs(work: OfflineWorkload) -> dict:
     }
     if work.impl == "builtin":
         kwargs["trust_remote_code"] = True  # the built-in loads the checkpoint's processor module
+    if work.profile_dir:
+        kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(Path(work.profile_dir).resolve()),
+                                     "torch_profiler_with_stack": False}  # fmt: skip
     kwargs.update(work.engine.llm_kwargs())
     if kwargs.get("kv_cache_memory_bytes") is None:
         from mdlserve.server.platform import default_kv_cache_bytes
@@ -234,12 +238,13 @@ class OfflineRunner:
     def measure_throughput(self, llm) -> None:
         clip_s, out_tokens = self.work.clip_s, self.work.out_tokens
         samples_per_s = None
-        for batch in self.work.batches:
+        for point, batch in enumerate(self.work.batches):
             estimate = batch / samples_per_s if samples_per_s else 0.0
             if self.out_of_time(estimate):
                 self.skip("throughput", {"batch": batch})
                 continue
-            prompts = self.prompts(clip_s, [(THROUGHPUT_KEY, batch, i) for i in range(batch)])
+            # the point's index is in the key: a batch size listed twice gets fresh clips
+            prompts = self.prompts(clip_s, [(THROUGHPUT_KEY, point, batch, i) for i in range(batch)])
             start = time.perf_counter()
             outs = llm.generate(prompts, self.sampling(out_tokens), use_tqdm=False)
             wall = time.perf_counter() - start
@@ -262,6 +267,24 @@ class OfflineRunner:
             self.log(f"batch {batch}: {samples_per_s:.2f} samples/s ({wall:.1f} s)")
             self.save()
 
+    def profile(self, llm) -> None:
+        """Under vLLM's torch profiler (traces and kernel tables go to `profile_dir`): one
+        more fresh batch of the largest size, then one fresh clip with a single output token
+        (the TTFT path). Profiling slows both, so they are recorded apart from the rows."""
+        batch = max(self.work.batches)
+        runs = {f"batch{batch}": (batch, self.work.out_tokens), "ttft": (1, 1)}
+        self.result["profile"] = {"dir": self.work.profile_dir}
+        for name, (size, out_tokens) in runs.items():
+            prompts = self.prompts(self.work.clip_s, [(PROFILE_KEY, size, i) for i in range(size)])
+            llm.start_profile(profile_prefix=name)
+            start = time.perf_counter()
+            llm.generate(prompts, self.sampling(out_tokens), use_tqdm=False)
+            wall = time.perf_counter() - start
+            llm.stop_profile()
+            self.result["profile"][name] = {"batch": size, "out_tokens": out_tokens, "wall_s": wall}
+            self.log(f"profiled {name}: {wall:.2f} s")
+            self.save()
+
     def run(self) -> None:
         stage = "startup"
         try:
@@ -272,6 +295,9 @@ class OfflineRunner:
             self.measure_ttft(llm)
             stage = "throughput"
             self.measure_throughput(llm)
+            if self.work.profile_dir and self.work.batches:
+                stage = "profile"
+                self.profile(llm)
         except Exception as exc:  # record and stop: after a CUDA error the engine is unreliable
             traceback.print_exc()
             self.result["errors"].append({"impl": self.work.impl, "stage": stage,

@@ -140,7 +140,8 @@ def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, ou
     for i, impl in enumerate(impls):
         share = (deadline - time.time()) / (len(impls) - i) if deadline else None
         work = OfflineWorkload(**{**asdict(template), "engine": template.engine, "impl": impl,
-                                  "deadline": time.time() + share if share else None})  # fmt: skip
+                                  "deadline": time.time() + share if share else None,
+                                  "profile_dir": str(Path(template.profile_dir) / impl) if template.profile_dir else None})  # fmt: skip
         print(f"== {mode}: {impl} ({'no time limit' if share is None else f'{share:.0f} s budget'})", flush=True)
         wait_for_gpu_memory_release()
         results.append(run_worker(work, out_dir, None if share is None else share + GRACE_S))
@@ -158,7 +159,7 @@ def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, ou
                      "ttft_clip_s": template.ttft_clip_s, "ttft_repeats": template.ttft_repeats,
                      "prompt": template.prompt, "seed": template.seed, "time_budget_s": time_budget_s},
         "impls": {r["impl"]: {k: r.get(k) for k in ("model_class", "engine_args", "engine_effective",
-                                                    "startup_s", "warmup_s")} for r in results},
+                                                    "startup_s", "warmup_s", "profile")} for r in results},
         "throughput": [row for r in results for row in r.get("throughput", [])],
         "ttft": [row for r in results for row in r.get("ttft", [])],
         "errors": [e for r in results for e in r.get("errors", [])],

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The issue-13 measurements on one lent H200, in phases that each fit one device call
+# (10 minutes). Run on the device after staging vLLM (../shared/gpu/README.md):
+#
+#   export PYTHONPATH=/root/gpu-site
+#   bash benchmarks/h200_session.sh offline "$OUT"   # plugin vs built-in: TTFT 30 s, 512 x2, profiles
+#   bash benchmarks/h200_session.sh levers  "$OUT"   # plugin: FP8 (profiled), larger token budget
+#   bash benchmarks/h200_session.sh http    "$OUT"   # gateway at c=1 and c=512, stream and not
+#
+# Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
+# stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
+# (max_model_len 1024, 512 sequences, 16384 batched tokens) serve all phases, so the
+# compile cache of the first phase makes later engine starts warm.
+# SMOKE=1 runs every phase at CPU size with the tiny checkpoint (what the tests do).
+set -uo pipefail
+
+PHASE=${1:?usage: h200_session.sh offline|levers|http OUT}
+OUT=$(mkdir -p "${2:?OUT}" && cd "$2" && pwd)
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+WORK=${WORK:-/tmp/mdl-h200}
+mkdir -p "$WORK/$PHASE"
+exec > >(tee -a "$OUT/$PHASE.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if ! "$PY" -c "import mdlserve.benchmarks" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 3
+fi
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    CK=${CHECKPOINT:-$WORK/tiny}
+    [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset tiny --out "$CK"
+    SIZE=(--smoke --batches 2,2)
+    TTFT=(--ttft-clips 2 --ttft-repeats 1)
+    BIG=2; N_REQ=8; CLIP=4; TOKENS=8
+    SERVE_ENGINE=(--max-model-len 1024 --max-num-seqs 4 --enforce-eager)
+    export TORCHDYNAMO_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+else
+    CK=${CHECKPOINT:-/tmp/mdl-bench-7b}
+    [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset 7b --out "$CK"
+    SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024 --max-num-batched-tokens 16384
+          --batches 512,512)
+    TTFT=(--ttft-clips 30 --ttft-repeats 10)
+    BIG=512; N_REQ=2048; CLIP=30; TOKENS=100
+    SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512
+                  --max-num-batched-tokens 16384 --max-queue 4096)
+fi
+bench() { "$PY" -m mdlserve.benchmarks "$@"; }
+# Every trace of a profile folder, summarised next to it (the traces themselves stay behind).
+summarise_traces() {
+    find "$1" -name '*.pt.trace.json*' | while read -r trace; do
+        echo "== $trace"
+        "$PY" -m mdlserve.benchmarks.trace_summary "$trace" --out "${trace%%.pt.trace.json*}.summary.json"
+    done
+}
+pack() {
+    tar -C "$WORK" -czf "$OUT/$PHASE.tgz" --exclude='*.pt.trace.json*' "$PHASE"
+    ls -la "$OUT"
+}
+
+case $PHASE in
+offline)
+    bench compare "${SIZE[@]}" "${TTFT[@]}" --profile-dir "$WORK/offline/profile" --out "$WORK/offline/compare" \
+        --time-budget-s "${BUDGET:-420}"
+    summarise_traces "$WORK/offline/profile"
+    pack ;;
+levers)
+    bench throughput --impl plugin "${SIZE[@]}" --quantization fp8 --profile-dir "$WORK/levers/profile-fp8" \
+        --out "$WORK/levers/fp8" --time-budget-s "${BUDGET:-240}"
+    summarise_traces "$WORK/levers/profile-fp8"
+    pack
+    bench throughput --impl plugin "${SIZE[@]}" --engine-arg max_num_batched_tokens=32768 \
+        --out "$WORK/levers/tokens32k" --time-budget-s "${BUDGET:-240}"
+    pack ;;
+http)
+    URL=http://127.0.0.1:${PORT:-8000}
+    started=$(date +%s.%N)
+    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" \
+        > "$WORK/http/server.log" 2>&1 &
+    server=$!
+    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
+        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/http/server.log"; pack; exit 4; }
+        sleep 1
+    done
+    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/http/ready.txt"
+    serve() { bench serve --url "$URL" --clip-s $CLIP --out-tokens $TOKENS --server-pid $server "$@"; }
+    serve --concurrency 1 --num-requests 20 --out "$WORK/http/c1-stream"
+    serve --concurrency $BIG --processes 4 --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
+    pack
+    serve --concurrency $BIG --processes 4 --num-requests $N_REQ --out "$WORK/http/c$BIG-stream"
+    kill $server; wait $server
+    pack ;;
+*)
+    echo "unknown phase $PHASE"; exit 2 ;;
+esac

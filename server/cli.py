@@ -1,7 +1,7 @@
 """`mdl-serve`: the command line of midashenglm-serve.
 
 Subcommands: make-checkpoint, generate (offline captioning through vllm.LLM), serve (the
-OpenAI-compatible HTTP gateway).
+OpenAI-compatible HTTP gateway), batch (offline dataset jobs), bench.
 """
 
 import argparse
@@ -82,20 +82,22 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (`max_num_seqs` -> `--max-num-seqs`). Flags left out
-    are absent from the namespace, so MDL_* environment variables and defaults apply."""
+def _add_settings_flags(parser: argparse.ArgumentParser, model=None, names=None) -> None:
+    """One flag per field of `model` (default: the gateway's Settings; only `names` when
+    given), `max_num_seqs` -> `--max-num-seqs`. Flags left out are absent from the
+    namespace, so MDL_* environment variables and defaults apply."""
     import types
     import typing
 
     from mdlserve.server.settings import Settings
 
-    for name, field in Settings.model_fields.items():
+    model = model or Settings
+    for name, field in model.model_fields.items():
         extra = field.json_schema_extra or {}
-        if extra.get("cli") is False:
+        if extra.get("cli") is False or (names is not None and name not in names):
             continue
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (env MDL_{name.upper()})"
+        help_text = f"{field.description} (env MDL_{name.upper()})" if model is Settings else field.description
         annotation = field.annotation
         if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
             annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
@@ -143,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=_serve)
 
     from mdlserve.benchmarks.cli import add_parser as add_bench_parser
+    from mdlserve.server.batch.cli import add_parser as add_batch_parser
 
     add_bench_parser(sub)
+    add_batch_parser(sub, _add_settings_flags)
     return parser
 
 

@@ -1,0 +1,305 @@
+"""The four input kinds, each read as a stream of rows (never the whole input at once).
+
+- files: a folder (walked, one directory listing at a time) or a glob of audio files;
+- csv / jsonl: a manifest with an `audio` column (path or URL) and optional id, prompt,
+  task, lang and sampling columns; other columns are copied to the output row;
+- openai: OpenAI's Batch API input (custom_id, method, url, body) for /v1/chat/completions
+  and /v1/audio/transcriptions (vLLM run-batch's `file_url` shape);
+- dasheng-eval: the model authors' evaluation rows (dataset_name, audio, lang, text, prompt).
+"""
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from mdlserve.server.batch.items import AudioRef, BadRow, BatchItem, RowError, question
+from mdlserve.server.batch.presets import DEFAULT_TASK, PresetError, preset_prompt
+from mdlserve.server.request import DEFAULT_PROMPT
+from mdlserve.server.schemas import ChatCompletionRequest, SamplingFields, TextPart, TranscriptionForm
+
+Format = Literal["auto", "files", "csv", "jsonl", "openai", "dasheng-eval"]
+FORMATS: tuple[str, ...] = Format.__args__
+AUDIO_EXTENSIONS = frozenset((".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".webm",
+                              ".aiff", ".aif"))  # fmt: skip
+GLOB_CHARS = frozenset("*?[")
+# Manifest columns read as sampling fields (the rest of the row is copied to the output).
+SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "min_tokens", "stop")
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/audio/transcriptions": "transcription"}
+STDIN = "-"
+
+Row = BatchItem | BadRow
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be read (no such file, unknown format): exit code 2."""
+
+
+@dataclass
+class InputSpec:
+    """Where rows come from and the defaults a row may override."""
+
+    input: str
+    format: Format = "auto"
+    audio_root: str | None = None  # relative audio paths; default: the manifest's folder
+    task: str | None = None
+    lang: str | None = None
+    prompt: str | None = None
+    sampling: dict | None = None  # CLI sampling defaults (max_tokens, temperature, ...)
+
+    def resolved_format(self) -> str:
+        return detect_format(self.input) if self.format == "auto" else self.format
+
+    def root(self) -> Path:
+        if self.audio_root is not None:
+            return Path(self.audio_root)
+        if self.input == STDIN:
+            return Path.cwd()
+        return Path(self.input).parent
+
+    def default_prompt(self, task: str | None = None, lang: str | None = None) -> tuple[str, int]:
+        """(prompt, default max_tokens) for a row: its task, else --prompt, else --task."""
+        if task is None and self.prompt is not None:
+            return self.prompt, preset_prompt(self.task or DEFAULT_TASK).max_tokens
+        preset = preset_prompt(task or self.task or DEFAULT_TASK, lang or self.lang)
+        return preset.prompt, preset.max_tokens
+
+
+def detect_format(path: str) -> str:
+    """files for folders and globs; by extension or the first row's keys otherwise (stdin
+    cannot be peeked at: it is a JSONL manifest unless --format says otherwise)."""
+    if path == STDIN:
+        return "jsonl"
+    if (Path(path).is_dir() or GLOB_CHARS & set(path)):
+        return "files"
+    if path.lower().endswith(".csv"):
+        return "csv"
+    with open_text(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        keys = set(json.loads(first)) if first.strip().startswith("{") else set()
+    except json.JSONDecodeError:
+        keys = set()
+    if {"custom_id", "body"} <= keys:
+        return "openai"
+    if {"dataset_name", "audio"} <= keys:
+        return "dasheng-eval"
+    return "jsonl"
+
+
+def open_text(path: str):
+    if path == STDIN:
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InputError(f"cannot read the input {path}: {exc.strerror or exc}") from None
+
+
+def read_rows(spec: InputSpec) -> Iterator[Row]:
+    reader = {"files": _file_rows, "csv": _csv_rows, "jsonl": _manifest_rows, "openai": _openai_rows,
+              "dasheng-eval": _dasheng_rows}[spec.resolved_format()]  # fmt: skip
+    return reader(spec)
+
+
+def text_lines(path: str) -> Iterator[str]:
+    """Lines of a text input, read as they are needed."""
+    with open_text(path) as f:
+        yield from f
+
+
+# ---------------------------------------------------------------- files
+
+
+def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str]]:
+    """(id, path): relative paths under a folder (sorted per directory), or glob matches."""
+    if Path(spec.input).is_dir():
+        root = Path(spec.input)
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
+                    path = Path(folder) / name
+                    yield path.relative_to(root).as_posix(), str(path)
+        return
+    for path in glob.iglob(spec.input, recursive=True):
+        if Path(path).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(path):
+            yield path, path
+
+
+def _file_rows(spec: InputSpec) -> Iterator[Row]:
+    if spec.input == STDIN or not (Path(spec.input).is_dir() or GLOB_CHARS & set(spec.input)):
+        raise InputError(f"--format files needs a folder or a glob pattern, got {spec.input}")
+    prompt, max_tokens = spec.default_prompt()
+    sampling = SamplingFields.model_validate({"max_tokens": max_tokens, **(spec.sampling or {})})
+    for row_id, path in _audio_files(spec):
+        yield BatchItem(row_id, {"id": row_id, "audio": path, "prompt": prompt}, question(prompt), sampling,
+                        AudioRef("path", path))
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def _csv_rows(spec: InputSpec) -> Iterator[Row]:
+    with open_text(spec.input) as f:
+        for number, row in enumerate(csv.DictReader(f), start=1):
+            yield _manifest_row(spec, number, {k: v for k, v in row.items() if k is not None and v not in ("", None)})
+
+
+def _manifest_rows(spec: InputSpec) -> Iterator[Row]:
+    for number, row in _json_lines(spec.input):
+        yield row if isinstance(row, BadRow) else _manifest_row(spec, number, row)
+
+
+def _json_lines(path: str) -> Iterator[tuple[int, dict | BadRow]]:
+    """(line number, object) per non-blank line; unparsable lines become BadRows."""
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, BadRow(f"line-{number}", {}, RowError("invalid_json", f"line {number}: {exc.msg}"))
+            continue
+        if not isinstance(value, dict):
+            yield number, BadRow(f"line-{number}", {}, RowError("invalid_row", f"line {number} is not a JSON object"))
+            continue
+        yield number, value
+
+
+def audio_ref(value: str, root: Path, param: str = "audio") -> AudioRef:
+    """A URL as it is; a path, relative to `root` unless absolute."""
+    if "://" in value or value.startswith("data:"):
+        return AudioRef("url", value, param)
+    path = Path(value)
+    return AudioRef("path", str(path if path.is_absolute() else root / path), param)
+
+
+def _manifest_row(spec: InputSpec, number: int, row: dict) -> Row:
+    row_id = str(row.get("id", f"row-{number}"))
+    source = {**row, "id": row_id}
+    try:
+        audio = row.get("audio")
+        if not isinstance(audio, str) or not audio:
+            raise RowError("invalid_row", f"row {number} has no audio (a path or URL in the 'audio' column)")
+        prompt, max_tokens = _row_prompt(spec, row)
+        sampling = _row_sampling(spec, row, max_tokens)
+    except RowError as exc:
+        return BadRow(row_id, source, exc)
+    source["prompt"] = prompt
+    return BatchItem(row_id, source, question(prompt), sampling, audio_ref(audio, spec.root()))
+
+
+def _row_prompt(spec: InputSpec, row: dict) -> tuple[str, int]:
+    try:
+        if row.get("prompt"):
+            return str(row["prompt"]), spec.default_prompt(row.get("task"), row.get("lang"))[1]
+        return spec.default_prompt(row.get("task"), row.get("lang"))
+    except PresetError as exc:
+        raise RowError("invalid_task", str(exc)) from None
+
+
+def _row_sampling(spec: InputSpec, row: dict, default_max_tokens: int) -> SamplingFields:
+    fields = {"max_tokens": default_max_tokens, **(spec.sampling or {})}
+    fields.update({k: row[k] for k in SAMPLING_COLUMNS if row.get(k) not in (None, "")})
+    return validated(SamplingFields, fields)
+
+
+def validated(model: type[BaseModel], data: dict, where: str = ""):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "row"
+        raise RowError("invalid_row", f"{where}{field}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------- OpenAI Batch API
+
+
+class BatchRequestLine(BaseModel):
+    custom_id: str
+    method: str
+    url: str
+    body: dict
+
+
+class BatchTranscriptionBody(TranscriptionForm):
+    """A transcription request in a batch file: the audio as `file_url` (vLLM run-batch's
+    shape: http(s), data: or file:// URL, or a path) instead of a multipart upload."""
+
+    file: None = Field(None, exclude=True)
+    file_url: str
+
+
+def _openai_rows(spec: InputSpec) -> Iterator[Row]:
+    for number, line in _json_lines(spec.input):
+        if isinstance(line, BadRow):
+            yield line
+            continue
+        row_id = str(line.get("custom_id") or f"line-{number}")
+        try:
+            request = validated(BatchRequestLine, line)
+            yield _openai_item(spec, request, line)
+        except RowError as exc:
+            yield BadRow(row_id, {"custom_id": row_id, "url": line.get("url")}, exc)
+
+
+def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> BatchItem:
+    if request.method.upper() != "POST":
+        raise RowError("invalid_method", f"method must be POST, got {request.method!r}")
+    endpoint = OPENAI_URLS.get(request.url)
+    if endpoint is None:
+        raise RowError("invalid_url", f"url {request.url!r} is not supported; use one of {', '.join(OPENAI_URLS)}")
+    source = {"custom_id": request.custom_id, "url": request.url, "model": request.body.get("model")}
+    if endpoint == "transcription":
+        body = validated(BatchTranscriptionBody, request.body, "body.")
+        if body.stream:
+            raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
+        source["response_format"] = body.response_format
+        return BatchItem(request.custom_id, source, question(body.prompt or DEFAULT_PROMPT), body.sampling(),
+                         audio_ref(body.file_url, spec.root(), "body.file_url"), "transcription")
+    chat = validated(ChatCompletionRequest, request.body, "body.")
+    if chat.stream:
+        raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
+    if all(isinstance(m.content, str) or all(isinstance(p, TextPart) for p in m.content) for m in chat.messages):
+        raise RowError("invalid_row", "body.messages: no audio part (input_audio or audio_url)")
+    sampling = SamplingFields.model_validate(chat.model_dump(include=set(SamplingFields.model_fields)))
+    return BatchItem(request.custom_id, source, chat.messages, sampling, endpoint="chat")
+
+
+# ---------------------------------------------------------------- the authors' evaluation rows
+
+
+def dasheng_id(row: dict) -> str:
+    """Their rows have no id: dataset, audio file and prompt identify one question."""
+    return f"{row.get('dataset_name', '')}:{row.get('audio', '')}:{row.get('prompt', '')}"
+
+
+def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
+    for number, row in _json_lines(spec.input):
+        if isinstance(row, BadRow):
+            yield row
+            continue
+        source = dict(row)
+        try:
+            if not row.get("prompt"):
+                source["prompt"] = spec.default_prompt(lang=row.get("lang") or None)[0]
+            audio = row.get("audio")
+            if not isinstance(audio, str) or not audio:
+                raise RowError("invalid_row", f"line {number} has no audio file name")
+            sampling = _row_sampling(spec, {}, spec.default_prompt()[1])
+        except (RowError, PresetError) as exc:
+            error = exc if isinstance(exc, RowError) else RowError("invalid_task", str(exc))
+            yield BadRow(dasheng_id(source), source, error)
+            continue
+        yield BatchItem(dasheng_id(source), source, question(source["prompt"]), sampling, audio_ref(audio, spec.root()))
+

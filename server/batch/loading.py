@@ -1,0 +1,80 @@
+"""Loading a row's clips: bytes in the job's process (files in a thread, URLs through the
+gateway's fetcher), decoding in a process pool with the gateway's `decode_audio`.
+
+`ProcessDecodePool` has the gateway DecodePool's `decode` method, so the gateway's
+RequestBuilder runs unchanged on top of it (limits, prompt, tokenization, sampling).
+Processes rather than the gateway's threads: this process also runs vLLM's frontend
+(request processing and detokenizing for hundreds of requests), whose Python work would
+compete for the GIL with the decoders' Python glue.
+"""
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from mdlserve.server.audio import decode_audio
+from mdlserve.server.batch.items import AudioRef, RowError
+from mdlserve.server.fetch import AudioFetcher, FetchError
+from mdlserve.server.request import AudioSource
+
+
+class ProcessDecodePool:
+    def __init__(self, workers: int):
+        # forkserver: workers fork from a clean server process, never from this one once
+        # it holds vLLM's threads (and, on a GPU, CUDA state).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["mdlserve.server.audio"])
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+    def warm_up(self) -> None:
+        """Starts every worker now, before the engine, so no row pays for it."""
+        list(self._pool.map(abs, range(self.workers)))
+
+    async def decode(self, data: bytes, max_seconds: float | None = None) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_audio, data, max_seconds)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def batch_fetcher(timeout: float, max_bytes: int) -> AudioFetcher:
+    """The gateway's fetcher, opened up for the operator's own data: private hosts (a
+    bucket on the cluster network) and file:// anywhere are allowed."""
+    return AudioFetcher(timeout=timeout, max_bytes=max_bytes, allowed_domains=[], media_dir=Path("/"),
+                        allow_private=True)
+
+
+def read_file(path: str, max_bytes: int) -> bytes:
+    try:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            raise RowError("file_too_large", f"{path} is {size} bytes (the limit is {max_bytes}, --fetch-max-bytes)")
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise RowError("file_not_found", f"no such file: {path}") from None
+    except OSError as exc:
+        raise RowError("unreadable_file", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def audio_source(ref: AudioRef, fetcher: AudioFetcher) -> AudioSource:
+    if ref.kind == "path":
+
+        async def load_path() -> bytes:
+            return await asyncio.to_thread(read_file, ref.value, fetcher.max_bytes)
+
+        return AudioSource(ref.param, load_path)
+
+    async def load_url() -> bytes:
+        if urlsplit(ref.value).scheme.lower() == "file":
+            return await asyncio.to_thread(read_file, unquote(urlsplit(ref.value).path), fetcher.max_bytes)
+        try:
+            return await fetcher.fetch(ref.value)
+        except FetchError as exc:
+            raise RowError("invalid_audio_url", f"{ref.param}: {exc}") from None
+
+    return AudioSource(ref.param, load_url)

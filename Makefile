@@ -5,7 +5,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test generate demo-checkpoint
+.PHONY: setup run test generate demo-checkpoint lint
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,12 @@ run: demo-checkpoint
 
 test: setup
 	@scripts/step.sh "tests" $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Code checks (.ci/run runs them after the tests): ruff's lint rules, ruff's format check and
+# mypy, configured in pyproject.toml. LINT_PATHS narrows or widens them, e.g.
+# `make lint LINT_PATHS="server/errors.py"`; server/ joins the default once it is clean.
+LINT_PATHS ?= model_plugin benchmarks
+lint: setup
+	@scripts/step.sh "lint: ruff check" .venv/bin/ruff check $(LINT_PATHS)
+	@scripts/step.sh "lint: ruff format --check" .venv/bin/ruff format --check $(LINT_PATHS)
+	@scripts/step.sh "lint: mypy" .venv/bin/mypy $(LINT_PATHS)

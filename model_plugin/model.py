@@ -28,7 +28,6 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
-    BaseMultiModalProcessor,
     BaseProcessingInfo,
     PromptReplacement,
     PromptUpdate,
@@ -37,6 +36,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
+from .compat import AudioTensorsProcessor
 from .encoder import DashengEncoder, as_pair
 from .processing import HOP_LENGTH, MIN_AUDIO_SAMPLES, PATCH_FRAMES, SAMPLE_RATE, SUBSAMPLE_FACTOR, num_audio_tokens
 
@@ -66,7 +66,8 @@ class AudioDataParser(MultiModalDataParser):
         items = super()._parse_audio_data(data)
         if isinstance(items, AudioProcessorItems):
             for i, audio in enumerate(items.get_all()):
-                _check_waveform(i, audio)
+                if audio is not None:  # vLLM 0.32: None is a clip the request reuses by UUID
+                    _check_waveform(i, audio)
         return items
 
 
@@ -137,46 +138,28 @@ class MiDashengLMDummyInputsBuilder(BaseDummyInputsBuilder[MiDashengLMProcessing
         }
 
 
-class MiDashengLMMultiModalProcessor(BaseMultiModalProcessor[MiDashengLMProcessingInfo]):
-    def _call_hf_processor(
-        self,
-        prompt: str,
-        mm_data: Mapping[str, object],
-        mm_kwargs: Mapping[str, object],
-        tok_kwargs: Mapping[str, object],
-    ) -> BatchFeature:
-        input_ids = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
-        data: dict[str, Any] = {"input_ids": [input_ids]}
-        audios = mm_data.get("audios") or mm_data.get("audio") or []
-        if audios:
-            # Zero-copy views of the caller's float32 arrays: a 30 s clip is 1.9 MB, and
-            # with hundreds of clips in flight every copy here shows in throughput.
-            clips = []
-            for audio in audios:
-                clip = torch.from_numpy(np.asarray(audio, dtype=np.float32))
-                if clip.shape[0] < MIN_AUDIO_SAMPLES:
-                    clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
-                clips.append(clip)
-            data["input_values"] = clips
-            data["audio_length"] = torch.tensor([c.shape[0] for c in clips])
-        return BatchFeature(data)
+class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessingInfo]):
+    def audio_tensors(self, audios: list[Any]) -> dict[str, Any]:
+        # Zero-copy views of the caller's float32 arrays: a 30 s clip is 1.9 MB, and
+        # with hundreds of clips in flight every copy here shows in throughput.
+        clips = []
+        for audio in audios:
+            clip = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+            if clip.shape[0] < MIN_AUDIO_SAMPLES:
+                clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
+            clips.append(clip)
+        return {"input_values": clips, "audio_length": torch.tensor([c.shape[0] for c in clips])}
 
-    def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
-        return False
-
-    def _maybe_apply_prompt_updates(self, mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied):
+    def check_prompt(self, mm_items: MultiModalDataItems, prompt_ids: list[int]) -> None:
         # vLLM would fail an assert on extra clips and leave a surplus <|AUDIO|> token as
         # plain text (no audio behind it); both are the caller's error, so say so.
         clips = mm_items.get_all_counts().get("audio", 0)
         placeholders = prompt_ids.count(self.info.audio_token_id())
-        if not is_update_applied and placeholders != clips:
+        if placeholders != clips:
             raise ValueError(
                 f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) "
                 f"but {clips} audio clip(s) were given"
             )
-        return super()._maybe_apply_prompt_updates(
-            mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied
-        )
 
     def _get_mm_fields_config(
         self,
@@ -332,6 +315,8 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # Some published snapshots carry the front end's STFT window and mel filterbank;
-        # both are recomputed here from the config.
-        loader = AutoWeightsLoader(self, skip_prefixes=["audio_encoder.front_end."])
+        # both are recomputed here from the config (non-persistent buffers, so no loadable
+        # tensor has these names). `ignore_unexpected_prefixes` exists in vLLM 0.26 and
+        # 0.32 alike; 0.26's `skip_prefixes` is gone in 0.32.
+        loader = AutoWeightsLoader(self, ignore_unexpected_prefixes=["audio_encoder.front_end."])
         return loader.load_weights(weights)

@@ -5,18 +5,26 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from mdlserve.server.deps import require_api_key, require_api_key_for_ops, require_serving
+from mdlserve.server.deps import require_serving
+from mdlserve.server.engine import Engine
 from mdlserve.server.errors import install_error_handlers
-from mdlserve.server.middleware import AdmissionGateMiddleware, BodySizeLimitMiddleware, RequestContextMiddleware
+from mdlserve.server.middleware import (
+    AdmissionGateMiddleware,
+    AuthMiddleware,
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+)  # fmt: skip
 from mdlserve.server.routes import audio, chat, health, models
 from mdlserve.server.settings import Settings
 from mdlserve.server.state import GatewayState
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the engine starts (in the background) when the app's lifespan
-    starts and stops when it ends."""
-    state = GatewayState(settings)
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app around `engine` (any engine.Engine; None: vLLM's AsyncLLM from the
+    settings). The engine starts (in the background) when the app's lifespan starts and
+    stops when it ends; an ASGI transport that skips the lifespan must enter
+    `app.router.lifespan_context(app)` itself."""
+    state = GatewayState(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,16 +37,21 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = state
     install_error_handlers(app)
-    # Middleware added last runs first: request ids and metrics, then the admission gate
-    # (before any body byte is read), then the size limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes, metrics=state.metrics,
-                       body_timeout=settings.request_timeout)
+    # Middleware added last runs first: request ids and metrics, then auth and the
+    # admission gate (both before any body byte is read), then the size limit.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        metrics=state.metrics,
+        body_timeout=settings.request_timeout,
+    )
     app.add_middleware(AdmissionGateMiddleware, state=state)
+    app.add_middleware(AuthMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
 
-    work = [Depends(require_api_key), Depends(require_serving)]
+    work = [Depends(require_serving)]
     app.include_router(chat.router, dependencies=work)
     app.include_router(audio.router, dependencies=work)
-    app.include_router(models.router, dependencies=[Depends(require_api_key)])
-    app.include_router(health.router, dependencies=[Depends(require_api_key_for_ops)])
+    app.include_router(models.router)
+    app.include_router(health.router)
     return app

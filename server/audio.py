@@ -126,7 +126,7 @@ class DecodePool:
 
     Threads rather than processes: libsndfile (via cffi), FFmpeg (PyAV) and soxr release
     the GIL while they work, and threads avoid pickling the file bytes in and the samples
-    out (see server/bench_decode_pool.py and docs/gateway.md for the measurement).
+    out (see benchmarks/decode_pool.py and docs/gateway.md for the measurement).
     """
 
     def __init__(self, workers: int, on_decoded: Callable[[float, float], None] | None = None):

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the state object, API-key auth, and serving checks.
+"""FastAPI dependencies: the state object and the serving check; the API-key check that
+AuthMiddleware applies before a request's body is read.
 
 All `async def` although none awaits: FastAPI runs plain `def` dependencies in its thread
 pool, which would cost every request three thread hand-offs for microseconds of work."""
@@ -9,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mdlserve.server.engine import EngineState
-from mdlserve.server.errors import ApiError
+from mdlserve.server.errors import ApiError, EngineDead
 from mdlserve.server.state import GatewayState
 
 
@@ -32,32 +33,26 @@ def api_key_error(authorization: str, keys: list[bytes]) -> ApiError | None:
     """The 401 for an `Authorization` header value, or None when it carries a valid key."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        return ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})
+        return ApiError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if not _key_matches(token.strip().encode(), keys):
         return ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return None
 
 
-async def require_api_key(request: Request, state: State) -> None:
-    """`Authorization: Bearer <key>` when keys are configured; no-op otherwise."""
-    if state.api_keys and (error := api_key_error(request.headers.get("authorization", ""), state.api_keys)):
-        raise error
-
-
-async def require_api_key_for_ops(request: Request, state: State) -> None:
-    """Health and metrics are open unless --auth-health-metrics."""
-    if state.settings.auth_health_metrics:
-        await require_api_key(request, state)
-
-
 async def require_serving(state: State) -> None:
     """Refuse new work (503) while the engine loads, after it died, or while draining."""
     if state.draining:
-        raise ApiError(503, "server is shutting down; retry on another replica", code="draining",
-                       headers={"Retry-After": "1"})
+        raise ApiError(
+            503, "server is shutting down; retry on another replica", code="draining", headers={"Retry-After": "1"}
+        )
     if state.engine.state is EngineState.LOADING:
-        raise ApiError(503, "the model is still loading; retry shortly", code="loading", reason=None,
-                       headers={"Retry-After": "5"})
+        raise ApiError(
+            503, "the model is still loading; retry shortly", code="loading", reason=None, headers={"Retry-After": "5"}
+        )
     if not state.engine.up:
-        raise ApiError(503, "the engine is not running", code="engine_unavailable", reason=None)
+        raise EngineDead()

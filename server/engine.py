@@ -1,6 +1,11 @@
-"""The vLLM engine: AsyncEngineArgs from Settings, and its start/health/stop life cycle.
+"""The engine the gateway drives: a small protocol, vLLM's AsyncLLM behind it, and the
+life cycle (load in the background, watch, stop) around any engine.
 
-The engine starts in a worker thread after the HTTP server is already listening, so that
+`Engine` is all the session needs; `VllmEngine` implements it with vLLM's in-process
+AsyncLLM, and tests pass a fake that implements the same protocol to `create_app` for
+behaviour the model does not affect (timeouts, disconnects, engine death, backpressure).
+
+The engine loads in a worker thread after the HTTP server is already listening, so that
 /health/live answers during the (minutes-long, for 7B) load and /health/ready says 503
 until the engine is up.
 """
@@ -8,14 +13,55 @@ until the engine is up.
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
+from mdlserve.server.errors import EngineDead
 from mdlserve.server.metrics import GatewayMetrics, engine_stat_logger
+from mdlserve.server.request import PreparedRequest, Sampling, Tokenizer
 from mdlserve.server.settings import Settings
 
 logger = logging.getLogger("mdlserve.server")
 HEALTH_INTERVAL_S = 1.0
 LOG_STATS_INTERVAL_S = 10.0
+
+
+@dataclass
+class Completion:
+    """What one choice produced since the previous step."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+
+
+@dataclass
+class Step:
+    completions: list[Completion]
+    prompt_tokens: int | None = None  # as the engine counted them, when it says
+
+
+class Engine(Protocol):
+    """What the gateway needs of an engine.
+
+    `generate` yields one Step per engine output (deltas); closing the iterator early
+    aborts the request in the engine. Once the engine is gone, `generate`, its iterators
+    and `check_health` raise `errors.EngineDead`."""
+
+    tokenizer: Tokenizer
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncIterator[Step]: ...
+
+    async def check_health(self) -> None: ...
+
+    async def log_stats(self) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 def engine_args(settings: Settings):
@@ -41,6 +87,79 @@ def engine_args(settings: Settings):
     )
 
 
+def sampling_params(sampling: Sampling):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=sampling.n,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
+        min_tokens=sampling.min_tokens,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM in this process (its EngineCore in its own process, unless
+    VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+
+    def __init__(self, settings: Settings, metrics: GatewayMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._llm = None
+        self.tokenizer = None
+
+    def _build(self):
+        """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(engine_args(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
+
+    async def start(self) -> None:
+        self._llm = await asyncio.to_thread(self._build)
+        self.tokenizer = self._llm.get_tokenizer()
+
+    async def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncIterator[Step]:
+        """vLLM's multimodal processing (waveform checks, hashing, placeholder expansion) runs
+        in its renderer's worker thread, not on this event loop. A ValueError from vLLM's own
+        input checks is not caught: the request builder refuses what vLLM would refuse, so
+        one reaching here is our bug (a 500), not the client's."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt = {"prompt_token_ids": request.token_ids, "multi_modal_data": {"audio": request.clips}}
+        try:
+            engine_input = await self._llm.renderer.process_for_engine_async(prompt, arrival_time)
+            stream = self._llm.generate(engine_input, sampling_params(request.sampling), request_id)
+            try:
+                async for output in stream:
+                    yield Step(
+                        [Completion(c.index, c.text, len(c.token_ids), c.finish_reason) for c in output.outputs],
+                        len(output.prompt_token_ids) if output.prompt_token_ids else None,
+                    )
+            finally:
+                await stream.aclose()  # aborts the request in vLLM if it is still running
+        except EngineDeadError:
+            raise EngineDead() from None
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineDead() from exc
+
+    async def log_stats(self) -> None:
+        await self._llm.do_log_stats()
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
 class EngineState(str, Enum):
     LOADING = "loading"
     UP = "up"
@@ -50,72 +169,76 @@ class EngineState(str, Enum):
 
 
 class EngineHandle:
-    """Owns the AsyncLLM: starts it in the background, watches it, shuts it down."""
+    """Starts an Engine in the background, watches its health, stops it."""
 
-    def __init__(self, settings: Settings, metrics: GatewayMetrics):
-        self.settings = settings
+    def __init__(self, engine: Engine, metrics: GatewayMetrics, model: str):
+        self.engine = engine
         self.metrics = metrics
-        self.engine = None  # vllm.v1.engine.async_llm.AsyncLLM once up
-        self.tokenizer = None
+        self.model = model
         self.state = EngineState.LOADING
         self.started_at: float | None = None
         self._start_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
+        self._on_failure: Callable[[], None] = lambda: None
         metrics.engine_up.set(0)
 
     @property
     def up(self) -> bool:
         return self.state is EngineState.UP
 
-    def start(self, on_failure) -> None:
+    @property
+    def gone(self) -> bool:
+        return self.state in (EngineState.DEAD, EngineState.FAILED)
+
+    def start(self, on_failure: Callable[[], None]) -> None:
         """Begin loading; `on_failure()` is called if the engine cannot start or dies."""
-        self._start_task = asyncio.create_task(self._start(on_failure), name="engine-start")
+        self._on_failure = on_failure
+        self._start_task = asyncio.create_task(self._start(), name="engine-start")
 
-    def _build(self):
-        """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        return AsyncLLM.from_engine_args(engine_args(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
-
-    async def _start(self, on_failure) -> None:
+    async def _start(self) -> None:
         started = time.perf_counter()
         try:
-            self.engine = await asyncio.to_thread(self._build)
-            self.tokenizer = self.engine.get_tokenizer()
+            await self.engine.start()
         except Exception:
             logger.exception("the engine failed to start")
             self.state = EngineState.FAILED
-            on_failure()
+            self._on_failure()
             return
         if self.state is not EngineState.LOADING:  # stop() was called while loading
             return
         self.state = EngineState.UP
         self.started_at = time.time()
         self.metrics.engine_up.set(1)
-        logger.info("engine up in %.1f s (model %s)", time.perf_counter() - started, self.settings.model)
-        self._watch_task = asyncio.create_task(self._watch(on_failure), name="engine-watch")
+        logger.info("engine up in %.1f s (model %s)", time.perf_counter() - started, self.model)
+        self._watch_task = asyncio.create_task(self._watch(), name="engine-watch")
 
-    async def _watch(self, on_failure) -> None:
+    def mark_dead(self) -> None:
+        """Called by the health watch, and by the session as soon as a request sees the
+        engine gone (readiness turns false without waiting for the next health check)."""
+        if self.state is EngineState.UP:
+            logger.error("the engine died; readiness is now false")
+            self.state = EngineState.DEAD
+            self.metrics.engine_up.set(0)
+            self._on_failure()
+
+    async def _watch(self) -> None:
         """Flags the engine dead as soon as it stops answering; drives vLLM's periodic
         stats log line."""
         last_log = time.monotonic()
         while self.state is EngineState.UP:
             try:
                 await self.engine.check_health()
-            except Exception:
-                logger.error("the engine died; readiness is now false")
-                self.state = EngineState.DEAD
-                self.metrics.engine_up.set(0)
-                on_failure()
+            except EngineDead:
+                self.mark_dead()
                 return
             if time.monotonic() - last_log >= LOG_STATS_INTERVAL_S:
                 last_log = time.monotonic()
-                await self.engine.do_log_stats()
+                await self.engine.log_stats()
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     async def stop(self) -> None:
         previous = self.state
-        if previous not in (EngineState.FAILED, EngineState.DEAD):  # keep the cause: serve() exits 1 on it
+        if not self.gone:  # keep the cause: serve() exits 1 on it
             self.state = EngineState.STOPPED
         self.metrics.engine_up.set(0)
         if self._watch_task is not None:
@@ -123,6 +246,4 @@ class EngineHandle:
         if self._start_task is not None and previous is EngineState.LOADING:
             logger.info("waiting for the engine to finish loading before stopping it")
             await asyncio.shield(self._start_task)
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        self.engine.shutdown()

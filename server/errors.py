@@ -1,21 +1,28 @@
-"""Errors the gateway answers with, in OpenAI's shape `{"error": {message, type, param, code}}`.
+"""Every error the gateway answers with, and the one mapping to OpenAI's error envelope
+`{"error": {message, type, param, code}}`.
 
-Only errors we know to be the client's fault become 4xx (`ApiError` raised on purpose,
-request validation, undecodable audio, vLLM's own request validation); anything else is
-our bug and becomes a 500 "internal error" that names the request id and nothing more.
+Only errors we know to be the client's fault become 4xx: an `ApiError` raised on purpose
+(the request builder, admission, auth, the session), FastAPI's request validation, and the
+body limits. Anything else is our bug and becomes a 500 "internal error" that names the
+request id and nothing more (RequestContextMiddleware); in particular a `ValueError` from
+a library is never turned into a 400 here. Streams report errors with the same envelope as
+a last SSE event (`error_event`).
 """
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
 
-from mdlserve.server.audio import AudioDecodeError
 from mdlserve.server.schemas import ErrorBody, ErrorResponse
 
 logger = logging.getLogger("mdlserve.server")
+
+# nginx's "client closed request": recorded in metrics and logs, never seen by the client.
+CLIENT_CLOSED = 499
 
 # Status -> (OpenAI error type, rejection reason for mdl_rejections_total).
 _KINDS = {
@@ -25,6 +32,7 @@ _KINDS = {
     405: ("invalid_request_error", "bad_request"),
     408: ("invalid_request_error", "timeout"),
     413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "bad_request"),
     422: ("invalid_request_error", "bad_request"),
     429: ("rate_limit_error", "queue_full"),
     503: ("service_unavailable", "draining"),
@@ -60,6 +68,30 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+class EngineDead(ApiError):
+    """The engine stopped (crashed or was shut down). Raised by engines (engine.Engine's
+    contract) for requests in flight and new submissions."""
+
+    def __init__(self, message: str = "the engine is not running; retry on another replica"):
+        super().__init__(503, message, code="engine_unavailable", reason=None)
+        self.type = "server_error"
+
+
+class RequestTimedOut(ApiError):
+    """--request-timeout passed; the engine request has been aborted."""
+
+    def __init__(self, seconds: float):
+        super().__init__(504, f"request timed out after {seconds:g} s (--request-timeout)", code="timeout")
+
+
+class ClientDisconnected(ApiError):
+    """The client went away; its work was cancelled. Answered with an empty 499 that
+    nobody reads, so that logs and metrics record it."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_CLOSED, "client disconnected", reason=None)
+
+
 class PayloadTooLarge(StarletteHTTPException):
     """Raised from the body-counting receive wrapper; an HTTPException so that FastAPI's
     body parsing passes it through instead of turning it into a generic 400."""
@@ -74,29 +106,52 @@ class BodyTimeout(StarletteHTTPException):
     its deadline (slow uploads); passes through FastAPI's body parsing like PayloadTooLarge."""
 
     def __init__(self, seconds: float):
-        super().__init__(408, f"request body not received within {seconds:g} s (--request-timeout)",
-                         headers={"Connection": "close"})
+        super().__init__(
+            408, f"request body not received within {seconds:g} s (--request-timeout)", headers={"Connection": "close"}
+        )
 
 
-def error_response(
-    status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+class EnvelopeResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote client text holding lone
+    surrogates, which cannot be encoded as UTF-8 (Starlette's JSONResponse would raise)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def api_error_response(exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code,
-                          headers=exc.headers)
+def envelope(exc: ApiError) -> ErrorResponse:
+    return ErrorResponse(error=ErrorBody(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
 
 
-def _count_rejection(request: Request, reason: str | None) -> None:
-    if reason is not None:
-        request.app.state.gateway.metrics.rejections.labels(reason=reason).inc()
+def api_error_response(exc: ApiError) -> Response:
+    if exc.status == CLIENT_CLOSED:
+        return Response(status_code=CLIENT_CLOSED)
+    return EnvelopeResponse(envelope(exc).model_dump(), status_code=exc.status, headers=exc.headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def internal_error_body(request_id: str) -> dict:
+    """The whole of what a client learns about our bug: the request id to quote."""
+    return {
+        "error": {
+            "message": f"internal error (request id {request_id})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
+def error_event(exc: BaseException, request_id: str) -> str:
+    """The last SSE event of a stream that failed after its headers were sent."""
+    if isinstance(exc, ApiError):
+        body = envelope(exc).model_dump()
+    else:
+        logger.error("stream failed", exc_info=exc)
+        body = internal_error_body(request_id)
+    return f"data: {json.dumps(body, ensure_ascii=True)}\n\n"
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
     parts, first_param = [], None
     for err in exc.errors()[:5]:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "header")]
@@ -106,42 +161,41 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         first_param = first_param or param
         message = err.get("msg", "invalid value")
         parts.append(f"{param}: {message}" if param else message)
-    return "invalid request: " + "; ".join(parts), first_param
+    return bad_request("invalid request: " + "; ".join(parts), param=first_param)
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> ApiError:
+    detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} is not allowed on {request.url.path}"
+    reason = "by-status" if exc.status_code < 500 else None
+    return ApiError(exc.status_code, detail, reason=reason, headers=getattr(exc, "headers", None))
+
+
+def count_rejection(request: Request, exc: ApiError) -> None:
+    if exc.reason is not None:
+        request.app.state.gateway.metrics.rejections.labels(reason=exc.reason).inc()
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        _count_rejection(request, exc.reason)
+    """The one place exceptions become responses."""
+
+    async def respond(request: Request, exc: ApiError) -> Response:
+        count_rejection(request, exc)
+        if isinstance(exc, EngineDead):
+            logger.error("request failed: %s", exc.message)
         return api_error_response(exc)
 
-    @app.exception_handler(AudioDecodeError)
-    async def _audio_error(request: Request, exc: AudioDecodeError) -> JSONResponse:
-        _count_rejection(request, "bad_request")
-        return error_response(400, f"could not decode audio: {exc}", type_="invalid_request_error",
-                              code="invalid_audio")
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return await respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        _count_rejection(request, "bad_request")
-        message, param = _validation_message(exc)
-        return error_response(400, message, type_="invalid_request_error", param=param)
-
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        logger.error("request failed: the engine died")
-        return error_response(503, "the engine stopped while handling the request; retry", type_="service_unavailable",
-                              code="engine_unavailable")
+    async def _request_validation(request: Request, exc: RequestValidationError) -> Response:
+        return await respond(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_, reason = _KINDS.get(exc.status_code, ("invalid_request_error", "bad_request"))
-        _count_rejection(request, reason if exc.status_code < 500 else None)
-        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no such endpoint: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(exc.status_code, detail, type_=type_, headers=getattr(exc, "headers", None))
+    async def _starlette_http(request: Request, exc: StarletteHTTPException) -> Response:
+        return await respond(request, _http_error(request, exc))

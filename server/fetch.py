@@ -30,8 +30,7 @@ def is_public_address(ip: IPAddress) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_global and not (
-        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-        or ip.is_unspecified
+        ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
     )
 
 
@@ -72,7 +71,9 @@ class AudioFetcher:
         self.media_dir = media_dir
         self.address_allowed = address_allowed or ((lambda ip: True) if allow_private else is_public_address)
         self._client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            trust_env=False,
+            timeout=httpx.Timeout(timeout),
             headers={"User-Agent": "midashenglm-serve"},
         )
 
@@ -159,14 +160,14 @@ class AudioFetcher:
         try:
             literal = ipaddress.ip_address(host)
             addresses = [literal]
-        except ValueError:
+        except ValueError:  # a name, not an address literal
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (socket.gaierror, UnicodeError):
                 raise FetchError(f"audio_url host {host!r} does not resolve") from None
             addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
             if not addresses:
-                raise FetchError(f"audio_url host {host!r} does not resolve")
+                raise FetchError(f"audio_url host {host!r} does not resolve") from None
         for ip in addresses:
             if not self.address_allowed(ip):
                 raise FetchError(

@@ -28,8 +28,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._raw_header_bytes = 0
         self._parsed_header_bytes = 0
         self._refusal: tuple[int, str] | None = None
-        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
-            HEADER_TIMEOUT_S, self._headers_timed_out)
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -5,11 +5,15 @@ share a process in tests); /metrics serves it followed by prometheus-client's gl
 registry, where vLLM registers its own `vllm:*` metrics.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import asyncio
+import time
+
 from prometheus_client import REGISTRY as GLOBAL_REGISTRY
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -22,24 +26,35 @@ class GatewayMetrics:
             "mdl_requests", "HTTP requests by route and status code", ["route", "status"], registry=registry
         )
         self.request_duration = Histogram(
-            "mdl_request_duration_seconds", "End-to-end request time, until the last byte is sent",
-            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+            "mdl_request_duration_seconds",
+            "End-to-end request time, until the last byte is sent",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.ttft = Histogram(
-            "mdl_ttft_seconds", "Time from request arrival at the gateway to the first generated token",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "mdl_ttft_seconds",
+            "Time from request arrival at the gateway to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_wait = Histogram(
-            "mdl_queue_wait_seconds", "Time requests waited in the engine scheduler's queue (from vLLM)",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "mdl_queue_wait_seconds",
+            "Time requests waited in the engine scheduler's queue (from vLLM)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.decode = Histogram(
-            "mdl_decode_seconds", "Mean time per generated token after the first, one sample per request",
-            buckets=TOKEN_BUCKETS, registry=registry,
+            "mdl_decode_seconds",
+            "Mean time per generated token after the first, one sample per request",
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
         )
         self.audio_decode = Histogram(
-            "mdl_audio_decode_seconds", "Time to decode and resample one audio clip (in the decode pool)",
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "mdl_audio_decode_seconds",
+            "Time to decode and resample one audio clip (in the decode pool)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.audio_seconds = Counter(
             "mdl_audio_seconds", "Seconds of audio received (after decoding)", registry=registry
@@ -48,29 +63,71 @@ class GatewayMetrics:
             "mdl_clips_in_flight", "Admitted clip units not yet finished (running plus queued)", registry=registry
         )
         self.queue_length = Gauge(
-            "mdl_queue_length", "Admitted clip units beyond --max-num-seqs (waiting for a batch slot)",
+            "mdl_queue_length",
+            "Admitted clip units beyond --max-num-seqs (waiting for a batch slot)",
             registry=registry,
         )
-        self.rejections = Counter(
-            "mdl_rejections", "Requests refused, by reason", ["reason"], registry=registry
-        )
+        self.rejections = Counter("mdl_rejections", "Requests refused, by reason", ["reason"], registry=registry)
         for reason in ("queue_full", "unauthorized", "payload_too_large", "bad_request", "draining", "timeout"):
             self.rejections.labels(reason=reason)
         self.engine_running = Gauge(
             "mdl_engine_running_requests", "Requests in the engine's running batch (from vLLM)", registry=registry
         )
         self.engine_waiting = Gauge(
-            "mdl_engine_waiting_requests", "Requests waiting in the engine's scheduler (from vLLM)",
+            "mdl_engine_waiting_requests",
+            "Requests waiting in the engine's scheduler (from vLLM)",
             registry=registry,
         )
         self.engine_kv_cache_usage = Gauge(
-            "mdl_engine_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0-1, from vLLM)",
+            "mdl_engine_kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use (0-1, from vLLM)",
             registry=registry,
         )
         self.engine_up = Gauge("mdl_engine_up", "1 while the engine answers, else 0", registry=registry)
+        self.loop_lag = Histogram(
+            "mdl_event_loop_lag_seconds",
+            "How late the event loop ran a timer due now (sampled every 100 ms)",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.loop_lag_max = Gauge(
+            "mdl_event_loop_lag_max_seconds",
+            "Worst event-loop lag sampled since the process started",
+            registry=registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + generate_latest(GLOBAL_REGISTRY)
+
+
+class LoopLagMonitor:
+    """Samples the event loop's lag: a task sleeps LAG_INTERVAL_S and records how much
+    later than asked it woke up. Every request and stream shares the loop, so this is
+    the delay any of them may see from work that holds it (parsing, tokenizing, ...)."""
+
+    LAG_INTERVAL_S = 0.1
+
+    def __init__(self, metrics: GatewayMetrics):
+        self.metrics = metrics
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample(), name="loop-lag")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _sample(self) -> None:
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(self.LAG_INTERVAL_S)
+            lag = max(0.0, time.perf_counter() - asked - self.LAG_INTERVAL_S)
+            self.metrics.loop_lag.observe(lag)
+            if lag > self.worst:
+                self.worst = lag
+                self.metrics.loop_lag_max.set(lag)
 
 
 def engine_stat_logger(metrics: GatewayMetrics) -> type:

@@ -16,8 +16,9 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mdlserve.server.deps import api_key_error
-from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, api_error_response
+from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, api_error_response, internal_error_body
 from mdlserve.server.metrics import GatewayMetrics
+from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS
 from mdlserve.server.state import GatewayState
 
 logger = logging.getLogger("mdlserve.server")
@@ -25,8 +26,6 @@ access_logger = logging.getLogger("mdlserve.server.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-WORK_ROUTES = frozenset({"/v1/chat/completions", "/v1/audio/transcriptions", "/v1/audio/chat"})
-ROUTES = WORK_ROUTES | {"/v1/models", "/health/live", "/health/ready", "/metrics"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -54,7 +53,7 @@ class RequestContextMiddleware:
         request_id = client_id if client_id and _SANE_REQUEST_ID.match(client_id) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = scope["path"] if scope["path"] in ALL_PATHS else "other"
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -73,12 +72,17 @@ class RequestContextMiddleware:
         except Exception:
             logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not response_started:
-                body = json.dumps({"error": {
-                    "message": f"internal error (request id {request_id})", "type": "server_error",
-                    "param": None, "code": "internal_error",
-                }}).encode()  # fmt: skip
-                await send_with_id({"type": "http.response.start", "status": 500, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                body = json.dumps(internal_error_body(request_id)).encode()
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
             status = 500
         finally:
@@ -89,13 +93,35 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+class AuthMiddleware:
+    """`Authorization: Bearer <key>` on the API routes when keys are configured (and on
+    health and metrics with --auth-health-metrics), checked from the headers: a 401 is
+    answered before the request's body is read or parsed."""
+
+    def __init__(self, app: ASGIApp, state: GatewayState):
+        self.app = app
+        self.state = state
+        self.protected = API_PATHS | (OPS_PATHS if state.settings.auth_health_metrics else frozenset())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = self.state
+        if scope["type"] == "http" and state.api_keys and scope["path"] in self.protected:
+            refusal = api_key_error(_header(scope, b"authorization") or "", state.api_keys)
+            if refusal is not None:
+                state.metrics.rejections.labels(reason=refusal.reason).inc()
+                await api_error_response(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class AdmissionGateMiddleware:
     """Reserves one admission unit when a work request's headers arrive, or answers 429 at
     once, before the body is read, when there is none (Admission.reserve). Requests the
-    routes answer differently pass untouched: unauthenticated (401), while loading, after
-    an engine death or while draining (503). The route takes the reservation over when it
-    admits the request; if it never does (a 4xx, a 429 at the request's real weight, a
-    client gone) the reservation is released when the response is done."""
+    routes answer differently pass untouched: while loading, after an engine death or
+    while draining (503); unauthenticated ones never get here (AuthMiddleware). The route
+    takes the reservation over when it admits the request; if it never does (a 4xx, a 429
+    at the request's real weight, a client gone) the reservation is released when the
+    response is done."""
 
     def __init__(self, app: ASGIApp, state: GatewayState):
         self.app = app
@@ -103,9 +129,7 @@ class AdmissionGateMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
-        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in WORK_ROUTES
-                or not state.ready
-                or (state.api_keys and api_key_error(_header(scope, b"authorization") or "", state.api_keys))):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in WORK_PATHS or not state.ready:
             await self.app(scope, receive, send)
             return
         reservation = state.admission.reserve()

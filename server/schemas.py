@@ -1,6 +1,5 @@
 """Request and response bodies (OpenAI's wire format, the subset this model supports)."""
 
-import json
 from typing import Annotated, Literal
 
 from fastapi import UploadFile
@@ -11,9 +10,28 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "oga", "webm", "m4a", "mp4", "aac", "aiff", "aif")
 
 
+def _refuse_lone_surrogates(value: object) -> object:
+    """JSON may escape lone surrogates (`"\\ud800"`); such text cannot be encoded as UTF-8,
+    so a tokenizer (or a log line) would fail on it later as our 500 instead of their 400."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"text must be valid Unicode: lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+                ) from None
+    return value
+
+
 class _Body(BaseModel):
     # Unknown fields are ignored (OpenAI clients send some we do not use); wrong types fail.
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: object) -> object:
+        return _refuse_lone_surrogates(value)
 
 
 class TextPart(_Body):
@@ -117,8 +135,7 @@ class TranscriptionForm(_Body):
     def sampling(self) -> SamplingFields:
         """OpenAI's transcription default is temperature 0 (greedy), unlike chat's 1."""
         temperature = 0.0 if self.temperature is None else self.temperature
-        return SamplingFields(temperature=temperature, max_completion_tokens=self.max_completion_tokens,
-                              seed=self.seed)
+        return SamplingFields(temperature=temperature, max_completion_tokens=self.max_completion_tokens, seed=self.seed)
 
 
 class AudioChatForm(SamplingFields):
@@ -134,18 +151,6 @@ class AudioChatForm(SamplingFields):
 
     def sampling(self) -> SamplingFields:
         return SamplingFields.model_validate(self.model_dump(include=set(SamplingFields.model_fields)))
-
-
-def parse_messages_json(raw: str) -> list[ChatMessage]:
-    """The `messages` form field of /v1/audio/chat: a JSON list of chat messages."""
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"messages is not valid JSON ({exc.msg})") from None
-    messages = ChatMessages.validate_python(value)
-    if not messages:
-        raise ValueError("messages must not be empty")
-    return messages
 
 
 # Responses

@@ -74,8 +74,7 @@ class DrainingServer(uvicorn.Server):
             await asyncio.wait_for(self.state.admission.wait_idle(), timeout=self.state.settings.drain_timeout)
             logger.info("drained: no requests in flight")
         except TimeoutError:
-            logger.warning("drain timeout: %d clip units still in flight are cancelled",
-                           self.state.admission.in_flight)
+            logger.warning("drain timeout: %d clip units still in flight are cancelled", self.state.admission.in_flight)
         self.should_exit = True
 
 
@@ -85,12 +84,19 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     state: GatewayState = app.state.gateway
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=FINAL_GRACE_S, lifespan="on", http=GuardedHttpToolsProtocol,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=FINAL_GRACE_S,
+        lifespan="on",
+        http=GuardedHttpToolsProtocol,
     )
     server = DrainingServer(config, state)
-    logger.info("serving %s as %r on http://%s:%d", settings.model, settings.served_model_name, settings.host,
-                settings.port)
+    logger.info(
+        "serving %s as %r on http://%s:%d", settings.model, settings.served_model_name, settings.host, settings.port
+    )
     server.run()
     if state.engine.state in (EngineState.FAILED, EngineState.DEAD):
         return 1

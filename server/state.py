@@ -1,25 +1,29 @@
-"""The application's one state object (`app.state.gateway`)."""
+"""The application's one state object (`app.state.gateway`): settings, metrics, and the
+parts of the request path wired together (builder -> session -> engine)."""
 
 import logging
 from collections.abc import Callable
 
 from mdlserve.server.admission import Admission
 from mdlserve.server.audio import DecodePool
-from mdlserve.server.engine import EngineHandle
+from mdlserve.server.engine import Engine, EngineHandle, VllmEngine
 from mdlserve.server.fetch import AudioFetcher
-from mdlserve.server.metrics import GatewayMetrics
+from mdlserve.server.metrics import GatewayMetrics, LoopLagMonitor
+from mdlserve.server.request import RequestBuilder
+from mdlserve.server.session import Session
 from mdlserve.server.settings import Settings
 
 logger = logging.getLogger("mdlserve.server")
 
 
 class GatewayState:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine: Engine | None = None):
+        """`engine`: any engine.Engine; None builds vLLM's AsyncLLM from the settings."""
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.api_keys: list[bytes] = [key.encode() for key in settings.all_api_keys()]
         self.admission = Admission(settings.max_num_seqs, settings.max_queue, self.metrics)
-        self.engine = EngineHandle(settings, self.metrics)
+        self.engine = EngineHandle(engine or VllmEngine(settings, self.metrics), self.metrics, settings.model)
         self.decoder = DecodePool(settings.decode_workers, on_decoded=self._count_audio)
         self.fetcher = AudioFetcher(
             timeout=settings.fetch_timeout,
@@ -28,6 +32,9 @@ class GatewayState:
             media_dir=settings.media_dir,
             allow_private=settings.unsafe_allow_private_urls,
         )
+        self.builder = RequestBuilder(settings, self.decoder, self.fetcher)
+        self.session = Session(self.engine, self.builder, self.admission, self.metrics, settings.request_timeout)
+        self.loop_lag = LoopLagMonitor(self.metrics)
         self.draining = False
         # Set by the process runner (serve.py): ask uvicorn to exit, e.g. when the engine dies.
         self.request_exit: Callable[[], None] = lambda: None
@@ -43,11 +50,13 @@ class GatewayState:
     async def start(self) -> None:
         if self.settings.unsafe_allow_private_urls:
             logger.warning("MDL_UNSAFE_ALLOW_PRIVATE_URLS is set: audio_url may reach private addresses (tests only)")
+        self.loop_lag.start()
         self.engine.start(on_failure=lambda: self.request_exit())
 
     async def stop(self) -> None:
         try:
             await self.engine.stop()
         finally:
+            self.loop_lag.stop()
             self.decoder.shutdown()
             await self.fetcher.aclose()

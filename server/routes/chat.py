@@ -1,19 +1,100 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions, and the chat answer (JSON or SSE chunks) that
+/v1/audio/chat shares."""
+
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
 from mdlserve.server.deps import State
-from mdlserve.server.generation import Conversation
-from mdlserve.server.respond import check_model, respond_chat
-from mdlserve.server.schemas import ChatCompletionRequest, ChatCompletionResponse
+from mdlserve.server.errors import ApiError
+from mdlserve.server.request import Conversation
+from mdlserve.server.routes import CHAT_COMPLETIONS
+from mdlserve.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceDelta,
+    ChunkChoice,
+    SamplingFields,
+    Usage,
+)  # fmt: skip
+from mdlserve.server.session import Delta, Run, SSEResponse, sse_event
+from mdlserve.server.state import GatewayState
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+def check_model(state: GatewayState, model: str | None) -> str:
+    served = state.settings.served_model_name
+    if model is not None and model != served:
+        raise ApiError(
+            404, f"model {model!r} does not exist; this server serves {served!r}", param="model", code="model_not_found"
+        )
+    return served
+
+
+@router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
-    conversation = Conversation.from_messages(body.messages, state)
+    conversation = state.builder.conversation(body.messages)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond_chat(request, state, conversation, body, model=model, stream=body.stream,
-                              include_usage=include_usage)
+    return await answer_chat(
+        request, state, conversation, body, model=model, stream=body.stream, include_usage=include_usage
+    )
+
+
+async def answer_chat(
+    request: Request,
+    state: GatewayState,
+    conversation: Conversation,
+    fields: SamplingFields,
+    *,
+    model: str,
+    stream: bool,
+    include_usage: bool,
+) -> SSEResponse | ChatCompletionResponse:
+    run = await state.session.start(request, conversation, fields, "chatcmpl")
+    if stream:
+        return SSEResponse(run, lambda: _chunks(run, model, include_usage))
+    await state.session.finish(request, run)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        for i, c in sorted(run.choices.items())
+    ]
+    return ChatCompletionResponse(
+        id=run.request_id, created=run.created, model=model, choices=choices, usage=usage_of(run)
+    )
+
+
+def usage_of(run: Run) -> Usage:
+    return Usage(
+        prompt_tokens=run.prompt_tokens,
+        completion_tokens=run.completion_tokens,
+        total_tokens=run.prompt_tokens + run.completion_tokens,
+    )
+
+
+async def _chunks(run: Run, model: str, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return sse_event(
+            ChatCompletionChunk(id=run.request_id, created=run.created, model=model, choices=choices, usage=usage)
+        )
+
+    def delta_chunk(deltas: list[Delta]) -> str:
+        return chunk(
+            [
+                ChunkChoice(index=d.index, delta=ChoiceDelta(content=d.text), finish_reason=d.finish_reason)
+                for d in deltas
+            ]
+        )
+
+    yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content="")) for i in range(run.n)])
+    if run.first:
+        yield delta_chunk(run.first)
+    async for deltas in run.rest():
+        if deltas:
+            yield delta_chunk(deltas)
+    if include_usage:
+        yield chunk([], usage_of(run))

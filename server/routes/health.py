@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from mdlserve.server.deps import State
 from mdlserve.server.engine import EngineState
 from mdlserve.server.metrics import CONTENT_TYPE
+from mdlserve.server.routes import HEALTH_LIVE, HEALTH_READY, METRICS
 from mdlserve.server.schemas import HealthStatus
 
 router = APIRouter()
@@ -20,14 +21,14 @@ def _status(code: int, status: str, detail: str | None = None) -> JSONResponse:
     return JSONResponse(HealthStatus(status=status, detail=detail).model_dump(), status_code=code)
 
 
-@router.get("/health/live", response_model=HealthStatus)
+@router.get(HEALTH_LIVE, response_model=HealthStatus)
 async def live(state: State) -> JSONResponse:
-    if state.engine.state in (EngineState.DEAD, EngineState.FAILED):
+    if state.engine.gone:
         return _status(503, "dead", "the engine stopped")
     return _status(200, "alive")
 
 
-@router.get("/health/ready", response_model=HealthStatus)
+@router.get(HEALTH_READY, response_model=HealthStatus)
 async def ready(state: State) -> JSONResponse:
     if state.draining:
         return _status(503, "draining", "shutting down")
@@ -38,6 +39,6 @@ async def ready(state: State) -> JSONResponse:
     return _status(200, "ready")
 
 
-@router.get("/metrics")
+@router.get(METRICS)
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import soundfile
 
-from mdlserve.server.bench_decode_pool import encode
+from mdlserve.benchmarks.decode_pool import encode
 
 MODEL = "midashenglm-7b"
 # Fast engine start (see tests/conftest.py): eager, no dynamo, explicit small KV cache.

@@ -1,6 +1,6 @@
 """Measure audio decode throughput: serial vs a thread pool vs a process pool.
 
-    python -m mdlserve.server.bench_decode_pool [--clips 48] [--seconds 10] [--workers N]
+    python -m mdlserve.benchmarks.decode_pool [--clips 48] [--seconds 10] [--workers N]
 
 Encodes clips in several formats (44.1 kHz stereo wav/flac/ogg, 48 kHz mp3), then decodes
 them all to 16 kHz mono through `decode_audio` with each strategy and prints clips per

@@ -1,0 +1,232 @@
+"""The request builder: a parsed request in, everything the engine needs out.
+
+Engine-free and unit-testable: from a validated body (schemas.py) it builds the
+conversation and its audio sources (`Conversation.of`), then `RequestBuilder.prepare`
+fetches and decodes the audio in the decode pool, renders and tokenizes the chat
+template, and converts the sampling fields to `Sampling`. Every input limit is enforced
+here (audio parts, audio duration, context length, sampling ranges and combinations),
+so what reaches the engine is something the engine accepts: an engine refusal is our
+bug, not the client's.
+
+New sampling fields: declare them (with their ranges) on `schemas.SamplingFields`, carry
+them on `Sampling`, check their combinations in `sampling_for`; the engine adapter
+(engine.py) passes `Sampling` on to vLLM.
+"""
+
+import asyncio
+import binascii
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pybase64
+
+from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
+from mdlserve.server.audio import AudioDecodeError, DecodePool
+from mdlserve.server.errors import bad_request
+from mdlserve.server.fetch import AudioFetcher, FetchError
+from mdlserve.server.schemas import AudioUrlPart, ChatMessage, InputAudioPart, SamplingFields, TextPart
+from mdlserve.server.settings import Settings
+
+# The instruction of /v1/audio/transcriptions when the client sends no prompt.
+DEFAULT_PROMPT = "Caption the audio."
+AUDIO_PLACEHOLDER = {"type": "audio"}
+# Prompts longer than this (characters) are rendered and tokenized in a worker thread,
+# so that a long prompt cannot hold the event loop (a 1 MB prompt takes ~100 ms).
+INLINE_TOKENIZE_CHARS = 4096
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the builder uses."""
+
+    def apply_chat_template(self, conversation: list[dict], *, tokenize: bool, add_generation_prompt: bool) -> str: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+
+
+@dataclass
+class AudioSource:
+    """One audio input, not loaded yet. `param` names it in error messages."""
+
+    param: str
+    load: Callable[[], Awaitable[bytes]]
+
+
+@dataclass
+class Conversation:
+    """Template-ready messages (one {"type": "audio"} part per clip) and their audio, in order."""
+
+    messages: list[dict] = field(default_factory=list)
+    audio: list[AudioSource] = field(default_factory=list)
+
+    @property
+    def text_chars(self) -> int:
+        return sum(len(p.get("text", "")) for m in self.messages for p in m["content"])
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated generation parameters, engine-independent (engine.py converts them)."""
+
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    min_tokens: int
+
+
+@dataclass
+class PreparedRequest:
+    token_ids: list[int]  # the rendered chat, one <|AUDIO|> per clip (the engine expands them)
+    clips: list[np.ndarray]  # 16 kHz mono float32
+    prompt_tokens: int  # text plus audio tokens: what the engine will count
+    audio_seconds: float
+    sampling: Sampling
+
+
+def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int) -> Sampling:
+    """Fields whose ranges the schema checked -> Sampling; refuses what the engine would refuse."""
+    room = max_model_len - prompt_tokens
+    requested = fields.output_limit()
+    if requested is not None and requested > room:
+        raise bad_request(
+            f"max_tokens is {requested} but only {room} tokens are left: the prompt uses "
+            f"{prompt_tokens} of the model's {max_model_len}-token context",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    max_tokens = requested or room
+    if fields.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({fields.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+        )
+    temperature = 1.0 if fields.temperature is None else fields.temperature
+    if temperature == 0 and fields.n > 1:
+        raise bad_request(
+            f"n must be 1 when temperature is 0 (greedy sampling gives one answer), got {fields.n}", param="n"
+        )
+    stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
+    return Sampling(
+        n=fields.n,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if fields.top_p is None else fields.top_p,
+        seed=fields.seed,
+        stop=stop,
+        min_tokens=fields.min_tokens,
+    )
+
+
+class RequestBuilder:
+    def __init__(self, settings: Settings, decoder: DecodePool, fetcher: AudioFetcher):
+        self.max_audio_parts = settings.max_audio_parts
+        self.max_audio_seconds = settings.max_audio_seconds
+        self.max_model_len = settings.max_model_len
+        self.decoder = decoder
+        self.fetcher = fetcher
+
+    def conversation(
+        self, messages: Sequence[ChatMessage], *, param: str = "messages", leading_audio: AudioSource | None = None
+    ) -> Conversation:
+        """`leading_audio` (an uploaded file) becomes the first part of the first user message.
+        Cheap and synchronous: admission needs the clip count before any audio is loaded."""
+        conversation = Conversation()
+        placed = leading_audio is None
+        for i, message in enumerate(messages):
+            parts: list[dict] = []
+            if not placed and message.role == "user":
+                parts.append(AUDIO_PLACEHOLDER)
+                conversation.audio.append(leading_audio)
+                placed = True
+            content = (
+                [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
+            )
+            for j, part in enumerate(content):
+                where = f"{param}[{i}].content[{j}]"
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                if message.role != "user":
+                    raise bad_request(f"{where}: audio is only allowed in user messages", param=where)
+                parts.append(AUDIO_PLACEHOLDER)
+                conversation.audio.append(self._source_for(part, where))
+            conversation.messages.append({"role": message.role, "content": parts})
+        if not placed:
+            raise bad_request(f"{param} needs a user message for the uploaded audio", param=param)
+        if len(conversation.audio) > self.max_audio_parts:
+            raise bad_request(
+                f"too many audio parts: {len(conversation.audio)} (the limit is {self.max_audio_parts}, "
+                "--max-audio-parts)",
+                param=param,
+                code="too_many_audio_parts",
+            )
+        return conversation
+
+    def _source_for(self, part: InputAudioPart | AudioUrlPart, where: str) -> AudioSource:
+        if isinstance(part, InputAudioPart):
+            data = part.input_audio.data
+
+            async def load_base64() -> bytes:
+                try:
+                    return await asyncio.to_thread(pybase64.b64decode, data, validate=True)
+                except (binascii.Error, ValueError):
+                    raise bad_request(
+                        f"{where}.input_audio.data is not valid base64", param=f"{where}.input_audio.data"
+                    ) from None
+
+            return AudioSource(f"{where}.input_audio", load_base64)
+        url = part.audio_url.url
+
+        async def load_url() -> bytes:
+            try:
+                return await self.fetcher.fetch(url)
+            except FetchError as exc:
+                raise bad_request(
+                    f"{where}.audio_url: {exc}", param=f"{where}.audio_url.url", code="invalid_audio_url"
+                ) from None
+
+        return AudioSource(f"{where}.audio_url", load_url)
+
+    async def prepare(
+        self, conversation: Conversation, fields: SamplingFields, tokenizer: Tokenizer
+    ) -> PreparedRequest:
+        """Load and decode the audio (concurrently), check the limits, tokenize."""
+        clips = await asyncio.gather(*(self._load(source) for source in conversation.audio))
+        seconds = sum(clip.size for clip in clips) / SAMPLE_RATE
+        if seconds > self.max_audio_seconds:
+            raise bad_request(
+                f"audio too long: {seconds:.1f} s in this request (the limit is "
+                f"{self.max_audio_seconds:g} s, --max-audio-seconds)",
+                code="audio_too_long",
+            )
+        if conversation.text_chars > INLINE_TOKENIZE_CHARS:
+            token_ids = await asyncio.to_thread(_tokenize, tokenizer, conversation.messages)
+        else:
+            token_ids = _tokenize(tokenizer, conversation.messages)
+        # Each clip is one <|AUDIO|> token in token_ids and num_audio_tokens(...) in the engine.
+        prompt_tokens = len(token_ids) + sum(num_audio_tokens(clip.size) - 1 for clip in clips)
+        if prompt_tokens >= self.max_model_len:
+            raise bad_request(
+                f"the prompt is {prompt_tokens} tokens (text and audio) but the model's context "
+                f"is {self.max_model_len} tokens",
+                code="context_length_exceeded",
+            )
+        sampling = sampling_for(fields, prompt_tokens, self.max_model_len)
+        return PreparedRequest(token_ids, list(clips), prompt_tokens, seconds, sampling)
+
+    async def _load(self, source: AudioSource) -> np.ndarray:
+        data = await source.load()
+        try:
+            return await self.decoder.decode(data, self.max_audio_seconds)
+        except AudioDecodeError as exc:
+            raise bad_request(
+                f"{source.param}: could not decode audio: {exc}", param=source.param, code="invalid_audio"
+            ) from None
+
+
+def _tokenize(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)

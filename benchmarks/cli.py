@@ -49,7 +49,8 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<run-name>)")
     p.add_argument("--run-name", default=None, help="name under benchmarks/results/ (default: <date>-<gpu>-<mode>)")
     p.add_argument("--smoke", action="store_true", help="CPU-sized run with the tiny checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated clips")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated clips (serve: default random per run, recorded in the summary)")
 
 
 def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
@@ -148,6 +149,8 @@ def _serve_command(args: argparse.Namespace) -> None:
     from .http_load import run_serve
 
     _resolve(args, HTTP_DEFAULTS)
+    if args.processes < 1:
+        sys.exit("--processes must be at least 1")
     run_serve(args)
 
 
@@ -188,8 +191,17 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out-tokens", type=int, default=None, help="exact output tokens (ignore_eos; default 100)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--no-stream", dest="stream", action="store_false", help="non-streaming requests (no TTFT/ITL)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="load-generator processes per level, each holding its share of the concurrency; bodies are "
+                        "built before a common start (default 1: this process)")
+    p.add_argument("--ramp-s", type=float, default=0.0,
+                   help="leave the first seconds after the common start out of the throughput window")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="the API server's pid on this host: report its CPU per request (alone and with children)")
+    p.add_argument("--metrics-interval-s", type=float, default=0.5,
+                   help="how often the server's /metrics and the CPU times are sampled")
     _add_output_args(p)
-    p.set_defaults(func=_serve_command, bench_mode="serve")
+    p.set_defaults(func=_serve_command, bench_mode="serve", seed=None)
 
     for mode, text in (("loadtest", "run a YAML traffic scenario against a URL"),
                        ("soak", "hold a scenario for --duration-s; reports latency drift and error rate")):  # fmt: skip

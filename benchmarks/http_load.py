@@ -10,12 +10,15 @@ before the request's clock starts.
 
 `serve` runs a closed loop per concurrency level (N clients, each sending its next
 request when the last one finished) and an open loop per request rate (Poisson
-arrivals, independent of completions).
+arrivals, independent of completions), in one or several load-generator processes
+(load_workers.py) with one shared measurement window; server_sampling.py samples the
+server's in-flight gauges and the CPU of both sides during it.
 """
 
 import asyncio
 import base64
 import json
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -58,6 +61,8 @@ class RequestResult:
     itl_ms: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    end_s: float | None = None  # since the start of the run
+    key: tuple[int, ...] = ()  # the spec's: which clip was sent
 
     @property
     def tpot_ms(self) -> float | None:
@@ -66,7 +71,8 @@ class RequestResult:
         return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
 
     def raw(self) -> dict:
-        return {"start_s": self.start_s, "status": self.status, "ok": self.ok, "clip_s": self.clip_s,
+        return {"key": list(self.key), "start_s": self.start_s, "end_s": self.end_s, "status": self.status,
+                "ok": self.ok, "clip_s": self.clip_s,
                 "stream": self.stream, "prompt_kind": self.prompt_kind, "e2e_ms": self.e2e_ms,
                 "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "itl_ms": self.itl_ms,
                 "output_tokens": self.output_tokens, "error": self.error}  # fmt: skip
@@ -126,14 +132,16 @@ def base_url(url: str) -> str:
 
 class ChatClient:
     def __init__(self, url: str, api_key: str | None, timeout_s: float, model: str | None = None,
-                 ready_timeout_s: float = 600.0):  # fmt: skip
+                 ready_timeout_s: float = 600.0, seed: int = 0):  # fmt: skip
         import httpx
 
         self.url = base_url(url)
         self.model = model
         self.ready_timeout_s = ready_timeout_s
+        self.seed = seed  # of the warm-up clips, so that a new run's differ too
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # Every connection kept alive: at 512 in flight, closing and reopening them would be load.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
 
     async def __aenter__(self) -> "ChatClient":
@@ -149,8 +157,8 @@ class ChatClient:
 
         deadline = time.perf_counter() + timeout_s
         for attempt in range(1_000_000):
-            spec = RequestSpec(key=(WARMUP_KEY, attempt), clip_s=1.0, prompt="Caption the audio.", max_tokens=2,
-                               stream=False, exact_tokens=False)  # fmt: skip
+            spec = RequestSpec(key=(self.seed, WARMUP_KEY, attempt), clip_s=1.0, prompt="Caption the audio.",
+                               max_tokens=2, stream=False, exact_tokens=False)  # fmt: skip
             try:
                 if self.model is None:
                     resp = await self.http.get(f"{self.url}/v1/models")
@@ -177,7 +185,7 @@ class ChatClient:
 
         body = spec.body or await asyncio.to_thread(encode_body, spec, self.model)
         start = time.perf_counter()
-        result = RequestResult(start_s=start - run_start, status="", ok=False, clip_s=spec.clip_s,
+        result = RequestResult(start_s=start - run_start, key=spec.key, status="", ok=False, clip_s=spec.clip_s,
                                stream=spec.stream, prompt_kind=spec.prompt_kind)  # fmt: skip
         try:
             async with self.http.stream("POST", f"{self.url}/v1/chat/completions", content=body,
@@ -195,7 +203,9 @@ class ChatClient:
             result.status, result.error = "timeout", "timed out"
         except httpx.HTTPError as exc:
             result.status, result.error = type(exc).__name__, str(exc)[:300]
-        result.e2e_ms = (time.perf_counter() - start) * 1000
+        end = time.perf_counter()
+        result.e2e_ms = (end - start) * 1000
+        result.end_s = end - run_start
         return result
 
     @staticmethod
@@ -245,43 +255,77 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
     }
 
 
-async def closed_loop(client: ChatClient, specs: list[RequestSpec], concurrency: int, bar) -> tuple[list, float]:
+def window_summary(results: list[RequestResult], start_s: float, end_s: float) -> dict:
+    """Throughput over the level's shared window: requests that completed inside it (start
+    exclusive, end inclusive) over its length; None when the window is empty."""
+    window_s = end_s - start_s
+    inside = [r for r in results if r.end_s is not None and start_s < r.end_s <= end_s]
+    ok = [r for r in inside if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "window_start_s": start_s,
+        "window_end_s": end_s,
+        "window_s": window_s,
+        "window_completions": len(ok),
+        "window_errors": len(inside) - len(ok),
+        "request_throughput": len(ok) / window_s if window_s > 0 else None,
+        "output_tokens_per_s": tokens / window_s if window_s > 0 else None,
+    }
+
+
+async def closed_loop(client: ChatClient, specs: list[RequestSpec], concurrency: int, origin: float,
+                      hooks) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """`concurrency` users, each sending its next request when the last one finished, from
+    `origin` (time.perf_counter()). Also returns when a user first found nothing left to send
+    (seconds since origin): until then `concurrency` requests were in flight."""
     pending = iter(specs)
     results: list[RequestResult] = []
-    start = time.perf_counter()
+    exhausted: list[float] = []
 
     async def user() -> None:
         for spec in pending:  # shared iterator: each spec goes to exactly one user
-            results.append(await client.send(spec, start))
-            bar.update(1)
+            results.append(await client.send(spec, origin))
+            hooks.completed()
+        if not exhausted:
+            exhausted.append(time.perf_counter() - origin)
+            hooks.exhausted()
 
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return results, time.perf_counter() - start
+    return results, exhausted[0]
 
 
-async def open_loop(client: ChatClient, specs: list[RequestSpec], rate: float, seed: int, bar) -> tuple[list, float]:
-    gaps = np.random.default_rng([seed, OPEN_KEY, int(rate * 1000)]).exponential(1.0 / rate, len(specs))
-    start = time.perf_counter()
+async def open_loop(client: ChatClient, specs: list[RequestSpec], arrivals_s: list[float], origin: float,
+                    hooks) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """Each request sent at its arrival time after `origin`, whatever is still running. Also
+    returns when the last request was sent (seconds since origin)."""
 
     async def timed(spec: RequestSpec) -> RequestResult:
-        result = await client.send(spec, start)
-        bar.update(1)
+        result = await client.send(spec, origin)
+        hooks.completed()
         return result
 
     tasks = []
-    for spec, arrival in zip(specs, np.cumsum(gaps)):
-        await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+    for spec, arrival in zip(specs, arrivals_s):
+        await asyncio.sleep(max(0.0, origin + arrival - time.perf_counter()))
         tasks.append(asyncio.create_task(timed(spec)))
-    results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - start
+    await asyncio.sleep(0)  # the last request's task starts (takes its start time) before we note the end
+    exhausted_s = time.perf_counter() - origin
+    hooks.exhausted()
+    return list(await asyncio.gather(*tasks)), exhausted_s
 
 
-def level_specs(args, level_key: tuple[int, ...], sources: list[np.ndarray]) -> list[RequestSpec]:
+def poisson_arrivals(seed: int, rate: float, n: int) -> list[float]:
+    """Arrival times (s after the start) of `n` Poisson arrivals at `rate` per second."""
+    gaps = np.random.default_rng([seed, OPEN_KEY, int(rate * 1000)]).exponential(1.0 / rate, n)
+    return np.cumsum(gaps).tolist()
+
+
+def level_specs(args, seed: int, level_key: tuple[int, ...], sources: list[np.ndarray]) -> list[RequestSpec]:
     specs = []
     for i in range(args.num_requests):
         source = sources[i % len(sources)] if sources else None
         specs.append(RequestSpec(
-            key=(args.seed, *level_key, i), clip_s=source.size / SAMPLE_RATE if source is not None else args.clip_s,
+            key=(seed, *level_key, i), clip_s=source.size / SAMPLE_RATE if source is not None else args.clip_s,
             prompt=args.prompt, max_tokens=args.out_tokens, stream=args.stream, exact_tokens=True,
             source_clip=source,
         ))  # fmt: skip
@@ -299,47 +343,92 @@ def client_versions() -> dict:
     return info
 
 
-async def _serve(args) -> tuple[dict, dict]:
+def parse_levels(args) -> list[tuple[str, float]]:
+    """("closed", concurrency) and ("open", rate) levels; refuses closed levels that could
+    never hold their concurrency (fewer requests than users)."""
     from .common import parse_int_list
 
-    sources = load_audio_dir(args.audio_dir) if args.audio_dir else []
     levels = [("closed", c) for c in parse_int_list(args.concurrency)]
     levels += [("open", float(r)) for r in args.request_rate.replace(" ", "").split(",") if r]
     if not levels:
         raise SystemExit("nothing to run: give --concurrency and/or --request-rate")
-    rows, raw = [], []
-    async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s) as client:
-        for level_index, (mode, level) in enumerate(levels):
-            specs = level_specs(args, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
-            await encode_bodies(specs, client.model)
-            label = f"c={level}" if mode == "closed" else f"{level:g} req/s"
-            with tqdm(total=len(specs), desc=f"{mode} {label}", unit="req") as bar:
-                if mode == "closed":
-                    results, duration = await closed_loop(client, specs, level, bar)
-                else:
-                    results, duration = await open_loop(client, specs, level, args.seed, bar)
-            row = {"impl": args.impl, "via": "http", "mode": mode,
-                   "concurrency": level if mode == "closed" else None,
-                   "request_rate": level if mode == "open" else None,
-                   "clip_s": float(np.mean([s.clip_s for s in specs])), "out_tokens": args.out_tokens,
-                   "stream": args.stream, **summarize(results, duration)}  # fmt: skip
-            rows.append(row)
-            raw.extend({"mode": mode, "level": level, **r.raw()} for r in results)
-        model = client.model
-    return {"rows": rows, "model": model}, {"requests": raw}
+    short = [c for mode, c in levels if mode == "closed" and c > args.num_requests]
+    if short:
+        raise SystemExit(f"--num-requests {args.num_requests} is less than --concurrency {max(short)}: "
+                         "the level would never have all its requests in flight")  # fmt: skip
+    return levels
 
 
-def serve_summary(args, rows: list[dict], model: str) -> dict:
+async def ready_model(args, seed: int) -> str:
+    """Wait until the server answers a warm-up request; the model name to send."""
+    async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s,
+                          seed) as client:  # fmt: skip
+        return client.model
+
+
+def level_row(args, mode: str, level: float, specs: list[RequestSpec], shares, run) -> dict:
+    """summary.json's row of one level: totals and latencies over all its requests, throughput
+    over the shared window, in-flight gauges and CPU during it."""
+    duration_s = max((r.end_s for r in run.results if r.end_s is not None), default=0.0)
+    totals = summarize(run.results, duration_s)
+    totals["total_request_throughput"] = totals.pop("request_throughput")
+    totals["total_output_tokens_per_s"] = totals.pop("output_tokens_per_s")
+    window = window_summary(run.results, run.window_start_s, run.window_end_s)
+    return {"impl": args.impl, "via": "http", "mode": mode,
+            "concurrency": level if mode == "closed" else None,
+            "request_rate": level if mode == "open" else None,
+            "clip_s": float(np.mean([s.clip_s for s in specs])), "out_tokens": args.out_tokens,
+            "stream": args.stream, "processes": len(shares),
+            "concurrency_per_process": [s.concurrency for s in shares] if mode == "closed" else None,
+            "requests_per_process": [len(s.specs) for s in shares], "ramp_s": args.ramp_s,
+            **totals, **window,
+            **run.sampling.report(run.window_start_s, run.window_end_s, window["window_completions"])}  # fmt: skip
+
+
+def run_levels(args, seed: int) -> tuple[dict, dict]:
+    """Every level in turn, each with fresh clips; the rows and raw.json's data."""
+    import psutil
+
+    from .load_workers import Target, closed_shares, open_shares, run_level
+
+    sources = load_audio_dir(args.audio_dir) if args.audio_dir else []
+    levels = parse_levels(args)
+    if args.server_pid is not None and not psutil.pid_exists(args.server_pid):
+        raise SystemExit(f"--server-pid {args.server_pid}: no such process on this host")
+    model = asyncio.run(ready_model(args, seed))
+    target = Target(base_url(args.url), args.api_key, args.timeout_s, model)
+    sampling_args = dict(url=target.url, api_key=args.api_key, interval_s=args.metrics_interval_s,
+                         server_pid=args.server_pid)  # fmt: skip
+    rows, raw, samples = [], [], []
+    for level_index, (mode, level) in enumerate(levels):
+        specs = level_specs(args, seed, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
+        if mode == "closed":
+            shares = closed_shares(specs, level, args.processes)
+        else:
+            shares = open_shares(specs, poisson_arrivals(seed, level, len(specs)), args.processes)
+        label = f"c={level}" if mode == "closed" else f"{level:g} req/s"
+        with tqdm(total=len(specs), desc=f"{mode} {label} x{len(shares)} proc", unit="req") as bar:
+            run = run_level(shares, target, sampling_args, args.ramp_s, bar)
+        rows.append(level_row(args, mode, level, specs, shares, run))
+        for outcome in run.outcomes:
+            raw.extend({"mode": mode, "level": level, "worker": outcome.index, **r.raw()} for r in outcome.results)
+        samples.extend({"mode": mode, "level": level, **s} for s in run.sampling.raw())
+    return {"rows": rows, "model": model}, {"requests": raw, "samples": samples}
+
+
+def serve_summary(args, rows: list[dict], model: str, seed: int) -> dict:
     summary = base_summary(preset="remote", dtype="unknown", quantization=None, engine_args={},
                            versions=client_versions())  # fmt: skip
-    summary.update(mode="serve", target_url=base_url(args.url), model_name=model, serve=rows)
+    summary.update(mode="serve", target_url=base_url(args.url), model_name=model, seed=seed,
+                   processes=args.processes, serve=rows)  # fmt: skip
     for r in rows:
         level = {"concurrency": r["concurrency"]} if r["mode"] == "closed" else {"request_rate": r["request_rate"]}
         if r["mode"] == "closed":
             summary["throughput"].append({
                 "impl": r["impl"], "via": "http", "batch": r["concurrency"], "clip_s": r["clip_s"],
                 "out_tokens_per_clip": r["out_tokens"], "samples_per_s": r["request_throughput"],
-                "wall_s": r["duration_s"],
+                "total_samples_per_s": r["total_request_throughput"], "window_s": r["window_s"],
+                "wall_s": r["duration_s"], "processes": r["processes"],
             })  # fmt: skip
         if r["ttft_ms"]["n"]:
             summary["ttft"].append({"impl": r["impl"], "via": "http", "clip_s": r["clip_s"],
@@ -352,10 +441,11 @@ def run_serve(args) -> dict:
     from .common import run_dir, write_results
     from .report import serve_table
 
-    result, raw = asyncio.run(_serve(args))
-    summary = serve_summary(args, result["rows"], result["model"])
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)  # fresh clips every run
+    result, raw = run_levels(args, seed)
+    summary = serve_summary(args, result["rows"], result["model"], seed)
     out_dir = run_dir(args.out, args.run_name, "serve", summary["gpu"])
     write_results(out_dir, summary, raw)
     print(serve_table(summary))
-    print(f"results: {out_dir}")
+    print(f"seed: {seed}; results: {out_dir}")
     return summary

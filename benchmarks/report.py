@@ -78,15 +78,32 @@ def serve_table(summary: dict) -> str:
     rows = summary.get("serve", [])
     if not rows:
         return ""
-    header = ["mode", "level", "requests", "ok", "errors", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
-              "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms"]  # fmt: skip
+    header = ["mode", "level", "procs", "requests", "ok", "errors", "window s", "req/s", "total req/s", "out tok/s",
+              "TTFT p50/p90/p99 ms", "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms", "gateway in flight",
+              "engine running", "engine waiting", "loadgen cores", "API ms/req (+children)"]  # fmt: skip
     table = []
     for r in rows:
         level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['request_rate']:g} req/s"
-        table.append([r["mode"], level, r["requests"], r["ok"], _errors(r["errors"]), r["request_throughput"],
-                      r["output_tokens_per_s"], _pcts(r["ttft_ms"]), r["tpot_ms"]["median"],
-                      r["itl_ms"]["median"], _pcts(r["e2e_ms"])])  # fmt: skip
+        gauges = r.get("server_in_flight") or {}
+        api = r.get("api_cpu") or {}
+        api_ms = f"{_fmt(api['cpu_ms_per_request'])} ({_fmt(api['with_children_cpu_ms_per_request'])})" if api else "–"
+        table.append([r["mode"], level, r.get("processes", 1), r["requests"], r["ok"], _errors(r["errors"]),
+                      r.get("window_s"), r["request_throughput"], r.get("total_request_throughput"),
+                      r["output_tokens_per_s"], _pcts(r["ttft_ms"]), r["tpot_ms"]["median"], r["itl_ms"]["median"],
+                      _pcts(r["e2e_ms"]), _gauge(gauges, "mdl_clips_in_flight"),
+                      _gauge(gauges, "vllm:num_requests_running", "mdl_engine_running_requests"),
+                      _gauge(gauges, "vllm:num_requests_waiting", "mdl_engine_waiting_requests"),
+                      (r.get("loadgen_cpu") or {}).get("cores"), api_ms])  # fmt: skip
     return "### HTTP load\n\n" + _table(header, table)
+
+
+def _gauge(gauges: dict, *names: str) -> str:
+    """median (min–max) of the first of `names` that the server reported during the window."""
+    for name in names:
+        if name in gauges:
+            g = gauges[name]
+            return f"{_fmt(g['median'], 0)} ({_fmt(g['min'], 0)}–{_fmt(g['max'], 0)})"
+    return "–"
 
 
 def loadtest_section(summary: dict) -> str:

@@ -1,7 +1,8 @@
 """HTTP modes (serve, loadtest, soak) at smoke size against a live OpenAI-compatible server.
 
 The server is our gateway (`mdl-serve serve`) when this checkout has it, else vLLM's own
-OpenAI server; both on the tiny checkpoint.
+OpenAI server; both on the tiny checkpoint. Also the arithmetic of `serve`'s shared window
+and of splitting a level over load-generator processes.
 """
 
 import importlib.util
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -19,6 +21,8 @@ import pytest
 import soundfile
 
 from mdlserve.benchmarks.cli import main as bench
+from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, window_summary
+from mdlserve.benchmarks.load_workers import closed_shares, open_shares, split_proportionally
 
 STARTUP_TIMEOUT_S = 300
 
@@ -30,7 +34,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_checkpoint, tmp_path_factory):
+def server(tiny_checkpoint, tmp_path_factory):
+    """The server's URL and the pid of its API process."""
     port = _free_port()
     fast = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--host", "127.0.0.1",
             "--port", str(port)]  # fmt: skip
@@ -57,7 +62,7 @@ def server_url(tiny_checkpoint, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield url
+        yield SimpleNamespace(url=url, pid=proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -71,16 +76,18 @@ def _load(out) -> tuple[dict, list]:
     return json.loads((out / "summary.json").read_text()), json.loads((out / "raw.json").read_text())["requests"]
 
 
-def test_serve_closed_and_open_loop(server_url, tmp_path):
-    bench(["serve", "--smoke", "--url", server_url, "--out", str(tmp_path), "--ready-timeout-s", "60"])
+def test_serve_closed_and_open_loop(server, tmp_path):
+    bench(["serve", "--smoke", "--url", server.url, "--out", str(tmp_path), "--ready-timeout-s", "60"])
     summary, raw = _load(tmp_path)
-    assert summary["mode"] == "serve" and summary["target_url"] == server_url
+    assert summary["mode"] == "serve" and summary["target_url"] == server.url
     assert [(r["mode"], r["concurrency"], r["request_rate"]) for r in summary["serve"]] == [
         ("closed", 1, None), ("closed", 2, None), ("open", None, 2.0)]  # fmt: skip
     for row in summary["serve"]:
         assert row["via"] == "http" and row["requests"] == row["ok"] == 4 and row["errors"] == {}
-        assert row["output_tokens_per_s"] == pytest.approx(4 * 8 / row["duration_s"], rel=1e-3)
-        assert row["request_throughput"] == pytest.approx(4 / row["duration_s"], rel=1e-3)
+        assert row["processes"] == 1 and row["requests_per_process"] == [4]
+        assert row["total_output_tokens_per_s"] == pytest.approx(4 * 8 / row["duration_s"], rel=1e-3)
+        assert row["total_request_throughput"] == pytest.approx(4 / row["duration_s"], rel=1e-3)
+        assert row["request_throughput"] == pytest.approx(row["window_completions"] / row["window_s"], rel=1e-3)
         for metric in ("ttft_ms", "e2e_ms", "tpot_ms"):
             stats = row[metric]
             assert stats["n"] == 4 and 0 < stats["median"] <= stats["p90"] <= stats["p99"]
@@ -88,15 +95,17 @@ def test_serve_closed_and_open_loop(server_url, tmp_path):
     assert [(r["batch"], r["via"]) for r in summary["throughput"]] == [(1, "http"), (2, "http")]
     assert len(summary["ttft"]) == 3 and all(r["via"] == "http" and r["n"] == 4 for r in summary["ttft"])
     assert len(raw) == 12 and all(r["ok"] and r["output_tokens"] == 8 for r in raw)
+    assert isinstance(summary["seed"], int) and all(r["key"][0] == summary["seed"] for r in raw)
+    assert len({tuple(r["key"]) for r in raw}) == 12  # no clip sent twice
     assert (tmp_path / "serve_latency.png").stat().st_size > 1000 and (tmp_path / "summary.md").exists()
 
 
-def test_serve_audio_files_non_streaming(server_url, tmp_path):
+def test_serve_audio_files_non_streaming(server, tmp_path):
     audio_dir = tmp_path / "audio"
     audio_dir.mkdir()
     soundfile.write(audio_dir / "a.wav", 0.1 * np.random.default_rng(0).standard_normal(24000), 16000)
     out = tmp_path / "out"
-    bench(["serve", "--smoke", "--url", server_url, "--audio-dir", str(audio_dir), "--concurrency", "2",
+    bench(["serve", "--smoke", "--url", server.url, "--audio-dir", str(audio_dir), "--concurrency", "2",
            "--request-rate", "", "--num-requests", "3", "--no-stream", "--out", str(out)])  # fmt: skip
     summary, raw = _load(out)
     (row,) = summary["serve"]
@@ -105,9 +114,9 @@ def test_serve_audio_files_non_streaming(server_url, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["loadtest", "soak"])
-def test_scenario_runs(server_url, tmp_path, mode):
+def test_scenario_runs(server, tmp_path, mode):
     extra = ["--duration-s", "4"] if mode == "soak" else []
-    bench([mode, "mixed-traffic", "--smoke", "--url", server_url, "--out", str(tmp_path), *extra])
+    bench([mode, "mixed-traffic", "--smoke", "--url", server.url, "--out", str(tmp_path), *extra])
     summary, raw = _load(tmp_path)
     lt = summary["loadtest"]
     assert summary["mode"] == mode and lt["scenario"]["name"] == "mixed-traffic"
@@ -119,3 +128,94 @@ def test_scenario_runs(server_url, tmp_path, mode):
     assert all(r["clip_s"] <= 4 and 0 < r["output_tokens"] <= 8 for r in raw)
     assert lt["drift"]["e2e_p50_first_ms"] > 0
     assert (tmp_path / "loadtest_drift.png").exists()
+
+
+def _window_checks(row: dict, requests: list[dict]) -> None:
+    """The shared window's arithmetic, recomputed from the per-request records."""
+    start, end = row["window_start_s"], row["window_end_s"]
+    inside = [r for r in requests if start < r["end_s"] <= end]
+    assert row["window_completions"] == sum(r["ok"] for r in inside) and row["window_errors"] == 0
+    # A closed loop's window ends at a completion (the one after which a user found nothing
+    # left); an open loop's at its last arrival, possibly before anything completed.
+    assert row["window_completions"] > 0 or row["mode"] == "open"
+    assert row["window_s"] == pytest.approx(end - start, abs=1e-3) and 0 < end <= row["duration_s"]
+    assert row["request_throughput"] == pytest.approx(row["window_completions"] / row["window_s"], rel=1e-3)
+    assert row["duration_s"] == pytest.approx(max(r["end_s"] for r in requests), abs=1e-3)
+    assert row["total_request_throughput"] == pytest.approx(len(requests) / row["duration_s"], rel=1e-3)
+    # The worker that ran out first had started every one of its requests by the window's end.
+    by_worker = {}
+    for r in requests:
+        by_worker.setdefault(r["worker"], []).append(r)
+    assert sorted(len(v) for v in by_worker.values()) == sorted(row["requests_per_process"])
+    assert any(all(r["start_s"] <= end + 1e-3 for r in rs) for rs in by_worker.values())
+
+
+def test_serve_processes_share_one_window(server, tmp_path, capsys):
+    bench(["serve", "--smoke", "--url", server.url, "--processes", "2", "--concurrency", "4", "--request-rate", "",
+           "--num-requests", "16", "--seed", "7", "--server-pid", str(server.pid), "--metrics-interval-s", "0.1",
+           "--out", str(tmp_path)])  # fmt: skip
+    summary, raw = _load(tmp_path)
+    (row,) = summary["serve"]
+    assert summary["seed"] == 7 and summary["processes"] == 2
+    assert row["processes"] == 2 and row["concurrency_per_process"] == [2, 2] and row["requests_per_process"] == [8, 8]
+    assert row["requests"] == row["ok"] == 16 and row["errors"] == {} and row["stream"]
+    assert sorted(tuple(r["key"]) for r in raw) == [(7, 11, 0, i) for i in range(16)]  # each request once
+    assert all(r["ok"] and r["output_tokens"] == 8 and r["ttft_ms"] > 0 for r in raw)
+    _window_checks(row, raw)
+
+    gauges = row["server_in_flight"]
+    assert row["metrics_samples"] >= 1 and gauges["mdl_clips_in_flight"]["n"] == row["metrics_samples"]
+    for stats in gauges.values():
+        assert 0 <= stats["min"] <= stats["median"] <= stats["max"] <= 4
+    loadgen, api = row["loadgen_cpu"], row["api_cpu"]
+    assert 0 <= loadgen["max_process_cores"] <= loadgen["cores"] + 1e-6
+    assert loadgen["cores"] == pytest.approx(loadgen["cpu_s"] / row["window_s"], rel=1e-2, abs=1e-3)
+    assert api["cpu_ms_per_request"] == pytest.approx(api["cpu_s"] * 1000 / row["window_completions"], rel=1e-2)
+    assert api["with_children_cpu_s"] >= api["cpu_s"] - 1e-6  # the engine core is the API process's child
+    samples = json.loads((tmp_path / "raw.json").read_text())["samples"]
+    assert {s["source"] for s in samples if s["at_window_end"]} == {"metrics", "cpu"}
+    assert "| procs |" in capsys.readouterr().out
+
+
+def test_serve_processes_non_streaming_closed_and_open(server, tmp_path):
+    bench(["serve", "--smoke", "--url", server.url, "--processes", "2", "--concurrency", "3", "--request-rate", "4",
+           "--num-requests", "7", "--no-stream", "--out", str(tmp_path)])  # fmt: skip
+    summary, raw = _load(tmp_path)
+    closed, open_ = summary["serve"]
+    assert closed["concurrency_per_process"] == [2, 1] and closed["requests_per_process"] == [5, 2]
+    assert open_["concurrency_per_process"] is None and open_["requests_per_process"] == [4, 3]
+    assert len({tuple(r["key"]) for r in raw}) == len(raw) == 14 and all(r["ok"] for r in raw)
+    for row in (closed, open_):
+        assert row["ok"] == 7 and not row["stream"] and row["ttft_ms"]["n"] == 0 and row["api_cpu"] is None
+        _window_checks(row, [r for r in raw if r["mode"] == row["mode"]])
+
+
+def test_serve_refuses_fewer_requests_than_concurrency():
+    with pytest.raises(SystemExit, match="never have all its requests in flight"):
+        bench(["serve", "--url", "http://127.0.0.1:9", "--concurrency", "8", "--num-requests", "4"])
+
+
+def test_split_proportionally_and_shares():
+    assert split_proportionally(2048, [128] * 4) == [512] * 4
+    assert split_proportionally(12, [3, 2]) == [7, 5] and split_proportionally(10, [1, 1, 1]) == [4, 3, 3]
+    specs = [RequestSpec(key=(i,), clip_s=1.0, prompt="p", max_tokens=1, stream=True, exact_tokens=True)
+             for i in range(10)]  # fmt: skip
+    shares = closed_shares(specs, 5, 8)  # never more workers than users
+    assert [(s.concurrency, len(s.specs)) for s in shares] == [(1, 2)] * 5
+    assert [spec.key for s in shares for spec in s.specs] == [(i,) for i in range(10)]
+    dealt = open_shares(specs, [0.1 * i for i in range(10)], 3)
+    assert [[spec.key[0] for spec in s.specs] for s in dealt] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert dealt[1].arrivals_s == pytest.approx([0.1, 0.4, 0.7])
+
+
+def test_window_summary_counts_completions_inside_the_window():
+    def done(end_s: float, ok: bool = True) -> RequestResult:
+        return RequestResult(start_s=0.0, status="200" if ok else "500", ok=ok, clip_s=1, stream=False,
+                             prompt_kind="caption", output_tokens=10, end_s=end_s)  # fmt: skip
+
+    results = [done(0.5), done(1.0), done(2.0, ok=False), done(3.0), done(3.5)]
+    w = window_summary(results, start_s=0.5, end_s=3.0)  # (0.5, 3.0]: 1.0 and 3.0 ok, 2.0 an error
+    assert (w["window_s"], w["window_completions"], w["window_errors"]) == (2.5, 2, 1)
+    assert w["request_throughput"] == pytest.approx(0.8) and w["output_tokens_per_s"] == pytest.approx(8.0)
+    empty = window_summary(results, start_s=3.0, end_s=3.0)
+    assert empty["request_throughput"] is None and empty["window_completions"] == 0

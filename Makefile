@@ -5,7 +5,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test generate demo-checkpoint lint
+.PHONY: setup run test generate demo-checkpoint lint stress
 
 setup:
 	@bash scripts/setup.sh
@@ -32,3 +32,9 @@ lint: setup
 	@scripts/step.sh "lint: ruff check" .venv/bin/ruff check $(LINT_PATHS)
 	@scripts/step.sh "lint: ruff format --check" .venv/bin/ruff format --check $(LINT_PATHS)
 	@scripts/step.sh "lint: mypy" .venv/bin/mypy $(LINT_PATHS)
+
+# The suite three times in a row beside two busy loops that keep both CPUs of a CI-class
+# machine occupied: no test may depend on the machine's speed. STRESS_ARGS narrows it to
+# some tests, e.g. `make stress STRESS_ARGS=tests/deploy/test_observability.py`.
+stress: setup
+	@bash scripts/stress.sh $(STRESS_ARGS)

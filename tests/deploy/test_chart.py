@@ -3,6 +3,8 @@
 import base64
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -411,15 +413,41 @@ def test_service_monitor_selects_the_service(helm):
     assert sm["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
 
 
-def test_prometheus_rule_and_dashboard_match_deploy_files(helm):
+def test_prometheus_rule_and_dashboard_render_the_chart_files(helm):
     docs = helm.render(FULL)
-    deploy_rules = yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())
-    assert find(docs, "PrometheusRule")["spec"] == deploy_rules
+    rules = yaml.safe_load((CHART / "files/alerts.yml").read_text())
+    assert rules["groups"] and find(docs, "PrometheusRule")["spec"] == rules
     dash = find(docs, "ConfigMap", "-dashboard")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
-    deployed = json.loads((REPO / "deploy/grafana/dashboards/midashenglm-serve.json").read_text())
-    assert json.loads(dash["data"]["midashenglm-serve.json"]) == deployed
-    assert (CHART / "files/alerts.yml").read_text() == (REPO / "deploy/prometheus/alerts.yml").read_text()
+    dashboard = json.loads((CHART / "files/dashboard.json").read_text())
+    assert dashboard["panels"] and json.loads(dash["data"]["midashenglm-serve.json"]) == dashboard
+
+
+def tracked_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    return [REPO / f for f in out.stdout.decode().split("\0") if f and (REPO / f).is_file()]
+
+
+def copies_of_chart_files(files: list[Path]) -> list[tuple[Path, Path]]:
+    """(chart file, other file) pairs with the same content, the other outside the chart."""
+    chart = {f.read_bytes(): f for f in files if f.is_relative_to(CHART)}
+    return [(chart[f.read_bytes()], f) for f in files if not f.is_relative_to(CHART) and f.read_bytes() in chart]
+
+
+def test_chart_holds_no_copies_of_repository_files():
+    """The alert rules and the dashboard live once, in the chart (which cannot read files
+    outside itself); deploy/docker-compose.yml mounts them from there."""
+    files = tracked_files()
+    assert CHART / "files/alerts.yml" in files and CHART / "files/dashboard.json" in files
+    assert copies_of_chart_files(files) == []
+
+
+def test_copy_finder_control(tmp_path):
+    """Control: a file outside the chart with a chart file's content is reported."""
+    copy = tmp_path / "alerts-copy.yml"
+    copy.write_bytes((CHART / "files/alerts.yml").read_bytes())
+    found = copies_of_chart_files([CHART / "files/alerts.yml", CHART / "Chart.yaml", copy])
+    assert found == [(CHART / "files/alerts.yml", copy)]
 
 
 def test_notes_explain_key_and_test(helm):

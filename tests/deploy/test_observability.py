@@ -7,21 +7,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from .manifests import REPO
+from .manifests import CHART, REPO
 from .contract import DCGM, METRICS, REJECTION_REASONS, label_values, metric_names, unknown_metrics
 
 DEPLOY = REPO / "deploy"
+# The one copy of each; the chart renders them and deploy/docker-compose.yml mounts them.
+ALERTS = CHART / "files/alerts.yml"
+DASHBOARD = CHART / "files/dashboard.json"
 
 
 @pytest.fixture(scope="module")
 def rules() -> list[dict]:
-    doc = yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())
+    doc = yaml.safe_load(ALERTS.read_text())
     return [r for g in doc["groups"] for r in g["rules"]]
 
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict:
-    return json.loads((DEPLOY / "grafana/dashboards/midashenglm-serve.json").read_text())
+    return json.loads(DASHBOARD.read_text())
 
 
 def dashboard_exprs(dash: dict) -> list[str]:
@@ -113,18 +116,26 @@ def test_compose_server_service(compose):
     assert s["ports"][0].endswith(":8000")
 
 
+def host_mounts(service: dict) -> dict[str, Path]:
+    """Container path -> host path of a compose service's bind mounts (named volumes left out)."""
+    return {v.split(":")[1]: (DEPLOY / v.split(":")[0]).resolve() for v in service["volumes"] if v.startswith(".")}
+
+
 def test_compose_monitoring_wiring(compose):
     prom = compose["services"]["prometheus"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in prom["volumes"]}
-    config = yaml.safe_load((DEPLOY / mounts["/etc/prometheus/prometheus.yml"]).read_text())
-    assert all((DEPLOY / src).exists() for dst, src in mounts.items() if src.startswith("./"))
-    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"] and "/etc/prometheus/alerts.yml" in mounts
+    mounts = host_mounts(prom)
+    assert all(src.exists() for src in mounts.values()), mounts
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"] == ALERTS
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
     assert targets["mdl-serve"] == ["mdl-serve:8000"] and "dcgm-exporter" in compose["services"]
     graf = compose["services"]["grafana"]
-    gmounts = {v.split(":")[1]: DEPLOY / v.split(":")[0] for v in graf["volumes"] if v.startswith("./")}
+    gmounts = host_mounts(graf)
+    assert all(src.exists() for src in gmounts.values()), gmounts
     provider = yaml.safe_load((gmounts["/etc/grafana/provisioning"] / "dashboards/midashenglm-serve.yml").read_text())
-    assert gmounts[provider["providers"][0]["options"]["path"]] == DEPLOY / "grafana/dashboards"
+    dashboards = provider["providers"][0]["options"]["path"]
+    assert gmounts[f"{dashboards}/midashenglm-serve.json"] == DASHBOARD
     ds = yaml.safe_load((gmounts["/etc/grafana/provisioning"] / "datasources/prometheus.yml").read_text())
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
 

@@ -9,11 +9,10 @@ release whose API it serves; the branch is chosen by looking at vLLM's classes, 
 its version string, so a release in between takes whichever API it actually has.
 """
 
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 from transformers import BatchFeature
-
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import BaseMultiModalProcessor, BaseProcessingInfo
 
@@ -37,7 +36,7 @@ class _AudioTensorsProcessorHooks(BaseMultiModalProcessor[_I]):
     """What a processor whose HF-side work is only "audio clips -> tensors" implements;
     `AudioTensorsProcessor` calls it from whichever vLLM processing API is installed."""
 
-    def audio_tensors(self, audios: list[Any]) -> dict[str, Any]:
+    def audio_tensors(self, audios: Sequence[Any]) -> dict[str, Any]:
         """The model's tensors for the request's clips (never called with no clips)."""
         raise NotImplementedError
 
@@ -59,8 +58,8 @@ if PROCESSOR_TOKENIZES_PROMPT:
             tok_kwargs: Mapping[str, object],
         ) -> BatchFeature:
             input_ids = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
-            audios = mm_data.get("audios") or mm_data.get("audio") or []
-            return BatchFeature({"input_ids": [input_ids], **(self.audio_tensors(list(audios)) if audios else {})})
+            audios = cast(Sequence[Any], mm_data.get("audios") or mm_data.get("audio") or [])
+            return BatchFeature({"input_ids": [input_ids], **(self.audio_tensors(audios) if audios else {})})
 
         def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
             return False
@@ -73,13 +72,15 @@ if PROCESSOR_TOKENIZES_PROMPT:
             )
 
 else:
-
-    class AudioTensorsProcessor(_AudioTensorsProcessorHooks[_I]):
+    # mypy checks against the installed vLLM (0.26 in `make lint`), hence the ignores here.
+    class AudioTensorsProcessor(_AudioTensorsProcessorHooks[_I]):  # type: ignore[no-redef]
         """vLLM 0.32 processing API: the renderer already tokenized the prompt."""
 
-        def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
-            audios = hf_data.get("audio") or hf_data.get("audios") or []
-            return BatchFeature(self.audio_tensors(list(audios)) if audios else {})
+        def _call_hf_processor(  # type: ignore[override]
+            self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+        ) -> BatchFeature:
+            audios = cast(Sequence[Any], hf_data.get("audio") or hf_data.get("audios") or [])
+            return BatchFeature(self.audio_tensors(audios) if audios else {})
 
         def _maybe_apply_prompt_updates(self, mm_items, mm_res):
             self.check_prompt(mm_items, mm_res.prompt_ids)

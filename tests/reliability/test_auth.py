@@ -73,20 +73,3 @@ def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
         accepted = deps.api_key_error(f"Bearer {token}", keys) is None
         assert accepted == (token != "nope")
         assert compared == [(token.encode(), key) for key in keys]
-
-
-def test_no_key_in_server_log_or_metrics(guarded_server, reliability_report):
-    """Runs after the auth cases above (valid, wrong and query-string keys were all sent):
-    neither key nor the canary appear in the debug-level server log or in /metrics."""
-    httpx.post(guarded_server.url + f"/v1/chat/completions?api_key={CANARY_KEY}", json=captioning_body(),
-               headers={"Authorization": f"Bearer {CANARY_KEY}", "X-Request-ID": "auth-leak-probe"}, timeout=30)
-    log = guarded_server.server.log_path.read_text(errors="replace")
-    metrics = httpx.get(guarded_server.url + "/metrics").text
-    leaks = [name for name, secret in (("API key", API_KEY), ("second API key", OTHER_API_KEY),
-                                        ("wrong key", CANARY_KEY)) if secret in log or secret in metrics]
-    observed = f"log of {len(log)} characters (debug level) and /metrics searched: " + (
-        f"found {', '.join(leaks)}" if leaks else "no key found")
-    assert "auth-leak-probe" in log, "the probe request should be in the log that was searched"
-    assert reliability_report.add_fault("API keys kept out of logs and metrics",
-                                        "no configured or attempted key in the server log or /metrics",
-                                        observed, not leaks), observed

@@ -15,7 +15,10 @@ from .conftest import DRAIN_TIMEOUT_S, FETCH_MAX_BYTES, FETCH_TIMEOUT_S
 from .local_http import MisbehavingAudioHost
 from .traffic import Outcome, captioning_body, engine_core, send_chat, wait_idle
 
-DEATH_NOTICE_S = 5.0
+# A generous deadline for the probes to notice (the engine's health is polled every second;
+# a busy machine may delay that): how fast they notice is tested with the fake engine
+# (tests/gateway/test_gateway_behaviour.py); this test proves vLLM's death reaches them.
+DEATH_NOTICE_S = 30.0
 # Long enough to be in flight when SIGTERM lands, short enough to finish inside the drain
 # timeout even on a busy shared CPU.
 DRAIN_TEST_TOKENS = 200
@@ -32,7 +35,7 @@ async def _probe(client: httpx.AsyncClient, url: str) -> int | None:
 
 def test_engine_death_fails_requests_fast_and_turns_health_false(killed_server, reliability_report):
     """SIGKILL of vLLM's EngineCore: in-flight requests end with 503 / an error event instead
-    of hanging, readiness and liveness stop saying 200 within 5 s, and the process exits
+    of hanging, readiness and liveness stop saying 200, and the process exits
     non-zero so the orchestrator restarts it."""
     url, pid = killed_server.url, killed_server.process.pid
 
@@ -63,7 +66,7 @@ def test_engine_death_fails_requests_fast_and_turns_health_false(killed_server, 
     passed = ready != 200 and live != 200 and all(failed_cleanly) and exit_code not in (0, None)
     assert reliability_report.add_fault(
         "engine process killed (SIGKILL EngineCore)",
-        "ready and live not 200 within 5 s; in-flight 503 engine_unavailable (streams: error event); exit != 0",
+        "ready and live not 200 within 30 s; in-flight 503 engine_unavailable (streams: error event); exit != 0",
         observed, passed,
     ), observed
 

@@ -11,10 +11,10 @@ import pytest
 from gateway.helpers import ServerProcess
 from mdlserve.server.settings import Settings
 
-from .conftest import API_KEY, GUARDED_REQUEST_TIMEOUT_S, MAX_NUM_SEQS, MAX_QUEUE
+from .conftest import MAX_NUM_SEQS, MAX_QUEUE
 from .report import LoadRun
 from .traffic import (
-    Outcome, captioning_body, footprint, gauges, percentile, send_chat, status_counts, wait_idle,
+    Outcome, captioning_body, footprint, percentile, send_chat, status_counts, wait_idle,
 )  # fmt: skip
 
 CAPACITY = MAX_NUM_SEQS + MAX_QUEUE
@@ -26,9 +26,6 @@ SOAK_LATENCY_DRIFT = 3.0
 # of day, status, seconds spent.
 ACCESS_LINE = re.compile(r"^\S+ (\d\d:\d\d:\d\d,\d{3}) INFO mdlserve\.server\.access \[\w+\] "
                          r"POST /v1/chat/completions (\d{3}) ([\d.]+)s$", re.MULTILINE)
-# Output tokens of the request meant to outlive --request-timeout (guarded context 4096,
-# prompt ~41).
-OUTLIVING_TOKENS = 4000
 
 
 def test_twice_capacity_every_request_answered_or_refused(open_server, reliability_report, heavy):
@@ -172,83 +169,3 @@ def test_soak_constant_load_no_errors_drift_or_leaks(open_server, reliability_re
     assert end_rss - start_rss <= SOAK_RSS_GROWTH_BYTES, (start_rss >> 20, end_rss >> 20)
     assert end_fds - start_fds <= SOAK_FD_GROWTH, (start_fds, end_fds)
     assert not any(idle.values()), idle
-
-
-def test_abandoned_slow_and_timed_out_requests_leave_the_engine(open_server, guarded_server, reliability_report):
-    """Streams dropped mid-way, non-streaming clients that give up, slow readers and
-    requests past --request-timeout (the guarded server's short one): afterwards nothing is
-    left running or queued on either server."""
-    url = open_server.url
-    # min_tokens: sampled at temperature 1, the tiny model can end a request within a few
-    # tokens, and then there is nothing left to abandon.
-    long_body = {**captioning_body(max_tokens=1000, stream=True), "min_tokens": 1000}
-
-    async def drop_stream_after_first_chunks(client: httpx.AsyncClient) -> tuple[str, dict | None]:
-        """Drops the stream after 3 events; the gauges are read just before, while it is
-        certainly admitted and running."""
-        async with client.stream("POST", url + "/v1/chat/completions", json=long_body) as response:
-            chunks = 0
-            async for line in response.aiter_lines():
-                chunks += line.startswith("data: ")
-                if chunks >= 3:
-                    reading = await asyncio.to_thread(gauges, url)
-                    return f"{response.status_code}: dropped after {chunks} events", reading
-        return f"{response.status_code}: stream ended before 3 events", None
-
-    async def give_up_waiting(client: httpx.AsyncClient) -> str:
-        try:
-            response = await client.post(url + "/v1/chat/completions",
-                                         json={**captioning_body(max_tokens=1000), "min_tokens": 1000}, timeout=1.5)
-            return f"{response.status_code} (finished within the client's patience)"
-        except httpx.TimeoutException:
-            return "client timed out and closed the connection"
-
-    async def read_slowly(client: httpx.AsyncClient) -> Outcome:
-        started = time.perf_counter()
-        async with client.stream("POST", url + "/v1/chat/completions",
-                                 json=captioning_body(max_tokens=16, stream=True)) as response:
-            body = b""
-            async for piece in response.aiter_raw(chunk_size=16):
-                body += piece
-                await asyncio.sleep(0.05)
-        complete = b"data: [DONE]" in body and b'"finish_reason":"length"' in body.replace(b" ", b"")
-        return Outcome(response.status_code, time.perf_counter() - started, complete=complete)
-
-    async def outlive_request_timeout(client: httpx.AsyncClient) -> Outcome:
-        started = time.perf_counter()
-        # min_tokens forbids an early end of sequence: 4000 decode steps, ~20 s even on an idle CPU.
-        body = {**captioning_body(max_tokens=OUTLIVING_TOKENS), "min_tokens": OUTLIVING_TOKENS}
-        response = await client.post(guarded_server.url + "/v1/chat/completions", json=body,
-                                     timeout=GUARDED_REQUEST_TIMEOUT_S + 60,
-                                     headers={"Authorization": f"Bearer {API_KEY}"})
-        code = response.json().get("error", {}).get("code") if response.status_code != 200 else None
-        return Outcome(response.status_code, time.perf_counter() - started, detail=str(code))
-
-    async def run():
-        async with httpx.AsyncClient(timeout=60) as client:
-            (dropped_a, during), (dropped_b, _), gave_up, timed_out = await asyncio.gather(
-                drop_stream_after_first_chunks(client), drop_stream_after_first_chunks(client),
-                give_up_waiting(client), outlive_request_timeout(client),
-            )  # fmt: skip
-            slow = await read_slowly(client)
-        return during, [dropped_a, dropped_b, gave_up], timed_out, slow
-
-    started = time.perf_counter()
-    during, abandoned, timed_out, slow = asyncio.run(run())
-    idle = asyncio.run(wait_idle(url))
-    guarded_idle = asyncio.run(wait_idle(guarded_server.url))
-    observed = (f"while busy {during}; abandoned: {abandoned}; timed out: {timed_out.status} {timed_out.detail} "
-                f"after {timed_out.latency_s:.1f} s; slow reader: {slow.status} complete={slow.complete}; "
-                f"afterwards {idle}, timeout server {guarded_idle}")
-    passed = (during is not None and during["mdl_clips_in_flight"] > 0 and timed_out.status == 504 and timed_out.detail == "timeout"
-              and slow.complete and not any(idle.values()) and not any(guarded_idle.values()))
-    reliability_report.add_load(LoadRun(
-        "disconnects, slow reader, timeout", 5, 4, time.perf_counter() - started, int(not slow.complete),
-        {"abandoned by the client": 3, "504 (the timeout case)": int(timed_out.status == 504),
-         "200": int(slow.status == 200)},
-    ))  # fmt: skip
-    assert reliability_report.add_fault(
-        "client disconnects, slow reads, request timeout",
-        "504 timeout at --request-timeout, slow reader gets the full stream, engine and admission gauges return to 0",
-        observed, passed,
-    ), observed

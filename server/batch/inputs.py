@@ -167,10 +167,12 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict | BadRow]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield number, BadRow(f"line-{number}", {}, RowError("invalid_json", f"line {number}: {exc.msg}"))
+            yield number, BadRow(f"line-{number}", {"id": f"line-{number}"},
+                                 RowError("invalid_json", f"line {number}: {exc.msg}"))
             continue
         if not isinstance(value, dict):
-            yield number, BadRow(f"line-{number}", {}, RowError("invalid_row", f"line {number} is not a JSON object"))
+            yield number, BadRow(f"line-{number}", {"id": f"line-{number}"},
+                                 RowError("invalid_row", f"line {number} is not a JSON object"))
             continue
         yield number, value
 
@@ -280,7 +282,10 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
 
 
 def dasheng_id(row: dict) -> str:
-    """Their rows have no id: dataset, audio file and prompt identify one question."""
+    """Their rows have no id: dataset, audio file and prompt identify one question (a line
+    that was not a JSON object is written back as {"id": "line-N", ...})."""
+    if "dataset_name" not in row and "audio" not in row and "id" in row:
+        return str(row["id"])
     return f"{row.get('dataset_name', '')}:{row.get('audio', '')}:{row.get('prompt', '')}"
 
 

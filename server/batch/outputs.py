@@ -14,7 +14,7 @@ from mdlserve.server.batch.ids import IdSet, id_hash
 from mdlserve.server.batch.inputs import dasheng_id
 from mdlserve.server.batch.items import BadRow, BatchItem, RowError, Result
 from mdlserve.server.schemas import (
-    AssistantMessage, ChatChoice, ChatCompletionResponse, ErrorBody, TranscriptionResponse, TranscriptionUsage,
+    AssistantMessage, ChatChoice, ChatCompletionResponse, TranscriptionResponse, TranscriptionUsage,
     TranscriptionVerboseResponse, Usage,
 )  # fmt: skip
 
@@ -61,8 +61,8 @@ class DashengEvalFormat(OutputFormat):
 
 class OpenAIBatchFormat(OutputFormat):
     """OpenAI's batch output line: {id, custom_id, response: {status_code, request_id, body},
-    error}. A failed row has status 400, OpenAI's error envelope as body, and the same
-    code and message in `error`."""
+    error: null}; a failed row is OpenAI's error-file line: {id, custom_id, response: null,
+    error: {code, message}} (both validate as vLLM run-batch's BatchRequestOutput)."""
 
     def row_id(self, row: dict) -> str | None:
         return row.get("custom_id")
@@ -71,7 +71,9 @@ class OpenAIBatchFormat(OutputFormat):
         return row.get("error") is not None or (row.get("response") or {}).get("status_code") != 200
 
     def ok_row(self, item: BatchItem, result: Result) -> dict:
-        return self._line(item.id, 200, result.request_id, self._body(item, result).model_dump(mode="json"), None)
+        response = {"status_code": 200, "request_id": result.request_id,
+                    "body": self._body(item, result).model_dump(mode="json")}  # fmt: skip
+        return self._line(item.id, response, None)
 
     def _body(self, item: BatchItem, result: Result):
         model = item.source.get("model") or self.model_name
@@ -90,14 +92,11 @@ class OpenAIBatchFormat(OutputFormat):
         return TranscriptionResponse(text=text, usage=usage)
 
     def error_row(self, row: BatchItem | BadRow, error: RowError) -> dict:
-        body = {"error": ErrorBody(message=error.message, type="invalid_request_error", code=error.code).model_dump()}
-        return self._line(row.id, 400, f"batch-{uuid.uuid4().hex}", body,
-                          {"code": error.code, "message": error.message})
+        return self._line(row.id, None, {"code": error.code, "message": error.message})
 
     @staticmethod
-    def _line(custom_id: str, status: int, request_id: str, body: dict, error: dict | None) -> dict:
-        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                "response": {"status_code": status, "request_id": request_id, "body": body}, "error": error}
+    def _line(custom_id: str, response: dict | None, error: dict | None) -> dict:
+        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": response, "error": error}
 
 
 def output_format(input_format: str, model_name: str = DEFAULT_MODEL_NAME) -> OutputFormat:

@@ -23,6 +23,7 @@ import soundfile
 from mdlserve.benchmarks.cli import main as bench
 from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, window_summary
 from mdlserve.benchmarks.load_workers import closed_shares, open_shares, split_proportionally
+from mdlserve.benchmarks.server_sampling import MetricsReader, Sample, cpu_delta, parse_gauges
 
 STARTUP_TIMEOUT_S = 300
 
@@ -219,3 +220,46 @@ def test_window_summary_counts_completions_inside_the_window():
     assert w["request_throughput"] == pytest.approx(0.8) and w["output_tokens_per_s"] == pytest.approx(8.0)
     empty = window_summary(results, start_s=3.0, end_s=3.0)
     assert empty["request_throughput"] is None and empty["window_completions"] == 0
+
+
+def test_parse_gauges_sums_label_sets():
+    text = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 4.0
+vllm:num_requests_running_total 99
+mdl_clips_in_flight 512.0
+mdl_queue_length 0.0 1700000000000
+"""
+    assert parse_gauges(text) == {"vllm:num_requests_running": 7.0, "mdl_clips_in_flight": 512.0,
+                                  "mdl_queue_length": 0.0}  # fmt: skip
+
+
+def test_cpu_delta_interpolates_at_the_window_bounds():
+    samples = [Sample(0.0, {"api": 10.0}), Sample(1.0, {"api": 11.0}), Sample(3.0, {"api": 15.0, "x": 1.0})]
+    assert cpu_delta(samples, "api", 0.5, 2.0) == pytest.approx(13.0 - 10.5)
+    assert cpu_delta(samples, "x", 0.0, 3.0) is None  # one sample is not a rate
+
+
+def test_metrics_reader_tolerates_a_server_without_metrics():
+    import http.server
+    import threading
+
+    class NoMetrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoMetrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    reader = MetricsReader(f"http://127.0.0.1:{httpd.server_address[1]}", api_key=None)
+    try:
+        assert reader() is None and not reader.available and reader() is None
+    finally:
+        reader.close()
+        httpd.shutdown()
+    gone = MetricsReader("http://127.0.0.1:9", api_key=None, timeout_s=1)  # nothing listens: skipped, not fatal
+    assert gone() is None and gone.available
+    gone.close()

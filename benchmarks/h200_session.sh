@@ -32,7 +32,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset tiny --out "$CK"
     SIZE=(--smoke --batches 2,2)
     TTFT=(--ttft-clips 2 --ttft-repeats 1)
-    BIG=2; N_REQ=8; CLIP=4; TOKENS=8
+    BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8
     SERVE_ENGINE=(--max-model-len 1024 --max-num-seqs 4 --enforce-eager)
     export TORCHDYNAMO_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 else
@@ -41,7 +41,7 @@ else
     SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024 --max-num-batched-tokens 16384
           --batches 512,512)
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
-    BIG=512; N_REQ=2048; CLIP=30; TOKENS=100
+    BIG=512; PROCS=4; N_REQ=2048; CLIP=30; TOKENS=100
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512
                   --max-num-batched-tokens 16384 --max-queue 4096)
 fi
@@ -85,9 +85,9 @@ http)
     "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/http/ready.txt"
     serve() { bench serve --url "$URL" --clip-s $CLIP --out-tokens $TOKENS --server-pid $server "$@"; }
     serve --concurrency 1 --num-requests 20 --out "$WORK/http/c1-stream"
-    serve --concurrency $BIG --processes 4 --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
+    serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
     pack
-    serve --concurrency $BIG --processes 4 --num-requests $N_REQ --out "$WORK/http/c$BIG-stream"
+    serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --out "$WORK/http/c$BIG-stream"
     kill $server; wait $server
     pack ;;
 *)

@@ -24,14 +24,15 @@ run: demo-checkpoint
 test: setup
 	@scripts/step.sh "tests" $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-# Code checks (.ci/run runs them after the tests): ruff's lint rules, ruff's format check and
-# mypy, configured in pyproject.toml. LINT_PATHS narrows or widens them, e.g.
+# Code checks (.ci/run runs them after the tests): ruff's lint rules, ruff's format check,
+# mypy and the dead-code finder vulture, configured in pyproject.toml. LINT_PATHS narrows or widens them, e.g.
 # `make lint LINT_PATHS="server/errors.py"`; server/ joins the default once it is clean.
 LINT_PATHS ?= model_plugin benchmarks
 lint: setup
 	@scripts/step.sh "lint: ruff check" .venv/bin/ruff check $(LINT_PATHS)
 	@scripts/step.sh "lint: ruff format --check" .venv/bin/ruff format --check $(LINT_PATHS)
 	@scripts/step.sh "lint: mypy" .venv/bin/mypy $(LINT_PATHS)
+	@scripts/step.sh "lint: vulture (dead code; paths in pyproject.toml)" .venv/bin/vulture
 
 # The suite three times in a row beside two busy loops that keep both CPUs of a CI-class
 # machine occupied: no test may depend on the machine's speed. STRESS_ARGS narrows it to

@@ -14,6 +14,3 @@ REPORT_SAMPLES_PER_S = {1: 0.65, 4: 2.42, 8: 4.67, 16: 8.93, 32: 14.36, 64: 19.5
 # all lengths is read off the figure, not per-length values.
 TTFT_CLIP_SECONDS = list(range(2, 33, 2))
 TTFT_RANGE_MS = {"MiDashengLM": (34.0, 40.0), "Qwen2.5-Omni": (153.0, 238.0)}
-
-CLIP_SECONDS = 30.0
-OUT_TOKENS = 100

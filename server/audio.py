@@ -21,7 +21,11 @@ class AudioDecodeError(ValueError):
 # 16 kHz multiplies its size by 16000 (a 200 kB WAV became gigabytes and crashed soxr).
 MIN_SAMPLE_RATE = 1_000
 MAX_SAMPLE_RATE = 768_000
-BLOCK_FRAMES = 1 << 16
+# More channels than any real recording; a WAV header may declare 65535, and one block of
+# 65536 frames of that would be 17 GB.
+MAX_CHANNELS = 64
+# Samples (frames x channels) per decoded block: bounds the memory of one block.
+BLOCK_SAMPLES = 1 << 17
 # libsndfile's int16 -> float conversion takes longer than the rest of the decode; for
 # 16-bit PCM (most uploads) the integers are read and scaled here instead, which gives
 # the same samples bit for bit (x * 2**-15 is exact).
@@ -62,6 +66,11 @@ def _frame_limit(rate: int, max_seconds: float | None) -> int | None:
     return None if max_seconds is None else int(max_seconds * rate)
 
 
+def _check_channels(channels: int) -> None:
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioDecodeError(f"{channels} channels is outside the supported range 1-{MAX_CHANNELS}")
+
+
 def _too_long(max_seconds: float) -> AudioDecodeError:
     return AudioDecodeError(f"the audio is longer than the limit of {max_seconds:g} s (--max-audio-seconds)")
 
@@ -72,9 +81,15 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.n
     with soundfile.SoundFile(io.BytesIO(data)) as f:
         rate = f.samplerate
         _check_rate(rate)
+        _check_channels(f.channels)
         limit = _frame_limit(rate, max_seconds)
+        if limit is not None and f.frames > limit and f.seekable():
+            # The header says how long it is: refused before decoding anything. (A header
+            # may also lie; the frame count below stops the decode either way.)
+            raise _too_long(max_seconds)
         pcm16 = f.subtype == "PCM_16"
-        for block in f.blocks(blocksize=BLOCK_FRAMES, dtype="int16" if pcm16 else "float32", always_2d=True):
+        blocksize = max(1, BLOCK_SAMPLES // f.channels)
+        for block in f.blocks(blocksize=blocksize, dtype="int16" if pcm16 else "float32", always_2d=True):
             frames += block.shape[0]
             if limit is not None and frames > limit:
                 raise _too_long(max_seconds)
@@ -104,6 +119,11 @@ def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray,
             rate = stream.rate or stream.codec_context.sample_rate
             if rate:
                 _check_rate(rate)
+            if stream.codec_context.channels:
+                _check_channels(stream.codec_context.channels)
+            declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
+            if max_seconds is not None and declared is not None and declared > max_seconds:
+                raise _too_long(max_seconds)  # the container says so: nothing decoded
             limit = _frame_limit(rate, max_seconds) if rate else None
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):

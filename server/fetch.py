@@ -12,12 +12,15 @@ import ipaddress
 import socket
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pybase64
 
 MAX_REDIRECTS = 5
+# Longest http(s)/file URL we parse (data: URLs are bounded by --fetch-max-bytes instead).
+MAX_URL_CHARS = 8192
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -31,6 +34,44 @@ def is_public_address(ip: IPAddress) -> bool:
         ip = ip.ipv4_mapped
     return ip.is_global and not (
         ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
+    )
+
+
+@dataclass(frozen=True)
+class ParsedUrl:
+    """The parts of an http(s)/file URL we use, each checked: urllib raises ValueError for
+    a bad IPv6 literal or port only when the attribute is read."""
+
+    scheme: str
+    netloc: str
+    host: str
+    port: int | None
+    path: str
+    query: str
+    has_credentials: bool
+
+
+def parse_url(url: str) -> ParsedUrl:
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"audio_url is longer than {MAX_URL_CHARS} characters")
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        raise FetchError("audio_url contains whitespace or control characters")
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        host = parsed.hostname or ""
+        port = parsed.port
+    except ValueError as exc:  # urllib's message names the problem (port, IPv6 literal)
+        raise FetchError(f"malformed audio_url: {exc}") from None
+    if "%" in host:
+        raise FetchError("audio_url host must not be percent-encoded")
+    return ParsedUrl(
+        parsed.scheme.lower(),
+        parsed.netloc,
+        host,
+        port,
+        parsed.path,
+        parsed.query,
+        parsed.username is not None or parsed.password is not None,
     )
 
 
@@ -97,11 +138,14 @@ class AudioFetcher:
     async def _read_file(self, url: str) -> bytes:
         if self.media_dir is None:
             raise FetchError("file:// audio URLs are disabled (the server has no --media-dir)")
-        parsed = urllib.parse.urlsplit(url)
+        parsed = parse_url(url)
         if parsed.netloc not in ("", "localhost"):
             raise FetchError("file:// URLs must not name a host")
+        unquoted = urllib.parse.unquote(parsed.path)
+        if "\x00" in unquoted:
+            raise FetchError("file:// path contains a NUL character")
         # resolve() follows symlinks and '..', so nothing can point out of the directory.
-        path = Path(urllib.parse.unquote(parsed.path)).resolve()
+        path = Path(unquoted).resolve()
         if not path.is_relative_to(self.media_dir):
             raise FetchError("file:// path is outside the media directory")
         return await asyncio.to_thread(self._read_bounded, path)
@@ -115,18 +159,23 @@ class AudioFetcher:
 
     async def _fetch_http(self, url: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            parsed = urllib.parse.urlsplit(url)
+            parsed = parse_url(url)
             if parsed.scheme not in ("http", "https"):
                 raise FetchError(f"audio_url redirected to unsupported scheme {parsed.scheme!r}")
-            host = parsed.hostname
+            host = parsed.host
             if not host:
                 raise FetchError("audio_url has no host")
-            if parsed.username or parsed.password:
+            if parsed.has_credentials:
                 raise FetchError("audio_url must not contain credentials")
             self._check_domain(host)
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
             ip = await self._resolve_checked(host, port)
-            request = self._client.build_request("GET", self._url_for_ip(parsed, ip), headers={"Host": parsed.netloc})
+            try:
+                request = self._client.build_request(
+                    "GET", self._url_for_ip(parsed, ip), headers={"Host": parsed.netloc}
+                )
+            except (httpx.InvalidURL, UnicodeError) as exc:
+                raise FetchError(f"malformed audio_url ({exc})") from None
             if parsed.scheme == "https":
                 request.extensions["sni_hostname"] = host
             try:
@@ -140,7 +189,10 @@ class AudioFetcher:
                     location = response.headers.get("location")
                     if not location:
                         raise FetchError("audio_url redirect has no Location header")
-                    url = urllib.parse.urljoin(url, location)
+                    try:
+                        url = urllib.parse.urljoin(url, location)
+                    except ValueError:
+                        raise FetchError("audio_url redirected to a malformed URL") from None
                     continue
                 if response.status_code != 200:
                     raise FetchError(f"fetching audio_url failed: HTTP {response.status_code}")
@@ -163,7 +215,7 @@ class AudioFetcher:
         except ValueError:  # a name, not an address literal
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError):
+            except (OSError, UnicodeError, ValueError):  # gaierror, IDNA, embedded NUL
                 raise FetchError(f"audio_url host {host!r} does not resolve") from None
             addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
             if not addresses:
@@ -177,7 +229,7 @@ class AudioFetcher:
         return addresses[0]
 
     @staticmethod
-    def _url_for_ip(parsed: urllib.parse.SplitResult, ip: IPAddress) -> str:
+    def _url_for_ip(parsed: ParsedUrl, ip: IPAddress) -> str:
         host = f"[{ip}]" if ip.version == 6 else str(ip)
         netloc = f"{host}:{parsed.port}" if parsed.port else host
         return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path or "/", parsed.query, ""))

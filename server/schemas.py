@@ -1,12 +1,18 @@
 """Request and response bodies (OpenAI's wire format, the subset this model supports)."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 # input_audio.format values we accept. The bytes are decoded by content sniffing; the
 # format only has to name something we can decode.
+# The engine seeds a torch.Generator: a signed 64-bit integer (-1: unseeded in vLLM, so 0 up).
+SEED_MIN, SEED_MAX = 0, (1 << 63) - 1
+MAX_STOP_CHARS = 256
+# OpenAI's limits: top_logprobs 0..20, logit_bias values -100..100 (we also bound the entries).
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "oga", "webm", "m4a", "mp4", "aac", "aiff", "aif")
 
 
@@ -70,7 +76,9 @@ AudioPart = InputAudioPart | AudioUrlPart
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
+    """`developer` is OpenAI's newer name for `system`; the chat template sees `system`."""
+
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 
 
@@ -81,27 +89,36 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class SamplingFields(_Body):
-    """Generation parameters shared by every endpoint."""
+class GenerationFields(_Body):
+    """Generation parameters shared by every endpoint, multipart forms included (scalars only)."""
 
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     min_tokens: int = Field(0, ge=0, description="vLLM extension: no end-of-sequence before this many tokens")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=2, description="vLLM extension: 1 is off")
+    top_k: int = Field(0, ge=-1, le=1_000_000, description="vLLM extension: 0 or -1 is off")
+    min_p: float = Field(0.0, ge=0, le=1, description="vLLM extension: 0 is off")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence")
 
     @field_validator("stop")
     @classmethod
     def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
+        for stop in [value] if isinstance(value, str) else value or []:
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
         return value
 
     @model_validator(mode="after")
-    def _min_within_max(self) -> "SamplingFields":
+    def _min_within_max(self) -> "GenerationFields":
         limit = self.output_limit()
         if limit is not None and self.min_tokens > limit:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
@@ -111,11 +128,80 @@ class SamplingFields(_Body):
         return self.max_completion_tokens or self.max_tokens
 
 
+class JsonSchemaFormat(_Body):
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="a JSON Schema the answer must validate against")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A schema the structured-output backend would refuse must be the client's 400."""
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only with it")
+        return self
+
+
+class SamplingFields(GenerationFields):
+    """Every generation parameter; the JSON-only ones (objects, logprobs) on top of the form-friendly ones."""
+
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_entries(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+        for key, bias in value.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> "SamplingFields":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
+    def logprobs_count(self) -> int | None:
+        """vLLM's `logprobs`: how many alternatives per token (the sampled one comes on top); None: off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
 class ChatCompletionRequest(SamplingFields):
+    """Fields not declared here land in `model_extra`: the route refuses them by name
+    (chat_fields.py), so none is silently dropped."""
+
+    model_config = ConfigDict(extra="allow")
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="end-user id, written to the access log")
 
 
 class TranscriptionForm(_Body):
@@ -130,7 +216,7 @@ class TranscriptionForm(_Body):
     stream: bool = False
     language: str | None = Field(None, description="accepted for compatibility and ignored")
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
 
     def sampling(self) -> SamplingFields:
         """OpenAI's transcription default is temperature 0 (greedy), unlike chat's 1."""
@@ -138,7 +224,7 @@ class TranscriptionForm(_Body):
         return SamplingFields(temperature=temperature, max_completion_tokens=self.max_completion_tokens, seed=self.seed)
 
 
-class AudioChatForm(SamplingFields):
+class AudioChatForm(GenerationFields):
     """multipart/form-data of POST /v1/audio/chat: an audio file plus either `messages`
     (a JSON list of chat messages) or `prompt` (one user question)."""
 
@@ -150,7 +236,7 @@ class AudioChatForm(SamplingFields):
     include_usage: bool = False
 
     def sampling(self) -> SamplingFields:
-        return SamplingFields.model_validate(self.model_dump(include=set(SamplingFields.model_fields)))
+        return SamplingFields.model_validate(self.model_dump(include=set(GenerationFields.model_fields)))
 
 
 # Responses
@@ -162,6 +248,23 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's `choices[].logprobs` (chat completions and their chunks)."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -171,7 +274,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -192,7 +295,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: ChoiceDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

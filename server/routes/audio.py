@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from mdlserve.server.deps import State
 from mdlserve.server.errors import bad_request
+from mdlserve.server.jsonbody import loads_bounded
 from mdlserve.server.request import DEFAULT_PROMPT, AudioSource
 from mdlserve.server.routes import AUDIO_CHAT, TRANSCRIPTIONS
 from mdlserve.server.routes.chat import answer_chat, check_model
@@ -33,7 +34,7 @@ router = APIRouter()
 def form_messages(raw: str) -> list[ChatMessage]:
     """The `messages` form field of /v1/audio/chat: a JSON list of chat messages."""
     try:
-        value = json.loads(raw)
+        value = loads_bounded(raw, "messages")
     except json.JSONDecodeError as exc:
         raise bad_request(f"messages is not valid JSON ({exc.msg})", param="messages") from None
     try:

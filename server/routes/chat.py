@@ -1,12 +1,17 @@
 """POST /v1/chat/completions, and the chat answer (JSON or SSE chunks) that
 /v1/audio/chat shares."""
 
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from mdlserve.server.chat_fields import check_extra_fields
+
 from mdlserve.server.deps import State
+from mdlserve.server.engine import TokenLogprob
 from mdlserve.server.errors import ApiError
+from mdlserve.server.jsonbody import BoundedJsonRoute
 from mdlserve.server.request import Conversation
 from mdlserve.server.routes import CHAT_COMPLETIONS
 from mdlserve.server.schemas import (
@@ -15,7 +20,10 @@ from mdlserve.server.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     SamplingFields,
     Usage,
@@ -23,7 +31,10 @@ from mdlserve.server.schemas import (
 from mdlserve.server.session import Delta, Run, SSEResponse, sse_event
 from mdlserve.server.state import GatewayState
 
-router = APIRouter()
+logger = logging.getLogger("mdlserve.server")
+router = APIRouter(route_class=BoundedJsonRoute)
+# OpenAI's stand-in for the log-probability of a token that could not be sampled (-inf).
+MIN_LOGPROB = -9999.0
 
 
 def check_model(state: GatewayState, model: str | None) -> str:
@@ -38,6 +49,9 @@ def check_model(state: GatewayState, model: str | None) -> str:
 @router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
+    check_extra_fields(body.model_extra, accept_unknown=state.settings.accept_unknown_fields)
+    if body.user is not None:
+        logger.info("request %s from user %r", request.state.request_id, body.user)
     conversation = state.builder.conversation(body.messages)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await answer_chat(
@@ -57,10 +71,15 @@ async def answer_chat(
 ) -> SSEResponse | ChatCompletionResponse:
     run = await state.session.start(request, conversation, fields, "chatcmpl")
     if stream:
-        return SSEResponse(run, lambda: _chunks(run, model, include_usage))
+        return SSEResponse(run, lambda: _chunks(run, model, include_usage, fields.logprobs))
     await state.session.finish(request, run)
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=c.text),
+            finish_reason=c.finish_reason,
+            logprobs=choice_logprobs(c.logprobs) if fields.logprobs else None,
+        )
         for i, c in sorted(run.choices.items())
     ]
     return ChatCompletionResponse(
@@ -76,7 +95,21 @@ def usage_of(run: Run) -> Usage:
     )
 
 
-async def _chunks(run: Run, model: str, include_usage: bool) -> AsyncIterator[str]:
+def choice_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
+    """OpenAI's shape: each token with its UTF-8 bytes and its alternatives."""
+
+    def top(token: str, logprob: float) -> ChatTopLogprob:
+        return ChatTopLogprob(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode("utf-8", "replace")))
+
+    return ChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(**top(t.token, t.logprob).model_dump(), top_logprobs=[top(*alt) for alt in t.top])
+            for t in tokens
+        ]
+    )
+
+
+async def _chunks(run: Run, model: str, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return sse_event(
             ChatCompletionChunk(id=run.request_id, created=run.created, model=model, choices=choices, usage=usage)
@@ -85,7 +118,12 @@ async def _chunks(run: Run, model: str, include_usage: bool) -> AsyncIterator[st
     def delta_chunk(deltas: list[Delta]) -> str:
         return chunk(
             [
-                ChunkChoice(index=d.index, delta=ChoiceDelta(content=d.text), finish_reason=d.finish_reason)
+                ChunkChoice(
+                    index=d.index,
+                    delta=ChoiceDelta(content=d.text),
+                    finish_reason=d.finish_reason,
+                    logprobs=choice_logprobs(d.logprobs or []) if logprobs else None,
+                )
                 for d in deltas
             ]
         )

@@ -257,11 +257,19 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
 
 def window_summary(results: list[RequestResult], start_s: float, end_s: float) -> dict:
     """Throughput over the level's shared window: requests that completed inside it (start
-    exclusive, end inclusive) over its length; None when the window is empty."""
+    exclusive, end inclusive) over its length; None when the window is empty.
+
+    Also the client's mean number of requests in flight over the window (from each request's
+    start and end) and, as a cross-check that does not depend on where the window's bounds fall
+    among waves of completions, Little's law: that mean over the mean E2E of the requests
+    completed in the window."""
     window_s = end_s - start_s
     inside = [r for r in results if r.end_s is not None and start_s < r.end_s <= end_s]
     ok = [r for r in inside if r.ok]
     tokens = sum(r.output_tokens for r in ok)
+    busy_s = sum(max(0.0, min(r.end_s, end_s) - max(r.start_s, start_s)) for r in results if r.end_s is not None)
+    mean_in_flight = busy_s / window_s if window_s > 0 else None
+    mean_e2e_s = float(np.mean([r.e2e_ms for r in ok])) / 1000 if ok else None
     return {
         "window_start_s": start_s,
         "window_end_s": end_s,
@@ -270,28 +278,33 @@ def window_summary(results: list[RequestResult], start_s: float, end_s: float) -
         "window_errors": len(inside) - len(ok),
         "request_throughput": len(ok) / window_s if window_s > 0 else None,
         "output_tokens_per_s": tokens / window_s if window_s > 0 else None,
+        "mean_in_flight": mean_in_flight,
+        "littles_law_throughput": mean_in_flight / mean_e2e_s if mean_in_flight and mean_e2e_s else None,
     }
 
 
 async def closed_loop(client: ChatClient, specs: list[RequestSpec], concurrency: int, origin: float,
                       hooks) -> tuple[list[RequestResult], float]:  # fmt: skip
     """`concurrency` users, each sending its next request when the last one finished, from
-    `origin` (time.perf_counter()). Also returns when a user first found nothing left to send
-    (seconds since origin): until then `concurrency` requests were in flight."""
-    pending = iter(specs)
+    `origin` (time.perf_counter()). Also returns when the last request was sent (seconds since
+    origin): just after a completion, with `concurrency` requests in flight throughout. A
+    window that ran until concurrency first dropped would hold the whole last round's work
+    but almost none of its completions: with requests finishing in waves (a batching engine)
+    and 4 rounds, that reads 3/4 of the true rate."""
+    pending = iter(enumerate(specs))
     results: list[RequestResult] = []
-    exhausted: list[float] = []
+    sent_last: list[float] = []
 
     async def user() -> None:
-        for spec in pending:  # shared iterator: each spec goes to exactly one user
+        for index, spec in pending:  # shared iterator: each spec goes to exactly one user
+            if index == len(specs) - 1:
+                sent_last.append(time.perf_counter() - origin)
+                hooks.sent_last()
             results.append(await client.send(spec, origin))
             hooks.completed()
-        if not exhausted:
-            exhausted.append(time.perf_counter() - origin)
-            hooks.exhausted()
 
     await asyncio.gather(*(user() for _ in range(concurrency)))
-    return results, exhausted[0]
+    return results, sent_last[0]
 
 
 async def open_loop(client: ChatClient, specs: list[RequestSpec], arrivals_s: list[float], origin: float,
@@ -309,9 +322,9 @@ async def open_loop(client: ChatClient, specs: list[RequestSpec], arrivals_s: li
         await asyncio.sleep(max(0.0, origin + arrival - time.perf_counter()))
         tasks.append(asyncio.create_task(timed(spec)))
     await asyncio.sleep(0)  # the last request's task starts (takes its start time) before we note the end
-    exhausted_s = time.perf_counter() - origin
-    hooks.exhausted()
-    return list(await asyncio.gather(*tasks)), exhausted_s
+    sent_last_s = time.perf_counter() - origin
+    hooks.sent_last()
+    return list(await asyncio.gather(*tasks)), sent_last_s
 
 
 def poisson_arrivals(seed: int, rate: float, n: int) -> list[float]:
@@ -344,18 +357,19 @@ def client_versions() -> dict:
 
 
 def parse_levels(args) -> list[tuple[str, float]]:
-    """("closed", concurrency) and ("open", rate) levels; refuses closed levels that could
-    never hold their concurrency (fewer requests than users)."""
+    """("closed", concurrency) and ("open", rate) levels; refuses closed levels too short for a
+    window (fewer than two requests per user)."""
     from .common import parse_int_list
 
     levels = [("closed", c) for c in parse_int_list(args.concurrency)]
     levels += [("open", float(r)) for r in args.request_rate.replace(" ", "").split(",") if r]
     if not levels:
         raise SystemExit("nothing to run: give --concurrency and/or --request-rate")
-    short = [c for mode, c in levels if mode == "closed" and c > args.num_requests]
+    short = [c for mode, c in levels if mode == "closed" and 2 * c > args.num_requests]
     if short:
-        raise SystemExit(f"--num-requests {args.num_requests} is less than --concurrency {max(short)}: "
-                         "the level would never have all its requests in flight")  # fmt: skip
+        raise SystemExit(f"--num-requests {args.num_requests} is less than twice --concurrency {max(short)}: the "
+                         "throughput window ends when a process has sent its last request, after at least one "
+                         "round of requests")  # fmt: skip
     return levels
 
 

@@ -6,9 +6,9 @@ processes (spawned). Adding up rates that each process measured on its own clock
 throughput: the processes would start at different times. Instead every worker prepares
 all its request bodies, reports ready, and waits for a start time that the parent hands
 out once all are ready; every result is timed from that common start. The level's window
-runs from the start (plus `ramp_s`) to the moment the first worker ran out of requests (in
-a closed loop: the first time one of its users found nothing left to send, so until then
-every worker held its full share in flight; in an open loop: its last arrival).
+runs from the start (plus `ramp_s`) to the moment the first worker ran out of requests, that
+is sent its last one (in a closed loop right after a completion; until then every worker
+held its full share in flight).
 `--processes 1` runs the same code in this process.
 """
 
@@ -54,7 +54,7 @@ class Share:
 class WorkerOutcome:
     index: int
     results: list[RequestResult]
-    exhausted_s: float  # since the common start: from then on this worker held less than its share
+    sent_last_s: float  # since the common start: when it sent its last request
 
 
 @dataclass
@@ -97,11 +97,11 @@ def open_shares(specs: list[RequestSpec], arrivals_s: list[float], processes: in
 
 
 class ProgressHooks(Protocol):
-    """What a worker reports while it runs: each finished request, and running out."""
+    """What a worker reports while it runs: each finished request, and sending its last."""
 
     def completed(self) -> None: ...
 
-    def exhausted(self) -> None: ...
+    def sent_last(self) -> None: ...
 
 
 class LocalHooks:
@@ -111,7 +111,7 @@ class LocalHooks:
     def completed(self) -> None:
         self.bar.update(1)
 
-    def exhausted(self) -> None:
+    def sent_last(self) -> None:
         self.sampling.window_end()
 
 
@@ -122,8 +122,8 @@ class PipeHooks:
     def completed(self) -> None:
         self.conn.send(("completed", None))
 
-    def exhausted(self) -> None:
-        self.conn.send(("exhausted", None))
+    def sent_last(self) -> None:
+        self.conn.send(("sent_last", None))
 
 
 async def drive(share: Share, target: Target, start_at: float, hooks: ProgressHooks) -> WorkerOutcome:
@@ -134,27 +134,29 @@ async def drive(share: Share, target: Target, start_at: float, hooks: ProgressHo
     try:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         if share.arrivals_s is None:
-            results, exhausted_s = await closed_loop(client, share.specs, share.concurrency, origin, hooks)
+            results, sent_last_s = await closed_loop(client, share.specs, share.concurrency, origin, hooks)
         else:
-            results, exhausted_s = await open_loop(client, share.specs, share.arrivals_s, origin, hooks)
+            results, sent_last_s = await open_loop(client, share.specs, share.arrivals_s, origin, hooks)
     finally:
         await client.http.aclose()
-    return WorkerOutcome(share.index, results, exhausted_s)
+    return WorkerOutcome(share.index, results, sent_last_s)
 
 
 def worker_main(conn: Connection, share: Share, target: Target) -> None:
     """A worker process: build every body, report ready, wait for the start time, run, send the
-    results, and stay alive until told to exit (the parent reads its CPU time until then)."""
+    results, and stay alive until told to exit (the parent reads its CPU time until then).
+    A parent that went away (its end of the pipe closed) ends the worker quietly."""
     try:
         asyncio.run(encode_bodies(share.specs, target.model))
         conn.send(("ready", os.getpid()))
         _, start_at = conn.recv()
         outcome = asyncio.run(drive(share, target, start_at, PipeHooks(conn)))
         conn.send(("done", outcome))
+        conn.recv()
+    except (EOFError, BrokenPipeError):
+        return
     except Exception:
         conn.send(("error", traceback.format_exc()))
-        return
-    conn.recv()
 
 
 def _receive(conn: Connection, index: int) -> tuple[str, object]:
@@ -176,7 +178,7 @@ def run_level(shares: list[Share], target: Target, sampling_args: dict, ramp_s: 
             outcomes = [asyncio.run(drive(shares[0], target, start_at, LocalHooks(bar, sampling)))]
     else:
         outcomes, sampling = _run_in_processes(shares, target, sampling_args, bar)
-    window_end_s = min(o.exhausted_s for o in outcomes)
+    window_end_s = min(o.sent_last_s for o in outcomes)
     results = [r for o in outcomes for r in o.results]
     return LevelRun(outcomes, sampling, min(ramp_s, window_end_s), window_end_s, results)
 
@@ -204,13 +206,15 @@ def _run_in_processes(shares: list[Share], target: Target, sampling_args: dict, 
                     kind, payload = _receive(conn, index)
                     if kind == "completed":
                         bar.update(1)
-                    elif kind == "exhausted":
+                    elif kind == "sent_last":
                         sampling.window_end()
                     elif kind == "done":
                         outcomes[index] = payload
         for conn in conns:
             conn.send(("exit", None))
     finally:
+        for conn in conns:  # a worker still waiting for the start (after a failure elsewhere) ends
+            conn.close()
         for proc in procs:
             proc.join(timeout=30)
             if proc.is_alive():

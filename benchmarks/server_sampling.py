@@ -188,7 +188,7 @@ class LevelSampling:
         return self
 
     def window_end(self) -> None:
-        """The first worker ran out of requests: sample now, so the window has a last sample."""
+        """The first worker sent its last request: sample now, so the window has a last sample."""
         if not self._window_closed:
             self._window_closed = True
             self.cpu.window_end()
@@ -214,7 +214,8 @@ class LevelSampling:
         known = [c for c in per_worker if c is not None]
         loadgen = None
         if known and window_s > 0:
-            loadgen = {"cpu_s": sum(known), "cores": sum(known) / window_s, "max_process_cores": max(known) / window_s}
+            loadgen = {"cpu_s": sum(known), "cores": sum(known) / window_s, "max_process_cores": max(known) / window_s,
+                       "cpu_ms_per_request": 1000 * sum(known) / completions if completions else None}  # fmt: skip
         api = None
         own = cpu_delta(self.cpu.samples, "api", start_s, end_s)
         tree = cpu_delta(self.cpu.samples, "api_with_children", start_s, end_s)

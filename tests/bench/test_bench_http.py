@@ -107,10 +107,10 @@ def test_serve_audio_files_non_streaming(server, tmp_path):
     soundfile.write(audio_dir / "a.wav", 0.1 * np.random.default_rng(0).standard_normal(24000), 16000)
     out = tmp_path / "out"
     bench(["serve", "--smoke", "--url", server.url, "--audio-dir", str(audio_dir), "--concurrency", "2",
-           "--request-rate", "", "--num-requests", "3", "--no-stream", "--out", str(out)])  # fmt: skip
+           "--request-rate", "", "--num-requests", "4", "--no-stream", "--out", str(out)])  # fmt: skip
     summary, raw = _load(out)
     (row,) = summary["serve"]
-    assert row["ok"] == 3 and row["clip_s"] == 1.5 and not row["stream"] and row["ttft_ms"]["n"] == 0
+    assert row["ok"] == 4 and row["clip_s"] == 1.5 and not row["stream"] and row["ttft_ms"]["n"] == 0
     assert summary["ttft"] == [] and all(r["output_tokens"] == 8 for r in raw)
 
 
@@ -136,14 +136,20 @@ def _window_checks(row: dict, requests: list[dict]) -> None:
     start, end = row["window_start_s"], row["window_end_s"]
     inside = [r for r in requests if start < r["end_s"] <= end]
     assert row["window_completions"] == sum(r["ok"] for r in inside) and row["window_errors"] == 0
-    # A closed loop's window ends at a completion (the one after which a user found nothing
-    # left); an open loop's at its last arrival, possibly before anything completed.
+    # A closed loop's window ends just after a completion (the one whose user then sent the
+    # last request); an open loop's at its last arrival, possibly before anything completed.
     assert row["window_completions"] > 0 or row["mode"] == "open"
     assert row["window_s"] == pytest.approx(end - start, abs=1e-3) and 0 < end <= row["duration_s"]
     assert row["request_throughput"] == pytest.approx(row["window_completions"] / row["window_s"], rel=1e-3)
     assert row["duration_s"] == pytest.approx(max(r["end_s"] for r in requests), abs=1e-3)
     assert row["total_request_throughput"] == pytest.approx(len(requests) / row["duration_s"], rel=1e-3)
-    # The worker that ran out first had started every one of its requests by the window's end.
+    busy = sum(max(0.0, min(r["end_s"], end) - max(r["start_s"], start)) for r in requests)
+    assert row["mean_in_flight"] == pytest.approx(busy / row["window_s"], rel=1e-2)
+    if row["mode"] == "closed":
+        assert 0 < row["mean_in_flight"] <= row["concurrency"] + 1e-3
+        e2e_s = np.mean([r["e2e_ms"] for r in inside if r["ok"]]) / 1000
+        assert row["littles_law_throughput"] == pytest.approx(row["mean_in_flight"] / e2e_s, rel=1e-2)
+    # The window ends when the first worker sent its last request.
     by_worker = {}
     for r in requests:
         by_worker.setdefault(r["worker"], []).append(r)
@@ -191,9 +197,9 @@ def test_serve_processes_non_streaming_closed_and_open(server, tmp_path):
         _window_checks(row, [r for r in raw if r["mode"] == row["mode"]])
 
 
-def test_serve_refuses_fewer_requests_than_concurrency():
-    with pytest.raises(SystemExit, match="never have all its requests in flight"):
-        bench(["serve", "--url", "http://127.0.0.1:9", "--concurrency", "8", "--num-requests", "4"])
+def test_serve_refuses_fewer_than_two_requests_per_user():
+    with pytest.raises(SystemExit, match="less than twice --concurrency 8"):
+        bench(["serve", "--url", "http://127.0.0.1:9", "--concurrency", "2,8", "--num-requests", "15"])
 
 
 def test_split_proportionally_and_shares():
@@ -212,12 +218,15 @@ def test_split_proportionally_and_shares():
 def test_window_summary_counts_completions_inside_the_window():
     def done(end_s: float, ok: bool = True) -> RequestResult:
         return RequestResult(start_s=0.0, status="200" if ok else "500", ok=ok, clip_s=1, stream=False,
-                             prompt_kind="caption", output_tokens=10, end_s=end_s)  # fmt: skip
+                             prompt_kind="caption", output_tokens=10, end_s=end_s, e2e_ms=1000 * end_s)  # fmt: skip
 
     results = [done(0.5), done(1.0), done(2.0, ok=False), done(3.0), done(3.5)]
     w = window_summary(results, start_s=0.5, end_s=3.0)  # (0.5, 3.0]: 1.0 and 3.0 ok, 2.0 an error
     assert (w["window_s"], w["window_completions"], w["window_errors"]) == (2.5, 2, 1)
     assert w["request_throughput"] == pytest.approx(0.8) and w["output_tokens_per_s"] == pytest.approx(8.0)
+    # all five started at 0: in flight 2.5 s of the window for the last two, 0.5, 1.5 and 0 before
+    assert w["mean_in_flight"] == pytest.approx((0.5 + 1.5 + 2.5 + 2.5) / 2.5)
+    assert w["littles_law_throughput"] == pytest.approx(w["mean_in_flight"] / 2.0)  # mean E2E of the two ok: 2 s
     empty = window_summary(results, start_s=3.0, end_s=3.0)
     assert empty["request_throughput"] is None and empty["window_completions"] == 0
 

@@ -88,7 +88,7 @@ class Runtime:
                             **{"max_tokens": 8, **options})  # fmt: skip
         job = BatchJob(opts, self.settings())
         summary = self.loop.run_until_complete(job.execute(self.engine, self.decoder))
-        return summary, read_rows(output)
+        return summary, read_rows(Path(summary["output"]))  # {shard} filled in
 
 
 def read_rows(path: Path) -> list[dict]:

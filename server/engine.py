@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
 from mdlserve.server.errors import EngineDead
 from mdlserve.server.metrics import GatewayMetrics, engine_stat_logger
 from mdlserve.server.request import PreparedRequest, Sampling, Tokenizer
@@ -87,6 +88,38 @@ def engine_args(settings: Settings):
     )
 
 
+def audio_tokens_per_clip(settings: Settings) -> int:
+    """Decoder tokens of one clip as long as --max-audio-seconds: what the engine's encoder
+    budget must hold for that limit to be the real one."""
+    return num_audio_tokens(int(settings.max_audio_seconds * SAMPLE_RATE))
+
+
+def engine_config(settings: Settings):
+    """vLLM's config for the settings, its encoder budget sized for --max-audio-seconds.
+
+    vLLM sizes the encoder's compute budget and cache from max_num_batched_tokens (2048 by
+    default for an engine built this way): a clip with more audio tokens than that is
+    refused (409 s). Unless --max-num-batched-tokens is given, it is raised to the tokens of
+    one clip of --max-audio-seconds; when it is given and too small, the engine refuses to
+    start and says which limit to change."""
+    from vllm.usage.usage_lib import UsageContext
+
+    args = engine_args(settings)
+    config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    needed = audio_tokens_per_clip(settings)
+    if config.scheduler_config.max_num_batched_tokens >= needed:
+        return config
+    if settings.max_num_batched_tokens is not None:
+        raise ValueError(
+            f"--max-num-batched-tokens {settings.max_num_batched_tokens} is below the {needed} tokens of one "
+            f"{settings.max_audio_seconds:g} s clip (--max-audio-seconds): raise it or lower the audio limit"
+        )
+    logger.info("max_num_batched_tokens raised to %d: one %g s clip (--max-audio-seconds) is %d tokens", needed,
+                settings.max_audio_seconds, needed)
+    args.max_num_batched_tokens = needed
+    return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+
+
 def sampling_params(sampling: Sampling):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -117,7 +150,7 @@ class VllmEngine:
         """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(engine_args(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
+        return AsyncLLM.from_vllm_config(engine_config(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
 
     async def start(self) -> None:
         self._llm = await asyncio.to_thread(self._build)

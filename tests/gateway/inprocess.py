@@ -21,10 +21,10 @@ MODEL = "midashenglm-7b"
 DEADLINE_S = 60.0  # generous: how long a condition may take on a busy machine
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for `condition`, polling; fails only after DEADLINE_S."""
+async def until(condition: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    """Wait for `condition`, polling; fails only after `deadline_s`."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
+    deadline = loop.time() + deadline_s
     while not condition():
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for: {what}")

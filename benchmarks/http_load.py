@@ -395,6 +395,7 @@ def level_row(args, mode: str, level: float, specs: list[RequestSpec], shares, r
             "stream": args.stream, "processes": len(shares),
             "concurrency_per_process": [s.concurrency for s in shares] if mode == "closed" else None,
             "requests_per_process": [len(s.specs) for s in shares], "ramp_s": args.ramp_s,
+            "first_send_s": [min(r.start_s for r in o.results) for o in run.outcomes],
             **totals, **window,
             **run.sampling.report(run.window_start_s, run.window_end_s, window["window_completions"])}  # fmt: skip
 

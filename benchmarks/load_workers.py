@@ -25,8 +25,9 @@ from .http_load import ChatClient, RequestResult, RequestSpec, closed_loop, enco
 from .server_sampling import LevelSampling
 
 # Between "all workers are ready" and the common start: time for every worker to get the
-# start message and sleep until it.
-START_LEAD_S = 0.5
+# start message, set up its event loop and HTTP client, and sleep until it. A late worker
+# shows in the row's `first_send_s`.
+START_LEAD_S = 1.0
 
 
 @dataclass

@@ -154,6 +154,7 @@ def _window_checks(row: dict, requests: list[dict]) -> None:
     for r in requests:
         by_worker.setdefault(r["worker"], []).append(r)
     assert sorted(len(v) for v in by_worker.values()) == sorted(row["requests_per_process"])
+    assert row["first_send_s"] == [min(r["start_s"] for r in by_worker[w]) for w in sorted(by_worker)]
     assert any(all(r["start_s"] <= end + 1e-3 for r in rs) for rs in by_worker.values())
 
 

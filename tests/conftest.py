@@ -1,17 +1,19 @@
-"""Shared fixtures: a generated tiny checkpoint and fast in-process engine settings.
+"""Shared fixtures: a generated tiny checkpoint, and the fast engine environment.
 
-TORCHDYNAMO_DISABLE=1 with enforce_eager and VLLM_ENABLE_V1_MULTIPROCESSING=0 bring a
-tiny engine's start from ~30 s to ~2 s on a CPU with identical greedy outputs; tests
-marked `slow` start engines on vLLM's default multiprocess path instead.
+The environment of tests/fast_engine.py (FAST_ENV) brings a tiny engine's start from ~30 s
+to ~2 s on a CPU with identical greedy outputs; tests marked `slow` start engines on vLLM's
+default multiprocess path instead. Helpers shared by every folder: fast_engine.py (engine
+settings), clips.py (the synthetic clip generator).
 """
 
 import os
 
 import pytest
 
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from fast_engine import FAST_ENV
+
+for _name, _value in {**FAST_ENV, "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

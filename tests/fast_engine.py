@@ -1,7 +1,13 @@
-"""Engine keyword arguments every fast CPU test engine uses (vllm.LLM / AsyncEngineArgs).
+"""The one set of fast CPU engine settings of the test suite.
 
-With the environment tests/conftest.py sets, a tiny engine starts in ~2 s instead of ~30 s.
+With FAST_ENV (which tests/conftest.py puts in the environment: no torch.compile, the
+engine core in the calling process) and enforce_eager, a tiny engine starts in ~2 s
+instead of ~30 s with identical greedy outputs. The same settings in each form a test
+needs: vllm.LLM / AsyncEngineArgs keywords, gateway Settings fields, and `mdl-serve`
+flags (`serve` and `generate` share them).
 """
+
+FAST_ENV = {"TORCHDYNAMO_DISABLE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 FAST_ENGINE_KWARGS = dict(
     dtype="float32",
@@ -9,3 +15,17 @@ FAST_ENGINE_KWARGS = dict(
     enforce_eager=True,
     kv_cache_memory_bytes=256 << 20,
 )
+
+FAST_SETTINGS = dict(
+    dtype=FAST_ENGINE_KWARGS["dtype"],
+    max_model_len=FAST_ENGINE_KWARGS["max_model_len"],
+    enforce_eager=True,
+    kv_cache_bytes=FAST_ENGINE_KWARGS["kv_cache_memory_bytes"],
+)
+
+FAST_CLI_FLAGS = [
+    "--enforce-eager",
+    "--dtype", FAST_SETTINGS["dtype"],
+    "--max-model-len", str(FAST_SETTINGS["max_model_len"]),
+    "--kv-cache-bytes", str(FAST_SETTINGS["kv_cache_bytes"]),
+]  # fmt: skip

@@ -15,11 +15,11 @@ import httpx
 import numpy as np
 import soundfile
 
+from clips import make_clip
+from fast_engine import FAST_CLI_FLAGS as FAST_FLAGS
 from mdlserve.benchmarks.decode_pool import encode
 
 MODEL = "midashenglm-7b"
-# Fast engine start (see tests/conftest.py): eager, no dynamo, explicit small KV cache.
-FAST_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(256 << 20)]
 START_TIMEOUT_S = 400
 
 
@@ -113,11 +113,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-def tone(seconds: float, rate: int, channels: int = 1, freq: float = 440.0) -> np.ndarray:
-    """frames x channels float32: a sine plus a little noise (so lossy codecs keep content)."""
-    t = np.arange(int(seconds * rate)) / rate
-    wave = 0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * np.random.default_rng(0).standard_normal(t.size)
-    return np.repeat(wave[:, None], channels, axis=1).astype(np.float32)
+def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    """frames x channels float32, from the suite's clip generator (tests/clips.py)."""
+    return make_clip(int(seconds * rate), rate=rate, channels=channels)
 
 
 def audio_file(fmt: str = "wav", rate: int = 16000, channels: int = 1, seconds: float = 2.0) -> bytes:

@@ -13,24 +13,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
-SR = 16000
+# Run as a script too (here and by gpu_parity.py): the suite's shared helpers live in tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clips import SR, make_clip  # noqa: E402
+from fast_engine import FAST_ENGINE_KWARGS  # noqa: E402
+
+__all__ = ["PROMPT", "SR", "make_clip", "run_in_subprocess"]
+
 PROMPT = (
     "<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>Caption the audio.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-
-
-def make_clip(num_samples: int, seed: int) -> np.ndarray:
-    """A deterministic clip with structure the encoder can see: a tone, a sweep, noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(num_samples) / SR
-    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
-    sweep = 0.2 * np.sin(2 * np.pi * (100 + 300 * t) * t)
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 0.7 * t + seed)
-    return ((tone + sweep) * envelope + 0.05 * rng.standard_normal(num_samples)).astype(np.float32)
 
 
 def run_in_subprocess(checkpoint: str, clips_file: str, env: dict[str, str], dtype: str = "float32",
@@ -60,9 +57,7 @@ def main() -> None:
 
     plugin_off = os.environ.get("VLLM_PLUGINS") == ""
     in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    kwargs = dict(dtype=dtype, max_model_len=2048, kv_cache_memory_bytes=256 << 20)
-    if in_process:
-        kwargs["enforce_eager"] = True
+    kwargs = {**FAST_ENGINE_KWARGS, "dtype": dtype, "enforce_eager": in_process}
     llm = vllm.LLM(model=checkpoint, trust_remote_code=plugin_off, **kwargs)
     greedy = vllm.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     with np.load(clips_file) as data:

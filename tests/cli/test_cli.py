@@ -1,0 +1,148 @@
+"""`mdl-serve` subcommands not covered elsewhere, run as a user runs them: `make-checkpoint`,
+`generate` (files, and the demo clip on the demo checkpoint written on first use), the demo
+checkpoint on the first `serve`, and `bench throughput`, `bench ttft`, `bench plot`.
+
+`generate` and `bench` start real tiny engines in subprocesses (the fast in-process path
+that tests/conftest.py puts in the environment, the flags of tests/fast_engine.py).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from safetensors.numpy import load_file
+
+from clips import make_clip
+from fast_engine import FAST_CLI_FLAGS
+
+TIMEOUT_S = 900
+
+
+def mdl_serve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mdlserve.server.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+# ---------------------------------------------------------------- make-checkpoint
+
+
+def test_make_checkpoint_tiny_is_seeded_and_complete(tmp_path):
+    paths = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = mdl_serve("make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / name), "--seed", seed)
+        paths[name] = Path(out.stdout.strip())
+        assert paths[name] == tmp_path / name
+    files = {p.name for p in paths["a"].iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+            "processing_midashenglm.py", "model.safetensors", "chat_template.jinja"} <= files  # fmt: skip
+    a, b, c = (load_file(str(paths[n] / "model.safetensors")) for n in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a), "same seed, same weights"
+    assert any(not np.array_equal(a[k], c[k]) for k in a), "another seed, other weights"
+    assert not any(k.startswith("audio_encoder.front_end") for k in a)
+
+
+def test_make_checkpoint_frontend_buffers_and_7b_shapes_only(tmp_path):
+    mdl_serve("make-checkpoint", "--out", str(tmp_path / "fb"), "--frontend-buffers")
+    weights = load_file(str(tmp_path / "fb" / "model.safetensors"))
+    assert weights["audio_encoder.front_end.0.mel_scale.fb"].shape == (257, 64)
+    assert weights["audio_encoder.front_end.0.spectrogram.window"].shape == (512,)
+
+    mdl_serve("make-checkpoint", "--preset", "7b", "--out", str(tmp_path / "7b"))
+    config = json.loads((tmp_path / "7b" / "config.json").read_text())
+    assert not (tmp_path / "7b" / "model.safetensors").exists(), "7b is shapes only (--load-format dummy)"
+    assert config["text_config"]["hidden_size"] == 3584 and config["text_config"]["num_hidden_layers"] == 28
+    assert config["audio_encoder_config"]["embed_dim"] == 1280 and config["audio_encoder_config"]["depth"] == 32
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_generate_captions_audio_files(tiny_checkpoint, tmp_path):
+    soundfile.write(tmp_path / "a.wav", make_clip(24000), 16000)
+    soundfile.write(tmp_path / "b.flac", make_clip(24000, rate=48000, channels=2), 48000)  # 0.5 s stereo
+    out = mdl_serve("generate", str(tmp_path / "a.wav"), str(tmp_path / "b.flac"), "--model", tiny_checkpoint,
+                    "--max-tokens", "4", *FAST_CLI_FLAGS)
+    rows = json_lines(out.stdout)
+    assert [(r["audio"], r["seconds"]) for r in rows] == [(str(tmp_path / "a.wav"), 1.5),
+                                                          (str(tmp_path / "b.flac"), 0.5)]  # fmt: skip
+    assert all(isinstance(r["text"], str) and r["text"] for r in rows)
+
+
+def test_generate_without_arguments_writes_the_demo_checkpoint_and_captions_the_demo_clip(tmp_path):
+    """`make generate` on a fresh machine: no checkpoint yet, no audio given."""
+    out = mdl_serve("generate", "--max-tokens", "4", *FAST_CLI_FLAGS, cwd=tmp_path)
+    assert (tmp_path / ".demo/tiny/config.json").exists() and (tmp_path / ".demo/tiny/model.safetensors").exists()
+    (row,) = json_lines(out.stdout)
+    assert row["audio"] == "<demo clip>" and row["seconds"] == 5.0 and row["text"]
+
+
+# ---------------------------------------------------------------- serve
+
+
+def test_first_serve_writes_the_demo_checkpoint(tmp_path, monkeypatch):
+    """`make run` on a fresh machine: `serve` without --model writes .demo/tiny, then serves
+    it. The engine and HTTP side of `serve` are tested in tests/gateway; here `serve` itself
+    is replaced to see what it is handed."""
+    from mdlserve.server import cli, serve
+
+    handed = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(serve, "serve", lambda settings: handed.append(settings) or 0)
+    assert not (tmp_path / ".demo").exists()
+    assert cli.main(["serve", "--port", "1"]) == 0
+    assert (tmp_path / ".demo/tiny/config.json").exists() and (tmp_path / ".demo/tiny/model.safetensors").exists()
+    assert [s.model for s in handed] == [".demo/tiny"]
+    stamp = (tmp_path / ".demo/tiny/model.safetensors").stat().st_mtime_ns
+    cli.main(["serve", "--port", "1"])  # the second start reuses it
+    assert (tmp_path / ".demo/tiny/model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- bench
+
+
+@pytest.fixture(scope="module")
+def throughput_run(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "throughput"
+    mdl_serve("bench", "throughput", "--smoke", "--model", tiny_checkpoint, "--out", str(out))
+    return out
+
+
+def test_bench_throughput(throughput_run):
+    summary = json.loads((throughput_run / "summary.json").read_text())
+    assert summary["errors"] == [] and summary["ttft"] == []
+    rows = summary["throughput"]
+    assert [(r["impl"], r["batch"]) for r in rows] == [("plugin", 1), ("plugin", 2)]
+    for r in rows:
+        assert r["wall_s"] > 0 and r["samples_per_s"] == pytest.approx(r["batch"] / r["wall_s"], rel=0.01)
+    assert "### Throughput" in (throughput_run / "summary.md").read_text()
+
+
+def test_bench_ttft(tiny_checkpoint, tmp_path):
+    mdl_serve("bench", "ttft", "--smoke", "--model", tiny_checkpoint, "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["errors"] == [] and summary["throughput"] == []
+    rows = summary["ttft"]
+    assert [(r["impl"], r["clip_s"]) for r in rows] == [("plugin", 2.0), ("plugin", 4.0)]
+    assert all(r["n"] == 2 and r["median_ms"] > 0 for r in rows)  # 2 repeats after a warm-up
+    # 2 s: 201 frames -> 50 patches -> 10 audio tokens; 4 s: 401 -> 100 -> 20.
+    assert rows[1]["prompt_tokens"] - rows[0]["prompt_tokens"] == 10
+
+
+def test_bench_plot_redraws_a_results_directory(throughput_run):
+    for name in ("summary.md", "throughput.png"):
+        (throughput_run / name).unlink()
+    out = mdl_serve("bench", "plot", str(throughput_run))
+    assert {Path(p).name for p in out.stdout.split()} == {"summary.md", "throughput.png"}
+    assert (throughput_run / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plugin samples/s" in (throughput_run / "summary.md").read_text()

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.helpers import audio_part, chat_body, wav_bytes
 
-from .conftest import UPLOAD_LIMIT
+from .conftest import API_KEY, UPLOAD_LIMIT
 from .hostile import HostileCase, hostile_cases
 from .traffic import captioning_body, wait_idle
 
@@ -129,17 +129,21 @@ def test_slow_multipart_upload_is_cut_off(guarded_server, auth, reliability_repo
                                         _status_of(answer) == 408 and waited < 30), observed
 
 
+BEARER = b"Authorization: Bearer %s\r\n" % API_KEY.encode()
+
+
 @pytest.mark.parametrize(("case", "payload", "status"), [
     ("header of 1 MiB", b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n", 431),
     ("20000 headers", b"GET /health/live HTTP/1.1\r\nHost: x\r\n"
      + b"".join(b"X-H%d: v\r\n" % i for i in range(20_000)) + b"\r\n", 431),
     ("URL of 200 kB", b"GET /health/live?" + b"q" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
-    ("Content-Length over the upload limit", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (UPLOAD_LIMIT + 1), 413),
+    # Authenticated: without a key the 401 comes first, before the body (AuthMiddleware).
+    ("Content-Length over the upload limit", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + BEARER
+     + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n{" % (UPLOAD_LIMIT + 1), 413),
     ("Content-Length not a number", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
      b"Content-Type: application/json\r\nContent-Length: 12abc\r\n\r\n{}", 400),
-    ("chunked body over the upload limit", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ("chunked body over the upload limit", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + BEARER
+     + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
      + b"".join(b"10000\r\n" + b" " * 0x10000 + b"\r\n" for _ in range(UPLOAD_LIMIT // 0x10000 + 2)) + b"0\r\n\r\n",
      413),
     ("garbage instead of HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200) + b"\r\n\r\n", 400),

@@ -49,14 +49,21 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<run-name>)")
     p.add_argument("--run-name", default=None, help="name under benchmarks/results/ (default: <date>-<gpu>-<mode>)")
     p.add_argument("--smoke", action="store_true", help="CPU-sized run with the tiny checkpoint")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the generated clips (serve: default random per run, recorded in the summary)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the generated clips (serve: default random per run, recorded in the summary)",
+    )
 
 
 def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory")
-    p.add_argument("--dummy", action="store_true",
-                   help="random weights (load_format=dummy); without --model: the generated 7b checkpoint")
+    p.add_argument(
+        "--dummy",
+        action="store_true",
+        help="random weights (load_format=dummy); without --model: the generated 7b checkpoint",
+    )
     if mode != "compare":
         p.add_argument("--impl", choices=IMPLS, default="plugin", help="our plugin or vLLM's built-in model")
     if mode != "ttft":
@@ -64,17 +71,26 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--clip-s", type=float, default=None, help="clip length for throughput (default 30)")
         p.add_argument("--out-tokens", type=int, default=None, help="output tokens per clip (default 100)")
     if mode != "throughput":
-        p.add_argument("--ttft-clips", default=None,
-                       help="audio lengths: START:STOP:STEP or comma list (default 2:32:2)")
-        p.add_argument("--ttft-repeats", type=int, default=None,
-                       help="measurements per length after warm-up (default 10)")
+        p.add_argument(
+            "--ttft-clips", default=None, help="audio lengths: START:STOP:STEP or comma list (default 2:32:2)"
+        )
+        p.add_argument(
+            "--ttft-repeats", type=int, default=None, help="measurements per length after warm-up (default 10)"
+        )
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--time-budget-s", type=float, default=None,
-                   help="stop starting new points after this long (split evenly between implementations)")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="stop starting new points after this long (split evenly between implementations)",
+    )
     if mode != "ttft":
-        p.add_argument("--profile-dir", default=None,
-                       help="after the throughput points, profile one more batch of the largest size with "
-                            "vLLM's torch profiler; traces and kernel tables go here (one folder per implementation)")
+        p.add_argument(
+            "--profile-dir",
+            default=None,
+            help="after the throughput points, profile one more batch of the largest size with "
+            "vLLM's torch profiler; traces and kernel tables go here (one folder per implementation)",
+        )
     e = p.add_argument_group("engine flags (recorded in the summary)")
     e.add_argument("--dtype", default=None, help="default auto (the checkpoint's: bf16 for 7b)")
     e.add_argument("--quantization", default=None)
@@ -83,25 +99,44 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
     e.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV cache size (CPU: default 1 GiB)")
-    e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other vllm.LLM argument, VALUE parsed as JSON (repeatable)")
+    e.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other vllm.LLM argument, VALUE parsed as JSON (repeatable)",
+    )
     _add_output_args(p)
 
 
 def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model-name", default=None, help="the request's `model` (default: the first of /v1/models)")
-    p.add_argument("--api-key", default=os.environ.get("MDL_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-                   help="bearer token (default: $MDL_API_KEY or $OPENAI_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MDL_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $MDL_API_KEY or $OPENAI_API_KEY)",
+    )
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
-    p.add_argument("--ready-timeout-s", type=float, default=600.0,
-                   help="how long to retry the warm-up request while the server answers 503 (loading)")
+    p.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=600.0,
+        help="how long to retry the warm-up request while the server answers 503 (loading)",
+    )
     p.add_argument("--impl", choices=IMPLS, default="plugin", help="which implementation serves the URL (a label)")
 
 
 def _offline_command(args: argparse.Namespace) -> None:
-    from .common import generated_checkpoint, gpu_name_without_cuda_context, parse_engine_arg
-    from .common import parse_int_list, parse_seconds_list, preset_of, run_dir
+    from .common import (
+        generated_checkpoint,
+        gpu_name_without_cuda_context,
+        parse_engine_arg,
+        parse_int_list,
+        parse_seconds_list,
+        preset_of,
+        run_dir,
+    )
     from .offline import EngineOptions, OfflineWorkload
     from .suite import print_table, run_offline_suite
 
@@ -191,15 +226,31 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out-tokens", type=int, default=None, help="exact output tokens (ignore_eos; default 100)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--no-stream", dest="stream", action="store_false", help="non-streaming requests (no TTFT/ITL)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="load-generator processes per level, each holding its share of the concurrency; bodies are "
-                        "built before a common start (default 1: this process)")
-    p.add_argument("--ramp-s", type=float, default=0.0,
-                   help="leave the first seconds after the common start out of the throughput window")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="the API server's pid on this host: report its CPU per request (alone and with children)")
-    p.add_argument("--metrics-interval-s", type=float, default=0.5,
-                   help="how often the server's /metrics and the CPU times are sampled")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="load-generator processes per level, each holding its share of the concurrency; bodies are "
+        "built before a common start (default 1: this process)",
+    )
+    p.add_argument(
+        "--ramp-s",
+        type=float,
+        default=0.0,
+        help="leave the first seconds after the common start out of the throughput window",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="the API server's pid on this host: report its CPU per request (alone and with children)",
+    )
+    p.add_argument(
+        "--metrics-interval-s",
+        type=float,
+        default=0.5,
+        help="how often the server's /metrics and the CPU times are sampled",
+    )
     _add_output_args(p)
     p.set_defaults(func=_serve_command, bench_mode="serve", seed=None)
 

@@ -29,8 +29,9 @@ def encode(samples: np.ndarray, rate: int, fmt: str) -> bytes:
 
         with av.open(buf, mode="w", format="mp3") as container:
             stream = container.add_stream("libmp3lame", rate=rate, layout="stereo" if samples.shape[1] == 2 else "mono")
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T), format="fltp",
-                                               layout=stream.layout.name)
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples.T), format="fltp", layout=stream.layout.name
+            )
             frame.sample_rate = rate
             for packet in stream.encode(frame):
                 container.mux(packet)

@@ -61,16 +61,40 @@ def free_port() -> int:
 async def measure(url: str, server: psutil.Process, args: argparse.Namespace) -> tuple[float, float, float]:
     """(process CPU s, main-thread CPU s, wall s) over the measured requests."""
     async with ChatClient(url, api_key=None, timeout_s=600) as client:  # waits until the server answers
-        specs = [RequestSpec(key=(GATEWAY_CPU_KEY, i), clip_s=CLIP_S, prompt="Caption the audio.", max_tokens=1,
-                             stream=False, exact_tokens=False) for i in range(WARMUP_REQUESTS + args.requests)]
+        specs = [
+            RequestSpec(
+                key=(GATEWAY_CPU_KEY, i),
+                clip_s=CLIP_S,
+                prompt="Caption the audio.",
+                max_tokens=1,
+                stream=False,
+                exact_tokens=False,
+            )
+            for i in range(WARMUP_REQUESTS + args.requests)
+        ]
+        assert client.model is not None  # entering ChatClient read it from /v1/models
         await encode_bodies(specs, client.model)
         await send_all(client, specs[:WARMUP_REQUESTS], WARMUP_REQUESTS)
         spy = None
         if args.py_spy:
             py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-            spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-o", args.py_spy, "--pid", str(server.pid),
-                                    "--rate", "200", "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                [
+                    py_spy,
+                    "record",
+                    "--format",
+                    "raw",
+                    "-o",
+                    args.py_spy,
+                    "--pid",
+                    str(server.pid),
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         before, loop_before, start = server.cpu_times(), main_thread_cpu(server), time.perf_counter()
         await send_all(client, specs[WARMUP_REQUESTS:], args.concurrency)
         after, loop_after, wall = server.cpu_times(), main_thread_cpu(server), time.perf_counter() - start
@@ -91,19 +115,44 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", args.model, "--port", str(port),
-         "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048", "--kv-cache-bytes", str(1 << 30),
-         "--max-num-seqs", str(max(args.concurrency, WARMUP_REQUESTS))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+        [
+            sys.executable,
+            "-m",
+            "mdlserve.server.cli",
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--kv-cache-bytes",
+            str(1 << 30),
+            "--max-num-seqs",
+            str(max(args.concurrency, WARMUP_REQUESTS)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"),
+    )
     try:
         cpu_s, loop_s, wall = asyncio.run(measure(f"http://127.0.0.1:{port}", psutil.Process(server.pid), args))
     finally:
         server.terminate()
         server.wait()
-    result = {"requests": args.requests, "concurrency": args.concurrency, "clip_s": CLIP_S, "wall_s": round(wall, 2),
-              "api_process_cpu_ms_per_request": round(cpu_s / args.requests * 1000, 2),
-              "event_loop_cpu_ms_per_request": round(loop_s / args.requests * 1000, 2),
-              "machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0]}
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "clip_s": CLIP_S,
+        "wall_s": round(wall, 2),
+        "api_process_cpu_ms_per_request": round(cpu_s / args.requests * 1000, 2),
+        "event_loop_cpu_ms_per_request": round(loop_s / args.requests * 1000, 2),
+        "machine": f"{os.cpu_count()} CPUs",
+        "python": sys.version.split()[0],
+    }
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

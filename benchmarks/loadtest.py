@@ -71,7 +71,8 @@ class Scenario:
 
     def arrivals(self, rng: np.random.Generator) -> list[float]:
         """Poisson arrival times whose rate ramps up linearly (thinning of a rate-R process)."""
-        times, t = [], 0.0
+        times: list[float] = []
+        t = 0.0
         while True:
             t += rng.exponential(1.0 / self.request_rate)
             if t >= self.duration_s:
@@ -96,7 +97,7 @@ class Scenario:
         return out
 
 
-async def _run(scenario: Scenario, args) -> tuple[list, float, str]:
+async def _run(scenario: Scenario, args) -> tuple[list, float, str | None]:
     planned = scenario.requests(args.seed)
     async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s) as client:
         start = time.perf_counter()
@@ -137,14 +138,17 @@ def windows(results: list, duration_s: float, window_s: float) -> list[dict]:
     return out
 
 
+DRIFT_KEYS = ("e2e_p50_first_ms", "e2e_p50_last_ms", "e2e_p50_ratio", "ttft_p50_ratio", "e2e_p50_slope_ms_per_min",
+              "error_rate_first", "error_rate_last")  # fmt: skip
+
+
 def drift(window_rows: list[dict], ramp_up_s: float) -> dict:
     """First vs last steady-state window, and the E2E median's linear trend."""
     steady = [w for w in window_rows if w["start_s"] >= ramp_up_s and w["e2e_p50_ms"] is not None]
     if not steady:
         steady = [w for w in window_rows if w["e2e_p50_ms"] is not None]
     if not steady:
-        return {k: None for k in ("e2e_p50_first_ms", "e2e_p50_last_ms", "e2e_p50_ratio", "ttft_p50_ratio",
-                                  "e2e_p50_slope_ms_per_min", "error_rate_first", "error_rate_last")}  # fmt: skip
+        return dict.fromkeys(DRIFT_KEYS)
     first, last = steady[0], steady[-1]
     slope = (float(np.polyfit([w["start_s"] for w in steady], [w["e2e_p50_ms"] for w in steady], 1)[0]) * 60
              if len(steady) > 1 else 0.0)  # fmt: skip

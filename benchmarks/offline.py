@@ -25,6 +25,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .common import make_clip, percentile, runtime_versions, write_json
 
@@ -107,10 +108,12 @@ def llm_kwargs(work: OfflineWorkload) -> dict:
 def loaded_model_class() -> str:
     """'module:Class' that vLLM's registry resolves MiDashengLMModel to in this process."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _LazyRegisteredModel, _RegisteredModel
 
     entry = ModelRegistry.models[ARCHITECTURE]
-    if hasattr(entry, "module_name"):
+    if isinstance(entry, _LazyRegisteredModel):
         return f"{entry.module_name}:{entry.class_name}"
+    assert isinstance(entry, _RegisteredModel), type(entry)
     return f"{entry.model_cls.__module__}:{entry.model_cls.__name__}"
 
 
@@ -143,7 +146,7 @@ class OfflineRunner:
     def __init__(self, work: OfflineWorkload, result_path: Path):
         self.work = work
         self.result_path = result_path
-        self.result = {"impl": work.impl, "versions": {}, "model_class": None, "engine_args": {},
+        self.result: dict[str, Any] = {"impl": work.impl, "versions": {}, "model_class": None, "engine_args": {},
                        "engine_effective": {}, "throughput": [], "ttft": [], "requests": [],
                        "errors": [], "done": False}  # fmt: skip
 

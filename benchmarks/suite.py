@@ -139,15 +139,16 @@ def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, ou
     results = []
     for i, impl in enumerate(impls):
         share = (deadline - time.time()) / (len(impls) - i) if deadline else None
+        profile_dir = str(Path(template.profile_dir) / impl) if template.profile_dir else None
+        deadline_s = time.time() + share if share else None
         work = OfflineWorkload(**{**asdict(template), "engine": template.engine, "impl": impl,
-                                  "deadline": time.time() + share if share else None,
-                                  "profile_dir": str(Path(template.profile_dir) / impl) if template.profile_dir else None})  # fmt: skip
+                                  "deadline": deadline_s, "profile_dir": profile_dir})  # fmt: skip
         print(f"== {mode}: {impl} ({'no time limit' if share is None else f'{share:.0f} s budget'})", flush=True)
         wait_for_gpu_memory_release()
         results.append(run_worker(work, out_dir, None if share is None else share + GRACE_S))
 
-    versions = next((r["versions"] for r in results if r.get("versions")), {})
-    effective = next((r["engine_effective"] for r in results if r.get("engine_effective")), {})
+    versions: dict = next((r["versions"] for r in results if r.get("versions")), {})
+    effective: dict = next((r["engine_effective"] for r in results if r.get("engine_effective")), {})
     summary = base_summary(preset=preset, dtype=effective.get("dtype", template.engine.dtype),
                            quantization=template.engine.quantization,
                            engine_args={**asdict(template.engine), "load_format": template.load_format,
@@ -195,4 +196,3 @@ def print_table(summary: dict) -> None:
     for error in summary.get("errors", []):
         where = ", ".join(f"{k} {error[k]}" for k in ("batch", "clip_s") if k in error)
         print(f"{error['impl']} {error['stage']}{' (' + where + ')' if where else ''}: {error['error']}", flush=True)
-

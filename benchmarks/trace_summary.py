@@ -83,12 +83,23 @@ def summarize(events: list[dict], top: int = 15) -> dict:
         "busy_ms": busy_us / 1000,
         "busy_fraction": busy_us / span_us if span_us else None,
         "idle_ms": (span_us - busy_us) / 1000,
-        "gaps_over_100us": {"count": len(large), "total_ms": sum(large) / 1000,
-                            "largest_ms": [g / 1000 for g in large[:10]]},  # fmt: skip
+        "gaps_over_100us": {
+            "count": len(large),
+            "total_ms": sum(large) / 1000,
+            "largest_ms": [g / 1000 for g in large[:10]],
+        },  # fmt: skip
         "families_ms": {k: v / 1000 for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "families_share": {k: v / kernel_us for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"name": name[:160], "family": family(name), "count": int(n), "total_ms": us / 1000,
-                         "share": us / kernel_us} for name, (n, us) in kernels],  # fmt: skip
+        "top_kernels": [
+            {
+                "name": name[:160],
+                "family": family(name),
+                "count": int(n),
+                "total_ms": us / 1000,
+                "share": us / kernel_us,
+            }
+            for name, (n, us) in kernels
+        ],  # fmt: skip
     }
 
 

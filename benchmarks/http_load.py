@@ -165,8 +165,7 @@ class ChatClient:
                     if resp.status_code == 200:
                         self.model = resp.json()["data"][0]["id"]
                 if self.model is not None:
-                    resp = await self.http.post(f"{self.url}/v1/chat/completions",
-                                                json=request_body(spec, self.model))
+                    resp = await self.http.post(f"{self.url}/v1/chat/completions", json=request_body(spec, self.model))
                     if resp.status_code == 200:
                         return
                 if resp.status_code not in (200, 503):
@@ -180,16 +179,24 @@ class ChatClient:
     async def __aexit__(self, *exc) -> None:
         await self.http.aclose()
 
+    @property
+    def ready_model(self) -> str:
+        """The model name to send: given, or looked up by wait_ready()."""
+        if self.model is None:
+            raise RuntimeError("the model name is not known before wait_ready()")
+        return self.model
+
     async def send(self, spec: RequestSpec, run_start: float) -> RequestResult:
         import httpx
 
-        body = spec.body or await asyncio.to_thread(encode_body, spec, self.model)
+        body = spec.body or await asyncio.to_thread(encode_body, spec, self.ready_model)
         start = time.perf_counter()
         result = RequestResult(start_s=start - run_start, key=spec.key, status="", ok=False, clip_s=spec.clip_s,
                                stream=spec.stream, prompt_kind=spec.prompt_kind)  # fmt: skip
         try:
-            async with self.http.stream("POST", f"{self.url}/v1/chat/completions", content=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
+            async with self.http.stream(
+                "POST", f"{self.url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            ) as resp:
                 result.status = str(resp.status_code)
                 if resp.status_code != 200:
                     result.error = (await resp.aread()).decode(errors="replace")[:300]
@@ -361,7 +368,7 @@ def parse_levels(args) -> list[tuple[str, float]]:
     window (fewer than two requests per user)."""
     from .common import parse_int_list
 
-    levels = [("closed", c) for c in parse_int_list(args.concurrency)]
+    levels: list[tuple[str, float]] = [("closed", c) for c in parse_int_list(args.concurrency)]
     levels += [("open", float(r)) for r in args.request_rate.replace(" ", "").split(",") if r]
     if not levels:
         raise SystemExit("nothing to run: give --concurrency and/or --request-rate")
@@ -377,7 +384,7 @@ async def ready_model(args, seed: int) -> str:
     """Wait until the server answers a warm-up request; the model name to send."""
     async with ChatClient(args.url, args.api_key, args.timeout_s, args.model_name, args.ready_timeout_s,
                           seed) as client:  # fmt: skip
-        return client.model
+        return client.ready_model
 
 
 def level_row(args, mode: str, level: float, specs: list[RequestSpec], shares, run) -> dict:
@@ -414,11 +421,13 @@ def run_levels(args, seed: int) -> tuple[dict, dict]:
     target = Target(base_url(args.url), args.api_key, args.timeout_s, model)
     sampling_args = dict(url=target.url, api_key=args.api_key, interval_s=args.metrics_interval_s,
                          server_pid=args.server_pid)  # fmt: skip
-    rows, raw, samples = [], [], []
+    rows: list[dict] = []
+    raw: list[dict] = []
+    samples: list[dict] = []
     for level_index, (mode, level) in enumerate(levels):
         specs = level_specs(args, seed, (CLOSED_KEY if mode == "closed" else OPEN_KEY, level_index), sources)
         if mode == "closed":
-            shares = closed_shares(specs, level, args.processes)
+            shares = closed_shares(specs, int(level), args.processes)
         else:
             shares = open_shares(specs, poisson_arrivals(seed, level, len(specs)), args.processes)
         label = f"c={level}" if mode == "closed" else f"{level:g} req/s"

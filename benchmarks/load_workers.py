@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Protocol
+from typing import Protocol, cast
 
 from .http_load import ChatClient, RequestResult, RequestSpec, closed_loop, encode_bodies, open_loop
 from .server_sampling import LevelSampling
@@ -47,8 +47,8 @@ class Share:
 
     index: int
     specs: list[RequestSpec]
-    concurrency: int | None = None
-    arrivals_s: list[float] | None = None
+    concurrency: int = 0  # closed loop
+    arrivals_s: list[float] | None = None  # open loop
 
 
 @dataclass
@@ -195,14 +195,14 @@ def _run_in_processes(shares: list[Share], target: Target, sampling_args: dict, 
             child_end.close()
             conns.append(parent_end)
             procs.append(proc)
-        pids = [_receive(conn, i)[1] for i, conn in enumerate(conns)]
+        pids = [cast(int, _receive(conn, i)[1]) for i, conn in enumerate(conns)]
         start_at = time.monotonic() + START_LEAD_S
         for conn in conns:
             conn.send(("start", start_at))
         outcomes: list[WorkerOutcome | None] = [None] * len(shares)
         with LevelSampling(origin=start_at, loadgen_pids=pids, **sampling_args) as sampling:
             while any(o is None for o in outcomes):
-                for conn in wait([c for c, o in zip(conns, outcomes) if o is None]):
+                for conn in cast(list[Connection], wait([c for c, o in zip(conns, outcomes) if o is None])):
                     index = conns.index(conn)
                     kind, payload = _receive(conn, index)
                     if kind == "completed":
@@ -210,7 +210,7 @@ def _run_in_processes(shares: list[Share], target: Target, sampling_args: dict, 
                     elif kind == "sent_last":
                         sampling.window_end()
                     elif kind == "done":
-                        outcomes[index] = payload
+                        outcomes[index] = cast(WorkerOutcome, payload)
         for conn in conns:
             conn.send(("exit", None))
     finally:

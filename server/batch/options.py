@@ -35,7 +35,8 @@ class BatchOptions(BaseModel):
     decode_workers: int | None = Field(None, ge=1, description="audio decode processes (default: one per core)")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="model_name written in dasheng-eval rows and the "
                                                             "model of OpenAI batch responses without one")
-    summary: Path | None = Field(None, description="also write the final JSON summary to this file")
+    summary: Path | None = Field(None, description="also write the final JSON summary to this file ({shard}: "
+                                                   "the shard index)")
     progress: Literal["auto", "bar", "log", "none"] = Field(
         "auto", description="progress display (auto: a bar on a terminal, log lines otherwise)")
     log_interval: float = Field(30.0, gt=0, description="seconds between progress log lines")

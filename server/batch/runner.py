@@ -62,8 +62,13 @@ def input_spec(options: BatchOptions) -> InputSpec:
                      lang=options.lang, prompt=options.prompt, sampling=options.sampling_defaults())
 
 
+def shard_path(path: Path, shard: Shard) -> Path:
+    """`{shard}` in a path becomes the shard index (one file per pod of an Indexed Job)."""
+    return Path(str(path).replace("{shard}", str(shard.index)))
+
+
 def output_path(options: BatchOptions, shard: Shard) -> Path:
-    return Path(str(options.output).replace("{shard}", str(shard.index)))
+    return shard_path(options.output, shard)
 
 
 class BatchJob:
@@ -248,6 +253,7 @@ class BatchJob:
 
 def run_batch(options: BatchOptions, settings: Settings) -> int:
     """Runs the job, prints the summary as one JSON line on stdout (and to --summary)."""
+    job = None
     try:
         job = BatchJob(options, settings)
         summary = asyncio.run(job.run())
@@ -257,6 +263,7 @@ def run_batch(options: BatchOptions, settings: Settings) -> int:
     text = json.dumps(summary, ensure_ascii=False)
     print(text, flush=True)
     if options.summary is not None:
-        options.summary.parent.mkdir(parents=True, exist_ok=True)
-        options.summary.write_text(text + "\n")
+        path = shard_path(options.summary, job.shard) if job is not None else options.summary
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
     return summary["exit_code"]

@@ -106,8 +106,10 @@ def test_shards_split_the_input_and_merge_checks_every_row(runtime, clips_dir, t
 
 def test_shard_index_from_job_completion_index(clips_dir, tmp_path):
     result = run_cli(str(clips_dir / "a"), "--output", str(tmp_path / "s-{shard}.jsonl"), "--shard", "auto/3",
-                     "--dry-run", env={"JOB_COMPLETION_INDEX": "2"})  # fmt: skip
+                     "--summary", str(tmp_path / "summary-{shard}.json"), "--dry-run",
+                     env={"JOB_COMPLETION_INDEX": "2"})  # fmt: skip
     summary = last_json_line(result.stdout)
+    assert json.loads((tmp_path / "summary-2.json").read_text()) == summary
     assert result.returncode == 0, result.stderr
     assert summary["shard"] == "2/3" and summary["output"] == str(tmp_path / "s-2.jsonl")
     assert summary["todo"] + summary["other_shards"] == 48 and 0 < summary["todo"] < 48

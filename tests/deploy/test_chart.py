@@ -31,6 +31,9 @@ FULL = {
     "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     "priorityClassName": "gpu-high",
     "commonLabels": {"team": "audio"},
+    "batch": {"enabled": True, "input": "sets/clotho/manifest.csv", "shards": 8, "parallelism": 4,
+              "task": "asr", "lang": "zh", "maxTokens": 64, "outputDir": "runs/clotho-1",
+              "data": {"claimName": "datasets"}, "output": {"claimName": "results"}},
 }
 KEDA = {"autoscaling": {"enabled": True, "kind": "keda", "minReplicas": 1, "maxReplicas": 5}}
 # Features off: no auth, nothing optional.
@@ -38,7 +41,7 @@ MINIMAL = {"auth": {"enabled": False}, "podDisruptionBudget": {"enabled": False}
            "serviceAccount": {"create": False}, "preStopSleepSeconds": 0, "tolerations": []}
 
 BUILTIN_KINDS = {"Deployment", "Service", "ConfigMap", "Secret", "ServiceAccount", "PodDisruptionBudget",
-                 "Ingress", "NetworkPolicy", "HorizontalPodAutoscaler", "Pod"}
+                 "Ingress", "NetworkPolicy", "HorizontalPodAutoscaler", "Pod", "Job"}
 CRDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
         "ScaledObject": "keda.sh/v1alpha1"}
 
@@ -91,7 +94,7 @@ def test_default_render_has_expected_resources(helm):
 
 def test_full_render_has_every_optional_resource(helm):
     present = set(kinds(helm.render(FULL)))
-    assert {"Ingress", "NetworkPolicy", "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule"} <= present
+    assert {"Ingress", "NetworkPolicy", "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Job"} <= present
     assert "Secret" not in present  # existingSecret: the chart creates none
 
 
@@ -473,3 +476,82 @@ def test_configmap_is_accepted_by_the_gateway_settings(helm, monkeypatch):
     assert s.tensor_parallel_size == 2 and s.enforce_eager is True and s.drain_timeout == 30
     assert s.allowed_domains == ["a.example", "b.example"]
     assert s.api_keys == ["key-aaaaaaaaaaaaaaaa", "key-bbbbbbbbbbbbbbbb"]
+
+
+# --- the batch Indexed Job (mdl-serve batch, docs/batch.md) --------------------------------
+
+
+def batch_pod(docs) -> dict:
+    return find(docs, "Job", "-batch")["spec"]["template"]["spec"]
+
+
+def test_batch_job_is_an_indexed_job_with_one_output_file_per_shard(helm):
+    docs = helm.render(FULL)
+    job = find(docs, "Job", "-batch")
+    assert job["metadata"]["name"] == "rel-midashenglm-serve-batch"
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == ("Indexed", 8, 4)
+    pod = batch_pod(docs)
+    assert pod["restartPolicy"] == "OnFailure"  # a killed container restarts in place and resumes
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["batch", "/data/sets/clotho/manifest.csv"]
+    assert args[args.index("--shard") + 1] == "auto/8"
+    assert args[args.index("--output") + 1] == "/output/runs/clotho-1/shard-{shard}.jsonl"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+    assert mounts["output"]["mountPath"] == "/output" and not mounts["output"].get("readOnly")
+    assert mounts["model"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
+    assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "results"}
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-model"]  # model.source=download
+    # The same model and engine settings as the server, and the same GPUs per pod.
+    assert container["envFrom"] == server_container(docs)["envFrom"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    # Not a server pod: the Service's selector must not send requests to it.
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    selector = find(docs, "Service")["spec"]["selector"]
+    assert labels["app.kubernetes.io/component"] == "batch" and not selector.items() <= labels.items()
+
+
+def test_batch_job_args_parse_as_the_batch_command_of_each_shard(helm, monkeypatch):
+    """The rendered args are a valid `mdl-serve batch` command line, and pod 7 of 8 takes
+    shard 7/8 and writes shard-7.jsonl."""
+    cli = pytest.importorskip("mdlserve.server.cli")
+    from mdlserve.server.batch.ids import Shard
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import output_path
+
+    (container,) = batch_pod(helm.render(FULL))["containers"]
+    args = cli.build_parser().parse_args(container["args"])
+    options = BatchOptions(input=args.paths[0], **{k: v for k, v in vars(args).items() if k in BatchOptions.model_fields})
+    assert (options.task, options.lang, options.max_tokens, options.max_in_flight) == ("asr", "zh", 64, 512)
+    shard = Shard.parse(options.shard, {"JOB_COMPLETION_INDEX": "7"})
+    assert shard == Shard(7, 8)
+    assert str(output_path(options, shard)) == "/output/runs/clotho-1/shard-7.jsonl"
+
+
+def test_batch_job_is_off_by_default_and_servers_are_unchanged_by_it(helm):
+    assert "Job" not in kinds(helm.render())
+    with_job = helm.render(FULL)
+    assert find(with_job, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"][0] == "serve"
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"enabled": True, "input": "m.csv", "output": {"claimName": "r"}}, "batch.data.claimName"),
+    ({"enabled": True, "input": "m.csv", "data": {"claimName": "d"}}, "batch.output.claimName"),
+    ({"enabled": True, "data": {"claimName": "d"}, "output": {"claimName": "r"}}, "batch.input"),
+])  # fmt: skip
+def test_batch_job_refuses_missing_claims_or_input(helm, batch, message):
+    assert message in helm.render_error({"batch": batch})
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"shards": 0}, "shards"), ({"format": "parquet"}, "format"), ({"task": "poetry"}, "task"),
+    ({"outputDir": "../escape"}, "outputDir"), ({"shard": 2}, "additional properties 'shard' not allowed"),
+])  # fmt: skip
+def test_batch_schema_rejects_bad_values(helm, batch, message):
+    err = helm.render_error({"batch": batch})
+    assert "schema" in err and message in err, err

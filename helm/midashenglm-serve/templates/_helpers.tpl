@@ -145,3 +145,83 @@ Refuse unsafe or contradictory values. Included by the Deployment, so every rend
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The checkpoint, caches and scratch space of a pod running the engine (server and batch
+pods): the model read-only at /models; writable /cache, /dev/shm, /tmp and /home/mdl under
+a read-only root filesystem.
+*/}}
+{{- define "mdl.modelFetchContainer" -}}
+- name: fetch-model
+  image: {{ .Values.model.download.image }}
+  imagePullPolicy: IfNotPresent
+  command:
+    {{- toYaml .Values.model.download.command | nindent 4 }}
+  {{- with .Values.model.download.env }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  {{- with .Values.model.download.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: model
+      mountPath: /models
+    - name: tmp
+      mountPath: /tmp
+{{- end -}}
+
+{{- define "mdl.serverVolumeMounts" -}}
+- name: model
+  mountPath: /models
+  readOnly: true
+- name: compile-cache
+  mountPath: /cache
+- name: dshm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/mdl
+{{- end -}}
+
+{{- define "mdl.serverVolumes" -}}
+- name: model
+  {{- if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.pvc.claimName }}
+    readOnly: true
+  {{- else if eq .Values.model.source "hostPath" }}
+  hostPath:
+    path: {{ .Values.model.hostPath.path }}
+    type: Directory
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.download.sizeLimit }}
+  {{- end }}
+- name: compile-cache
+  {{- if eq .Values.compileCache.type "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.compileCache.pvc.claimName }}
+  {{- else if eq .Values.compileCache.type "hostPath" }}
+  hostPath:
+    path: {{ .Values.compileCache.hostPath.path }}
+    type: DirectoryOrCreate
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.compileCache.sizeLimit }}
+  {{- end }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+- name: tmp
+  emptyDir:
+    sizeLimit: 4Gi
+- name: home
+  emptyDir:
+    sizeLimit: 1Gi
+{{- end -}}

@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Protocol
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
-from mdlserve.server.errors import EngineDead
+from mdlserve.server.errors import EngineDead, bad_request
 from mdlserve.server.metrics import GatewayMetrics, engine_stat_logger
 from mdlserve.server.request import PreparedRequest, Sampling, Tokenizer
 from mdlserve.server.settings import Settings
@@ -30,6 +30,15 @@ LOG_STATS_INTERVAL_S = 10.0
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability, with the `top` alternatives (token, logprob) asked for."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
 class Completion:
     """What one choice produced since the previous step."""
 
@@ -37,6 +46,7 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Engine(Protocol):
 
 
 def engine_args(settings: Settings):
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from mdlserve.server.platform import default_kv_cache_bytes
@@ -84,6 +95,9 @@ def engine_args(settings: Settings):
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
+        # response_format: compact JSON. With whitespace allowed between tokens a model can
+        # pad forever ("{\r\r\r...") and never close the object within max_tokens.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {}),
     )
 
@@ -122,8 +136,13 @@ def engine_config(settings: Settings):
 
 def sampling_params(sampling: Sampling):
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    structured = None
+    if sampling.json_schema is not None:
+        structured = StructuredOutputsParams(json=sampling.json_schema)
+    elif sampling.json_object:
+        structured = StructuredOutputsParams(json_object=True)
     return SamplingParams(
         n=sampling.n,
         max_tokens=sampling.max_tokens,
@@ -132,8 +151,29 @@ def sampling_params(sampling: Sampling):
         seed=sampling.seed,
         stop=list(sampling.stop),
         min_tokens=sampling.min_tokens,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        ignore_eos=sampling.ignore_eos,
+        logit_bias=sampling.logit_bias or None,
+        logprobs=sampling.logprobs,
+        structured_outputs=structured,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob} maps (the sampled token plus the `top` most
+    likely) -> TokenLogprob, alternatives in rank order."""
+    result = []
+    for token_id, candidates in zip(token_ids, logprobs, strict=True):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 0)[:top]
+        alternatives = [(c.decoded_token or "", c.logprob) for c in ranked]
+        result.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, alternatives))
+    return result
 
 
 class VllmEngine:
@@ -167,16 +207,47 @@ class VllmEngine:
         try:
             engine_input = await self._llm.renderer.process_for_engine_async(prompt, arrival_time)
             stream = self._llm.generate(engine_input, sampling_params(request.sampling), request_id)
+            top = request.sampling.logprobs
+
+            def step(output) -> Step:
+                return Step(
+                    [
+                        Completion(
+                            c.index,
+                            c.text,
+                            len(c.token_ids),
+                            c.finish_reason,
+                            None if top is None else token_logprobs(c.token_ids, c.logprobs, top),
+                        )
+                        for c in output.outputs
+                    ],
+                    len(output.prompt_token_ids) if output.prompt_token_ids else None,
+                )
+
             try:
+                yield step(await self._first(stream, request.sampling))
                 async for output in stream:
-                    yield Step(
-                        [Completion(c.index, c.text, len(c.token_ids), c.finish_reason) for c in output.outputs],
-                        len(output.prompt_token_ids) if output.prompt_token_ids else None,
-                    )
+                    yield step(output)
             finally:
                 await stream.aclose()  # aborts the request in vLLM if it is still running
         except EngineDeadError:
             raise EngineDead() from None
+
+    @staticmethod
+    async def _first(stream, sampling: Sampling):
+        """The first output. A JSON schema that passed our check (a valid JSON Schema) can
+        still use a feature the structured-output backend lacks; vLLM refuses it with a
+        ValueError before the request enters the engine: the client's 400, and the only
+        ValueError from vLLM we pass on as one."""
+        try:
+            return await anext(stream)
+        except ValueError as exc:
+            if sampling.json_schema is None:
+                raise
+            raise bad_request(
+                f"response_format.json_schema.schema is not supported by the structured-output backend: {exc}",
+                param="response_format.json_schema.schema",
+            ) from None
 
     async def check_health(self) -> None:
         try:

@@ -44,6 +44,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
+    def __len__(self) -> int: ...
+
 
 @dataclass
 class AudioSource:
@@ -51,6 +53,7 @@ class AudioSource:
 
     param: str
     load: Callable[[], Awaitable[bytes]]
+    samples: np.ndarray | None = None  # already decoded (a window of an uploaded file): load is not called
 
 
 @dataclass
@@ -76,6 +79,16 @@ class Sampling:
     seed: int | None
     stop: tuple[str, ...]
     min_tokens: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # alternatives per token (OpenAI's top_logprobs); None: no logprobs
+    json_schema: dict | None = None  # the answer must validate against it (structured outputs)
+    json_object: bool = False  # the answer must be a JSON object
 
 
 @dataclass
@@ -87,7 +100,7 @@ class PreparedRequest:
     sampling: Sampling
 
 
-def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int) -> Sampling:
+def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int, vocab_size: int) -> Sampling:
     """Fields whose ranges the schema checked -> Sampling; refuses what the engine would refuse."""
     room = max_model_len - prompt_tokens
     requested = fields.output_limit()
@@ -109,6 +122,15 @@ def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int)
             f"n must be 1 when temperature is 0 (greedy sampling gives one answer), got {fields.n}", param="n"
         )
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
+    logit_bias = {int(token): bias for token, bias in (fields.logit_bias or {}).items()}
+    outside = sorted(token for token in logit_bias if token >= vocab_size)
+    if outside:
+        raise bad_request(
+            f"logit_bias names token id {outside[0]}, outside the vocabulary (ids 0 to {vocab_size - 1})",
+            param="logit_bias",
+        )
+    response_format = fields.response_format
+    json_schema = response_format.json_schema if response_format else None
     return Sampling(
         n=fields.n,
         max_tokens=max_tokens,
@@ -117,6 +139,16 @@ def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int)
         seed=fields.seed,
         stop=stop,
         min_tokens=fields.min_tokens,
+        presence_penalty=fields.presence_penalty,
+        frequency_penalty=fields.frequency_penalty,
+        repetition_penalty=fields.repetition_penalty,
+        top_k=fields.top_k,
+        min_p=fields.min_p,
+        ignore_eos=fields.ignore_eos,
+        logit_bias=logit_bias,
+        logprobs=fields.logprobs_count(),
+        json_schema=json_schema.json_schema if json_schema else None,
+        json_object=bool(response_format and response_format.type == "json_object"),
     )
 
 
@@ -153,7 +185,8 @@ class RequestBuilder:
                     raise bad_request(f"{where}: audio is only allowed in user messages", param=where)
                 parts.append(AUDIO_PLACEHOLDER)
                 conversation.audio.append(self._source_for(part, where))
-            conversation.messages.append({"role": message.role, "content": parts})
+            role = "system" if message.role == "developer" else message.role  # no template knows "developer"
+            conversation.messages.append({"role": role, "content": parts})
         if not placed:
             raise bad_request(f"{param} needs a user message for the uploaded audio", param=param)
         if len(conversation.audio) > self.max_audio_parts:
@@ -194,7 +227,7 @@ class RequestBuilder:
         self, conversation: Conversation, fields: SamplingFields, tokenizer: Tokenizer
     ) -> PreparedRequest:
         """Load and decode the audio (concurrently), check the limits, tokenize."""
-        clips = await asyncio.gather(*(self._load(source) for source in conversation.audio))
+        clips = await asyncio.gather(*(self.load_audio(source) for source in conversation.audio))
         seconds = sum(clip.size for clip in clips) / SAMPLE_RATE
         if seconds > self.max_audio_seconds:
             raise bad_request(
@@ -214,10 +247,13 @@ class RequestBuilder:
                 f"is {self.max_model_len} tokens",
                 code="context_length_exceeded",
             )
-        sampling = sampling_for(fields, prompt_tokens, self.max_model_len)
+        sampling = sampling_for(fields, prompt_tokens, self.max_model_len, len(tokenizer))
         return PreparedRequest(token_ids, list(clips), prompt_tokens, seconds, sampling)
 
-    async def _load(self, source: AudioSource) -> np.ndarray:
+    async def load_audio(self, source: AudioSource) -> np.ndarray:
+        """Fetch (or read) and decode one source; a client fault is a 400 naming it."""
+        if source.samples is not None:
+            return source.samples
         data = await source.load()
         try:
             return await self.decoder.decode(data, self.max_audio_seconds)

@@ -5,6 +5,8 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from mdlserve.server.tasks import ISO_639_1, Task
+
 # input_audio.format values we accept. The bytes are decoded by content sniffing; the
 # format only has to name something we can decode.
 # The engine seeds a torch.Generator: a signed 64-bit integer (-1: unseeded in vLLM, so 0 up).
@@ -204,18 +206,23 @@ class ChatCompletionRequest(SamplingFields):
     user: str | None = Field(None, max_length=256, description="end-user id, written to the access log")
 
 
-class TranscriptionForm(_Body):
-    """multipart/form-data of POST /v1/audio/transcriptions (OpenAI's fields, plus
-    max_completion_tokens to bound the answer)."""
+class SpeechForm(_Body):
+    """multipart/form-data of POST /v1/audio/translations, and the base of transcriptions'
+    (OpenAI's fields, plus max_completion_tokens to bound the answer and seed). Unknown
+    form fields are refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
 
     file: UploadFile
     model: str
-    prompt: str | None = Field(None, description="instruction; default: the captioning prompt")
-    response_format: Literal["json", "text", "verbose_json"] = "json"
+    prompt: str | None = Field(None, description="context (names, spelling) for the recogniser, as a system message")
+    response_format: Literal["json", "text", "srt", "vtt", "verbose_json"] = "json"
     temperature: float | None = Field(None, ge=0, le=2, description="default 0")
-    stream: bool = False
-    language: str | None = Field(None, description="accepted for compatibility and ignored")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = Field(False, description="server-sent transcript.text.delta events, then transcript.text.done")
+    timestamp_granularities: list[Literal["segment"]] | None = Field(
+        None, alias="timestamp_granularities[]", description="segment only (one segment per 30 s window)"
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="output limit per 30 s window")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
 
     def sampling(self) -> SamplingFields:
@@ -224,14 +231,31 @@ class TranscriptionForm(_Body):
         return SamplingFields(temperature=temperature, max_completion_tokens=self.max_completion_tokens, seed=self.seed)
 
 
+class TranscriptionForm(SpeechForm):
+    """multipart/form-data of POST /v1/audio/transcriptions."""
+
+    language: str | None = Field(None, description="ISO-639-1 code of the speech (en, zh, ...): selects the <|xx|> tag")
+
+    @field_validator("language")
+    @classmethod
+    def _iso_639_1(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in ISO_639_1:
+            raise ValueError(f"language must be an ISO-639-1 code such as 'en' or 'zh', got {value!r}")
+        return None if value is None else value.lower()
+
+
 class AudioChatForm(GenerationFields):
-    """multipart/form-data of POST /v1/audio/chat: an audio file plus either `messages`
-    (a JSON list of chat messages) or `prompt` (one user question)."""
+    """multipart/form-data of POST /v1/audio/analysis (alias /v1/audio/chat): an audio file
+    plus either `messages` (a JSON list of chat messages), or `task` (a preset of the
+    authors' evaluation prompts) and/or `prompt` (one user question)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     file: UploadFile
     model: str | None = None
     messages: str | None = Field(None, description="JSON list of chat messages")
-    prompt: str | None = None
+    task: Task | None = Field(None, description="preset instruction (docs/gateway.md lists them)")
+    prompt: str | None = Field(None, description="the question; with task qa or multiple_choice, fills its slot")
     stream: bool = False
     include_usage: bool = False
 
@@ -321,12 +345,23 @@ class TranscriptionResponse(BaseModel):
     usage: TranscriptionUsage
 
 
+class TranscriptionSegment(BaseModel):
+    """One window of the audio, transcribed on its own (transcripts.WINDOW_SECONDS)."""
+
+    id: int
+    seek: int = Field(description="start of the window in 10 ms frames")
+    start: float
+    end: float
+    text: str
+    temperature: float
+
+
 class TranscriptionVerboseResponse(BaseModel):
-    task: Literal["transcribe"] = "transcribe"
-    language: str = Field("unknown", description="not detected: the model captions, it does not identify languages")
+    task: Literal["transcribe", "translate"] = "transcribe"
+    language: str = Field("unknown", description="the request's language (english for translations), else 'unknown'")
     duration: float
     text: str
-    segments: list = Field(default_factory=list)
+    segments: list[TranscriptionSegment] = Field(default_factory=list)
     usage: TranscriptionUsage
 
 
@@ -352,6 +387,11 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class VersionInfo(BaseModel):
+    version: str = Field(description="midashenglm-serve")
+    vllm: str = Field(description="the vLLM the engine runs on")
 
 
 class HealthStatus(BaseModel):

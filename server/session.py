@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
@@ -29,7 +29,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mdlserve.server.admission import Admission, Ticket, request_weight
-from mdlserve.server.engine import EngineHandle, Step
+from mdlserve.server.engine import EngineHandle, Step, TokenLogprob
 from mdlserve.server.errors import ApiError, ClientDisconnected, EngineDead, RequestTimedOut, error_event
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.request import Conversation, RequestBuilder
@@ -45,6 +45,7 @@ class Choice:
     text: str = ""
     tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Session:
@@ -169,9 +171,10 @@ class Run:
                 self._last_token_at = now
             choice.tokens += completion.num_tokens
             choice.text += completion.text
+            choice.logprobs.extend(completion.logprobs or ())
             if completion.finish_reason is not None:
                 choice.finish_reason = completion.finish_reason
-            deltas.append(Delta(completion.index, completion.text, completion.finish_reason))
+            deltas.append(Delta(completion.index, completion.text, completion.finish_reason, completion.logprobs))
         if self.finished:
             self._observe_decode()
         return deltas

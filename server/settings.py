@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(None, description="file with one API key per line (added to --api-keys)")
     auth_health_metrics: bool = Field(False, description="also require an API key on /health/* and /metrics")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    accept_unknown_fields: bool = Field(
+        False, description="ignore request fields the server does not know instead of answering 400"
+    )
 
     # Admission and time limits
     max_queue: int = Field(512, ge=0, description="clips admitted beyond --max-num-seqs before answering 429")

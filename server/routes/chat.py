@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from mdlserve.server.chat_fields import check_extra_fields
-
 from mdlserve.server.deps import State
 from mdlserve.server.engine import TokenLogprob
 from mdlserve.server.errors import ApiError
@@ -35,6 +34,10 @@ logger = logging.getLogger("mdlserve.server")
 router = APIRouter(route_class=BoundedJsonRoute)
 # OpenAI's stand-in for the log-probability of a token that could not be sampled (-inf).
 MIN_LOGPROB = -9999.0
+# stream=true answers with server-sent chunks, for the OpenAPI document.
+CHAT_RESPONSES = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "chat.completion.chunk SSE"}}}}
+}
 
 
 def check_model(state: GatewayState, model: str | None) -> str:
@@ -46,7 +49,7 @@ def check_model(state: GatewayState, model: str | None) -> str:
     return served
 
 
-@router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse)
+@router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=CHAT_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
     check_extra_fields(body.model_extra, accept_unknown=state.settings.accept_unknown_fields)
@@ -99,7 +102,8 @@ def choice_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
     """OpenAI's shape: each token with its UTF-8 bytes and its alternatives."""
 
     def top(token: str, logprob: float) -> ChatTopLogprob:
-        return ChatTopLogprob(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=list(token.encode("utf-8", "replace")))
+        utf8 = list(token.encode("utf-8", "replace"))
+        return ChatTopLogprob(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=utf8)
 
     return ChoiceLogprobs(
         content=[

@@ -32,6 +32,9 @@ class FakeTokenizer:
         text.encode("utf-8")  # a real tokenizer fails on lone surrogates too
         return [ord(ch) for ch in text]
 
+    def __len__(self) -> int:
+        return 0x110000  # every code point is a token
+
 
 class FakeEngine:
     def __init__(self, tokens: int = 4, free_steps: int = 0):

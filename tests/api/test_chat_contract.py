@@ -1,0 +1,184 @@
+"""Chat completions through the official `openai` client on the tiny model: every honoured
+field changes what comes back, logprobs in OpenAI's shape (streamed too), structured
+outputs that parse and validate, and refused fields named in a 400."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from gateway.helpers import MODEL, audio_file, audio_part
+from transformers import AutoTokenizer
+
+QUESTION = "Caption the audio."
+
+
+def user(text: str = QUESTION, audio: bool = True) -> dict:
+    parts = [audio_part(audio_file(seconds=1.0))] if audio else []
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+def test_sampling_fields_shape_the_answer(oai):
+    common = dict(model=MODEL, messages=[user()], max_completion_tokens=8, temperature=1.0, top_p=0.9)
+    extras = {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}
+    first = oai.chat.completions.create(**common, n=2, seed=7, presence_penalty=0.5, frequency_penalty=0.5,
+                                        user="tester-1", extra_body=extras)  # fmt: skip
+    again = oai.chat.completions.create(**common, n=2, seed=7, presence_penalty=0.5, frequency_penalty=0.5,
+                                        user="tester-1", extra_body=extras)  # fmt: skip
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens <= 16
+    forced = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=6, temperature=0,
+                                         extra_body={"min_tokens": 6, "ignore_eos": True})  # fmt: skip
+    assert forced.usage.completion_tokens == 6 and forced.choices[0].finish_reason == "length"
+
+
+def test_stop_string_ends_the_answer(oai):
+    free = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=12, temperature=0)
+    text = free.choices[0].message.content
+    assert len(text) > 2
+    stop = text[len(text) // 2 :][:4]
+    stopped = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_logit_bias_forces_a_token(oai, tokenizer):
+    token_id = tokenizer.encode(" dog", add_special_tokens=False)[0]
+    token = tokenizer.decode([token_id])
+    answer = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=5, temperature=0,
+                                         logit_bias={str(token_id): 100})  # fmt: skip
+    assert answer.choices[0].message.content == token * 5
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_400(oai, tokenizer):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2, logit_bias={str(len(tokenizer)): 5})
+    assert err.value.body["param"] == "logit_bias" and "outside the vocabulary" in err.value.body["message"]
+
+
+def _check_logprobs(content: list, text: str, top: int) -> None:
+    # A token holding part of a UTF-8 character decodes to "" alone and to U+FFFD in the text.
+    assert "".join(t.token for t in content) == text.replace("\ufffd", "")
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == top
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        # greedy: the sampled token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+
+
+def test_logprobs_in_openai_shape(oai):
+    answer = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=6, temperature=0,
+                                         logprobs=True, top_logprobs=3)  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    _check_logprobs(content, answer.choices[0].message.content, 3)
+    plain = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_streamed(oai):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[user()], max_tokens=6, temperature=0, stream=True, logprobs=True, top_logprobs=2,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    content, text, usage = [], "", None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None:
+                content.extend(choice.logprobs.content)
+    assert usage is not None and len(content) == usage.completion_tokens == 6
+    _check_logprobs(content, text, 2)
+
+
+LABEL_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["dog", "cat", "car"]}, "loud": {"type": "boolean"}},
+    "required": ["label", "loud"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_answer_parses_and_validates(oai):
+    answer = oai.chat.completions.create(
+        model=MODEL, messages=[user("Describe the sound as JSON.")], max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "sound", "schema": LABEL_SCHEMA}},
+    )  # fmt: skip
+    value = json.loads(answer.choices[0].message.content)
+    jsonschema.validate(value, LABEL_SCHEMA)
+
+
+def test_json_schema_streamed_parses_and_validates(oai):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[user("Describe the sound as JSON.")], max_tokens=200, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "sound", "schema": LABEL_SCHEMA}},
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), LABEL_SCHEMA)
+
+
+def test_json_object_answer_is_json(oai):
+    answer = oai.chat.completions.create(model=MODEL, messages=[user("Answer in JSON.")], max_tokens=40,
+                                         temperature=0, response_format={"type": "json_object"})  # fmt: skip
+    text = answer.choices[0].message.content
+    assert text.startswith("{")
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_invalid_json_schema_is_a_400(oai):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=MODEL, messages=[user()], max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )  # fmt: skip
+    assert "response_format" in err.value.body["param"] and "JSON Schema" in err.value.body["message"]
+
+
+def test_developer_role_and_audio_in_an_earlier_turn(oai):
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        user(),
+        {"role": "assistant", "content": "A dog barks."},
+        user("And what else?", audio=False),
+    ]
+    answer = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    as_system = oai.chat.completions.create(model=MODEL, messages=[{**messages[0], "role": "system"}, *messages[1:]],
+                                            max_tokens=4, temperature=0)  # fmt: skip
+    assert answer.choices[0].message.content == as_system.choices[0].message.content
+    # the earlier turn's audio counts: its tokens are in the prompt
+    text_only = oai.chat.completions.create(model=MODEL, messages=[messages[0], user(audio=False), *messages[2:]],
+                                            max_tokens=1, temperature=0)  # fmt: skip
+    assert answer.usage.prompt_tokens > text_only.usage.prompt_tokens + 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "chat template"),
+        ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+        ({"use_beam_search": True}, "use_beam_search", "beam search"),
+        ({"store": True}, "store", "not stored"),
+        ({"temperatur": 0.5}, "temperatur", "unknown field"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(oai, extra, param, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2, extra_body=extra)
+    assert err.value.body["param"] == param and words in err.value.body["message"]
+
+
+def test_null_counts_as_absent(oai):
+    answer = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2,
+                                         extra_body={"tools": None, "metadata": None})  # fmt: skip
+    assert answer.choices[0].message.content is not None

@@ -14,7 +14,8 @@ from mdlserve.server.middleware import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
 )  # fmt: skip
-from mdlserve.server.routes import audio, chat, health, models
+from mdlserve.server.openapi import install_openapi
+from mdlserve.server.routes import DOCS, audio, chat, health, models, speech
 from mdlserve.server.settings import Settings
 from mdlserve.server.state import GatewayState
 
@@ -34,9 +35,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=DOCS, redoc_url=None)
     app.state.gateway = state
     install_error_handlers(app)
+    install_openapi(app)
     # Middleware added last runs first: request ids and metrics, then auth and the
     # admission gate (both before any body byte is read), then the size limit.
     app.add_middleware(
@@ -52,6 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     work = [Depends(require_serving)]
     app.include_router(chat.router, dependencies=work)
     app.include_router(audio.router, dependencies=work)
+    app.include_router(speech.router, dependencies=work)
     app.include_router(models.router)
     app.include_router(health.router)
     return app

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mdlserve.server.deps import api_key_error
 from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, api_error_response, internal_error_body
 from mdlserve.server.metrics import GatewayMetrics
-from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS
+from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS, needs_api_key
 from mdlserve.server.state import GatewayState
 
 logger = logging.getLogger("mdlserve.server")
@@ -105,7 +105,7 @@ class AuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
-        if scope["type"] == "http" and state.api_keys and scope["path"] in self.protected:
+        if scope["type"] == "http" and state.api_keys and needs_api_key(scope["path"], self.protected):
             refusal = api_key_error(_header(scope, b"authorization") or "", state.api_keys)
             if refusal is not None:
                 state.metrics.rejections.labels(reason=refusal.reason).inc()

@@ -177,7 +177,7 @@ def test_transcriptions_formats(client):
     verbose = client.post("/v1/audio/transcriptions", data={**form, "response_format": "verbose_json"},
                           files=files).json()
     assert verbose["text"] == text and verbose["duration"] == pytest.approx(2.0, abs=0.1)
-    # `prompt` replaces the captioning instruction: a different prompt, a different token count.
+    # `prompt` is context (a system message in place of the default one): a different token count.
     prompted = client.post("/v1/audio/transcriptions", data={**form, "prompt": "What is happening in this recording?"},
                            files=files).json()
     assert prompted["usage"]["input_tokens"] != as_json.json()["usage"]["input_tokens"]

@@ -41,18 +41,34 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
     if not data:
         raise AudioDecodeError("the audio is empty (0 bytes)")
     try:
-        mono, rate = _decode_with_soundfile(data, max_seconds)
+        mono = _decode_with_soundfile(data, max_seconds)
     except AudioDecodeError:
         raise
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
-        mono, rate = _decode_with_av(data, max_seconds)
+        mono = _decode_with_av(data, max_seconds)
     if mono.size == 0:
         raise AudioDecodeError("the audio decodes to zero samples")
     if not np.isfinite(mono).all():
         raise AudioDecodeError("the audio contains NaN or infinite samples")
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+class _To16k:
+    """Collects mono blocks at the source rate as 16 kHz samples, resampling block by block
+    (soxr HQ, streaming): memory holds the 16 kHz result and one block, never the whole
+    clip at its source rate (716 s at 768 kHz would be 2.2 GB)."""
+
+    def __init__(self, rate: int):
+        self.stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, quality="HQ")
+        self.chunks: list[np.ndarray] = []
+
+    def add(self, mono: np.ndarray) -> None:
+        self.chunks.append(mono if self.stream is None else self.stream.resample_chunk(mono))
+
+    def result(self) -> np.ndarray:
+        if self.stream is not None:
+            self.chunks.append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
 
 
 def _check_rate(rate: int) -> None:
@@ -75,9 +91,10 @@ def _too_long(max_seconds: float) -> AudioDecodeError:
     return AudioDecodeError(f"the audio is longer than the limit of {max_seconds:g} s (--max-audio-seconds)")
 
 
-def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """Block by block, each block mixed down at once (memory: the mono samples only)."""
-    chunks, frames = [], 0
+def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> np.ndarray:
+    """Block by block, each block mixed down and resampled at once (memory: the 16 kHz
+    mono samples only)."""
+    frames = 0
     with soundfile.SoundFile(io.BytesIO(data)) as f:
         rate = f.samplerate
         _check_rate(rate)
@@ -89,13 +106,13 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> tuple[np.n
             raise _too_long(max_seconds)
         pcm16 = f.subtype == "PCM_16"
         blocksize = max(1, BLOCK_SAMPLES // f.channels)
+        out = _To16k(rate)
         for block in f.blocks(blocksize=blocksize, dtype="int16" if pcm16 else "float32", always_2d=True):
             frames += block.shape[0]
             if limit is not None and frames > limit:
                 raise _too_long(max_seconds)
-            chunks.append(_mix_down(block.astype(np.float32) if pcm16 else block))
-    mono = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return (mono * INT16_SCALE if pcm16 else mono), rate
+            out.add(_mix_down(block.astype(np.float32)) * INT16_SCALE if pcm16 else _mix_down(block))
+    return out.result()
 
 
 def _mix_down(block: np.ndarray) -> np.ndarray:
@@ -106,10 +123,10 @@ def _mix_down(block: np.ndarray) -> np.ndarray:
     return block @ np.full(block.shape[1], 1 / block.shape[1], np.float32)
 
 
-def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
+def _decode_with_av(data: bytes, max_seconds: float | None) -> np.ndarray:
     import av
 
-    chunks, frames = [], 0
+    collected, frames = None, 0
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             if not container.streams.audio:
@@ -124,21 +141,24 @@ def _decode_with_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray,
             declared = stream.duration * stream.time_base if stream.duration and stream.time_base else None
             if max_seconds is not None and declared is not None and declared > max_seconds:
                 raise _too_long(max_seconds)  # the container says so: nothing decoded
-            limit = _frame_limit(rate, max_seconds) if rate else None
             for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    samples = out.to_ndarray().reshape(-1)
+                for mono in resampler.resample(frame):
+                    if collected is None:  # the first frame says the rate when the header did not
+                        rate = rate or mono.sample_rate
+                        _check_rate(rate)
+                        collected = _To16k(rate)
+                    samples = mono.to_ndarray().reshape(-1)
                     frames += samples.size
-                    if limit is not None and frames > limit:
+                    if max_seconds is not None and frames > max_seconds * rate:
                         raise _too_long(max_seconds)
-                    chunks.append(samples)
+                    collected.add(samples)
     except AudioDecodeError:
         raise
     except Exception as exc:  # PyAV raises many unrelated types for corrupt input
         raise AudioDecodeError(f"unrecognised or corrupt audio ({type(exc).__name__})") from None
-    if not chunks or not rate:
+    if collected is None:
         raise AudioDecodeError("the audio decodes to zero samples")
-    return np.concatenate(chunks), int(rate)
+    return collected.result()
 
 
 class DecodePool:

@@ -35,6 +35,11 @@ AUDIO_PLACEHOLDER = {"type": "audio"}
 # Prompts longer than this (characters) are rendered and tokenized in a worker thread,
 # so that a long prompt cannot hold the event loop (a 1 MB prompt takes ~100 ms).
 INLINE_TOKENIZE_CHARS = 4096
+# Text longer than max_model_len x this cannot fit the context and is refused without being
+# tokenized (a 25 MB prompt took the gateway past 6 GB in the Hugging Face tokenizer before
+# the context check could refuse it: about 250 bytes per character). Chosen far above real
+# text (about 4 characters a token) and the whitespace and punctuation runs BPE merges.
+MAX_CHARS_PER_TOKEN = 128
 
 
 class Tokenizer(Protocol):
@@ -234,6 +239,12 @@ class RequestBuilder:
                 f"audio too long: {seconds:.1f} s in this request (the limit is "
                 f"{self.max_audio_seconds:g} s, --max-audio-seconds)",
                 code="audio_too_long",
+            )
+        if conversation.text_chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise bad_request(
+                f"the prompt's text is {conversation.text_chars} characters, more than a {self.max_model_len}-token "
+                f"context can hold (at most {MAX_CHARS_PER_TOKEN} characters a token, --max-model-len)",
+                code="context_length_exceeded",
             )
         if conversation.text_chars > INLINE_TOKENIZE_CHARS:
             token_ids = await asyncio.to_thread(_tokenize, tokenizer, conversation.messages)

@@ -470,3 +470,11 @@ def test_generated_chat_requests_get_no_5xx(rig, body):
 def test_generated_multipart_forms_get_no_5xx(rig, fields, path):
     content, content_type = multipart(fields)
     assert_no_server_error(rig.post(path, content, content_type))
+
+
+async def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing():
+    async with gateway(max_model_len=1024) as gw:
+        response = await gw.client.post("/v1/chat/completions", json=chat_body("x" * (1024 * 128 + 1)))
+        error = refused(response, "context_length_exceeded")
+        assert "131073 characters" in error["message"]
+        assert gw.engine.submitted == []

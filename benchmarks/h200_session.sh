@@ -6,6 +6,7 @@
 #   bash benchmarks/h200_session.sh offline "$OUT"   # plugin vs built-in: TTFT 30 s, 512 x2, profiles
 #   bash benchmarks/h200_session.sh levers  "$OUT"   # plugin: FP8 (profiled), larger token budget
 #   bash benchmarks/h200_session.sh http    "$OUT"   # gateway at c=1 and c=512, stream and not
+#   bash benchmarks/h200_session.sh final   "$OUT"   # batch job vs bench; gateway c=512 under py-spy
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -88,6 +89,31 @@ http)
     serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
     pack
     serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --out "$WORK/http/c$BIG-stream"
+    kill $server; wait $server
+    pack ;;
+final)
+    # The batch job beside `bench throughput` at the same batch (issue 12), same engine shape.
+    "$PY" -m mdlserve.benchmarks.batch_gpu --out "$WORK/final/batch" --model "$CK" --clips $BIG --clip-s $CLIP \
+        --out-tokens $TOKENS --batch-arg=--max-num-batched-tokens --batch-arg=16384 ${BATCH_ARGS:-}
+    rm -rf "$WORK"/final/batch/clips-* "$WORK"/final/batch/ckpt-7b
+    pack
+    # The gateway at c=BIG, non-streaming, with py-spy recording which code holds the GIL.
+    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port 8000 > "$WORK/final/server.log" 2>&1 &
+    server=$!
+    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/health/ready').status_code != 200)" 2>/dev/null; do
+        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/final/server.log"; pack; exit 4; }
+        sleep 1
+    done
+    bench serve --url http://127.0.0.1:8000 --concurrency 8 --num-requests 16 --clip-s $CLIP --out-tokens 8 \
+        --no-stream --out "$WORK/final/warmup" > /dev/null
+    py-spy record --gil --nonblocking -r 100 -f raw -o "$WORK/final/gil-stacks.txt" -p $server -d ${PYSPY_S:-40} &
+    spy=$!
+    bench serve --url http://127.0.0.1:8000 --concurrency $BIG --processes $PROCS --num-requests $N_REQ \
+        --clip-s $CLIP --out-tokens $TOKENS --no-stream --server-pid $server --metrics-interval-s 2 \
+        --out "$WORK/final/c$BIG-nostream"
+    wait $spy
+    "$PY" -m mdlserve.benchmarks.stack_summary "$WORK/final/gil-stacks.txt" --out "$WORK/final/gil-summary.json" | head -80
+    gzip -9 "$WORK/final/gil-stacks.txt"
     kill $server; wait $server
     pack ;;
 *)

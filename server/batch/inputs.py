@@ -22,9 +22,9 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from mdlserve.server.batch.items import AudioRef, BadRow, BatchItem, RowError, question
-from mdlserve.server.batch.presets import DEFAULT_TASK, PresetError, preset_prompt
-from mdlserve.server.request import DEFAULT_PROMPT
-from mdlserve.server.schemas import ChatCompletionRequest, SamplingFields, TextPart, TranscriptionForm
+from mdlserve.server.batch.presets import PresetError, instruction
+from mdlserve.server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart, TranscriptionForm
+from mdlserve.server.tasks import asr_instruction
 
 Format = Literal["auto", "files", "csv", "jsonl", "openai", "dasheng-eval"]
 FORMATS: tuple[str, ...] = Format.__args__
@@ -34,6 +34,8 @@ GLOB_CHARS = frozenset("*?[")
 # Manifest columns read as sampling fields (the rest of the row is copied to the output).
 SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "min_tokens", "stop")
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/audio/transcriptions": "transcription"}
+# A transcription's body in the output is JSON; srt and vtt (text files) have no place there.
+BATCH_TRANSCRIPTION_FORMATS = ("json", "verbose_json")
 STDIN = "-"
 
 Row = BatchItem | BadRow
@@ -65,12 +67,11 @@ class InputSpec:
             return Path.cwd()
         return Path(self.input).parent
 
-    def default_prompt(self, task: str | None = None, lang: str | None = None) -> tuple[str, int]:
-        """(prompt, default max_tokens) for a row: its task, else --prompt, else --task."""
-        if task is None and self.prompt is not None:
-            return self.prompt, preset_prompt(self.task or DEFAULT_TASK).max_tokens
-        preset = preset_prompt(task or self.task or DEFAULT_TASK, lang or self.lang)
-        return preset.prompt, preset.max_tokens
+    def default_prompt(self, task: str | None = None, lang: str | None = None,
+                       prompt: str | None = None) -> tuple[str, int]:
+        """(instruction, default max_tokens) for a row: the row's task, lang and prompt, each
+        falling back to --task, --lang and --prompt (presets.instruction combines them)."""
+        return instruction(task or self.task, lang or self.lang, prompt or self.prompt)
 
 
 def detect_format(path: str) -> str:
@@ -202,9 +203,8 @@ def _manifest_row(spec: InputSpec, number: int, row: dict) -> Row:
 
 def _row_prompt(spec: InputSpec, row: dict) -> tuple[str, int]:
     try:
-        if row.get("prompt"):
-            return str(row["prompt"]), spec.default_prompt(row.get("task"), row.get("lang"))[1]
-        return spec.default_prompt(row.get("task"), row.get("lang"))
+        prompt = str(row["prompt"]) if row.get("prompt") else None
+        return spec.default_prompt(row.get("task"), row.get("lang"), prompt)
     except PresetError as exc:
         raise RowError("invalid_task", str(exc)) from None
 
@@ -242,6 +242,13 @@ class BatchTranscriptionBody(TranscriptionForm):
     file_url: str
 
 
+def transcription_messages(body: BatchTranscriptionBody) -> list[ChatMessage]:
+    """As the gateway's transcriptions: the authors' ASR instruction with the language's tag,
+    and `prompt` (names, spelling) as context in a system message."""
+    context = [ChatMessage(role="system", content=body.prompt)] if body.prompt else []
+    return [*context, *question(asr_instruction(body.language))]
+
+
 def _openai_rows(spec: InputSpec) -> Iterator[Row]:
     for number, line in _json_lines(spec.input):
         if isinstance(line, BadRow):
@@ -266,8 +273,11 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         body = validated(BatchTranscriptionBody, request.body, "body.")
         if body.stream:
             raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
-        source["response_format"] = body.response_format
-        return BatchItem(request.custom_id, source, question(body.prompt or DEFAULT_PROMPT), body.sampling(),
+        if body.response_format not in BATCH_TRANSCRIPTION_FORMATS:
+            raise RowError("invalid_row", f"body.response_format: {body.response_format} is not available in batch "
+                                          f"jobs; use {' or '.join(BATCH_TRANSCRIPTION_FORMATS)}")
+        source.update(response_format=body.response_format, language=body.language)
+        return BatchItem(request.custom_id, source, transcription_messages(body), body.sampling(),
                          audio_ref(body.file_url, spec.root(), "body.file_url"), "transcription")
     chat = validated(ChatCompletionRequest, request.body, "body.")
     if chat.stream:
@@ -298,10 +308,11 @@ def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
         try:
             if not row.get("prompt"):
                 source["prompt"] = spec.default_prompt(lang=row.get("lang") or None)[0]
+            max_tokens = spec.default_prompt(lang=row.get("lang") or None, prompt=source["prompt"])[1]
             audio = row.get("audio")
             if not isinstance(audio, str) or not audio:
                 raise RowError("invalid_row", f"line {number} has no audio file name")
-            sampling = _row_sampling(spec, {}, spec.default_prompt()[1])
+            sampling = _row_sampling(spec, {}, max_tokens)
         except (RowError, PresetError) as exc:
             error = exc if isinstance(exc, RowError) else RowError("invalid_task", str(exc))
             yield BadRow(dasheng_id(source), source, error)

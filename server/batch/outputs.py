@@ -88,7 +88,8 @@ class OpenAIBatchFormat(OutputFormat):
         usage = TranscriptionUsage(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
                                    total_tokens=result.prompt_tokens + result.completion_tokens)
         if item.source.get("response_format") == "verbose_json":
-            return TranscriptionVerboseResponse(duration=round(result.audio_seconds, 3), text=text, usage=usage)
+            return TranscriptionVerboseResponse(duration=round(result.audio_seconds, 3), text=text, usage=usage,
+                                                language=item.source.get("language") or "unknown")
         return TranscriptionResponse(text=text, usage=usage)
 
     def error_row(self, row: BatchItem | BadRow, error: RowError) -> dict:

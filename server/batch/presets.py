@@ -1,51 +1,36 @@
-"""Task presets: the prompts MiDashengLM was evaluated with, from the authors' prompt table
-(xiaomi-research/dasheng-lm, evaluate/prompt.csv), so batch outputs are comparable with
-their published numbers."""
+"""Task presets of batch jobs: the gateway's tasks (server/tasks.py: the authors' evaluation
+prompts) plus an output budget per task, since a job has no client to pick one."""
 
-from pydantic import BaseModel
+from mdlserve.server.tasks import ISO_639_1, QUESTION_SLOT, TASK_PROMPTS, Task, TaskPromptError, asr_instruction
+from mdlserve.server.tasks import task_instruction
 
-ASR_LANGUAGES = ("en", "zh", "id", "th", "vi")
-
-
-class Preset(BaseModel):
-    prompt: str
-    max_tokens: int = 128
-    description: str
-
-
-PRESETS: dict[str, Preset] = {
-    "caption": Preset(prompt="Write an audio caption describing the sound", description="audio caption (AudioCaps, Clotho)"),
-    "music-caption": Preset(prompt="Caption this music track", description="music caption (Song Describer, MusicCaps)"),
-    "asr": Preset(prompt="Transcribe the speech into text <|{lang}|>", max_tokens=256,
-                  description="speech recognition; --lang en|zh|id|th|vi (default en)"),
-    "gender": Preset(prompt="What gender is the speaker?", max_tokens=16, description="speaker gender (VoxCeleb)"),
-    "same-speaker": Preset(prompt="Are the two speakers in this utterance the same?", max_tokens=16,
-                           description="speaker verification (VoxCeleb1)"),
-    "language": Preset(prompt="What language is spoken?", max_tokens=16, description="language identification"),
-    "sound-label": Preset(prompt="Which label describes the sound?", max_tokens=32,
-                          description="single-label sound tagging (VGGSound)"),
-    "sound-labels": Preset(prompt="Which labels describe the sound?", max_tokens=64,
-                           description="multi-label sound tagging (AudioSet, FSD50K)"),
-    "scene": Preset(prompt="what's the environmental sound heard?", max_tokens=32,
-                    description="acoustic scene (CochlScene)"),
-    "instrument": Preset(prompt="What's the music instrument?", max_tokens=32, description="instrument (NSynth)"),
-    "genre": Preset(prompt="What's the music genre?", max_tokens=32, description="music genre (FMA)"),
-}
-DEFAULT_TASK = "caption"
+DEFAULT_TASK = Task.caption.value
+DEFAULT_MAX_TOKENS = 128
+MAX_TOKENS = {Task.asr: 256, Task.gender: 16, Task.language_id: 16, Task.sound_label: 32, Task.sound_tags: 64,
+              Task.scene: 32, Task.instrument: 32, Task.genre: 32, Task.multiple_choice: 8}  # fmt: skip
 
 
 class PresetError(ValueError):
-    """An unknown task or language; the message lists the valid ones."""
+    """An unknown task or language, or a task without its question; the message says which."""
 
 
-def preset_prompt(task: str, lang: str | None = None) -> Preset:
-    """The preset for `task` with its prompt filled in (`lang` only matters for asr)."""
-    preset = PRESETS.get(task)
-    if preset is None:
-        raise PresetError(f"unknown task {task!r}; tasks: {', '.join(PRESETS)}")
-    if "{lang}" not in preset.prompt:
-        return preset
-    lang = lang or "en"
-    if lang not in ASR_LANGUAGES:
-        raise PresetError(f"unknown asr language {lang!r}; languages: {', '.join(ASR_LANGUAGES)}")
-    return preset.model_copy(update={"prompt": preset.prompt.format(lang=lang)})
+def instruction(task: str | None, lang: str | None = None, prompt: str | None = None) -> tuple[str, int]:
+    """(the instruction, its default max_tokens) for a row.
+
+    A prompt wins over a fixed task's prompt and fills the question slot of qa and
+    multiple_choice; asr takes its language tag from `lang` (ISO-639-1, default en)."""
+    try:
+        chosen = Task(task or DEFAULT_TASK)
+    except ValueError:
+        raise PresetError(f"unknown task {task!r}; tasks: {', '.join(t.value for t in Task)}") from None
+    max_tokens = MAX_TOKENS.get(chosen, DEFAULT_MAX_TOKENS)
+    if prompt and QUESTION_SLOT not in TASK_PROMPTS[chosen]:
+        return prompt, max_tokens
+    if chosen is Task.asr:
+        if lang and lang.lower() not in ISO_639_1:
+            raise PresetError(f"unknown asr language {lang!r}; an ISO-639-1 code such as en or zh")
+        return asr_instruction((lang or "en").lower()), max_tokens
+    try:
+        return task_instruction(chosen, prompt), max_tokens
+    except TaskPromptError as exc:
+        raise PresetError(str(exc)) from None

@@ -93,6 +93,8 @@ def test_csv_manifest_tasks_prompts_sampling_urls_and_bad_rows(runtime, clips_di
         {"id": "bad-task", "audio": str(clips_dir / "a/clip005.wav"), "task": "poetry"},
         {"id": "bad-lang", "audio": str(clips_dir / "a/clip006.wav"), "task": "asr", "lang": "xx"},
         {"id": "no-audio", "audio": ""},
+        {"id": "question", "audio": str(clips_dir / "a/clip007.wav"), "task": "qa", "prompt": "What animal is it?"},
+        {"id": "no-question", "audio": str(clips_dir / "a/clip008.wav"), "task": "qa"},
     ]
     manifest = tmp_path / "manifest.csv"
     columns = ["id", "audio", "task", "lang", "prompt", "max_tokens", "temperature", "seed", "reference"]
@@ -103,7 +105,7 @@ def test_csv_manifest_tasks_prompts_sampling_urls_and_bad_rows(runtime, clips_di
 
     summary, out = runtime.run(str(manifest), tmp_path / "out.jsonl", max_tokens=None)
     out = by_id(out)
-    assert summary["format"] == "csv" and (summary["ok"], summary["failed"]) == (4, 6)
+    assert summary["format"] == "csv" and (summary["ok"], summary["failed"]) == (5, 7)
     assert out["asr-zh"]["prompt"] == "Transcribe the speech into text <|zh|>"
     assert out["asr-zh"]["reference"] == "你好"  # other columns are copied through
     assert out["asked"]["prompt"] == "What is this?" and out["asked"]["completion_tokens"] <= 3
@@ -114,6 +116,8 @@ def test_csv_manifest_tasks_prompts_sampling_urls_and_bad_rows(runtime, clips_di
     assert out["hot"]["error"]["code"] == "invalid_row" and "temperature" in out["hot"]["error"]["message"]
     assert out["bad-task"]["error"]["code"] == "invalid_task" and "poetry" in out["bad-task"]["error"]["message"]
     assert out["bad-lang"]["error"]["code"] == "invalid_task" and "'xx'" in out["bad-lang"]["error"]["message"]
+    assert out["question"]["prompt"] == "What animal is it? Answer with 1-2 sentences"
+    assert out["no-question"]["error"]["code"] == "invalid_task"
     assert out["no-audio"]["error"]["code"] == "invalid_row"
 
 
@@ -160,8 +164,10 @@ def test_openai_batch_file_gives_openai_batch_output(runtime, clips_dir, tmp_pat
         {"custom_id": "trsc", "method": "POST", "url": "/v1/audio/transcriptions",
          "body": {"model": "midashenglm-7b", "file_url": f"data:audio/wav;base64,{b64}", "max_completion_tokens": 5}},
         {"custom_id": "trsc-verbose", "method": "POST", "url": "/v1/audio/transcriptions",
-         "body": {"model": "midashenglm-7b", "file_url": str(clips_dir / "a/clip022.wav"),
-                  "response_format": "verbose_json", "max_completion_tokens": 5}},
+         "body": {"model": "midashenglm-7b", "file_url": str(clips_dir / "a/clip022.wav"), "language": "zh",
+                  "prompt": "Names: Xiaomi.", "response_format": "verbose_json", "max_completion_tokens": 5}},
+        {"custom_id": "trsc-srt", "method": "POST", "url": "/v1/audio/transcriptions",
+         "body": {"model": "midashenglm-7b", "file_url": str(clips_dir / "a/clip022.wav"), "response_format": "srt"}},
         chat("text-only", "no audio here"),
         chat("streamed", [audio_part], stream=True),
         chat("bad-base64", [{"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}]),
@@ -172,7 +178,7 @@ def test_openai_batch_file_gives_openai_batch_output(runtime, clips_dir, tmp_pat
     batch_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary, rows = runtime.run(str(batch_file), tmp_path / "out.jsonl", max_tokens=None)
 
-    assert summary["format"] == "openai" and (summary["ok"], summary["failed"]) == (6, 5)
+    assert summary["format"] == "openai" and (summary["ok"], summary["failed"]) == (6, 6)
     rows = by_id(rows, "custom_id")
     for row in rows.values():
         BatchRequestOutput.model_validate(row)  # vLLM run-batch's own output model
@@ -188,8 +194,12 @@ def test_openai_batch_file_gives_openai_batch_output(runtime, clips_dir, tmp_pat
     assert Transcription.model_validate(rows["trsc"]["response"]["body"]).text
     verbose = rows["trsc-verbose"]["response"]["body"]
     assert verbose["duration"] == pytest.approx(clip_seconds(22), abs=1e-3) and verbose["task"] == "transcribe"
+    assert verbose["language"] == "zh"
+    # the system message with the context and the <|zh|> tag make the prompt longer
+    assert verbose["usage"]["input_tokens"] > rows["trsc"]["response"]["body"]["usage"]["input_tokens"]
     expected_errors = {"text-only": "no audio part", "streamed": "streaming is not available",
-                       "bad-base64": "not valid base64", "embeddings": "/v1/embeddings", "get": "must be POST"}
+                       "bad-base64": "not valid base64", "embeddings": "/v1/embeddings", "get": "must be POST",
+                       "trsc-srt": "srt is not available in batch jobs"}
     for custom_id, words in expected_errors.items():
         row = rows[custom_id]
         assert row["response"] is None and words in row["error"]["message"], row

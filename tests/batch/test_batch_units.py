@@ -9,7 +9,7 @@ import pytest
 from mdlserve.server.batch.ids import IdSet, Shard, id_hash
 from mdlserve.server.batch.inputs import detect_format
 from mdlserve.server.batch.outputs import cut_torn_line
-from mdlserve.server.batch.presets import PRESETS, PresetError, preset_prompt
+from mdlserve.server.batch.presets import PresetError, instruction
 from mdlserve.server.batch.progress import Progress
 
 
@@ -67,16 +67,19 @@ def test_cut_torn_line(tmp_path):
     assert cut_torn_line(path) == 200_000 and path.read_text() == ""
 
 
-def test_presets_follow_the_authors_prompts():
-    assert preset_prompt("asr").prompt == "Transcribe the speech into text <|en|>"
-    assert preset_prompt("asr", "th").prompt == "Transcribe the speech into text <|th|>"
-    assert preset_prompt("caption").prompt == "Write an audio caption describing the sound"
-    assert preset_prompt("genre", "zh").prompt == "What's the music genre?"
-    assert all(preset.description for preset in PRESETS.values())
-    with pytest.raises(PresetError, match="tasks: caption"):
-        preset_prompt("poetry")
-    with pytest.raises(PresetError, match="languages: en, zh"):
-        preset_prompt("asr", "xx")
+def test_presets_are_the_gateway_tasks_with_output_budgets():
+    assert instruction("asr") == ("Transcribe the speech into text <|en|>", 256)
+    assert instruction("asr", "TH")[0] == "Transcribe the speech into text <|th|>"
+    assert instruction(None) == ("Write an audio caption describing the sound", 128)
+    assert instruction("genre", "zh") == ("What's the music genre?", 32)
+    assert instruction("genre", prompt="Which decade is this from?")[0] == "Which decade is this from?"
+    assert instruction("qa", prompt="What animal is it?")[0] == "What animal is it? Answer with 1-2 sentences"
+    with pytest.raises(PresetError, match="tasks: caption, music_caption, asr"):
+        instruction("poetry")
+    with pytest.raises(PresetError, match="unknown asr language 'xx'"):
+        instruction("asr", "xx")
+    with pytest.raises(PresetError, match="needs the question"):
+        instruction("multiple_choice")
 
 
 def test_detect_format(tmp_path):

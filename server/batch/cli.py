@@ -44,7 +44,8 @@ def _batch(args: argparse.Namespace) -> int:
     if (merging and len(paths) < 2) or (not merging and len(paths) != 1):
         return _usage_error(logger, f"usage:\n  {USAGE}")
     try:
-        options = BatchOptions(input=paths[0], **{k: v for k, v in vars(args).items() if k in BatchOptions.model_fields})
+        given = {k: v for k, v in vars(args).items() if k in BatchOptions.model_fields}
+        options = BatchOptions(input=paths[0], **given)
     except ValidationError as exc:
         return _usage_error(logger, "; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("_", "-")
                                               for e in exc.errors()))  # fmt: skip

@@ -12,10 +12,15 @@ from pathlib import Path
 
 from mdlserve.server.batch.ids import IdSet, id_hash
 from mdlserve.server.batch.inputs import dasheng_id
-from mdlserve.server.batch.items import BadRow, BatchItem, RowError, Result
+from mdlserve.server.batch.items import BadRow, BatchItem, Result, RowError
 from mdlserve.server.schemas import (
-    AssistantMessage, ChatChoice, ChatCompletionResponse, TranscriptionResponse, TranscriptionUsage,
-    TranscriptionVerboseResponse, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    TranscriptionResponse,
+    TranscriptionUsage,
+    TranscriptionVerboseResponse,
+    Usage,
 )  # fmt: skip
 
 DEFAULT_MODEL_NAME = "MiDashengLM"
@@ -163,7 +168,7 @@ class ResultWriter:
                 if row_id is None:
                     raise OutputFileError(f"{path}:{number} has no row id; is this the output of this input kind?")
                 self.done.add(id_hash(str(row_id)))
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())
 
     def _drop_error_rows(self) -> int:
         """Rewrites the file without its error rows (atomically), so they run again."""

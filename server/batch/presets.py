@@ -1,8 +1,15 @@
 """Task presets of batch jobs: the gateway's tasks (server/tasks.py: the authors' evaluation
 prompts) plus an output budget per task, since a job has no client to pick one."""
 
-from mdlserve.server.tasks import ISO_639_1, QUESTION_SLOT, TASK_PROMPTS, Task, TaskPromptError, asr_instruction
-from mdlserve.server.tasks import task_instruction
+from mdlserve.server.tasks import (
+    ISO_639_1,
+    QUESTION_SLOT,
+    TASK_PROMPTS,
+    Task,
+    TaskPromptError,
+    asr_instruction,
+    task_instruction,
+)
 
 DEFAULT_TASK = Task.caption.value
 DEFAULT_MAX_TOKENS = 128

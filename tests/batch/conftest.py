@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from fast_engine import FAST_ENGINE_KWARGS
 
 from mdlserve.benchmarks.common import SAMPLE_RATE, make_clip, wav_bytes
-from fast_engine import FAST_ENGINE_KWARGS
 
 MAX_AUDIO_SECONDS = 20
 GOOD_CLIPS = 98  # 96 WAV + 2 FLAC
@@ -45,7 +45,8 @@ def clips_dir(tmp_path_factory) -> Path:
     (root / "a").mkdir()
     (root / "b").mkdir()
     for i in range(96):
-        (root / ("a" if i < 48 else "b") / f"clip{i:03d}.wav").write_bytes(wav_bytes(make_clip(clip_seconds(i), (7, i))))
+        folder = root / ("a" if i < 48 else "b")
+        (folder / f"clip{i:03d}.wav").write_bytes(wav_bytes(make_clip(clip_seconds(i), (7, i))))
     for i in (96, 97):
         soundfile.write(root / "b" / f"clip{i:03d}.flac", make_clip(clip_seconds(i), (7, i)), SAMPLE_RATE)
     (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 4)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .conftest import BAD_CLIPS, GOOD_CLIPS, MAX_AUDIO_SECONDS, clip_seconds, read_rows
+from .conftest import BAD_CLIPS, GOOD_CLIPS, MAX_AUDIO_SECONDS, clip_seconds
 
 
 def by_id(rows: list[dict], key: str = "id") -> dict[str, dict]:
@@ -112,7 +112,8 @@ def test_csv_manifest_tasks_prompts_sampling_urls_and_bad_rows(runtime, clips_di
     assert out["by-url"]["prompt"] == "What's the music genre?" and out["by-url"]["error"] is None
     assert out["relative"]["error"] is None
     assert out["missing"]["error"]["code"] == "file_not_found"
-    assert out["url-404"]["error"] == {"code": "invalid_audio_url", "message": "audio: fetching audio_url failed: HTTP 404"}
+    assert out["url-404"]["error"] == {"code": "invalid_audio_url",
+                                       "message": "audio: fetching audio_url failed: HTTP 404"}
     assert out["hot"]["error"]["code"] == "invalid_row" and "temperature" in out["hot"]["error"]["message"]
     assert out["bad-task"]["error"]["code"] == "invalid_task" and "poetry" in out["bad-task"]["error"]["message"]
     assert out["bad-lang"]["error"]["code"] == "invalid_task" and "'xx'" in out["bad-lang"]["error"]["message"]

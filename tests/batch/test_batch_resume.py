@@ -72,7 +72,7 @@ def test_shards_split_the_input_and_merge_checks_every_row(runtime, clips_dir, t
     folder = clips_dir / "a"
     shard_rows = []
     for index in range(3):
-        summary, rows = runtime.run(str(folder), tmp_path / f"out-{{shard}}.jsonl", shard=f"{index}/3")
+        summary, rows = runtime.run(str(folder), tmp_path / "out-{shard}.jsonl", shard=f"{index}/3")
         assert summary["shard"] == f"{index}/3" and summary["output"] == str(tmp_path / f"out-{index}.jsonl")
         assert summary["other_shards"] + summary["processed"] == 48
         shard_rows.append({row["id"] for row in rows})

@@ -526,7 +526,8 @@ def test_batch_job_args_parse_as_the_batch_command_of_each_shard(helm, monkeypat
 
     (container,) = batch_pod(helm.render(FULL))["containers"]
     args = cli.build_parser().parse_args(container["args"])
-    options = BatchOptions(input=args.paths[0], **{k: v for k, v in vars(args).items() if k in BatchOptions.model_fields})
+    given = {k: v for k, v in vars(args).items() if k in BatchOptions.model_fields}
+    options = BatchOptions(input=args.paths[0], **given)
     assert (options.task, options.lang, options.max_tokens, options.max_in_flight) == ("asr", "zh", 64, 512)
     shard = Shard.parse(options.shard, {"JOB_COMPLETION_INDEX": "7"})
     assert shard == Shard(7, 8)

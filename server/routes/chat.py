@@ -3,6 +3,7 @@
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -35,7 +36,7 @@ router = APIRouter(route_class=BoundedJsonRoute)
 # OpenAI's stand-in for the log-probability of a token that could not be sampled (-inf).
 MIN_LOGPROB = -9999.0
 # stream=true answers with server-sent chunks, for the OpenAPI document.
-CHAT_RESPONSES = {
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "chat.completion.chunk SSE"}}}}
 }
 

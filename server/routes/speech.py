@@ -8,7 +8,7 @@ every segment has its own start and end and vLLM batches the windows of a long f
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import PlainTextResponse
@@ -37,7 +37,7 @@ from mdlserve.server.transcripts import Segment, Window, joined, srt, vtt, windo
 router = APIRouter()
 
 # What the endpoints answer besides JSON, for the OpenAPI document.
-SPEECH_RESPONSES = {
+SPEECH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {
             "text/plain": {"schema": {"type": "string", "description": "response_format text, srt or vtt"}},

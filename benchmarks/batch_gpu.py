@@ -37,8 +37,11 @@ def mdl_serve(*args: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mdlserve.benchmarks.batch_gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mdlserve.benchmarks.batch_gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, type=Path, help="working and results directory")
     parser.add_argument("--clips", type=int, default=512, help="clips, all in flight at once")
     parser.add_argument("--clip-s", type=float, default=30.0)

@@ -221,8 +221,7 @@ class BatchJob:
     def _write_failure(self, row: BatchItem | BadRow, error: RowError) -> None:
         self.writer.write(self.format.error_row(row, error))
         self.tally.fail(row.id, error)
-        if hasattr(self, "progress"):
-            self.progress.advance(0.0)
+        self.progress.advance(0.0)
 
     # ------------------------------------------------------------ the summary
 

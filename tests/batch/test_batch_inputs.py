@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from .conftest import BAD_CLIPS, GOOD_CLIPS, MAX_AUDIO_SECONDS, clip_seconds
+from .conftest import BAD_CLIPS, GOOD_CLIPS, MAX_AUDIO_SECONDS, clip_seconds, read_rows
 
 
 def by_id(rows: list[dict], key: str = "id") -> dict[str, dict]:
@@ -231,3 +231,40 @@ def test_dasheng_eval_rows_come_back_with_model_output(runtime, clips_dir, tmp_p
     again, _ = runtime.run(str(eval_file), tmp_path / "out.jsonl", format="dasheng-eval",
                            audio_root=str(tmp_path / "wavs"))
     assert (again["done_before"], again["processed"]) == (3, 0)
+
+
+class DyingEngine:
+    """The real engine for `survive` requests, then gone (EngineDead), as when the engine
+    core process dies: only this behaviour is fake, the rows before it are real answers."""
+
+    def __init__(self, engine, survive: int):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.left = survive
+
+    async def generate(self, prepared, request_id, arrival_time):
+        from mdlserve.server.errors import EngineDead
+
+        if self.left <= 0:
+            raise EngineDead()
+        self.left -= 1
+        async for step in self.engine.generate(prepared, request_id, arrival_time):
+            yield step
+
+
+def test_engine_death_stops_the_job_with_exit_3_and_a_rerun_finishes_it(runtime, clips_dir, tmp_path):
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import BatchJob
+
+    out = tmp_path / "out.jsonl"
+    options = BatchOptions(input=str(clips_dir / "a"), output=out, progress="none", max_in_flight=2, read_ahead=2,
+                           max_tokens=8)  # fmt: skip
+    job = BatchJob(options, runtime.settings())
+    summary = runtime.loop.run_until_complete(job.execute(DyingEngine(runtime.engine, 5), runtime.decoder))
+    assert summary["exit_code"] == 3 and "rerun" in summary["stopped"]
+    assert (summary["ok"], summary["failed"]) == (5, 0)
+    assert len(read_rows(out)) == 5  # no row for the requests the dead engine dropped
+
+    again, rows = runtime.run(str(clips_dir / "a"), out)
+    assert (again["done_before"], again["processed"], again["exit_code"]) == (5, 43, 0)
+    assert sorted(row["id"] for row in rows) == [f"clip{i:03d}.wav" for i in range(48)]

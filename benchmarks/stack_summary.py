@@ -52,7 +52,9 @@ def package(frame: str) -> str:
 
 def summarize(stacks: list[tuple[list[str], int]], top: int = 25) -> dict:
     total = sum(count for _, count in stacks)
-    leaf, inclusive, packages = Counter(), Counter(), Counter()
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     for frames, count in stacks:
         leaf[function(frames[-1])] += count
         packages[package(frames[-1])] += count

@@ -24,13 +24,20 @@ import numpy as np
 import openai
 import pytest
 import soundfile
+from clips import SR, make_clip
+from fast_engine import FAST_ENGINE_KWARGS
 
 from mdlserve.model_plugin.processing import num_audio_tokens
 
-from .engine_runner import SR, make_clip
-
 START_TIMEOUT_S = 600
 SERVED_NAME = "midashenglm-tiny"
+# The in-process test engine's settings (tests/fast_engine.py) as `vllm serve` flags.
+VLLM_SERVE_FLAGS = [
+    "--enforce-eager",
+    "--dtype", FAST_ENGINE_KWARGS["dtype"],
+    "--max-model-len", str(FAST_ENGINE_KWARGS["max_model_len"]),
+    "--kv-cache-memory-bytes", str(FAST_ENGINE_KWARGS["kv_cache_memory_bytes"]),
+]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -61,8 +68,7 @@ class VllmServe:
         command = [
             str(Path(sys.executable).with_name("vllm")), "serve", checkpoint,
             "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-            "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", "2048",
-            "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20),
+            "--served-model-name", SERVED_NAME, *VLLM_SERVE_FLAGS,
         ]  # fmt: skip
         env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", VLLM_LOG_MODEL_INSPECTION="1")
         with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor

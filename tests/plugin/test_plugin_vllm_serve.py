@@ -25,19 +25,12 @@ import openai
 import pytest
 import soundfile
 from clips import SR, make_clip
-from fast_engine import FAST_ENGINE_KWARGS
+from fast_engine import FAST_VLLM_SERVE_FLAGS as VLLM_SERVE_FLAGS
 
 from mdlserve.model_plugin.processing import num_audio_tokens
 
 START_TIMEOUT_S = 600
 SERVED_NAME = "midashenglm-tiny"
-# The in-process test engine's settings (tests/fast_engine.py) as `vllm serve` flags.
-VLLM_SERVE_FLAGS = [
-    "--enforce-eager",
-    "--dtype", FAST_ENGINE_KWARGS["dtype"],
-    "--max-model-len", str(FAST_ENGINE_KWARGS["max_model_len"]),
-    "--kv-cache-memory-bytes", str(FAST_ENGINE_KWARGS["kv_cache_memory_bytes"]),
-]  # fmt: skip
 
 
 def _free_port() -> int:

@@ -12,7 +12,6 @@ MODEL_CLASS = "mdlserve.model_plugin.model:MiDashengLMModel"
 def register() -> None:
     """Make `MiDashengLMModel` checkpoints load through this package. Safe to call twice."""
     from transformers import AutoConfig, AutoProcessor
-
     from vllm import ModelRegistry
 
     from .config import DashengConfig, MiDashengLMConfig

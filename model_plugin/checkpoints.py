@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -146,7 +147,8 @@ def build_tokenizer(regular_vocab: int, vocab_size: int) -> Tokenizer:
             if token not in vocab:
                 vocab[token] = len(vocab)
             i += 1
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges(tokenizer)]
+        pairs = (m.split(" ") if isinstance(m, str) else m for m in _merges(tokenizer))
+        merges = [(first, second) for first, second in pairs]
         tokenizer.model = models.BPE(vocab=vocab, merges=merges)
     elif len(vocab) > regular_vocab:
         raise ValueError(f"trained vocabulary ({len(vocab)}) exceeds {regular_vocab}")
@@ -244,7 +246,7 @@ def make_checkpoint(
     tokenizer = build_tokenizer(preset.regular_vocab, dec["vocab_size"])
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
 
-    config = {
+    config: dict[str, Any] = {
         "architectures": ["MiDashengLMModel"],
         "model_type": "midashenglm",
         "audio_encoder_config": encoder_config(preset),
@@ -275,8 +277,7 @@ def make_checkpoint(
     added = {
         str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
                  "special": True}
-        for t, i in sorted(((t, tokenizer.token_to_id(t)) for t in tokenizer.get_vocab() if t.startswith("<|")),
-                           key=lambda x: x[1])
+        for t, i in sorted(((t, i) for t, i in tokenizer.get_vocab().items() if t.startswith("<|")), key=lambda x: x[1])
     }  # fmt: skip
     _write_json(
         out / "tokenizer_config.json",

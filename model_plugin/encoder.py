@@ -9,13 +9,13 @@ else is in the batch, and no compute is spent on padding in the linear layers.
 """
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio.functional as AF
-
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import (
@@ -58,9 +58,7 @@ class ChunkLayout:
     max_len: int
 
     @classmethod
-    def build(
-        cls, num_samples: list[int], chunk_patches: int, samples_per_patch: int, hop: int
-    ) -> "ChunkLayout":
+    def build(cls, num_samples: list[int], chunk_patches: int, samples_per_patch: int, hop: int) -> "ChunkLayout":
         num_patches, chunk_lens, chunk_keys = [], [], []
         for n in num_samples:
             patches = (n // hop + 1) // (samples_per_patch // hop)
@@ -68,14 +66,15 @@ class ChunkLayout:
             num_patches.append(patches)
             for start in range(0, patches, chunk_patches):
                 length = min(chunk_patches, patches - start)
-                keys = min(max(valid - start, 0), length)
+                chunk_valid = min(max(valid - start, 0), length)
                 chunk_lens.append(length)
-                chunk_keys.append(keys if keys > 0 else length)
+                chunk_keys.append(chunk_valid if chunk_valid > 0 else length)
         lens, keys = np.asarray(chunk_lens), np.asarray(chunk_keys)
         max_len = int(lens.max())
         starts = np.concatenate([[0], np.cumsum(lens)])
         slot_in_chunk = np.arange(starts[-1]) - np.repeat(starts[:-1], lens)
         chunk_of_token = np.repeat(np.arange(len(lens)), lens)
+        is_key = slot_in_chunk < keys[chunk_of_token]
         return cls(
             num_patches=num_patches,
             chunk_lens=chunk_lens,
@@ -83,20 +82,32 @@ class ChunkLayout:
             positions=torch.from_numpy(slot_in_chunk),
             cu_seqlens=torch.from_numpy(starts.astype(np.int32)),
             cu_seqlens_k=torch.from_numpy(np.concatenate([[0], np.cumsum(keys)]).astype(np.int32)),
-            key_index=None if (keys == lens).all() else torch.from_numpy(np.nonzero(slot_in_chunk < keys[chunk_of_token])[0]),
+            key_index=None if (keys == lens).all() else torch.from_numpy(np.nonzero(is_key)[0]),
             scatter_index=torch.from_numpy(chunk_of_token * max_len + slot_in_chunk),
             key_mask=torch.from_numpy(np.arange(max_len)[None, :] < keys[:, None]),
             max_len=max_len,
         )
 
     def to(self, device: torch.device) -> "ChunkLayout":
-        names = ("positions", "cu_seqlens", "cu_seqlens_k", "key_index", "scatter_index", "key_mask")
-        tensors = {name: getattr(self, name) for name in names}
-        return replace(self, **{k: v if v is None else v.to(device, non_blocking=True) for k, v in tensors.items()})
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return replace(
+            self,
+            positions=move(self.positions),
+            cu_seqlens=move(self.cu_seqlens),
+            cu_seqlens_k=move(self.cu_seqlens_k),
+            key_index=None if self.key_index is None else move(self.key_index),
+            scatter_index=move(self.scatter_index),
+            key_mask=move(self.key_mask),
+        )
 
 
 class LogMelFrontEnd(nn.Module):
     """Power mel spectrogram in dB, per clip, always in fp32."""
+
+    window: torch.Tensor
+    mel_fbanks: torch.Tensor
 
     def __init__(self, config: DashengConfig):
         super().__init__()
@@ -150,6 +161,7 @@ class MelBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (clips, mels, frames)
         # The statistics are kept in the model dtype; normalise in the input's (fp32).
+        assert self.running_mean is not None and self.running_var is not None  # track_running_stats
         stats = (self.running_mean, self.running_var, self.weight, self.bias)
         mean, var, weight, bias = (t.to(x.dtype) for t in stats)
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
@@ -228,6 +240,8 @@ class DashengAttention(nn.Module):
         """Variable-length FlashAttention over the packed tokens, no padding. Keys are
         gathered only when some chunk has a patch that is not a key."""
         from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        assert self.flash_attn_version is not None  # forward() calls this only with FlashAttention
 
         q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
         if layout.key_index is not None:
@@ -329,12 +343,14 @@ class EncoderGraphs:
         free = self.max_chunks - len(lens)
         starts = np.concatenate([[0], np.cumsum(lens)])
         key_index = np.concatenate([s + np.arange(k) for s, k in zip(starts, keys)])
-        key_index = np.pad(key_index, (0, static.key_index.shape[0] - key_index.size))
+        key_slots = static.key_index
+        assert key_slots is not None  # captured layouts always gather their keys
+        key_index = np.pad(key_index, (0, key_slots.shape[0] - key_index.size))
         cu = np.concatenate([starts, np.full(free, starts[-1])]).astype(np.int32)
         cu_k = np.concatenate([[0], np.cumsum(keys), np.full(free, sum(keys))]).astype(np.int32)
         static.cu_seqlens.copy_(torch.from_numpy(cu), non_blocking=True)
         static.cu_seqlens_k.copy_(torch.from_numpy(cu_k), non_blocking=True)
-        static.key_index.copy_(torch.from_numpy(key_index), non_blocking=True)
+        key_slots.copy_(torch.from_numpy(key_index), non_blocking=True)
 
     def _capture(self, padded: int, like: torch.Tensor):
         device = like.device
@@ -390,7 +406,8 @@ class DashengEncoder(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-6)
         self.hop = config.hop_length
         # Graphs need the variable-length kernel (static shapes, no host-side masks).
-        use_graphs = cuda_graph_max_tokens > 0 and self.blocks[0].attn.flash_attn_version is not None
+        first_block = cast(DashengBlock, self.blocks[0])
+        use_graphs = cuda_graph_max_tokens > 0 and first_block.attn.flash_attn_version is not None
         self.graphs = EncoderGraphs(self, cuda_graph_max_tokens) if use_graphs else None
 
     def layout(self, num_samples: list[int]) -> ChunkLayout:

@@ -8,13 +8,12 @@ which concatenates them on the device and computes the log-mel there. The placeh
 """
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 from transformers import BatchFeature
-
 from vllm.config import VllmConfig
 from vllm.config.multimodal import BaseDummyOptions
 from vllm.inputs import MultiModalDataDict
@@ -22,6 +21,7 @@ from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
@@ -90,10 +90,18 @@ def _check_token_framing(config) -> None:
     before the encoder runs) assumes the published framing. A checkpoint that differs would
     give the encoder a different token count than the prompt reserved, so refuse it by name."""
     enc = config.audio_encoder_config
-    found = {"sample_rate": enc.sample_rate, "hop_length": enc.hop_length,
-             "frames per patch": as_pair(enc.patch_stride)[1], "subsample_factor": config.subsample_factor}
-    expected = {"sample_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH, "frames per patch": PATCH_FRAMES,
-                "subsample_factor": SUBSAMPLE_FACTOR}
+    found = {
+        "sample_rate": enc.sample_rate,
+        "hop_length": enc.hop_length,
+        "frames per patch": as_pair(enc.patch_stride)[1],
+        "subsample_factor": config.subsample_factor,
+    }
+    expected = {
+        "sample_rate": SAMPLE_RATE,
+        "hop_length": HOP_LENGTH,
+        "frames per patch": PATCH_FRAMES,
+        "subsample_factor": SUBSAMPLE_FACTOR,
+    }
     wrong = [f"{k} {found[k]} (supported: {v})" for k, v in expected.items() if found[k] != v]
     if wrong:
         raise ValueError("unsupported MiDashengLM checkpoint: " + ", ".join(wrong))
@@ -133,7 +141,8 @@ class MiDashengLMDummyInputsBuilder(BaseDummyInputsBuilder[MiDashengLMProcessing
             "audio": self._get_dummy_audios(
                 length=self.info.get_dummy_audio_samples(seq_len),
                 num_audios=mm_counts.get("audio", 0),
-                overrides=mm_options.get("audio"),
+                # vLLM hands each modality its own options class; the mapping is typed by the base.
+                overrides=mm_options.get("audio"),  # type: ignore[arg-type]
             )
         }
 
@@ -157,8 +166,7 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         placeholders = prompt_ids.count(self.info.audio_token_id())
         if placeholders != clips:
             raise ValueError(
-                f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) "
-                f"but {clips} audio clip(s) were given"
+                f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) but {clips} audio clip(s) were given"
             )
 
     def _get_mm_fields_config(
@@ -178,7 +186,7 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         audio_token_id = self.info.audio_token_id()
-        lengths = out_mm_kwargs.get_data().get("audio_length")
+        lengths = cast(torch.Tensor | None, out_mm_kwargs.get_data().get("audio_length"))
         counts = [] if lengths is None else [num_audio_tokens(int(n)) for n in lengths]
 
         def replacement(item_idx: int):
@@ -207,9 +215,7 @@ class AudioProjector(nn.Module):
                 in_dim * self.k, out_dim, quant_config=quant_config, prefix=f"{prefix}.net.0", return_bias=False
             ),
             get_act_fn("gelu"),
-            RowParallelLinear(
-                out_dim, out_dim, quant_config=quant_config, prefix=f"{prefix}.net.2", return_bias=False
-            ),
+            RowParallelLinear(out_dim, out_dim, quant_config=quant_config, prefix=f"{prefix}.net.2", return_bias=False),
         )
 
     def forward(self, patches: torch.Tensor, num_patches: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -263,14 +269,16 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
             )
 
         with self._mark_language_model(vllm_config):
-            self.decoder = init_vllm_registered_model(
+            decoder = init_vllm_registered_model(
                 vllm_config=vllm_config,
                 hf_config=config.text_config,
                 prefix=maybe_prefix(prefix, "decoder"),
                 architectures=["Qwen2ForCausalLM"],
             )
+            self.decoder = cast(Qwen2ForCausalLM, decoder)  # assigned inside: the context marks it
 
-        self.make_empty_intermediate_tensors = self.decoder.make_empty_intermediate_tensors
+        # As vLLM's own multimodal models do: pipeline parallelism asks the decoder.
+        self.make_empty_intermediate_tensors = self.decoder.make_empty_intermediate_tensors  # type: ignore[method-assign]
 
     def _parse_and_validate_audio_input(self, **kwargs: object) -> MiDashengLMAudioInputs | None:
         input_values = kwargs.pop("input_values", None)
@@ -280,6 +288,7 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         if isinstance(input_values, list):
             input_values = torch.cat(input_values)
         else:
+            assert isinstance(input_values, torch.Tensor), type(input_values)
             input_values = input_values.reshape(-1)
         audio_length = kwargs.pop("audio_length")
         if isinstance(audio_length, list):
@@ -298,7 +307,7 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
             return []
         return self._process_audio_input(audio_input)
 
-    def forward(
+    def forward(  # type: ignore[override]  # the signature of vLLM's own models (qwen2_audio.py)
         self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,

@@ -28,7 +28,7 @@ test: setup
 # second environment, .venv-latest (scripts/setup-vllm-latest.sh; pip's output goes to
 # .venv-latest/setup.log). .ci/run calls it after `make test`. VLLM_LATEST_TESTS overrides
 # the selection.
-VLLM_LATEST_TESTS ?= tests/plugin tests/gateway/test_api.py tests/gateway/test_bad_input.py
+VLLM_LATEST_TESTS ?= tests/plugin tests/api tests/gateway/test_api.py tests/gateway/test_bad_input.py
 test-vllm-latest:
 	@bash scripts/setup-vllm-latest.sh
 	@scripts/step.sh "tests on vLLM 0.32.0 (.venv-latest)" .venv-latest/bin/python -m pytest -q -ra $(VLLM_LATEST_TESTS)

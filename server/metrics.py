@@ -92,7 +92,7 @@ class GatewayMetrics:
         )
         self.loop_lag_max = Gauge(
             "mdl_event_loop_lag_max_seconds",
-            "Worst event-loop lag sampled since the process started",
+            "Worst event-loop lag sampled since the process started (the engine's start included)",
             registry=registry,
         )
 

@@ -114,11 +114,11 @@ class OutputFileError(ValueError):
     """The output file holds something that is not one of our rows: exit code 2."""
 
 
-def output_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of an output file, streamed."""
+def output_rows(path: Path, skip_torn: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of an output file, streamed; `skip_torn`: without a torn last line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line.strip() or (skip_torn and not line.endswith("\n")):
                 continue
             try:
                 row = json.loads(line)
@@ -150,25 +150,29 @@ def cut_torn_line(path: Path) -> int:
 
 class ResultWriter:
     """Appends rows to the output file, one whole line and a flush each. On open, reads the
-    ids already there (the rows a previous run finished) into `done`."""
+    ids already there (the rows a previous run finished) into `done`. `read_only`
+    (--dry-run) reads the ids and changes nothing: no file created, no torn line cut."""
 
-    def __init__(self, path: Path, fmt: OutputFormat, retry_errors: bool = False):
+    def __init__(self, path: Path, fmt: OutputFormat, retry_errors: bool = False, read_only: bool = False):
         self.path = path
         self.format = fmt
         self.done = IdSet()
         self.torn_bytes = 0
         self.errors_dropped = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            self.torn_bytes = cut_torn_line(path)
-            if retry_errors:
+            if not read_only:
+                self.torn_bytes = cut_torn_line(path)
+            if retry_errors and not read_only:
                 self.errors_dropped = self._drop_error_rows()
-            for number, row in output_rows(path):
+            for number, row in output_rows(path, skip_torn=read_only):
                 row_id = fmt.row_id(row)
                 if row_id is None:
                     raise OutputFileError(f"{path}:{number} has no row id; is this the output of this input kind?")
                 self.done.add(id_hash(str(row_id)))
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())
+        self._file = None
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())
 
     def _drop_error_rows(self) -> int:
         """Rewrites the file without its error rows (atomically), so they run again."""
@@ -188,4 +192,5 @@ class ResultWriter:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -83,7 +83,8 @@ class BatchJob:
             self.kind = self.spec.resolved_format()
             self.format: OutputFormat = output_format(self.kind, options.model_name)
             self.output = output_path(options, self.shard)
-            self.writer = ResultWriter(self.output, self.format, retry_errors=options.retry_errors)
+            self.writer = ResultWriter(self.output, self.format, retry_errors=options.retry_errors,
+                                       read_only=options.dry_run)
         except (ValueError, InputError, OutputFileError, PresetError) as exc:
             raise UsageError(str(exc)) from None
         if self.writer.torn_bytes:

@@ -110,6 +110,7 @@ def test_shard_index_from_job_completion_index(clips_dir, tmp_path):
                      env={"JOB_COMPLETION_INDEX": "2"})  # fmt: skip
     summary = last_json_line(result.stdout)
     assert json.loads((tmp_path / "summary-2.json").read_text()) == summary
+    assert not (tmp_path / "s-2.jsonl").exists()  # a dry run writes no output
     assert result.returncode == 0, result.stderr
     assert summary["shard"] == "2/3" and summary["output"] == str(tmp_path / "s-2.jsonl")
     assert summary["todo"] + summary["other_shards"] == 48 and 0 < summary["todo"] < 48

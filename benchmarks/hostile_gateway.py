@@ -178,6 +178,7 @@ async def run(url: str, server: psutil.Process, args: argparse.Namespace) -> dic
             while queue:
                 name = names[queue.pop() % len(names)]
                 path, body, content_type = bodies[name]
+                code: int | str  # the HTTP status, or the name of the transport error
                 try:
                     response = await client.post(path, content=body, headers={"content-type": content_type})
                     code = response.status_code

@@ -163,7 +163,7 @@ async def run(url: str, server: psutil.Process, args: argparse.Namespace) -> dic
     bodies = hostile_bodies()
     names = list(bodies)
     statuses: Counter[str] = Counter()
-    by_case: dict[str, Counter[int]] = {name: Counter() for name in names}
+    by_case: dict[str, Counter[int | str]] = {name: Counter() for name in names}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await _wait_ready(client)
         await asyncio.sleep(2)

@@ -42,7 +42,7 @@ lint: setup
 	@scripts/step.sh "lint: ruff check" .venv/bin/ruff check $(LINT_PATHS)
 	@scripts/step.sh "lint: ruff format --check" .venv/bin/ruff format --check $(LINT_PATHS)
 	@scripts/step.sh "lint: mypy" .venv/bin/mypy $(LINT_PATHS)
-	@scripts/step.sh "lint: vulture (dead code; paths in pyproject.toml)" .venv/bin/vulture
+	@scripts/step.sh "lint: vulture (dead code)" .venv/bin/vulture
 
 # The suite three times in a row beside two busy loops that keep both CPUs of a CI-class
 # machine occupied: no test may depend on the machine's speed. STRESS_ARGS narrows it to

@@ -72,7 +72,7 @@ class EngineDead(ApiError):
     """The engine stopped (crashed or was shut down). Raised by engines (engine.Engine's
     contract) for requests in flight and new submissions."""
 
-    def __init__(self, message: str = "the engine is not running; retry on another replica"):
+    def __init__(self, message: str = "the engine stopped; retry on another replica"):
         super().__init__(503, message, code="engine_unavailable", reason=None)
         self.type = "server_error"
 

@@ -3,7 +3,9 @@
 Every admitted request goes to the engine at once (vLLM's scheduler batches continuously
 and queues what does not fit); this object only bounds the total. A request weighs
 `n * max(1, clips)` units: each of its `n` sequences carries all of its clips. Capacity is
-`max_num_seqs` (what one batch runs) plus `max_queue` (what may wait for a slot).
+`max_num_seqs` (what one batch runs) plus `max_queue` (what may wait for a slot), each
+times --data-parallel-size (Settings.admitted_running / admitted_queued): every engine
+replica runs its own batch and queue.
 
 A unit is reserved as soon as a work request's headers arrive (`reserve`, from
 AdmissionGateMiddleware), before its body is read: under overload a request that would be

@@ -91,6 +91,7 @@ def engine_args(settings: Settings):
         max_num_batched_tokens=settings.max_num_batched_tokens,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
         quantization=settings.quantization,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,

@@ -70,17 +70,29 @@ class GatewayMetrics:
         self.rejections = Counter("mdl_rejections", "Requests refused, by reason", ["reason"], registry=registry)
         for reason in ("queue_full", "unauthorized", "payload_too_large", "bad_request", "draining", "timeout"):
             self.rejections.labels(reason=reason)
+        # Engine gauges carry `replica`: vLLM's engine index (0 .. --data-parallel-size - 1).
         self.engine_running = Gauge(
-            "mdl_engine_running_requests", "Requests in the engine's running batch (from vLLM)", registry=registry
+            "mdl_engine_running_requests",
+            "Requests in the engine replica's running batch (from vLLM)",
+            ["replica"],
+            registry=registry,
         )
         self.engine_waiting = Gauge(
             "mdl_engine_waiting_requests",
-            "Requests waiting in the engine's scheduler (from vLLM)",
+            "Requests waiting in the engine replica's scheduler (from vLLM)",
+            ["replica"],
             registry=registry,
         )
         self.engine_kv_cache_usage = Gauge(
             "mdl_engine_kv_cache_usage_ratio",
-            "Fraction of KV cache blocks in use (0-1, from vLLM)",
+            "Fraction of the engine replica's KV cache blocks in use (0-1, from vLLM)",
+            ["replica"],
+            registry=registry,
+        )
+        self.engine_finished = Counter(
+            "mdl_engine_finished_requests",
+            "Requests the engine replica finished (from vLLM): how the load spreads over replicas",
+            ["replica"],
             registry=registry,
         )
         self.engine_up = Gauge("mdl_engine_up", "1 while the engine answers, else 0", registry=registry)
@@ -132,19 +144,26 @@ class LoopLagMonitor:
 
 def engine_stat_logger(metrics: GatewayMetrics) -> type:
     """A vLLM stat-logger class (passed to AsyncLLM via `stat_loggers`) that copies the
-    scheduler's gauges and finished requests' queue times into `metrics`."""
+    scheduler's gauges and finished requests' queue times into `metrics`. vLLM builds one
+    per engine replica (data parallel), passing its index: the `replica` label."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class EngineStatsBridge(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
-            self.engine_index = engine_index
+            self.replica = str(engine_index)
+            # Every replica's series exist (at 0) from the start, not from its first step.
+            for family in (metrics.engine_running, metrics.engine_waiting, metrics.engine_kv_cache_usage,
+                           metrics.engine_finished):
+                family.labels(replica=self.replica)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            replica = str(engine_idx)
             if scheduler_stats is not None:
-                metrics.engine_running.set(scheduler_stats.num_running_reqs)
-                metrics.engine_waiting.set(scheduler_stats.num_waiting_reqs)
-                metrics.engine_kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+                metrics.engine_running.labels(replica=replica).set(scheduler_stats.num_running_reqs)
+                metrics.engine_waiting.labels(replica=replica).set(scheduler_stats.num_waiting_reqs)
+                metrics.engine_kv_cache_usage.labels(replica=replica).set(scheduler_stats.kv_cache_usage)
             if iteration_stats is not None:
+                metrics.engine_finished.labels(replica=replica).inc(len(iteration_stats.finished_requests))
                 for finished in iteration_stats.finished_requests:
                     metrics.queue_wait.observe(finished.queued_time)
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per engine step (vLLM default)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")
+    data_parallel_size: int = Field(
+        1, ge=1, description="engine replicas in this process, one per GPU group (vLLM data parallel)"
+    )
     quantization: str | None = Field(None, description="vLLM quantization method (e.g. fp8)")
     load_format: str = Field("auto", description="weight loading format ('dummy' for random weights)")
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size in bytes (CPU default: 1 GiB)")
@@ -120,6 +123,16 @@ class Settings(BaseSettings):
         if self.media_dir is not None:
             self.media_dir = self.media_dir.resolve()
         return self
+
+    @property
+    def admitted_running(self) -> int:
+        """Clip units the engine replicas run at once: --max-num-seqs per replica."""
+        return self.max_num_seqs * self.data_parallel_size
+
+    @property
+    def admitted_queued(self) -> int:
+        """Clip units admitted to wait: --max-queue per replica."""
+        return self.max_queue * self.data_parallel_size
 
     def all_api_keys(self) -> list[str]:
         """Keys from --api-keys plus --api-key-file (blank lines and # comments skipped)."""

@@ -22,7 +22,7 @@ class GatewayState:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.api_keys: list[bytes] = [key.encode() for key in settings.all_api_keys()]
-        self.admission = Admission(settings.max_num_seqs, settings.max_queue, self.metrics)
+        self.admission = Admission(settings.admitted_running, settings.admitted_queued, self.metrics)
         self.engine = EngineHandle(engine or VllmEngine(settings, self.metrics), self.metrics, settings.model)
         self.decoder = DecodePool(settings.decode_workers, on_decoded=self._count_audio)
         self.fetcher = AudioFetcher(

@@ -22,8 +22,8 @@ BUILTIN = {"up"}
 # `mdl-serve serve` flags, as MDL_* variables.
 FLAGS = [
     "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
-    "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-    "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
+    "gpu-memory-utilization", "tensor-parallel-size", "data-parallel-size", "quantization", "load-format",
+    "kv-cache-bytes", "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
     "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
     "fetch-timeout", "fetch-max-bytes", "allowed-domains", "media-dir", "decode-workers", "log-level",
 ]

@@ -102,6 +102,7 @@ def test_full_render_has_every_optional_resource(helm):
     ({"server": {"maxNumSeq": 3}}, "additional properties 'maxNumSeq' not allowed"),
     ({"replicas": 2}, "additional properties 'replicas' not allowed"),
     ({"server": {"tensorParallelSize": 3}}, "tensorParallelSize"),
+    ({"server": {"dataParallelSize": 0}}, "dataParallelSize"),
     ({"autoscaling": {"metric": "cpu"}}, "metric"),
     ({"probes": {"startup": {"path": "health"}}}, "path"),
 ])
@@ -169,6 +170,16 @@ def test_gpu_count_follows_tensor_parallel_size(helm, tp):
     res = server_container(docs)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == tp
     assert res["requests"]["nvidia.com/gpu"] == tp
+    assert config(docs)["MDL_TENSOR_PARALLEL_SIZE"] == str(tp)
+
+
+@pytest.mark.parametrize("dp, tp", [(2, 1), (4, 2), (8, 1)])
+def test_gpu_count_is_data_parallel_times_tensor_parallel(helm, dp, tp):
+    docs = helm.render({"server": {"dataParallelSize": dp, "tensorParallelSize": tp}})
+    res = server_container(docs)["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == dp * tp
+    assert res["requests"]["nvidia.com/gpu"] == dp * tp
+    assert config(docs)["MDL_DATA_PARALLEL_SIZE"] == str(dp)
     assert config(docs)["MDL_TENSOR_PARALLEL_SIZE"] == str(tp)
 
 

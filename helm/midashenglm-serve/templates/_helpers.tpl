@@ -80,9 +80,9 @@ app.kubernetes.io/component: server
 {{- if .Values.auth.existingSecret -}}{{ .Values.auth.existingSecretKey }}{{- else -}}api-keys{{- end -}}
 {{- end -}}
 
-{{/* GPUs per pod: follows tensor parallelism. */}}
+{{/* GPUs per pod: one tensor-parallel group per data-parallel engine replica. */}}
 {{- define "mdl.gpus" -}}
-{{- int .Values.server.tensorParallelSize -}}
+{{- mul (int .Values.server.dataParallelSize) (int .Values.server.tensorParallelSize) -}}
 {{- end -}}
 
 {{/* Directory of the checkpoint inside the container. */}}
@@ -116,7 +116,7 @@ Refuse unsafe or contradictory values. Included by the Deployment, so every rend
 {{- end -}}
 {{- range $section := list "requests" "limits" -}}
 {{- if hasKey (index $v.resources $section | default dict) $v.gpuResourceName -}}
-{{- fail (printf "do not set resources.%s.%s: the chart requests server.tensorParallelSize GPUs" $section $v.gpuResourceName) -}}
+{{- fail (printf "do not set resources.%s.%s: the chart requests server.dataParallelSize x server.tensorParallelSize GPUs" $section $v.gpuResourceName) -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $v.model.source "pvc") (not $v.model.pvc.claimName) -}}

@@ -57,8 +57,7 @@ def _generate(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompts = [
-        {"prompt": p, "multi_modal_data": {"audio": clip}}
-        for p, (_, clip) in zip(_render(llm, conversations), clips)
+        {"prompt": p, "multi_modal_data": {"audio": clip}} for p, (_, clip) in zip(_render(llm, conversations), clips)
     ]
     for (name, clip), out in zip(clips, llm.generate(prompts, params, use_tqdm=False)):
         print(json.dumps({"audio": name, "seconds": round(len(clip) / 16000, 3), "text": out.outputs[0].text}))
@@ -103,13 +102,13 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model=None, names=None)
             annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
         kind = typing.get_origin(annotation) or annotation
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(annotation), default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=kind if kind in (int, float) else str, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, type=kind if kind in (int, float) else str, default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,13 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--preset", choices=["tiny", "7b"], default="tiny")
     mk.add_argument("--out", required=True, help="output directory")
     mk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    mk.add_argument("--frontend-buffers", action="store_true",
-                    help="also store the STFT window and mel filterbank, as some published snapshots do")
+    mk.add_argument(
+        "--frontend-buffers",
+        action="store_true",
+        help="also store the STFT window and mel filterbank, as some published snapshots do",
+    )
     mk.set_defaults(func=_make_checkpoint)
 
     gen = sub.add_parser("generate", help="caption or question audio files offline (vllm.LLM)")
     gen.add_argument("audio", nargs="*", help="audio files (any common format); none: a generated demo clip")
-    gen.add_argument("--model", default=str(DEMO_CHECKPOINT), help="checkpoint directory (default: the demo checkpoint)")
+    gen.add_argument(
+        "--model", default=str(DEMO_CHECKPOINT), help="checkpoint directory (default: the demo checkpoint)"
+    )
     gen.add_argument("--prompt", default=None, help="instruction (default: the captioning prompt)")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -134,13 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=4096)
     gen.add_argument("--load-format", default="auto", help="'dummy' for random weights of the right shapes")
-    gen.add_argument("--kv-cache-bytes", type=int, default=None,
-                     help="KV cache size in bytes (required on CPU machines; the default on CPU is 1 GiB)")
+    gen.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=None,
+        help="KV cache size in bytes (required on CPU machines; the default on CPU is 1 GiB)",
+    )
     gen.add_argument("--enforce-eager", action="store_true")
     gen.set_defaults(func=_generate)
 
-    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                         description="Every flag is also an MDL_<FLAG> environment variable; flags win.")
+    srv = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Every flag is also an MDL_<FLAG> environment variable; flags win.",
+    )
     _add_settings_flags(srv)
     srv.set_defaults(func=_serve)
 

@@ -129,8 +129,12 @@ def engine_config(settings: Settings):
             f"--max-num-batched-tokens {settings.max_num_batched_tokens} is below the {needed} tokens of one "
             f"{settings.max_audio_seconds:g} s clip (--max-audio-seconds): raise it or lower the audio limit"
         )
-    logger.info("max_num_batched_tokens raised to %d: one %g s clip (--max-audio-seconds) is %d tokens", needed,
-                settings.max_audio_seconds, needed)
+    logger.info(
+        "max_num_batched_tokens raised to %d: one %g s clip (--max-audio-seconds) is %d tokens",
+        needed,
+        settings.max_audio_seconds,
+        needed,
+    )
     args.max_num_batched_tokens = needed
     return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
 

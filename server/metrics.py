@@ -152,8 +152,12 @@ def engine_stat_logger(metrics: GatewayMetrics) -> type:
         def __init__(self, vllm_config, engine_index: int = 0):
             self.replica = str(engine_index)
             # Every replica's series exist (at 0) from the start, not from its first step.
-            for family in (metrics.engine_running, metrics.engine_waiting, metrics.engine_kv_cache_usage,
-                           metrics.engine_finished):
+            for family in (
+                metrics.engine_running,
+                metrics.engine_waiting,
+                metrics.engine_kv_cache_usage,
+                metrics.engine_finished,
+            ):
                 family.labels(replica=self.replica)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):

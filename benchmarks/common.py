@@ -157,7 +157,7 @@ def base_summary(*, preset: str, dtype: str, quantization: str | None, engine_ar
         "vllm": versions.get("vllm", "unknown"),
         "torch": versions.get("torch", "unknown"),
         "commit": git_commit(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "preset": preset,
         "dtype": dtype,
         "quantization": quantization,

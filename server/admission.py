@@ -67,7 +67,7 @@ class Admission:
         held = 0 if reserved is None or reserved.released else reserved.weight
         if self.in_flight - held + weight > self.capacity:
             raise self.full()
-        if held:
+        if reserved is not None and held:
             reserved.released = True  # its units now belong to the returned ticket
             self.in_flight -= held
         return self._take(weight)

@@ -87,7 +87,7 @@ def _check_channels(channels: int) -> None:
         raise AudioDecodeError(f"{channels} channels is outside the supported range 1-{MAX_CHANNELS}")
 
 
-def _too_long(max_seconds: float) -> AudioDecodeError:
+def _too_long(max_seconds: float | None) -> AudioDecodeError:
     return AudioDecodeError(f"the audio is longer than the limit of {max_seconds:g} s (--max-audio-seconds)")
 
 

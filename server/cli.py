@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEMO_CHECKPOINT = Path(".demo/tiny")
 
@@ -56,7 +57,7 @@ def _generate(args: argparse.Namespace) -> None:
         for _ in clips
     ]  # fmt: skip
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    prompts = [
+    prompts: list[Any] = [
         {"prompt": p, "multi_modal_data": {"audio": clip}} for p, (_, clip) in zip(_render(llm, conversations), clips)
     ]
     for (name, clip), out in zip(clips, llm.generate(prompts, params, use_tqdm=False)):
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
+    """Runs a subcommand; its exit status (batch) or None (0)."""
     args = build_parser().parse_args(argv)
     if getattr(args, "kv_cache_bytes", 0) is None:
         from mdlserve.server.platform import default_kv_cache_bytes

@@ -13,10 +13,10 @@ until the engine is up.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Protocol
+from enum import StrEnum
+from typing import Any, Protocol
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
 from mdlserve.server.errors import EngineDead, bad_request
@@ -66,7 +66,9 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncIterator[Step]: ...
+    def generate(
+        self, request: PreparedRequest, request_id: str, arrival_time: float
+    ) -> AsyncGenerator[Step, None]: ...
 
     async def check_health(self) -> None: ...
 
@@ -188,10 +190,16 @@ class VllmEngine:
     def __init__(self, settings: Settings, metrics: GatewayMetrics):
         self.settings = settings
         self.metrics = metrics
-        self._llm = None
+        self._llm: Any = None  # vLLM's AsyncLLM once started (vLLM is imported only then)
         self.tokenizer = None
 
-    def _build(self):
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError("the engine is not running")
+        return self._llm
+
+    def _build(self) -> Any:
         """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -199,9 +207,11 @@ class VllmEngine:
 
     async def start(self) -> None:
         self._llm = await asyncio.to_thread(self._build)
-        self.tokenizer = self._llm.get_tokenizer()
+        self.tokenizer = self.llm.get_tokenizer()
 
-    async def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncIterator[Step]:
+    async def generate(
+        self, request: PreparedRequest, request_id: str, arrival_time: float
+    ) -> AsyncGenerator[Step, None]:
         """vLLM's multimodal processing (waveform checks, hashing, placeholder expansion) runs
         in its renderer's worker thread, not on this event loop. A ValueError from vLLM's own
         input checks is not caught: the request builder refuses what vLLM would refuse, so
@@ -210,8 +220,8 @@ class VllmEngine:
 
         prompt = {"prompt_token_ids": request.token_ids, "multi_modal_data": {"audio": request.clips}}
         try:
-            engine_input = await self._llm.renderer.process_for_engine_async(prompt, arrival_time)
-            stream = self._llm.generate(engine_input, sampling_params(request.sampling), request_id)
+            engine_input = await self.llm.renderer.process_for_engine_async(prompt, arrival_time)
+            stream = self.llm.generate(engine_input, sampling_params(request.sampling), request_id)
             top = request.sampling.logprobs
 
             def step(output) -> Step:
@@ -256,12 +266,12 @@ class VllmEngine:
 
     async def check_health(self) -> None:
         try:
-            await self._llm.check_health()
+            await self.llm.check_health()
         except Exception as exc:
             raise EngineDead() from exc
 
     async def log_stats(self) -> None:
-        await self._llm.do_log_stats()
+        await self.llm.do_log_stats()
 
     def shutdown(self) -> None:
         if self._llm is not None:
@@ -269,7 +279,7 @@ class VllmEngine:
             self._llm = None
 
 
-class EngineState(str, Enum):
+class EngineState(StrEnum):
     LOADING = "loading"
     UP = "up"
     FAILED = "failed"  # never came up

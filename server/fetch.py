@@ -217,7 +217,7 @@ class AudioFetcher:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError, ValueError):  # gaierror, IDNA, embedded NUL
                 raise FetchError(f"audio_url host {host!r} does not resolve") from None
-            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
             if not addresses:
                 raise FetchError(f"audio_url host {host!r} does not resolve") from None
         for ip in addresses:

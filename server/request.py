@@ -174,7 +174,7 @@ class RequestBuilder:
         placed = leading_audio is None
         for i, message in enumerate(messages):
             parts: list[dict] = []
-            if not placed and message.role == "user":
+            if not placed and leading_audio is not None and message.role == "user":
                 parts.append(AUDIO_PLACEHOLDER)
                 conversation.audio.append(leading_audio)
                 placed = True

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -118,7 +118,7 @@ class Run:
         self.first: list[Delta] = []
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
-        self._stream: AsyncIterator[Step] | None = None
+        self._stream: AsyncGenerator[Step, None] | None = None
 
     async def begin(self, conversation: Conversation, fields: SamplingFields) -> None:
         handle = self.session.handle
@@ -150,6 +150,8 @@ class Run:
         return bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values())
 
     async def _next(self) -> list[Delta]:
+        if self._stream is None:
+            return []
         try:
             step = await anext(self._stream)
         except StopAsyncIteration:
@@ -181,7 +183,7 @@ class Run:
 
     def _observe_decode(self) -> None:
         tokens = max((c.tokens for c in self.choices.values()), default=0)
-        if tokens >= 2 and self._first_token_at is not None:
+        if tokens >= 2 and self._first_token_at is not None and self._last_token_at is not None:
             self.session.metrics.decode.observe((self._last_token_at - self._first_token_at) / (tokens - 1))
 
     @property
@@ -199,7 +201,7 @@ class Run:
             stream, self._stream = self._stream, None
             await stream.aclose()
 
-    async def events(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def events(self, events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
         """Relay `events`, then `[DONE]`. An error after the stream began (its headers are
         sent) becomes a last `data: {"error": ...}` event; the run is closed however the
         stream ends (client disconnects included)."""
@@ -250,6 +252,7 @@ class SSEResponse(StreamingResponse):
     """text/event-stream of a Run's events that stops (and closes the Run) when the client leaves."""
 
     media_type = "text/event-stream"
+    body_iterator: AsyncGenerator[str, None]
 
     def __init__(self, run: Run, events: Callable[[], AsyncIterator[str]]):
         super().__init__(run.events(events()), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -6,7 +6,7 @@ ASR is "Transcribe the speech into text" followed by a language tag such as `<|e
 `language` on /v1/audio/transcriptions is an ISO-639-1 code that selects the tag.
 """
 
-from enum import Enum
+from enum import StrEnum
 
 ASR_PROMPT = "Transcribe the speech into text"
 # Not among the authors' evaluation prompts (they did not evaluate speech translation):
@@ -26,7 +26,7 @@ yo za zh zu
 ISO_639_1 = frozenset(_ISO_639_1_CODES.split())
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     caption = "caption"
     music_caption = "music_caption"
     asr = "asr"

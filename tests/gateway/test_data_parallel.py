@@ -84,12 +84,18 @@ def test_admission_scales_with_replicas(dp_server):
     """n = capacity + 1 is refused as never fitting, naming the doubled capacity; n =
     capacity is admitted and answered (one replica alone admits half)."""
     clip = audio_part(audio_file(seconds=1.0))
-    too_big = httpx.post(dp_server.url + "/v1/chat/completions", timeout=120,
-                         json=chat_body(clip, max_tokens=2, n=CAPACITY + 1, temperature=1))
+    too_big = httpx.post(
+        dp_server.url + "/v1/chat/completions",
+        timeout=120,
+        json=chat_body(clip, max_tokens=2, n=CAPACITY + 1, temperature=1),
+    )
     assert too_big.status_code == 400, too_big.text
     assert f"admits at most {CAPACITY}" in too_big.text
-    fits = httpx.post(dp_server.url + "/v1/chat/completions", timeout=300,
-                      json=chat_body(clip, max_tokens=2, n=CAPACITY, temperature=1))
+    fits = httpx.post(
+        dp_server.url + "/v1/chat/completions",
+        timeout=300,
+        json=chat_body(clip, max_tokens=2, n=CAPACITY, temperature=1),
+    )
     assert fits.status_code == 200, fits.text
     assert len(fits.json()["choices"]) == CAPACITY
 
@@ -102,8 +108,9 @@ def test_concurrent_requests_spread_over_both_replicas(dp_server):
     async def send_all():
         async with httpx.AsyncClient(timeout=300) as client:
             body = chat_body(audio_part(audio_file(seconds=1.0)), max_tokens=4)
-            return await asyncio.gather(*(client.post(dp_server.url + "/v1/chat/completions", json=body)
-                                          for _ in range(CAPACITY)))
+            return await asyncio.gather(
+                *(client.post(dp_server.url + "/v1/chat/completions", json=body) for _ in range(CAPACITY))
+            )
 
     responses = asyncio.run(send_all())
     assert [r.status_code for r in responses] == [200] * CAPACITY, [r.text for r in responses]
@@ -111,8 +118,9 @@ def test_concurrent_requests_spread_over_both_replicas(dp_server):
     deadline = time.monotonic() + 60  # the stats of a replica's last step arrive with its next output batch
     while time.monotonic() < deadline:
         text = httpx.get(dp_server.url + "/metrics", timeout=30).text
-        finished = [metric(text, "mdl_engine_finished_requests_total", replica=str(r)) - before[r]
-                    for r in range(REPLICAS)]
+        finished = [
+            metric(text, "mdl_engine_finished_requests_total", replica=str(r)) - before[r] for r in range(REPLICAS)
+        ]
         if sum(finished) >= CAPACITY:
             break
         time.sleep(0.5)
@@ -129,8 +137,10 @@ def test_one_replica_dying_is_engine_death(dp_server):
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
             body = chat_body(audio_part(audio_file(seconds=1.0)), max_tokens=1000, ignore_eos=True)
-            in_flight = [asyncio.create_task(client.post(url + "/v1/chat/completions", json=body))
-                         for _ in range(REPLICAS * MAX_NUM_SEQS)]
+            in_flight = [
+                asyncio.create_task(client.post(url + "/v1/chat/completions", json=body))
+                for _ in range(REPLICAS * MAX_NUM_SEQS)
+            ]
             await asyncio.sleep(2)
             replica_core(dp_server.process.pid, 1).send_signal(signal.SIGKILL)
             killed_at, ready = time.monotonic(), 200

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +188,8 @@ class BatchJob:
             self._write_failure(item, exc)
         except EngineDead:
             self.tally.stopped = self.tally.stopped or "the engine stopped; rerun the same command to resume"
+        except BrokenProcessPool:  # a decode worker died (killed, or crashed in a codec): stop, do not fail every row
+            self.tally.stopped = self.tally.stopped or "the audio decode pool broke; rerun the same command to resume"
         except Exception as exc:  # our bug: recorded as such on the row, the job goes on
             logger.exception("row %s failed unexpectedly", item.id)
             self._write_failure(item, RowError("internal_error", f"{type(exc).__name__}: {exc}"))

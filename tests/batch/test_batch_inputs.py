@@ -268,3 +268,25 @@ def test_engine_death_stops_the_job_with_exit_3_and_a_rerun_finishes_it(runtime,
     again, rows = runtime.run(str(clips_dir / "a"), out)
     assert (again["done_before"], again["processed"], again["exit_code"]) == (5, 43, 0)
     assert sorted(row["id"] for row in rows) == [f"clip{i:03d}.wav" for i in range(48)]
+
+
+def test_a_broken_decode_pool_stops_the_job_instead_of_failing_every_row(runtime, clips_dir, tmp_path):
+    import os
+    import signal
+
+    from mdlserve.server.batch.loading import ProcessDecodePool
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import BatchJob
+
+    decoder = ProcessDecodePool(1)
+    decoder.warm_up()
+    for pid in list(decoder._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    options = BatchOptions(input=str(clips_dir / "a"), output=tmp_path / "out.jsonl", progress="none", max_tokens=8)
+    try:
+        job = BatchJob(options, runtime.settings())
+        summary = runtime.loop.run_until_complete(job.execute(runtime.engine, decoder))
+    finally:
+        decoder.shutdown()
+    assert summary["exit_code"] == 3 and "decode pool broke" in summary["stopped"]
+    assert summary["failed"] == 0 and read_rows(tmp_path / "out.jsonl") == []

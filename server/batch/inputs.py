@@ -23,6 +23,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from mdlserve.server.batch.items import AudioRef, BadRow, BatchItem, RowError, question
 from mdlserve.server.batch.presets import PresetError, instruction
+from mdlserve.server.chat_fields import check_extra_fields
+from mdlserve.server.errors import ApiError
 from mdlserve.server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart, TranscriptionForm
 from mdlserve.server.tasks import asr_instruction
 
@@ -280,6 +282,10 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         return BatchItem(request.custom_id, source, transcription_messages(body), body.sampling(),
                          audio_ref(body.file_url, spec.root(), "body.file_url"), "transcription")
     chat = validated(ChatCompletionRequest, request.body, "body.")
+    try:  # the gateway's rule: a field we do not honour is refused by name, never ignored
+        check_extra_fields(chat.model_extra, accept_unknown=False)
+    except ApiError as exc:
+        raise RowError("invalid_row", f"body.{exc.message}") from None
     if chat.stream:
         raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
     if all(isinstance(m.content, str) or all(isinstance(p, TextPart) for p in m.content) for m in chat.messages):

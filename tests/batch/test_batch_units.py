@@ -111,3 +111,23 @@ def test_progress_bar_and_log_lines(capsys, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("batch: 1/2 rows (50.0 %), ETA ")
     assert lines[-1].startswith("batch: 2/2 rows (100.0 %), ETA 0 s, ")
+
+
+def test_openai_chat_rows_refuse_fields_the_gateway_does_not_honour(tmp_path):
+    from mdlserve.server.batch.inputs import InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": [audio, {"type": "text", "text": "?"}]}]}
+    lines = [
+        {"custom_id": "plain", "method": "POST", "url": "/v1/chat/completions", "body": body},
+        {"custom_id": "extra", "method": "POST", "url": "/v1/chat/completions", "body": {**body, "frobnicate": 1}},
+        {"custom_id": "tools", "method": "POST", "url": "/v1/chat/completions", "body": {**body, "tools": [{}]}},
+    ]
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = {row.id: row for row in read_rows(InputSpec(str(path), format="openai"))}
+    assert not isinstance(rows["plain"], BadRow)
+    assert isinstance(rows["extra"], BadRow) and rows["extra"].error.code == "invalid_row"
+    assert "unknown field 'frobnicate'" in rows["extra"].error.message
+    assert isinstance(rows["tools"], BadRow) and rows["tools"].error.message.startswith("body.tools is not supported")

@@ -35,9 +35,9 @@ test-vllm-latest:
 
 # Code checks (.ci/run runs them after the tests): ruff's lint rules, ruff's format check,
 # mypy and the dead-code finder vulture, configured in pyproject.toml. LINT_PATHS narrows or
-# widens ruff and mypy, e.g. `make lint LINT_PATHS="server/errors.py"`; server/ joins the
-# default once it is clean. vulture reads its paths from pyproject.toml.
-LINT_PATHS ?= model_plugin benchmarks
+# widens ruff and mypy, e.g. `make lint LINT_PATHS="server/errors.py"`. vulture reads its
+# paths from pyproject.toml.
+LINT_PATHS ?= server model_plugin benchmarks
 lint: setup
 	@scripts/step.sh "lint: ruff check" .venv/bin/ruff check $(LINT_PATHS)
 	@scripts/step.sh "lint: ruff format --check" .venv/bin/ruff format --check $(LINT_PATHS)

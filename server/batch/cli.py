@@ -25,14 +25,16 @@ def add_parser(subparsers, add_flags) -> None:
     """`add_flags(parser, model, names)` adds one flag per pydantic field (cli.py's helper)."""
     from mdlserve.server.settings import Settings
 
-    parser = subparsers.add_parser("batch", help="caption or transcribe a dataset offline (resumable, sharded)",
-                                   usage=USAGE, description=__doc__)
+    parser = subparsers.add_parser(
+        "batch", help="caption or transcribe a dataset offline (resumable, sharded)", usage=USAGE, description=__doc__
+    )
     parser.add_argument("paths", nargs="+", metavar="INPUT",
                         help="the input (folder, glob, manifest, OpenAI batch file, - for stdin); after 'merge': "
                              "the input, then the shards' output files")  # fmt: skip
     add_flags(parser, BatchOptions)
-    add_flags(parser.add_argument_group("engine and input limits (as for serve; also MDL_<FLAG>)"), Settings,
-              SETTINGS_FIELDS)
+    add_flags(
+        parser.add_argument_group("engine and input limits (as for serve; also MDL_<FLAG>)"), Settings, SETTINGS_FIELDS
+    )
     parser.set_defaults(func=_batch)
 
 
@@ -60,8 +62,9 @@ def _batch(args: argparse.Namespace) -> int:
     from mdlserve.server.batch.runner import run_batch
     from mdlserve.server.settings import Settings
 
-    settings = Settings(**{k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS},
-                        max_num_seqs=options.max_in_flight)
+    settings = Settings(
+        **{k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS}, max_num_seqs=options.max_in_flight
+    )
     return run_batch(options, settings)
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -29,7 +29,7 @@ from mdlserve.server.schemas import ChatCompletionRequest, ChatMessage, Sampling
 from mdlserve.server.tasks import asr_instruction
 
 Format = Literal["auto", "files", "csv", "jsonl", "openai", "dasheng-eval"]
-FORMATS: tuple[str, ...] = Format.__args__
+FORMATS: tuple[str, ...] = get_args(Format)
 AUDIO_EXTENSIONS = frozenset((".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".webm",
                               ".aiff", ".aif"))  # fmt: skip
 GLOB_CHARS = frozenset("*?[")
@@ -40,7 +40,7 @@ OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/audio/transcriptions": "tran
 BATCH_TRANSCRIPTION_FORMATS = ("json", "verbose_json")
 STDIN = "-"
 
-Row = BatchItem | BadRow
+Row: TypeAlias = BatchItem | BadRow
 
 
 class InputError(ValueError):
@@ -69,8 +69,9 @@ class InputSpec:
             return Path.cwd()
         return Path(self.input).parent
 
-    def default_prompt(self, task: str | None = None, lang: str | None = None,
-                       prompt: str | None = None) -> tuple[str, int]:
+    def default_prompt(
+        self, task: str | None = None, lang: str | None = None, prompt: str | None = None
+    ) -> tuple[str, int]:
         """(instruction, default max_tokens) for a row: the row's task, lang and prompt, each
         falling back to --task, --lang and --prompt (presets.instruction combines them)."""
         return instruction(task or self.task, lang or self.lang, prompt or self.prompt)
@@ -81,7 +82,7 @@ def detect_format(path: str) -> str:
     cannot be peeked at: it is a JSONL manifest unless --format says otherwise)."""
     if path == STDIN:
         return "jsonl"
-    if (Path(path).is_dir() or GLOB_CHARS & set(path)):
+    if Path(path).is_dir() or GLOB_CHARS & set(path):
         return "files"
     if path.lower().endswith(".csv"):
         return "csv"
@@ -133,9 +134,9 @@ def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str]]:
                     path = Path(folder) / name
                     yield path.relative_to(root).as_posix(), str(path)
         return
-    for path in glob.iglob(spec.input, recursive=True):
-        if Path(path).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(path):
-            yield path, path
+    for match in glob.iglob(spec.input, recursive=True):
+        if Path(match).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(match):
+            yield match, match
 
 
 def _file_rows(spec: InputSpec) -> Iterator[Row]:
@@ -144,8 +145,9 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
     prompt, max_tokens = spec.default_prompt()
     sampling = SamplingFields.model_validate({"max_tokens": max_tokens, **(spec.sampling or {})})
     for row_id, path in _audio_files(spec):
-        yield BatchItem(row_id, {"id": row_id, "audio": path, "prompt": prompt}, question(prompt), sampling,
-                        AudioRef("path", path))
+        yield BatchItem(
+            row_id, {"id": row_id, "audio": path, "prompt": prompt}, question(prompt), sampling, AudioRef("path", path)
+        )
 
 
 # ---------------------------------------------------------------- manifests
@@ -170,12 +172,22 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict | BadRow]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield number, BadRow(f"line-{number}", {"id": f"line-{number}"},
-                                 RowError("invalid_json", f"line {number}: {exc.msg}"))
+            yield (
+                number,
+                BadRow(
+                    f"line-{number}", {"id": f"line-{number}"}, RowError("invalid_json", f"line {number}: {exc.msg}")
+                ),
+            )
             continue
         if not isinstance(value, dict):
-            yield number, BadRow(f"line-{number}", {"id": f"line-{number}"},
-                                 RowError("invalid_row", f"line {number} is not a JSON object"))
+            yield (
+                number,
+                BadRow(
+                    f"line-{number}",
+                    {"id": f"line-{number}"},
+                    RowError("invalid_row", f"line {number} is not a JSON object"),
+                ),
+            )
             continue
         yield number, value
 
@@ -276,11 +288,20 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         if body.stream:
             raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
         if body.response_format not in BATCH_TRANSCRIPTION_FORMATS:
-            raise RowError("invalid_row", f"body.response_format: {body.response_format} is not available in batch "
-                                          f"jobs; use {' or '.join(BATCH_TRANSCRIPTION_FORMATS)}")
+            raise RowError(
+                "invalid_row",
+                f"body.response_format: {body.response_format} is not available in batch "
+                f"jobs; use {' or '.join(BATCH_TRANSCRIPTION_FORMATS)}",
+            )
         source.update(response_format=body.response_format, language=body.language)
-        return BatchItem(request.custom_id, source, transcription_messages(body), body.sampling(),
-                         audio_ref(body.file_url, spec.root(), "body.file_url"), "transcription")
+        return BatchItem(
+            request.custom_id,
+            source,
+            transcription_messages(body),
+            body.sampling(),
+            audio_ref(body.file_url, spec.root(), "body.file_url"),
+            "transcription",
+        )
     chat = validated(ChatCompletionRequest, request.body, "body.")
     try:  # the gateway's rule: a field we do not honour is refused by name, never ignored
         check_extra_fields(chat.model_extra, accept_unknown=False)
@@ -324,4 +345,3 @@ def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
             yield BadRow(dasheng_id(source), source, error)
             continue
         yield BatchItem(dasheng_id(source), source, question(source["prompt"]), sampling, audio_ref(audio, spec.root()))
-

@@ -45,8 +45,9 @@ class ProcessDecodePool:
 def batch_fetcher(timeout: float, max_bytes: int) -> AudioFetcher:
     """The gateway's fetcher, opened up for the operator's own data: private hosts (a
     bucket on the cluster network) and file:// anywhere are allowed."""
-    return AudioFetcher(timeout=timeout, max_bytes=max_bytes, allowed_domains=[], media_dir=Path("/"),
-                        allow_private=True)
+    return AudioFetcher(
+        timeout=timeout, max_bytes=max_bytes, allowed_domains=[], media_dir=Path("/"), allow_private=True
+    )
 
 
 def read_file(path: str, max_bytes: int) -> bytes:

@@ -30,7 +30,8 @@ def merge(spec, output: Path, shard_outputs: list[str], model_name: str) -> dict
     if missing_files or not files:
         return {"ok": False, "error": f"no such output file: {', '.join(missing_files) or shard_outputs}"}
 
-    produced, duplicates, duplicate_ids, output_rows_total, error_rows = IdSet(), 0, [], 0, 0
+    produced, duplicates, output_rows_total, error_rows = IdSet(), 0, 0, 0
+    duplicate_ids: list[str] = []
     for path in files:
         for _, row in output_rows(path):
             output_rows_total += 1
@@ -41,7 +42,8 @@ def merge(spec, output: Path, shard_outputs: list[str], model_name: str) -> dict
                 if len(duplicate_ids) < LISTED:
                     duplicate_ids.append(row_id)
 
-    expected, input_rows, input_duplicates, matched, missing, missing_ids = IdSet(), 0, 0, 0, 0, []
+    expected, input_rows, input_duplicates, matched, missing = IdSet(), 0, 0, 0, 0
+    missing_ids: list[str] = []
     for row in read_rows(spec):
         hashed = id_hash(row.id)
         if not expected.add(hashed):

@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from mdlserve.server.batch.ids import IdSet, id_hash
 from mdlserve.server.batch.inputs import dasheng_id
@@ -60,8 +61,12 @@ class DashengEvalFormat(OutputFormat):
         return {**item.source, "model_output": result.completions[0].text, "model_name": self.model_name}
 
     def error_row(self, row: BatchItem | BadRow, error: RowError) -> dict:
-        return {**row.source, "model_output": "", "model_name": self.model_name,
-                "error": {"code": error.code, "message": error.message}}
+        return {
+            **row.source,
+            "model_output": "",
+            "model_name": self.model_name,
+            "error": {"code": error.code, "message": error.message},
+        }
 
 
 class OpenAIBatchFormat(OutputFormat):
@@ -85,16 +90,27 @@ class OpenAIBatchFormat(OutputFormat):
         if item.endpoint == "chat":
             choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
                        for i, c in enumerate(result.completions)]  # fmt: skip
-            usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                          total_tokens=result.prompt_tokens + result.completion_tokens)
-            return ChatCompletionResponse(id=result.request_id, created=result.created, model=model,
-                                          choices=choices, usage=usage)
+            usage = Usage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.prompt_tokens + result.completion_tokens,
+            )
+            return ChatCompletionResponse(
+                id=result.request_id, created=result.created, model=model, choices=choices, usage=usage
+            )
         text = result.completions[0].text
-        usage = TranscriptionUsage(input_tokens=result.prompt_tokens, output_tokens=result.completion_tokens,
-                                   total_tokens=result.prompt_tokens + result.completion_tokens)
+        usage = TranscriptionUsage(
+            input_tokens=result.prompt_tokens,
+            output_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        )
         if item.source.get("response_format") == "verbose_json":
-            return TranscriptionVerboseResponse(duration=round(result.audio_seconds, 3), text=text, usage=usage,
-                                                language=item.source.get("language") or "unknown")
+            return TranscriptionVerboseResponse(
+                duration=round(result.audio_seconds, 3),
+                text=text,
+                usage=usage,
+                language=item.source.get("language") or "unknown",
+            )
         return TranscriptionResponse(text=text, usage=usage)
 
     def error_row(self, row: BatchItem | BadRow, error: RowError) -> dict:
@@ -123,8 +139,9 @@ def output_rows(path: Path, skip_torn: bool = False) -> Iterator[tuple[int, dict
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise OutputFileError(f"{path}:{number} is not a JSON row; is this the output of a batch job?") \
-                    from None
+                raise OutputFileError(
+                    f"{path}:{number} is not a JSON row; is this the output of a batch job?"
+                ) from None
             yield number, row
 
 
@@ -169,7 +186,7 @@ class ResultWriter:
                 if row_id is None:
                     raise OutputFileError(f"{path}:{number} has no row id; is this the output of this input kind?")
                 self.done.add(id_hash(str(row_id)))
-        self._file = None
+        self._file: TextIO | None = None
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())
@@ -188,6 +205,8 @@ class ResultWriter:
         return dropped
 
     def write(self, row: dict) -> None:
+        if self._file is None:
+            raise RuntimeError(f"{self.path} was opened read-only")
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
 

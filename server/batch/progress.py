@@ -35,8 +35,9 @@ class Progress:
         now = time.monotonic()
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix_str(f"{self.audio_seconds / max(now - self.started, 1e-9):.1f} audio-h/h",
-                                      refresh=False)
+            self._bar.set_postfix_str(
+                f"{self.audio_seconds / max(now - self.started, 1e-9):.1f} audio-h/h", refresh=False
+            )
         elif self.mode == "log" and now - self._last_log >= self.interval:
             self._last_log = now
             logger.info("batch: %s", self.line(now))

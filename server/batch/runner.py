@@ -59,8 +59,15 @@ class Tally:
 
 
 def input_spec(options: BatchOptions) -> InputSpec:
-    return InputSpec(input=options.input, format=options.format, audio_root=options.audio_root, task=options.task,
-                     lang=options.lang, prompt=options.prompt, sampling=options.sampling_defaults())
+    return InputSpec(
+        input=options.input,
+        format=options.format,
+        audio_root=options.audio_root,
+        task=options.task,
+        lang=options.lang,
+        prompt=options.prompt,
+        sampling=options.sampling_defaults(),
+    )
 
 
 def shard_path(path: Path, shard: Shard) -> Path:
@@ -84,13 +91,15 @@ class BatchJob:
             self.kind = self.spec.resolved_format()
             self.format: OutputFormat = output_format(self.kind, options.model_name)
             self.output = output_path(options, self.shard)
-            self.writer = ResultWriter(self.output, self.format, retry_errors=options.retry_errors,
-                                       read_only=options.dry_run)
+            self.writer = ResultWriter(
+                self.output, self.format, retry_errors=options.retry_errors, read_only=options.dry_run
+            )
         except (ValueError, InputError, OutputFileError, PresetError) as exc:
             raise UsageError(str(exc)) from None
         if self.writer.torn_bytes:
-            logger.warning("cut a torn last line (%d bytes) from %s: that row runs again", self.writer.torn_bytes,
-                           self.output)
+            logger.warning(
+                "cut a torn last line (%d bytes) from %s: that row runs again", self.writer.torn_bytes, self.output
+            )
         self.tally = Tally()
         self.counts = Counts()
         self.startup_s = 0.0
@@ -219,8 +228,13 @@ class BatchJob:
                 completion.text += delta.text
                 completion.tokens += delta.num_tokens
                 completion.finish_reason = delta.finish_reason or completion.finish_reason
-        return Result(request_id, int(arrival), prompt_tokens, prepared.audio_seconds,
-                      [completions[i] for i in sorted(completions)])
+        return Result(
+            request_id,
+            int(arrival),
+            prompt_tokens,
+            prepared.audio_seconds,
+            [completions[i] for i in sorted(completions)],
+        )
 
     def _write_failure(self, row: BatchItem | BadRow, error: RowError) -> None:
         self.writer.write(self.format.error_row(row, error))

@@ -155,7 +155,14 @@ def _window_checks(row: dict, requests: list[dict]) -> None:
         by_worker.setdefault(r["worker"], []).append(r)
     assert sorted(len(v) for v in by_worker.values()) == sorted(row["requests_per_process"])
     assert row["first_send_s"] == [min(r["start_s"] for r in by_worker[w]) for w in sorted(by_worker)]
-    assert any(all(r["start_s"] <= end + 1e-3 for r in rs) for rs in by_worker.values())
+    # A closed loop notes the time just before its last request takes its own start time
+    # (later still on a busy machine): the end lies between that worker's last two starts.
+    # An open loop notes it once its last request has started.
+    starts = [sorted(r["start_s"] for r in rs) for rs in by_worker.values()]
+    if row["mode"] == "closed":
+        assert any(s[-2] <= end <= s[-1] for s in starts), (end, starts)
+    else:
+        assert any(s[-1] <= end for s in starts), (end, starts)
 
 
 def test_serve_processes_share_one_window(server, tmp_path, capsys):

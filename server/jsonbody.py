@@ -54,9 +54,7 @@ def loads_bounded(raw: bytes | str, what: str = "the request body") -> object:
         if message.startswith("recursion limit exceeded"):
             raise JsonRefused(f"{what} is nested too deeply") from None
         if any(word in message for word in ("surrogate", "unicode", "hex escape")):
-            raise JsonRefused(
-                f"{what} is not valid Unicode (a lone surrogate or a broken \\u escape: {message})"
-            ) from None
+            raise JsonRefused(f"{what} is not valid Unicode ({message})") from None
         raise json.JSONDecodeError(message, data.decode("utf-8", "replace"), 0) from None
 
 

@@ -127,7 +127,7 @@ def hostile_cases() -> list[HostileCase]:
             "model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi " * 20}] * 10_000}),
         HostileCase("20 audio parts (limit 8)", CHAT, ("too many audio parts",), json=chat_body(
             *[{"type": "input_audio", "input_audio": {"data": good, "format": "wav"}}] * 20)),
-        HostileCase("JSON with invalid UTF-8", CHAT, ("parsing the body",), content=b'{"model": "\xff\xfe\xfa"}',
+        HostileCase("JSON with invalid UTF-8", CHAT, ("not valid Unicode",), content=b'{"model": "\xff\xfe\xfa"}',
                     headers={"Content-Type": "application/json"}),
         HostileCase("JSON truncated", CHAT, ("invalid",), content=json.dumps(chat_body()).encode()[:50],
                     headers={"Content-Type": "application/json"}),

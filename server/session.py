@@ -147,7 +147,10 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values())
+        """Every one of the n choices has ended. vLLM reports a choice only once it produced
+        something, and with n > 1 (data parallel replicas above all) one step's output may
+        carry some choices' last tokens before others have started."""
+        return len(self.choices) == self.n and all(c.finish_reason is not None for c in self.choices.values())
 
     async def _next(self) -> list[Delta]:
         if self._stream is None:

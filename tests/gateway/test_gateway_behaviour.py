@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from mdlserve.server.engine import Completion, Step
 from mdlserve.server.settings import Settings
 
 from .fake_engine import FakeEngine
@@ -188,3 +189,29 @@ async def test_heaviest_accepted_request_does_not_stall_the_liveness_probe():
         assert (await heavy).status_code == 200
         assert len(probes) >= 3, "the request went through before it could be probed"
         assert max(probes) < 0.25, f"slowest probe {max(probes):.3f} s of loop CPU time"
+
+
+class StaggeredChoicesEngine(FakeEngine):
+    """n choices that do not run in step: choice 1 ends in the first output, before the
+    others have produced anything (as with n > 1 spread over data-parallel replicas)."""
+
+    async def generate(self, request, request_id, arrival_time):
+        n = request.sampling.n
+        yield Step([Completion(1, "early", 1, "length")], request.prompt_tokens)
+        yield Step([Completion(k, "late", 1, "length") for k in range(n) if k != 1], request.prompt_tokens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_choice_is_answered_when_choices_end_out_of_step(stream):
+    async with running_gateway(StaggeredChoicesEngine()) as gw:
+        response = await gw.client.post("/v1/chat/completions", json=chat_body(n=3, temperature=1, stream=stream))
+        assert response.status_code == 200
+        if stream:
+            chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+            texts = {}
+            for chunk in chunks:
+                for choice in chunk["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+        else:
+            texts = {c["index"]: c["message"]["content"] for c in response.json()["choices"]}
+        assert texts == {0: "late", 1: "early", 2: "late"}

@@ -77,6 +77,16 @@ class EngineDead(ApiError):
         self.type = "server_error"
 
 
+class EngineAborted(ApiError):
+    """The engine ended a request on its own (finish reason "abort"): with data-parallel
+    replicas, one replica's death aborts the requests it held. The answer is incomplete, so
+    the client gets a 503 to retry, never a 200 with a cut-off text."""
+
+    def __init__(self):
+        super().__init__(503, "the engine aborted the request; retry", code="engine_unavailable", reason=None)
+        self.type = "server_error"
+
+
 class RequestTimedOut(ApiError):
     """--request-timeout passed; the engine request has been aborted."""
 

@@ -30,7 +30,14 @@ from starlette.types import Receive, Scope, Send
 
 from mdlserve.server.admission import Admission, Ticket, request_weight
 from mdlserve.server.engine import EngineHandle, Step, TokenLogprob
-from mdlserve.server.errors import ApiError, ClientDisconnected, EngineDead, RequestTimedOut, error_event
+from mdlserve.server.errors import (
+    ApiError,
+    ClientDisconnected,
+    EngineAborted,
+    EngineDead,
+    RequestTimedOut,
+    error_event,
+)
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.request import Conversation, RequestBuilder
 from mdlserve.server.schemas import SamplingFields
@@ -163,6 +170,8 @@ class Run:
         except EngineDead:
             self.session.handle.mark_dead()
             raise
+        if any(completion.finish_reason == "abort" for completion in step.completions):
+            raise EngineAborted()
         now = time.perf_counter()
         if step.prompt_tokens:
             self.prompt_tokens = step.prompt_tokens

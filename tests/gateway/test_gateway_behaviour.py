@@ -215,3 +215,24 @@ async def test_every_choice_is_answered_when_choices_end_out_of_step(stream):
         else:
             texts = {c["index"]: c["message"]["content"] for c in response.json()["choices"]}
         assert texts == {0: "late", 1: "early", 2: "late"}
+
+
+class AbortingEngine(FakeEngine):
+    """The engine aborts the request itself after one token (finish reason "abort"), as
+    vLLM does for requests a dying data-parallel replica held."""
+
+    async def generate(self, request, request_id, arrival_time):
+        yield Step([Completion(0, "w0 ", 1, None)], request.prompt_tokens)
+        yield Step([Completion(0, "", 0, "abort")], request.prompt_tokens)
+
+
+async def test_a_request_the_engine_aborts_is_a_503_not_a_cut_off_answer():
+    async with running_gateway(AbortingEngine()) as gw:
+        response = await gw.client.post("/v1/chat/completions", json=chat_body())
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        streamed = await gw.client.post("/v1/chat/completions", json=chat_body(stream=True))
+        events = [line[len("data: ") :] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+        assert not any('"finish_reason":"abort"' in e for e in events)
+        assert gw.state.admission.in_flight == 0

@@ -59,6 +59,22 @@ pack() {
     ls -la "$OUT"
 }
 
+# The gateway on $URL in the background ($server: its pid; log in $WORK/$PHASE/server.log);
+# returns once it is ready and records how long that took.
+URL=http://127.0.0.1:${PORT:-8000}
+start_server() {
+    local started
+    started=$(date +%s.%N)
+    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" \
+        > "$WORK/$PHASE/server.log" 2>&1 &
+    server=$!
+    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
+        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/$PHASE/server.log"; pack; exit 4; }
+        sleep 1
+    done
+    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready.txt"
+}
+
 case $PHASE in
 offline)
     bench compare "${SIZE[@]}" "${TTFT[@]}" --profile-dir "$WORK/offline/profile" --out "$WORK/offline/compare" \
@@ -74,16 +90,7 @@ levers)
         --out "$WORK/levers/tokens32k" --time-budget-s "${BUDGET:-240}"
     pack ;;
 http)
-    URL=http://127.0.0.1:${PORT:-8000}
-    started=$(date +%s.%N)
-    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" \
-        > "$WORK/http/server.log" 2>&1 &
-    server=$!
-    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
-        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/http/server.log"; pack; exit 4; }
-        sleep 1
-    done
-    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/http/ready.txt"
+    start_server
     serve() { bench serve --url "$URL" --clip-s $CLIP --out-tokens $TOKENS --server-pid $server "$@"; }
     serve --concurrency 1 --num-requests 20 --out "$WORK/http/c1-stream"
     serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
@@ -98,17 +105,12 @@ final)
     rm -rf "$WORK"/final/batch/clips-* "$WORK"/final/batch/ckpt-7b
     pack
     # The gateway at c=BIG, non-streaming, with py-spy recording which code holds the GIL.
-    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port 8000 > "$WORK/final/server.log" 2>&1 &
-    server=$!
-    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8000/health/ready').status_code != 200)" 2>/dev/null; do
-        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/final/server.log"; pack; exit 4; }
-        sleep 1
-    done
-    bench serve --url http://127.0.0.1:8000 --concurrency 8 --num-requests 16 --clip-s $CLIP --out-tokens 8 \
+    start_server
+    bench serve --url "$URL" --concurrency 8 --num-requests 16 --clip-s $CLIP --out-tokens 8 \
         --no-stream --out "$WORK/final/warmup" > /dev/null
     py-spy record --gil --nonblocking -r 100 -f raw -o "$WORK/final/gil-stacks.txt" -p $server -d ${PYSPY_S:-40} &
     spy=$!
-    bench serve --url http://127.0.0.1:8000 --concurrency $BIG --processes $PROCS --num-requests $N_REQ \
+    bench serve --url "$URL" --concurrency $BIG --processes $PROCS --num-requests $N_REQ \
         --clip-s $CLIP --out-tokens $TOKENS --no-stream --server-pid $server --metrics-interval-s 2 \
         --out "$WORK/final/c$BIG-nostream"
     wait $spy

@@ -70,7 +70,7 @@ class OfflineWorkload:
     prompt: str
     seed: int
     deadline: float | None = None  # unix time after which no new point starts
-    profile_dir: str | None = None  # profile one more batch of the largest size (vLLM's torch profiler)
+    profile_dir: str | None = None  # profile a largest batch and a TTFT request (vLLM's torch profiler)
 
     @classmethod
     def from_json(cls, data: dict) -> "OfflineWorkload":
@@ -277,8 +277,8 @@ class OfflineRunner:
         batch = max(self.work.batches)
         runs = {f"batch{batch}": (batch, self.work.out_tokens), "ttft": (1, 1)}
         self.result["profile"] = {"dir": self.work.profile_dir}
-        for name, (size, out_tokens) in runs.items():
-            prompts = self.prompts(self.work.clip_s, [(PROFILE_KEY, size, i) for i in range(size)])
+        for run, (name, (size, out_tokens)) in enumerate(runs.items()):
+            prompts = self.prompts(self.work.clip_s, [(PROFILE_KEY, run, size, i) for i in range(size)])
             llm.start_profile(profile_prefix=name)
             start = time.perf_counter()
             llm.generate(prompts, self.sampling(out_tokens), use_tqdm=False)

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
-from mdlserve.server.errors import EngineDead, bad_request
+from mdlserve.server.errors import EngineAborted, EngineDead, bad_request
 from mdlserve.server.metrics import GatewayMetrics, engine_stat_logger
 from mdlserve.server.request import PreparedRequest, Sampling, Tokenizer
 from mdlserve.server.settings import Settings
@@ -60,7 +60,8 @@ class Engine(Protocol):
 
     `generate` yields one Step per engine output (deltas); closing the iterator early
     aborts the request in the engine. Once the engine is gone, `generate`, its iterators
-    and `check_health` raise `errors.EngineDead`."""
+    and `check_health` raise `errors.EngineDead`; a request the engine ends on its own (a
+    dying data-parallel replica's) raises `errors.EngineAborted` from its iterator."""
 
     tokenizer: Tokenizer
 
@@ -225,6 +226,8 @@ class VllmEngine:
             top = request.sampling.logprobs
 
             def step(output) -> Step:
+                if any(c.finish_reason == "abort" for c in output.outputs):
+                    raise EngineAborted()  # vLLM ended it; the caller did not (it closes the iterator)
                 return Step(
                     [
                         Completion(

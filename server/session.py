@@ -33,7 +33,6 @@ from mdlserve.server.engine import EngineHandle, Step, TokenLogprob
 from mdlserve.server.errors import (
     ApiError,
     ClientDisconnected,
-    EngineAborted,
     EngineDead,
     RequestTimedOut,
     error_event,
@@ -170,8 +169,6 @@ class Run:
         except EngineDead:
             self.session.handle.mark_dead()
             raise
-        if any(completion.finish_reason == "abort" for completion in step.completions):
-            raise EngineAborted()
         now = time.perf_counter()
         if step.prompt_tokens:
             self.prompt_tokens = step.prompt_tokens

@@ -28,7 +28,7 @@ from mdlserve.server.batch.outputs import OutputFileError, OutputFormat, ResultW
 from mdlserve.server.batch.presets import PresetError
 from mdlserve.server.batch.progress import Progress
 from mdlserve.server.batch.selection import Counts, select
-from mdlserve.server.errors import ApiError, EngineDead
+from mdlserve.server.errors import ApiError, EngineAborted, EngineDead
 from mdlserve.server.settings import Settings, default_decode_workers
 
 logger = logging.getLogger("mdlserve.batch")
@@ -195,6 +195,8 @@ class BatchJob:
             self.progress.advance(result.audio_seconds)
         except RowError as exc:
             self._write_failure(item, exc)
+        except EngineAborted as exc:  # this row only; --retry-errors runs it again
+            self._write_failure(item, RowError("engine_aborted", exc.message))
         except EngineDead:
             self.tally.stopped = self.tally.stopped or "the engine stopped; rerun the same command to resume"
         except BrokenProcessPool:  # a decode worker died (killed, or crashed in a codec): stop, do not fail every row

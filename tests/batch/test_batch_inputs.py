@@ -270,6 +270,36 @@ def test_engine_death_stops_the_job_with_exit_3_and_a_rerun_finishes_it(runtime,
     assert sorted(row["id"] for row in rows) == [f"clip{i:03d}.wav" for i in range(48)]
 
 
+class AbortingOnceEngine(DyingEngine):
+    """The real engine, except that its first request is ended by the engine itself
+    (VllmEngine's EngineAborted, as for a request a dying data-parallel replica held)."""
+
+    async def generate(self, prepared, request_id, arrival_time):
+        from mdlserve.server.errors import EngineAborted
+
+        if self.left > 0:
+            self.left -= 1
+            raise EngineAborted()
+        async for step in self.engine.generate(prepared, request_id, arrival_time):
+            yield step
+
+
+def test_an_engine_aborted_request_is_an_error_row_that_retry_errors_answers(runtime, clips_dir, tmp_path):
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import BatchJob
+
+    out = tmp_path / "out.jsonl"
+    options = BatchOptions(input=str(clips_dir / "a"), output=out, progress="none", max_in_flight=2, read_ahead=2,
+                           max_tokens=8)  # fmt: skip
+    job = BatchJob(options, runtime.settings())
+    summary = runtime.loop.run_until_complete(job.execute(AbortingOnceEngine(runtime.engine, 1), runtime.decoder))
+    assert (summary["ok"], summary["failed"], summary["exit_code"]) == (47, 1, 1)
+    assert summary["failures_by_code"] == {"engine_aborted": 1}
+    again, rows = runtime.run(str(clips_dir / "a"), out, retry_errors=True)
+    assert (again["processed"], again["failed"], again["exit_code"]) == (1, 0, 0)
+    assert sorted(row["id"] for row in rows) == [f"clip{i:03d}.wav" for i in range(48)]
+
+
 def test_a_broken_decode_pool_stops_the_job_instead_of_failing_every_row(runtime, clips_dir, tmp_path):
     import os
     import signal

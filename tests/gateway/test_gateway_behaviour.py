@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mdlserve.server.engine import Completion, Step
+from mdlserve.server.errors import EngineAborted
 from mdlserve.server.settings import Settings
 
 from .fake_engine import FakeEngine
@@ -218,12 +219,12 @@ async def test_every_choice_is_answered_when_choices_end_out_of_step(stream):
 
 
 class AbortingEngine(FakeEngine):
-    """The engine aborts the request itself after one token (finish reason "abort"), as
-    vLLM does for requests a dying data-parallel replica held."""
+    """The engine aborts the request itself after one token, as vLLM does for requests a
+    dying data-parallel replica held (VllmEngine raises EngineAborted for that)."""
 
     async def generate(self, request, request_id, arrival_time):
         yield Step([Completion(0, "w0 ", 1, None)], request.prompt_tokens)
-        yield Step([Completion(0, "", 0, "abort")], request.prompt_tokens)
+        raise EngineAborted()
 
 
 async def test_a_request_the_engine_aborts_is_a_503_not_a_cut_off_answer():

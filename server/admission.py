@@ -12,10 +12,16 @@ AdmissionGateMiddleware), before its body is read: under overload a request that
 refused gets its 429 at once instead of after its 1.3 MB of JSON has been parsed, and
 bodies still uploading count against capacity. The route's `admit` then takes the
 reservation over at the request's real weight.
+
+With --api-processes N the count lives in shared memory (a multiprocessing Value, made by
+the supervisor in api_processes.py) so the limits bound the whole server, not each
+process; `in_flight` stays this process's own share, what its drain waits for.
 """
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from mdlserve.server.errors import ApiError
 from mdlserve.server.metrics import GatewayMetrics
@@ -39,20 +45,42 @@ class Ticket:
             self.admission._release(self.weight)
 
 
+class Units(Protocol):
+    """The clip units in flight: `value` read and changed under `get_lock()` (the interface
+    of multiprocessing.Value)."""
+
+    value: int
+
+    def get_lock(self) -> contextlib.AbstractContextManager: ...
+
+
+class LocalUnits:
+    """Units of a gateway that is one process: its event loop serialises every change."""
+
+    value = 0
+
+    def get_lock(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 class Admission:
-    def __init__(self, max_num_seqs: int, max_queue: int, metrics: GatewayMetrics):
+    def __init__(self, max_num_seqs: int, max_queue: int, metrics: GatewayMetrics, units: Units | None = None):
+        """`units`: the count shared by every API process (--api-processes); None: this
+        process's own."""
         self.max_running = max_num_seqs
         self.capacity = max_num_seqs + max_queue
         self.metrics = metrics
-        self.in_flight = 0
+        self.units = units if units is not None else LocalUnits()
+        self.in_flight = 0  # this process's units (of `units.value`, the server's)
         self._idle = asyncio.Event()
         self._idle.set()
 
     def reserve(self) -> Ticket | None:
         """One unit for a request whose body has not been read yet; None when full."""
-        if self.in_flight >= self.capacity:
-            return None
-        return self._take(1)
+        with self.units.get_lock():
+            if self.units.value >= self.capacity:
+                return None
+            return self._take(1)
 
     def admit(self, weight: int, reserved: Ticket | None = None) -> Ticket:
         """Admit now or raise: 400 when the request could never fit, 429 when full now.
@@ -65,36 +93,40 @@ class Admission:
                 code="request_too_large",
             )
         held = 0 if reserved is None or reserved.released else reserved.weight
-        if self.in_flight - held + weight > self.capacity:
-            raise self.full()
-        if reserved is not None and held:
-            reserved.released = True  # its units now belong to the returned ticket
-            self.in_flight -= held
-        return self._take(weight)
+        with self.units.get_lock():
+            if self.units.value - held + weight > self.capacity:
+                raise self.full()
+            if reserved is not None and held:
+                reserved.released = True  # its units now belong to the returned ticket
+                self._add(-held)
+            return self._take(weight)
 
     def full(self) -> ApiError:
         return ApiError(
             429,
-            f"server is at capacity ({self.in_flight} of {self.capacity} clip slots in use); retry shortly",
+            f"server is at capacity ({self.units.value} of {self.capacity} clip slots in use); retry shortly",
             code="queue_full",
             headers={"Retry-After": "1"},
         )
 
     def _take(self, weight: int) -> Ticket:
-        self.in_flight += weight
-        self._idle.clear()
-        self._publish()
+        self._add(weight)
         return Ticket(self, weight)
 
     def _release(self, weight: int) -> None:
-        self.in_flight -= weight
+        with self.units.get_lock():
+            self._add(-weight)
+
+    def _add(self, delta: int) -> None:
+        """Called with the units' lock held."""
+        self.units.value += delta
+        self.in_flight += delta
         if self.in_flight == 0:
             self._idle.set()
-        self._publish()
-
-    def _publish(self) -> None:
-        self.metrics.clips_in_flight.set(self.in_flight)
-        self.metrics.queue_length.set(max(0, self.in_flight - self.max_running))
+        else:
+            self._idle.clear()
+        self.metrics.clips_in_flight.set(self.units.value)
+        self.metrics.queue_length.set(max(0, self.units.value - self.max_running))
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

@@ -17,15 +17,16 @@ from mdlserve.server.middleware import (
 from mdlserve.server.openapi import install_openapi
 from mdlserve.server.routes import DOCS, audio, chat, health, models, speech
 from mdlserve.server.settings import Settings
-from mdlserve.server.state import GatewayState
+from mdlserve.server.state import ApiProcess, GatewayState
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | None = None, api_process: ApiProcess | None = None) -> FastAPI:
     """Build the app around `engine` (any engine.Engine; None: vLLM's AsyncLLM from the
-    settings). The engine starts (in the background) when the app's lifespan starts and
-    stops when it ends; an ASGI transport that skips the lifespan must enter
-    `app.router.lifespan_context(app)` itself."""
-    state = GatewayState(settings, engine)
+    settings, as one of several API processes when `api_process` is given). The engine
+    starts (in the background) when the app's lifespan starts and stops when it ends; an
+    ASGI transport that skips the lifespan must enter `app.router.lifespan_context(app)`
+    itself."""
+    state = GatewayState(settings, engine, api_process)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

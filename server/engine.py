@@ -112,8 +112,10 @@ def audio_tokens_per_clip(settings: Settings) -> int:
     return num_audio_tokens(int(settings.max_audio_seconds * SAMPLE_RATE))
 
 
-def engine_config(settings: Settings):
+def engine_config(settings: Settings, api_process_count: int = 1, api_process_rank: int = 0):
     """vLLM's config for the settings, its encoder budget sized for --max-audio-seconds.
+    With --api-processes N the supervisor builds it with rank -1 and API process i with
+    rank i, as vLLM's own multi-API-server path does.
 
     vLLM sizes the encoder's compute budget and cache from max_num_batched_tokens (2048 by
     default for an engine built this way): a clip with more audio tokens than that is
@@ -123,6 +125,8 @@ def engine_config(settings: Settings):
     from vllm.usage.usage_lib import UsageContext
 
     args = engine_args(settings)
+    args._api_process_count = api_process_count
+    args._api_process_rank = api_process_rank
     config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
     needed = audio_tokens_per_clip(settings)
     if config.scheduler_config.max_num_batched_tokens >= needed:
@@ -186,11 +190,14 @@ def token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
 
 class VllmEngine:
     """vLLM's AsyncLLM in this process (its EngineCore in its own process, unless
-    VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    VLLM_ENABLE_V1_MULTIPROCESSING=0). With `client_config` (vLLM's per-API-server dict:
+    client_count, client_index and the ZMQ addresses) it is a client of engine cores that
+    the --api-processes supervisor started, not their owner."""
 
-    def __init__(self, settings: Settings, metrics: GatewayMetrics):
+    def __init__(self, settings: Settings, metrics: GatewayMetrics, client_config: dict[str, Any] | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.client_config = client_config
         self._llm: Any = None  # vLLM's AsyncLLM once started (vLLM is imported only then)
         self.tokenizer = None
 
@@ -204,7 +211,18 @@ class VllmEngine:
         """Runs in a worker thread: even vLLM's imports take seconds the event loop needs."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_vllm_config(engine_config(self.settings), stat_loggers=[engine_stat_logger(self.metrics)])
+        stat_loggers = [engine_stat_logger(self.metrics)]
+        if self.client_config is None:
+            return AsyncLLM.from_vllm_config(engine_config(self.settings), stat_loggers=stat_loggers)
+        addresses = dict(self.client_config)
+        count, index = addresses.pop("client_count"), addresses.pop("client_index")
+        return AsyncLLM.from_vllm_config(
+            engine_config(self.settings, count, index),
+            stat_loggers=stat_loggers,
+            client_addresses=addresses,
+            client_count=count,
+            client_index=index,
+        )
 
     async def start(self) -> None:
         self._llm = await asyncio.to_thread(self._build)

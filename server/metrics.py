@@ -3,13 +3,19 @@
 The gateway's metrics live in a registry of their own (one per app, so several apps can
 share a process in tests); /metrics serves it followed by prometheus-client's global
 registry, where vLLM registers its own `vllm:*` metrics.
+
+With --api-processes N every process writes its samples to PROMETHEUS_MULTIPROC_DIR (set by
+the supervisor before the processes start) and /metrics of any of them serves the sum over
+all: counters and histograms add up, each gauge says how (`multiprocess_mode`; ignored in
+one process).
 """
 
 import asyncio
+import os
 import time
 
 from prometheus_client import REGISTRY as GLOBAL_REGISTRY
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -20,11 +26,17 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, api_process: int = 0) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "mdl_requests", "HTTP requests by route and status code", ["route", "status"], registry=registry
         )
+        self.api_process_requests = Counter(
+            "mdl_api_process_requests",
+            "HTTP requests by the API process that served them (0 .. --api-processes - 1)",
+            ["api_process"],
+            registry=registry,
+        ).labels(api_process=str(api_process))
         self.request_duration = Histogram(
             "mdl_request_duration_seconds",
             "End-to-end request time, until the last byte is sent",
@@ -59,13 +71,18 @@ class GatewayMetrics:
         self.audio_seconds = Counter(
             "mdl_audio_seconds", "Seconds of audio received (after decoding)", registry=registry
         )
+        # The admission count is shared by every API process: the latest value is the server's.
         self.clips_in_flight = Gauge(
-            "mdl_clips_in_flight", "Admitted clip units not yet finished (running plus queued)", registry=registry
+            "mdl_clips_in_flight",
+            "Admitted clip units not yet finished (running plus queued)",
+            registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.queue_length = Gauge(
             "mdl_queue_length",
             "Admitted clip units beyond --max-num-seqs (waiting for a batch slot)",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.rejections = Counter("mdl_rejections", "Requests refused, by reason", ["reason"], registry=registry)
         for reason in ("queue_full", "unauthorized", "payload_too_large", "bad_request", "draining", "timeout"):
@@ -76,18 +93,21 @@ class GatewayMetrics:
             "Requests in the engine replica's running batch (from vLLM)",
             ["replica"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # each scheduler step reports to one API process
         )
         self.engine_waiting = Gauge(
             "mdl_engine_waiting_requests",
             "Requests waiting in the engine replica's scheduler (from vLLM)",
             ["replica"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.engine_kv_cache_usage = Gauge(
             "mdl_engine_kv_cache_usage_ratio",
             "Fraction of the engine replica's KV cache blocks in use (0-1, from vLLM)",
             ["replica"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.engine_finished = Counter(
             "mdl_engine_finished_requests",
@@ -95,7 +115,12 @@ class GatewayMetrics:
             ["replica"],
             registry=registry,
         )
-        self.engine_up = Gauge("mdl_engine_up", "1 while the engine answers, else 0", registry=registry)
+        self.engine_up = Gauge(
+            "mdl_engine_up",
+            "1 while the engine answers, else 0",
+            registry=registry,
+            multiprocess_mode="livemin",  # 0 while any API process sees it down
+        )
         self.loop_lag = Histogram(
             "mdl_event_loop_lag_seconds",
             "How late the event loop ran a timer due now (sampled every 100 ms)",
@@ -106,9 +131,14 @@ class GatewayMetrics:
             "mdl_event_loop_lag_max_seconds",
             "Worst event-loop lag sampled since the process started (the engine's start included)",
             registry=registry,
+            multiprocess_mode="livemax",
         )
 
     def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            every_process = CollectorRegistry()
+            multiprocess.MultiProcessCollector(every_process)
+            return generate_latest(every_process)
         return generate_latest(self.registry) + generate_latest(GLOBAL_REGISTRY)
 
 

@@ -88,6 +88,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.api_process_requests.inc()
             self.metrics.request_duration.labels(route=route).observe(elapsed)
             access_logger.info("%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
             request_id_var.reset(token)

@@ -10,10 +10,12 @@ exits 1 so the orchestrator restarts it.
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from mdlserve.server.app import create_app
 from mdlserve.server.engine import EngineState
@@ -81,7 +83,19 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     """Run until shut down; returns the process exit code."""
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    if settings.api_processes > 1:
+        from mdlserve.server.api_processes import serve_api_processes
+
+        return serve_api_processes(settings)
+    logger.info(
+        "serving %s as %r on http://%s:%d", settings.model, settings.served_model_name, settings.host, settings.port
+    )
+    return run_gateway(create_app(settings), settings)
+
+
+def run_gateway(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Serve `app` under uvicorn (on `sockets` when given, else on --host/--port) until it
+    shuts down; the exit code: 1 if its engine failed or died, else 0."""
     state: GatewayState = app.state.gateway
     config = uvicorn.Config(
         app,
@@ -93,11 +107,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         http=GuardedHttpToolsProtocol,
     )
-    server = DrainingServer(config, state)
-    logger.info(
-        "serving %s as %r on http://%s:%d", settings.model, settings.served_model_name, settings.host, settings.port
-    )
-    server.run()
+    DrainingServer(config, state).run(sockets)
     if state.engine.state in (EngineState.FAILED, EngineState.DEAD):
         return 1
     return 0

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(False, description="skip torch.compile and CUDA graphs (faster start)")
 
     # HTTP
+    api_processes: int = Field(
+        1, ge=1, le=64, description="gateway processes sharing the port over one engine (vLLM's api-server-count)"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_keys: Annotated[list[str], NoDecode] = Field(

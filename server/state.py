@@ -3,8 +3,10 @@ parts of the request path wired together (builder -> session -> engine)."""
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from mdlserve.server.admission import Admission
+from mdlserve.server.admission import Admission, Units
 from mdlserve.server.audio import DecodePool
 from mdlserve.server.engine import Engine, EngineHandle, VllmEngine
 from mdlserve.server.fetch import AudioFetcher
@@ -16,14 +18,29 @@ from mdlserve.server.settings import Settings
 logger = logging.getLogger("mdlserve.server")
 
 
+@dataclass
+class ApiProcess:
+    """This gateway as one of --api-processes N (api_processes.py): its index, vLLM's client
+    config for the engine cores the supervisor started, and the admission count all share."""
+
+    index: int
+    client_config: dict[str, Any]
+    units: Units
+
+
 class GatewayState:
-    def __init__(self, settings: Settings, engine: Engine | None = None):
-        """`engine`: any engine.Engine; None builds vLLM's AsyncLLM from the settings."""
+    def __init__(self, settings: Settings, engine: Engine | None = None, api_process: ApiProcess | None = None):
+        """`engine`: any engine.Engine; None builds vLLM's AsyncLLM from the settings (a
+        client of the supervisor's engine cores when `api_process` is given)."""
         self.settings = settings
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(api_process.index if api_process else 0)
         self.api_keys: list[bytes] = [key.encode() for key in settings.all_api_keys()]
-        self.admission = Admission(settings.admitted_running, settings.admitted_queued, self.metrics)
-        self.engine = EngineHandle(engine or VllmEngine(settings, self.metrics), self.metrics, settings.model)
+        self.admission = Admission(
+            settings.admitted_running, settings.admitted_queued, self.metrics, api_process and api_process.units
+        )
+        if engine is None:
+            engine = VllmEngine(settings, self.metrics, api_process and api_process.client_config)
+        self.engine = EngineHandle(engine, self.metrics, settings.model)
         self.decoder = DecodePool(settings.decode_workers, on_decoded=self._count_audio)
         self.fetcher = AudioFetcher(
             timeout=settings.fetch_timeout,

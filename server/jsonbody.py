@@ -11,6 +11,10 @@ and the parse is pydantic-core's JSON reader: on the H200 host, `bytes.count` an
 the GIL (benchmarks/results/2026-12-01-h200); both are several times faster this way.
 Nesting deeper than the reader allows (200 levels) and text that is not valid Unicode
 (lone surrogates, as `\\ud800` escapes or raw bytes) are refused by name.
+
+Large bodies are also joined from their received chunks in the worker thread: joining
+25 MiB on the event loop (Starlette's `Request.body`) held it for 150 ms and more on a
+loaded 2-core VM (the hostile benchmark's worst stalls).
 """
 
 import asyncio
@@ -59,6 +63,14 @@ def loads_bounded(raw: bytes | str, what: str = "the request body") -> object:
 
 
 class BoundedJsonRequest(Request):
+    async def body(self) -> bytes:
+        """The body; one over INLINE_PARSE_BYTES is joined from its chunks off the loop."""
+        if not hasattr(self, "_body"):
+            chunks = [chunk async for chunk in self.stream()]
+            size = sum(len(chunk) for chunk in chunks)
+            self._body = await asyncio.to_thread(b"".join, chunks) if size > INLINE_PARSE_BYTES else b"".join(chunks)
+        return self._body
+
     async def json(self) -> object:
         if not hasattr(self, "_json"):
             body = await self.body()

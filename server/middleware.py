@@ -1,5 +1,5 @@
 """ASGI middleware: request ids, access metrics and logs, last-resort 500s, the admission
-gate, body size limit.
+gate, body size limit and the budget of body bytes held at once.
 
 Plain ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
 duration covers the last byte sent.
@@ -12,11 +12,12 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mdlserve.server.deps import api_key_error
-from mdlserve.server.errors import BodyTimeout, PayloadTooLarge, api_error_response, internal_error_body
+from mdlserve.server.errors import ApiError, BodyTimeout, PayloadTooLarge, api_error_response, internal_error_body
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS, needs_api_key
 from mdlserve.server.state import GatewayState
@@ -146,17 +147,97 @@ class AdmissionGateMiddleware:
             reservation.release()
 
 
+class BodyGrant:
+    """Bytes a request may hold of the body budget; `release()` is idempotent (the session
+    releases it when the request reaches the engine, the middleware when the response is done)."""
+
+    def __init__(self, budget: "BodyBudget", size: int):
+        self.budget = budget
+        self.size = size
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.budget._give_back(self.size)
+
+
+class BodyBudget:
+    """Request-body bytes held at once, across requests (--max-body-bytes-in-flight): a
+    request takes its declared size before its body is read and gives it back when it
+    reaches the engine or ends. Requests that do not fit wait in arrival order; a body
+    larger than the whole budget takes all of it, so it waits for the others but can pass."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def take(self, size: int, deadline: float) -> BodyGrant | None:
+        """A grant of `size` bytes (capped at the budget), or None if it was not free by
+        `deadline` (loop time)."""
+        size = min(size, self.limit)
+        if not self._waiting and self.used + size <= self.limit:
+            self.used += size
+            return BodyGrant(self, size)
+        turn = asyncio.get_running_loop().create_future()
+        entry = (size, turn)
+        self._waiting.append(entry)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():  # granted as the wait ended
+                if isinstance(exc, TimeoutError):
+                    return BodyGrant(self, size)
+                self._give_back(size)
+                raise
+            self._waiting.remove(entry)
+            self._wake()  # the next one may fit now
+            if isinstance(exc, TimeoutError):
+                return None
+            raise
+        return BodyGrant(self, size)
+
+    def _give_back(self, size: int) -> None:
+        self.used -= size
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self.used + self._waiting[0][0] <= self.limit:
+            size, turn = self._waiting.popleft()
+            self.used += size
+            turn.set_result(None)
+
+    def busy(self, waited: float) -> ApiError:
+        return ApiError(
+            429,
+            f"the server is reading too many request bodies at once (its budget of {self.limit} bytes, "
+            f"--max-body-bytes-in-flight, stayed full for {waited:g} s); retry shortly",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+
 class BodySizeLimitMiddleware:
     """Answers 413 as soon as a request body passes `max_bytes`: at once when
     Content-Length says so, otherwise while the body streams in (Content-Length absent or
     lying), before it is buffered. Answers 408 when the whole body has not arrived within
-    `body_timeout` seconds of the request (slow-loris uploads)."""
+    `body_timeout` seconds of the request (slow-loris uploads).
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics, body_timeout: float):
+    Bounds the bytes of bodies held at once (`budget`, BodyBudget): before reading a body
+    the request takes its Content-Length (`max_bytes` when chunked) from the budget, waiting
+    in line while it is full (its body unread: the server's socket buffers hold the rest),
+    and gets a 429 if it is still full at the body deadline. The grant is in the request's
+    scope state (`body_grant`) for the session to give back when the request reaches the
+    engine; otherwise it is given back when the response is done."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: GatewayMetrics, body_timeout: float, budget: BodyBudget):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.body_timeout = body_timeout
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,7 +249,20 @@ class BodySizeLimitMiddleware:
             return
         received = 0
         body_complete = False
-        deadline = asyncio.get_running_loop().time() + self.body_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.body_timeout
+        if declared is not None:
+            size = int(declared)
+        else:  # chunked: as much as it may send; no Transfer-Encoding either: no body
+            size = self.max_bytes if _header(scope, b"transfer-encoding") is not None else 0
+        grant = await self.budget.take(size, deadline) if size else None
+        if size and grant is None:
+            refusal = self.budget.busy(round(loop.time() - started, 1))
+            self.metrics.rejections.labels(reason=refusal.reason).inc()
+            await api_error_response(refusal)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["body_grant"] = grant
 
         async def counting_receive() -> Message:
             nonlocal received, body_complete
@@ -186,7 +280,11 @@ class BodySizeLimitMiddleware:
                 body_complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, counting_receive, send)
+        try:
+            await self.app(scope, counting_receive, send)
+        finally:
+            if grant is not None:
+                grant.release()
 
     async def _reject(self, send: Send) -> None:
         self.metrics.rejections.labels(reason="payload_too_large").inc()

@@ -86,7 +86,8 @@ class Session:
         run = Run(self, f"{prefix}-{uuid.uuid4().hex}", request.state.request_id, ticket)
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:
-            await unless_disconnected(request, run.begin(conversation, fields))
+            grant = getattr(request.state, "body_grant", None)  # BodySizeLimitMiddleware's
+            await unless_disconnected(request, run.begin(conversation, fields, on_prepared=grant and grant.release))
         except BaseException:
             await run.close()
             raise
@@ -126,11 +127,17 @@ class Run:
         self._last_token_at: float | None = None
         self._stream: AsyncGenerator[Step, None] | None = None
 
-    async def begin(self, conversation: Conversation, fields: SamplingFields) -> None:
+    async def begin(
+        self, conversation: Conversation, fields: SamplingFields, on_prepared: Callable[[], None] | None = None
+    ) -> None:
+        """Prepare and submit; `on_prepared` is called once the request is built (the body's
+        bytes go back to the body budget: what it holds from now on, admission bounds)."""
         handle = self.session.handle
         try:
             async with asyncio.timeout_at(self.deadline):
                 prepared = await self.session.builder.prepare(conversation, fields, handle.engine.tokenizer)
+                if on_prepared is not None:
+                    on_prepared()
                 self.prompt_tokens, self.audio_seconds, self.n = (
                     prepared.prompt_tokens,
                     prepared.audio_seconds,

@@ -8,6 +8,9 @@ HTTP (any OpenAI-compatible server):
   serve       closed loop per concurrency and open (Poisson) loop per request rate
   loadtest    a YAML traffic scenario (clip-length and prompt mix, streaming share, ramp-up)
   soak        a scenario held for a given time: latency drift and error rate
+Gateway:
+  hostile     a mix of hostile requests at the limits against a server it starts: peak and
+              idle RSS of the API process, worst event-loop lag, statuses (no 5xx)
 Other:
   plot        redraw summary.md and the PNGs of a results directory
 
@@ -195,6 +198,13 @@ def _loadtest_command(args: argparse.Namespace) -> None:
     run_loadtest(args)
 
 
+def _hostile_command(args: argparse.Namespace) -> None:
+    from .hostile_gateway import run_bench
+
+    if run_bench(args)["server_5xx"]:
+        sys.exit("the server answered a hostile request with a 5xx")
+
+
 def _plot_command(args: argparse.Namespace) -> None:
     import json
 
@@ -264,6 +274,13 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--window-s", type=float, default=None, help="statistics window (default: duration/10, >=5 s)")
         _add_output_args(p)
         p.set_defaults(func=_loadtest_command, bench_mode=mode)
+
+    text = "hostile requests at the limits: the API process's peak and idle RSS, worst event-loop lag, no 5xx"
+    p = sub.add_parser("hostile", help=text, description=text)
+    from .hostile_gateway import add_args as add_hostile_args
+
+    add_hostile_args(p)
+    p.set_defaults(func=_hostile_command)
 
     p = sub.add_parser("plot", help="redraw summary.md and the PNGs of a results directory")
     p.add_argument("results_dir")

@@ -1,8 +1,9 @@
 """Hostile-input benchmark: what a mix of hostile requests costs the gateway in memory and
 event-loop time.
 
-    python -m mdlserve.benchmarks.hostile_gateway --model CHECKPOINT [--requests 200]
-        [--concurrency 8] [--out RESULT.json]
+    mdl-serve bench hostile --model CHECKPOINT [--requests 200] [--concurrency 8]
+        [--out RESULT.json] [--server-arg=--flag=value ...]
+    (also python -m mdlserve.benchmarks.hostile_gateway with the same options)
 
 Starts `mdl-serve serve` on the checkpoint (vLLM's default multiprocess path, as in
 production: the engine core is its own process, so neither its memory nor its model runs
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import httpx
 import numpy as np
@@ -209,21 +211,32 @@ async def run(url: str, server: psutil.Process, args: argparse.Namespace) -> dic
     }  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (the tiny preset is enough)")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=200, help="requests to send, round-robin over the hostile bodies")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--server-log", default=os.devnull, help="write the server's output here")
-    args = p.parse_args()
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more `mdl-serve serve` flag, e.g. --server-arg=--max-body-bytes-in-flight=33554432 (repeatable)",
+    )
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Start the server, send the mix, print (and with --out write) the result JSON."""
     port = free_port()
     log = open(args.server_log, "wb")  # noqa: SIM115 (closed in the finally below)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", TORCHDYNAMO_DISABLE="1")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    load_before = os.getloadavg()
     server = subprocess.Popen(
         [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", args.model, "--port", str(port),
-         "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--kv-cache-bytes", str(1 << 30)],
+         "--enforce-eager", "--dtype", "float32", "--max-model-len", "4096", "--kv-cache-bytes", str(1 << 30),
+         *args.server_arg],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     try:
@@ -232,10 +245,19 @@ def main() -> None:
         server.terminate()
         server.wait()
         log.close()
+    result["server_args"] = list(args.server_arg)
+    result["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_args(p)
+    run_bench(p.parse_args(argv))
 
 
 if __name__ == "__main__":

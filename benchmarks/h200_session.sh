@@ -7,6 +7,9 @@
 #   bash benchmarks/h200_session.sh levers  "$OUT"   # plugin: FP8 (profiled), larger token budget
 #   bash benchmarks/h200_session.sh http    "$OUT"   # gateway at c=1 and c=512, stream and not
 #   bash benchmarks/h200_session.sh final   "$OUT"   # batch job vs bench; gateway c=512 under py-spy
+#   bash benchmarks/h200_session.sh apitier "$OUT"   # offline 512 beside the gateway with 4 API processes
+#   bash benchmarks/h200_session.sh apitier1 "$OUT"  # the same gateway load with one API process
+#   bash benchmarks/h200_session.sh dp      "$OUT"   # two GPUs (data parallel) at 2 x 512 vs one GPU at 512
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -33,7 +36,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset tiny --out "$CK"
     SIZE=(--smoke --batches 2,2)
     TTFT=(--ttft-clips 2 --ttft-repeats 1)
-    BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8
+    BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8; API=2
     SERVE_ENGINE=(--max-model-len 1024 --max-num-seqs 4 --enforce-eager)
     export TORCHDYNAMO_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 else
@@ -42,7 +45,7 @@ else
     SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024 --max-num-batched-tokens 16384
           --batches 512,512)
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
-    BIG=512; PROCS=4; N_REQ=2048; CLIP=30; TOKENS=100
+    BIG=512; PROCS=4; N_REQ=2048; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512
                   --max-num-batched-tokens 16384 --max-queue 4096)
 fi
@@ -59,20 +62,33 @@ pack() {
     ls -la "$OUT"
 }
 
-# The gateway on $URL in the background ($server: its pid; log in $WORK/$PHASE/server.log);
-# returns once it is ready and records how long that took.
+# The gateway on $URL in the background with the extra serve flags given ($server: its
+# pid; log in $WORK/$PHASE/server-$LABEL.log); returns once it is ready and records how
+# long that took, with vLLM's own start-up timings (load, compile, graphs) beside it.
 URL=http://127.0.0.1:${PORT:-8000}
 start_server() {
-    local started
+    local started log=$WORK/$PHASE/server-${LABEL:-main}.log
     started=$(date +%s.%N)
-    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" \
-        > "$WORK/$PHASE/server.log" 2>&1 &
+    "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" "$@" > "$log" 2>&1 &
     server=$!
     until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
-        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$WORK/$PHASE/server.log"; pack; exit 4; }
+        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$log"; pack; exit 4; }
         sleep 1
     done
-    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready.txt"
+    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+    grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+}
+stop_server() {
+    kill $server; wait $server
+    echo "server exit code $?"
+}
+# `bench serve` at c=$1 with $2 load processes against the running server.
+serve_at() {
+    local concurrency=$1 processes=$2 name=$3
+    shift 3
+    bench serve --url "$URL" --clip-s $CLIP --out-tokens $TOKENS --server-pid $server --concurrency "$concurrency" \
+        --processes "$processes" --num-requests $((N_REQ * concurrency / BIG)) --metrics-interval-s 2 \
+        --out "$WORK/$PHASE/$name" "$@"
 }
 
 case $PHASE in
@@ -91,12 +107,11 @@ levers)
     pack ;;
 http)
     start_server
-    serve() { bench serve --url "$URL" --clip-s $CLIP --out-tokens $TOKENS --server-pid $server "$@"; }
-    serve --concurrency 1 --num-requests 20 --out "$WORK/http/c1-stream"
-    serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --no-stream --out "$WORK/http/c$BIG-nostream"
+    serve_at 1 1 c1-stream --num-requests 20
+    serve_at $BIG $PROCS c$BIG-nostream --no-stream
     pack
-    serve --concurrency $BIG --processes $PROCS --num-requests $N_REQ --out "$WORK/http/c$BIG-stream"
-    kill $server; wait $server
+    serve_at $BIG $PROCS c$BIG-stream
+    stop_server
     pack ;;
 final)
     # The batch job beside `bench throughput` at the same batch (issue 12), same engine shape.
@@ -116,7 +131,47 @@ final)
     wait $spy
     "$PY" -m mdlserve.benchmarks.stack_summary "$WORK/final/gil-stacks.txt" --out "$WORK/final/gil-summary.json" | head -80
     gzip -9 "$WORK/final/gil-stacks.txt"
-    kill $server; wait $server
+    stop_server
+    pack ;;
+apitier)
+    # Offline at 512 (the engine's ceiling, compiling the shared cache) beside the gateway
+    # with $API API processes on the same GPU: non-streaming and streaming at c=512, and
+    # streaming TTFT at c=1.
+    export CUDA_VISIBLE_DEVICES=${GPU:-0}
+    bench throughput --impl plugin "${SIZE[@]}" --out "$WORK/apitier/offline" --time-budget-s "${BUDGET:-240}"
+    pack
+    LABEL=api$API start_server --api-processes $API
+    serve_at 1 1 c1-stream-api$API --num-requests 20
+    serve_at $BIG $PROCS c$BIG-nostream-api$API --no-stream
+    pack
+    serve_at $BIG $PROCS c$BIG-stream-api$API
+    stop_server
+    pack ;;
+apitier1)
+    # The same gateway load with one API process: the before row of the same lease.
+    export CUDA_VISIBLE_DEVICES=${GPU:-0}
+    LABEL=api1 start_server
+    serve_at $BIG $PROCS c$BIG-nostream-api1 --no-stream
+    pack
+    serve_at $BIG $PROCS c$BIG-stream-api1
+    stop_server
+    pack ;;
+dp)
+    # Two GPUs, one engine replica each, 2 x $API API processes, at 2 x 512 in flight; then
+    # one GPU with $API API processes at 512 in the same call (issue 16's ratio).
+    export CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
+    LABEL=dp2 start_server --data-parallel-size 2 --api-processes $((2 * API))
+    serve_at $((2 * BIG)) $((2 * PROCS)) c$((2 * BIG))-nostream-dp2 --no-stream
+    pack
+    serve_at $((2 * BIG)) $((2 * PROCS)) c$((2 * BIG))-stream-dp2
+    stop_server
+    pack
+    export CUDA_VISIBLE_DEVICES=${GPU:-0}
+    LABEL=dp1 start_server --api-processes $API
+    serve_at $BIG $PROCS c$BIG-nostream-dp1 --no-stream
+    pack
+    serve_at $BIG $PROCS c$BIG-stream-dp1
+    stop_server
     pack ;;
 *)
     echo "unknown phase $PHASE"; exit 2 ;;

@@ -140,9 +140,25 @@ def process_cpu_s(process, with_children: bool = False) -> float:
     return total
 
 
+def api_processes(server) -> list:
+    """The server process and, under `--api-processes N`, its N gateway processes (titled
+    VLLM::APIServer_<i>), not the engine cores."""
+    import psutil
+
+    found = [server]
+    for child in server.children(recursive=True):
+        try:
+            if any("APIServer" in part for part in (child.name(), *child.cmdline())):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 class CpuReader:
     """CPU seconds of each load-generator process (`loadgen:<i>`) and, with a server pid, of
-    the API process alone (`api`) and with its descendants (`api_with_children`)."""
+    the API process(es) alone (`api`: with --api-processes N the supervisor and its N
+    gateway processes) and with every descendant (`api_with_children`)."""
 
     def __init__(self, loadgen_pids: list[int], server_pid: int | None):
         import psutil
@@ -161,7 +177,7 @@ class CpuReader:
                 continue
         if self.server is not None:
             try:
-                values["api"] = process_cpu_s(self.server)
+                values["api"] = sum(process_cpu_s(process) for process in api_processes(self.server))
                 values["api_with_children"] = process_cpu_s(self.server, with_children=True)
             except psutil.NoSuchProcess:
                 pass

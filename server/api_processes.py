@@ -64,8 +64,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def run_api_process(listen_address: str, sock: socket.socket, tier: ApiTier, client_config: dict[str, Any]) -> None:
     """The body of API process `client_config["client_index"]` (started by spawn)."""
+    from vllm.utils.system_utils import set_process_title
+
     configure_logging(tier.settings.log_level)
     index = client_config["client_index"]
+    set_process_title("APIServer", str(index))  # VLLM::APIServer_<i>, as vLLM's own API processes
     logger.info("API process %d of %d on %s", index, tier.settings.api_processes, listen_address)
     app = create_app(tier.settings, api_process=ApiProcess(index, client_config, tier.units))
     sys.exit(run_gateway(app, tier.settings, [sock]))

@@ -287,3 +287,12 @@ def test_decoded_samples_are_libsndfiles_channel_mean(subtype, channels):
     np.testing.assert_allclose(decoded, expected, rtol=0, atol=1e-6)
     if subtype == "PCM_16" and channels == 1:
         assert np.array_equal(decoded, soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0])
+
+
+def test_json_elements_are_counted_block_by_block_and_stop_past_the_limit():
+    from mdlserve.server.jsonbody import COUNT_BLOCK_BYTES, count_elements
+
+    body = b'{"a": [' + b"0," * COUNT_BLOCK_BYTES + b'{"b": [1]}]}'  # spans three blocks
+    assert count_elements(body) == body.count(b",") + body.count(b"[") + body.count(b"{")
+    partial = count_elements(body, stop_above=10)
+    assert 10 < partial < count_elements(body)  # stopped after the first block

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     # Input limits
     max_upload_bytes: int = Field(25 * MiB, ge=1, description="largest request body in bytes")
     max_body_bytes_in_flight: int = Field(
-        64 * MiB, ge=1, description="request-body bytes held at once by requests not yet in the engine; others wait"
+        32 * MiB, ge=1, description="request-body bytes held at once by requests not yet in the engine; others wait"
     )
     max_audio_seconds: float | None = Field(
         None, gt=0, description="longest total audio per request (default derived from --max-model-len)"

@@ -8,7 +8,7 @@
 #   bash benchmarks/h200_session.sh http    "$OUT"   # gateway at c=1 and c=512, stream and not
 #   bash benchmarks/h200_session.sh final   "$OUT"   # batch job vs bench; gateway c=512 under py-spy
 #   bash benchmarks/h200_session.sh apitier "$OUT"   # offline 512 beside the gateway with 4 API processes
-#   bash benchmarks/h200_session.sh apitier1 "$OUT"  # the same gateway load with one API process
+#   bash benchmarks/h200_session.sh gateway "$OUT"   # the same gateway load (API_PROCESSES=1: one process)
 #   bash benchmarks/h200_session.sh dp      "$OUT"   # two GPUs (data parallel) at 2 x 512 vs one GPU at 512
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
@@ -45,7 +45,7 @@ else
     SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024 --max-num-batched-tokens 16384
           --batches 512,512)
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
-    BIG=512; PROCS=4; N_REQ=2048; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
+    BIG=512; PROCS=4; N_REQ=${N_REQ:-2048}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512
                   --max-num-batched-tokens 16384 --max-queue 4096)
 fi
@@ -147,13 +147,14 @@ apitier)
     serve_at $BIG $PROCS c$BIG-stream-api$API
     stop_server
     pack ;;
-apitier1)
-    # The same gateway load with one API process: the before row of the same lease.
+gateway)
+    # The same gateway load with $API API processes (API_PROCESSES=1: the single-process
+    # gateway, the before row of the same lease).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
-    LABEL=api1 start_server
-    serve_at $BIG $PROCS c$BIG-nostream-api1 --no-stream
+    LABEL=api$API start_server --api-processes $API
+    serve_at $BIG $PROCS c$BIG-nostream-api$API --no-stream
     pack
-    serve_at $BIG $PROCS c$BIG-stream-api1
+    serve_at $BIG $PROCS c$BIG-stream-api$API
     stop_server
     pack ;;
 dp)

@@ -290,6 +290,19 @@ def window_summary(results: list[RequestResult], start_s: float, end_s: float) -
     }
 
 
+def after_first_wave(results: list[RequestResult], concurrency: int, end_s: float) -> dict:
+    """Closed-loop throughput once the first `concurrency` requests have completed, up to
+    the window's end. The first wave's bodies all arrive at once and its clips enter the
+    engine together; what follows is the loop's steady state, the figure to hold against
+    offline samples/s. None when the first wave ends after `end_s`."""
+    ends = sorted(r.end_s for r in results if r.ok and r.end_s is not None)
+    if len(ends) <= concurrency or ends[concurrency - 1] >= end_s:
+        return {"steady_start_s": None, "steady_request_throughput": None}
+    start_s = ends[concurrency - 1]
+    completed = sum(1 for end in ends if start_s < end <= end_s)
+    return {"steady_start_s": start_s, "steady_request_throughput": completed / (end_s - start_s)}
+
+
 async def closed_loop(client: ChatClient, specs: list[RequestSpec], concurrency: int, origin: float,
                       hooks) -> tuple[list[RequestResult], float]:  # fmt: skip
     """`concurrency` users, each sending its next request when the last one finished, from
@@ -404,6 +417,7 @@ def level_row(args, mode: str, level: float, specs: list[RequestSpec], shares, r
             "requests_per_process": [len(s.specs) for s in shares], "ramp_s": args.ramp_s,
             "first_send_s": [min(r.start_s for r in o.results) for o in run.outcomes],
             **totals, **window,
+            **(after_first_wave(run.results, int(level), run.window_end_s) if mode == "closed" else {}),
             **run.sampling.report(run.window_start_s, run.window_end_s, window["window_completions"])}  # fmt: skip
 
 

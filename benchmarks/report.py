@@ -79,7 +79,7 @@ def serve_table(summary: dict) -> str:
     if not rows:
         return ""
     header = ["mode", "level", "procs", "requests", "ok", "errors", "window s", "req/s", "total req/s",
-              "Little req/s", "client in flight", "out tok/s",
+              "steady req/s", "Little req/s", "client in flight", "out tok/s",
               "TTFT p50/p90/p99 ms", "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms", "gateway in flight",
               "engine running", "engine waiting", "loadgen cores", "API ms/req (+children)"]  # fmt: skip
     table = []
@@ -90,7 +90,8 @@ def serve_table(summary: dict) -> str:
         api_ms = f"{_fmt(api['cpu_ms_per_request'])} ({_fmt(api['with_children_cpu_ms_per_request'])})" if api else "–"
         table.append([r["mode"], level, r.get("processes", 1), r["requests"], r["ok"], _errors(r["errors"]),
                       r.get("window_s"), r["request_throughput"], r.get("total_request_throughput"),
-                      r.get("littles_law_throughput"), r.get("mean_in_flight"), r["output_tokens_per_s"],
+                      r.get("steady_request_throughput"), r.get("littles_law_throughput"), r.get("mean_in_flight"),
+                      r["output_tokens_per_s"],
                       _pcts(r["ttft_ms"]), r["tpot_ms"]["median"], r["itl_ms"]["median"], _pcts(r["e2e_ms"]),
                       _gauge(gauges, "mdl_clips_in_flight"),
                       _gauge(gauges, "vllm:num_requests_running", "mdl_engine_running_requests"),

@@ -21,7 +21,7 @@ import pytest
 import soundfile
 
 from mdlserve.benchmarks.cli import main as bench
-from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, window_summary
+from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, after_first_wave, window_summary
 from mdlserve.benchmarks.load_workers import closed_shares, open_shares, split_proportionally
 from mdlserve.benchmarks.server_sampling import MetricsReader, Sample, cpu_delta, parse_gauges
 
@@ -237,6 +237,19 @@ def test_window_summary_counts_completions_inside_the_window():
     assert w["littles_law_throughput"] == pytest.approx(w["mean_in_flight"] / 2.0)  # mean E2E of the two ok: 2 s
     empty = window_summary(results, start_s=3.0, end_s=3.0)
     assert empty["request_throughput"] is None and empty["window_completions"] == 0
+
+
+def test_after_first_wave_counts_from_the_last_of_the_first_wave():
+    def done(end_s: float, ok: bool = True) -> RequestResult:
+        return RequestResult(start_s=0.0, status="200" if ok else "500", ok=ok, clip_s=1, stream=False,
+                             prompt_kind="caption", end_s=end_s)  # fmt: skip
+
+    results = [done(1.0), done(2.0), done(2.5, ok=False), done(3.0), done(4.0), done(6.0)]
+    steady = after_first_wave(results, concurrency=2, end_s=5.0)  # first wave ends at 2.0; (2, 5]: 3.0 and 4.0
+    assert steady["steady_start_s"] == 2.0
+    assert steady["steady_request_throughput"] == pytest.approx(2 / 3)
+    assert after_first_wave(results, concurrency=2, end_s=2.0)["steady_request_throughput"] is None
+    assert after_first_wave(results[:2], concurrency=2, end_s=5.0)["steady_request_throughput"] is None
 
 
 def test_parse_gauges_sums_label_sets():

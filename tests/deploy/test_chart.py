@@ -183,6 +183,12 @@ def test_gpu_count_is_data_parallel_times_tensor_parallel(helm, dp, tp):
     assert config(docs)["MDL_TENSOR_PARALLEL_SIZE"] == str(tp)
 
 
+def test_api_processes_reach_the_server(helm):
+    assert config(helm.render({"server": {"apiProcesses": 8}}))["MDL_API_PROCESSES"] == "8"
+    assert config(helm.render({}))["MDL_API_PROCESSES"] == "1"
+    assert "apiProcesses" in helm.render_error({"server": {"apiProcesses": 0}})
+
+
 def test_gpu_resource_name_and_manual_gpu_request_refused(helm):
     res = server_container(helm.render({"gpuResourceName": "nvidia.com/mig-7g.80gb"}))["resources"]
     assert res["limits"] == {"memory": "96Gi", "nvidia.com/mig-7g.80gb": 1}

@@ -29,8 +29,6 @@ from mdlserve.server.fetch import AudioFetcher, FetchError
 from mdlserve.server.schemas import AudioUrlPart, ChatMessage, InputAudioPart, SamplingFields, TextPart
 from mdlserve.server.settings import Settings
 
-# The instruction of /v1/audio/transcriptions when the client sends no prompt.
-DEFAULT_PROMPT = "Caption the audio."
 AUDIO_PLACEHOLDER = {"type": "audio"}
 # Prompts longer than this (characters) are rendered and tokenized in a worker thread,
 # so that a long prompt cannot hold the event loop (a 1 MB prompt takes ~100 ms).

@@ -74,7 +74,6 @@ class AudioUrlPart(_Body):
 
 
 ContentPart = Annotated[TextPart | InputAudioPart | AudioUrlPart, Field(discriminator="type")]
-AudioPart = InputAudioPart | AudioUrlPart
 
 
 class ChatMessage(_Body):

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias, get_args
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -29,7 +29,6 @@ from mdlserve.server.schemas import ChatCompletionRequest, ChatMessage, Sampling
 from mdlserve.server.tasks import asr_instruction
 
 Format = Literal["auto", "files", "csv", "jsonl", "openai", "dasheng-eval"]
-FORMATS: tuple[str, ...] = get_args(Format)
 AUDIO_EXTENSIONS = frozenset((".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".webm",
                               ".aiff", ".aif"))  # fmt: skip
 GLOB_CHARS = frozenset("*?[")

@@ -90,6 +90,12 @@ serve_at() {
         --processes "$processes" --num-requests $((N_REQ * concurrency / BIG)) --metrics-interval-s 2 \
         --out "$WORK/$PHASE/$name" "$@"
 }
+# Non-streaming, then streaming, at c=$1 with $2 load processes; run names end in -$3 if given.
+both_modes() {
+    serve_at "$1" "$2" "c$1-nostream${3:+-$3}" --no-stream
+    pack
+    serve_at "$1" "$2" "c$1-stream${3:+-$3}"
+}
 
 case $PHASE in
 offline)
@@ -108,9 +114,7 @@ levers)
 http)
     start_server
     serve_at 1 1 c1-stream --num-requests 20
-    serve_at $BIG $PROCS c$BIG-nostream --no-stream
-    pack
-    serve_at $BIG $PROCS c$BIG-stream
+    both_modes $BIG $PROCS
     stop_server
     pack ;;
 final)
@@ -142,9 +146,7 @@ apitier)
     pack
     LABEL=api$API start_server --api-processes $API
     serve_at 1 1 c1-stream-api$API --num-requests 20
-    serve_at $BIG $PROCS c$BIG-nostream-api$API --no-stream
-    pack
-    serve_at $BIG $PROCS c$BIG-stream-api$API
+    both_modes $BIG $PROCS api$API
     stop_server
     pack ;;
 gateway)
@@ -152,9 +154,7 @@ gateway)
     # gateway, the before row of the same lease).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=api$API start_server --api-processes $API
-    serve_at $BIG $PROCS c$BIG-nostream-api$API --no-stream
-    pack
-    serve_at $BIG $PROCS c$BIG-stream-api$API
+    both_modes $BIG $PROCS api$API
     stop_server
     pack ;;
 dp)
@@ -162,16 +162,12 @@ dp)
     # one GPU with $API API processes at 512 in the same call (issue 16's ratio).
     export CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
     LABEL=dp2 start_server --data-parallel-size 2 --api-processes $((2 * API))
-    serve_at $((2 * BIG)) $((2 * PROCS)) c$((2 * BIG))-nostream-dp2 --no-stream
-    pack
-    serve_at $((2 * BIG)) $((2 * PROCS)) c$((2 * BIG))-stream-dp2
+    both_modes $((2 * BIG)) $((2 * PROCS)) dp2
     stop_server
     pack
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=dp1 start_server --api-processes $API
-    serve_at $BIG $PROCS c$BIG-nostream-dp1 --no-stream
-    pack
-    serve_at $BIG $PROCS c$BIG-stream-dp1
+    both_modes $BIG $PROCS dp1
     stop_server
     pack ;;
 *)

@@ -77,6 +77,10 @@ start_server() {
     done
     "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready-${LABEL:-main}.txt"
     grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+    # A short unmeasured load, so every API process has served requests before the first
+    # measured level (bench serve's own warm-up is one request: it reaches one process).
+    local users=$((BIG >= 16 ? BIG / 8 : 1))
+    serve_at $users 1 "warmup-${LABEL:-main}" --num-requests $((2 * users)) --no-stream > /dev/null
 }
 stop_server() {
     kill $server; wait $server

@@ -113,7 +113,10 @@ def serve_api_processes(settings: Settings) -> int:
                 stats_update_address=coordinator.get_stats_publish_address() if coordinator else None,
                 tensor_queue=tensor_queue,
             )
-            addresses.inputs, addresses.outputs = api_server_manager.gather_actual_addresses()
+            if any(address.endswith(":0") for address in (*addresses.inputs, *addresses.outputs)):
+                addresses.inputs, addresses.outputs = api_server_manager.gather_actual_addresses()
+            # Otherwise (IPC paths: one host) they are final, and the engine cores load the model
+            # while the API processes still import; vLLM's own server waits for those imports.
         logger.info("engine up; %d API processes serving", count)
         return _supervise(api_server_manager.processes, _engine_processes(engines, coordinator))
     except SystemExit as exit_request:

@@ -3,6 +3,8 @@ PromQL scanner that lists the metric names an expression reads."""
 
 import re
 
+from mdlserve.server.settings import Settings
+
 HISTOGRAMS = {
     "mdl_request_duration_seconds", "mdl_ttft_seconds", "mdl_queue_wait_seconds",
     "mdl_decode_seconds", "mdl_audio_decode_seconds",
@@ -19,15 +21,9 @@ DCGM = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE", "D
 # Series Prometheus itself provides.
 BUILTIN = {"up"}
 
-# `mdl-serve serve` flags, as MDL_* variables.
-FLAGS = [
-    "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
-    "gpu-memory-utilization", "tensor-parallel-size", "data-parallel-size", "quantization", "load-format",
-    "kv-cache-bytes", "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
-    "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
-    "fetch-timeout", "fetch-max-bytes", "allowed-domains", "media-dir", "decode-workers", "log-level",
-]
-ENV_VARS = {"MDL_" + f.upper().replace("-", "_") for f in FLAGS}
+# `mdl-serve serve` settings as MDL_* variables, from the one settings object (every field
+# is one; the CLI-less ones are environment-only).
+ENV_VARS = {"MDL_" + name.upper() for name in Settings.model_fields}
 
 _FUNCS = {
     "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "group",

@@ -37,7 +37,10 @@ class Servers:
             "--max-model-len", "4096",
         ], logs, name="gateway")  # fmt: skip
         self.lifecycle = ServerProcess(
-            checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240"], logs,
+            # The held audio_url (test_lifecycle) must outlast a slow test: with the default 10 s
+            # fetch timeout it ended in a 400, the drain then found nothing in flight and the
+            # server exited before the test looked (the old intermittent "connection refused").
+            checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240", "--fetch-timeout", "300"], logs,
             env={"MDL_UNSAFE_ALLOW_PRIVATE_URLS": "1"}, fast=False, name="lifecycle",
         ) if with_lifecycle else None
         # What /health/* said while the gateway's engine was loading (asserted in test_api.py).

@@ -79,10 +79,6 @@ def _request(http: httpx.Client, stream: bool) -> tuple[int, int]:
     return r.status_code, int(lines[-2].split('"completion_tokens":')[1].split(",")[0])
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent on the 2-core VM (1 run in ~8 on 2026-11-26): a "
-                   "connection refused right after SIGTERM although a request was held in flight; cause not "
-                   "found yet, the failure now prints the server log. The in-process drain is covered by "
-                   "tests/reliability/test_faults.py")
 def test_serving_then_graceful_sigterm_under_load(servers, origin):
     server = servers.lifecycle
     server.wait_ready()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import soundfile
 
 from clips import make_clip
@@ -111,6 +112,27 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process below `pid` (vLLM's engine cores, API processes, ...); none once it is gone."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def named(processes: list[psutil.Process], part: str) -> list[psutil.Process]:
+    """Those of `processes` whose name or command line contains `part` (e.g. vLLM's
+    process titles: EngineCore_DP1, APIServer_0)."""
+    found = []
+    for process in processes:
+        try:
+            if any(part in item for item in (process.name(), *process.cmdline())):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:

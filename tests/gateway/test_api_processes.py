@@ -17,7 +17,7 @@ import pytest
 
 from mdlserve.server.settings import Settings
 
-from .helpers import ServerProcess, audio_file, audio_part, chat_body, metric
+from .helpers import ServerProcess, audio_file, audio_part, chat_body, descendants, metric, named
 
 API_PROCESSES = 2
 MAX_NUM_SEQS = 2
@@ -45,24 +45,6 @@ def server(tiny_checkpoint, tmp_path_factory):
         yield server
     finally:
         server.terminate()
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def named(processes: list[psutil.Process], part: str) -> list[psutil.Process]:
-    found = []
-    for process in processes:
-        try:
-            if any(part in item for item in (process.name(), *process.cmdline())):
-                found.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def test_setting_is_a_flag_and_an_environment_variable(monkeypatch):

@@ -21,7 +21,7 @@ from mdlserve.server.engine import engine_args
 from mdlserve.server.metrics import GatewayMetrics, engine_stat_logger
 from mdlserve.server.settings import Settings
 
-from .helpers import ServerProcess, audio_file, audio_part, chat_body, metric
+from .helpers import ServerProcess, audio_file, audio_part, chat_body, descendants, metric, named
 
 REPLICAS = 2
 MAX_NUM_SEQS = 2
@@ -47,13 +47,10 @@ def dp_server(tiny_checkpoint, tmp_path_factory):
 
 def replica_core(pid: int, replica: int) -> psutil.Process:
     """vLLM's engine core process of one replica (named EngineCore_DP<replica>)."""
-    for child in psutil.Process(pid).children(recursive=True):
-        try:
-            if any(f"EngineCore_DP{replica}" in part for part in (child.name(), *child.cmdline())):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise LookupError(f"no EngineCore_DP{replica} under pid {pid}")
+    cores = named(descendants(pid), f"EngineCore_DP{replica}")
+    if not cores:
+        raise LookupError(f"no EngineCore_DP{replica} under pid {pid}")
+    return cores[0]
 
 
 def test_settings_scale_admission_and_reach_vllm():

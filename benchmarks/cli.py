@@ -73,13 +73,12 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
         p.add_argument("--batches", default=None, help="comma list (default 1,4,8,16,32,64,128,200,256,512)")
         p.add_argument("--clip-s", type=float, default=None, help="clip length for throughput (default 30)")
         p.add_argument("--out-tokens", type=int, default=None, help="output tokens per clip (default 100)")
-    if mode != "throughput":
-        p.add_argument(
-            "--ttft-clips", default=None, help="audio lengths: START:STOP:STEP or comma list (default 2:32:2)"
-        )
-        p.add_argument(
-            "--ttft-repeats", type=int, default=None, help="measurements per length after warm-up (default 10)"
-        )
+    p.add_argument(
+        "--ttft-clips",
+        default="" if mode == "throughput" else None,
+        help="audio lengths: START:STOP:STEP or comma list (default 2:32:2; throughput: none)",
+    )
+    p.add_argument("--ttft-repeats", type=int, default=None, help="measurements per length after warm-up (default 10)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument(
         "--time-budget-s",
@@ -150,8 +149,6 @@ def _offline_command(args: argparse.Namespace) -> None:
     _resolve(args, OFFLINE_DEFAULTS)
     if mode == "ttft":
         args.batches = ""
-    elif mode == "throughput":
-        args.ttft_clips = ""
     if args.smoke:
         for key, value in SMOKE_ENV.items():
             os.environ.setdefault(key, value)

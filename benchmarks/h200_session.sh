@@ -10,6 +10,8 @@
 #   bash benchmarks/h200_session.sh apitier "$OUT"   # offline 512 beside the gateway with 4 API processes
 #   bash benchmarks/h200_session.sh gateway "$OUT"   # the same gateway load (API_PROCESSES=1: one process)
 #   bash benchmarks/h200_session.sh dp      "$OUT"   # two GPUs (data parallel) at 2 x 512 vs one GPU at 512
+#   bash benchmarks/h200_session.sh engine  "$OUT"   # plugin: TTFT 30 s and 512 x2, both profiled
+#   CUDAGRAPH_MODE=FULL bash benchmarks/h200_session.sh engine "$OUT"   # the same with full CUDA graphs
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -71,11 +73,23 @@ start_server() {
     started=$(date +%s.%N)
     "$PY" -m mdlserve.server.cli serve --model "$CK" "${SERVE_ENGINE[@]}" --port "${PORT:-8000}" "$@" > "$log" 2>&1 &
     server=$!
+    # STARTUP_SPY=1: where the start-up's time goes, every process sampled by py-spy.
+    if [ "${STARTUP_SPY:-0}" = 1 ]; then
+        py-spy record --subprocesses --nonblocking -r 50 -f raw -o "$WORK/$PHASE/startup-stacks.txt" -p $server \
+            -d "${STARTUP_SPY_S:-90}" > /dev/null 2>&1 &
+        spy=$!
+    fi
     until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
         kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$log"; pack; exit 4; }
         sleep 1
     done
     "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+    if [ "${STARTUP_SPY:-0}" = 1 ]; then
+        kill -INT $spy 2>/dev/null; wait $spy
+        "$PY" -m mdlserve.benchmarks.stack_summary "$WORK/$PHASE/startup-stacks.txt" \
+            --out "$WORK/$PHASE/startup-summary.json" > "$WORK/$PHASE/startup-summary.txt" 2>&1
+        gzip -9 "$WORK/$PHASE/startup-stacks.txt"
+    fi
     grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
     # A short unmeasured load, so every API process has served requests before the first
     # measured level (bench serve's own warm-up is one request: it reaches one process).
@@ -173,6 +187,17 @@ dp)
     LABEL=dp1 start_server --api-processes $API
     both_modes $BIG $PROCS dp1
     stop_server
+    pack ;;
+engine)
+    # Our plugin alone: TTFT of a 30 s clip and 512 clips twice, then both profiled (the
+    # summaries place and attribute every GPU idle gap). CUDAGRAPH_MODE sets vLLM's
+    # cudagraph_mode (default FULL_AND_PIECEWISE; FULL also graphs mixed prefill steps).
+    MODE=${CUDAGRAPH_MODE:-default}
+    LEVER=()
+    [ "$MODE" = default ] || LEVER=(--engine-arg "compilation_config={\"cudagraph_mode\": \"$MODE\"}")
+    bench throughput --impl plugin "${SIZE[@]}" "${TTFT[@]}" "${LEVER[@]}" --profile-dir "$WORK/engine/profile-$MODE" \
+        --out "$WORK/engine/$MODE" --time-budget-s "${BUDGET:-240}"
+    summarise_traces "$WORK/engine/profile-$MODE"
     pack ;;
 *)
     echo "unknown phase $PHASE"; exit 2 ;;

@@ -8,8 +8,13 @@ vLLM writes one Chrome trace per worker when the engine runs with a torch
 the events in the kernel, memcpy and memset categories; the busy fraction is that union
 over the span from the first device event to the last. Idle gaps between device events
 are where the GPU waited on the host (scheduling, input preparation, Python); the
-largest ones are listed. Kernels are grouped into coarse families by name so that a
-bf16 and an FP8 run can be compared at a glance.
+largest ones are listed. Each gap is also
+placed on the timeline (`at_ms` from the span's start) and attributed to what the host
+thread that launched the next device event was doing at the gap's midpoint: its stack of
+profiler events (vLLM's annotations, torch ops, CUDA runtime calls), innermost last, and
+`idle_by_host_op` sums the gaps by that innermost event ("(python)" where no event was
+open: plain Python such as the scheduler). Kernels are grouped into coarse families by
+name so that a bf16 and an FP8 run can be compared at a glance.
 """
 
 import argparse
@@ -20,6 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+HOST_CATEGORIES = {"cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver"}
+NO_HOST_EVENT = "(python)"
+NO_LAUNCHER = "(launch not in trace)"
 # First match wins; names are lower-cased before matching.
 FAMILIES = [
     ("attention", re.compile(r"flash|fmha|attn|attention|paged")),
@@ -36,12 +44,14 @@ FAMILIES = [
 GAP_REPORT_US = 100.0
 
 
-def load_events(path: Path) -> list[dict]:
+def load_trace(path: Path) -> tuple[list[dict], list[dict]]:
+    """The trace's complete events: (device events, host events)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    return [e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    events = [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X" and "dur" in e]
+    return ([e for e in events if e.get("cat") in DEVICE_CATEGORIES],
+            [e for e in events if e.get("cat") in HOST_CATEGORIES])  # fmt: skip
 
 
 def family(name: str) -> str:
@@ -60,7 +70,73 @@ def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in merged]
 
 
-def summarize(events: list[dict], top: int = 15) -> dict:
+def _correlation(event: dict) -> object:
+    return (event.get("args") or {}).get("correlation")
+
+
+def _end(event: dict) -> float:
+    return float(event["ts"]) + float(event["dur"])
+
+
+def host_stacks_at(host: list[dict], points: list[tuple[object, float]]) -> list[list[str]]:
+    """For each (thread, time): the names of that thread's host events open at that time,
+    outermost first. One sweep per thread: a thread's events nest, so a stack of open
+    events, popped as they end, is the call stack at each point."""
+    by_thread: dict[object, list[dict]] = defaultdict(list)
+    for e in host:
+        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    stacks: list[list[str]] = [[] for _ in points]
+    wanted: dict[object, list[tuple[float, int]]] = defaultdict(list)
+    for index, (thread, at) in enumerate(points):
+        wanted[thread].append((at, index))
+    for thread, queries in wanted.items():
+        events = sorted(by_thread.get(thread, []), key=lambda e: (float(e["ts"]), -float(e["dur"])))
+        open_events: list[dict] = []
+        position = 0
+        for at, index in sorted(queries):
+            while position < len(events) and float(events[position]["ts"]) <= at:
+                event = events[position]
+                while open_events and _end(open_events[-1]) <= float(event["ts"]):
+                    open_events.pop()
+                open_events.append(event)
+                position += 1
+            while open_events and _end(open_events[-1]) <= at:
+                open_events.pop()
+            stacks[index] = [e["name"] for e in open_events if _end(e) > at]
+    return stacks
+
+
+def gap_attribution(events: list[dict], host: list[dict], top: int) -> dict:
+    """Every gap of at least GAP_REPORT_US: where it falls and what the launching host
+    thread was doing (see the module docstring)."""
+    launcher = {_correlation(e): (e.get("pid"), e.get("tid")) for e in host
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and _correlation(e) is not None}  # fmt: skip
+    ordered = sorted(events, key=lambda e: float(e["ts"]))
+    span_start = float(ordered[0]["ts"])
+    gaps = []  # (start, end, next device event)
+    busy_until = span_start
+    for e in ordered:
+        start = float(e["ts"])
+        if start - busy_until >= GAP_REPORT_US:
+            gaps.append((busy_until, start, e))
+        busy_until = max(busy_until, start + float(e["dur"]))
+    threads = [launcher.get(_correlation(nxt)) for _, _, nxt in gaps]
+    stacks = host_stacks_at(host, [(thread, (s + e) / 2) for thread, (s, e, _) in zip(threads, gaps)])
+    stacks = [stack if thread else [NO_LAUNCHER] for thread, stack in zip(threads, stacks)]
+    by_op: dict[str, float] = defaultdict(float)
+    for (start, end, _), stack in zip(gaps, stacks):
+        by_op[stack[-1] if stack else NO_HOST_EVENT] += end - start
+    largest = sorted(zip(gaps, stacks), key=lambda gs: gs[0][0] - gs[0][1])[:top]
+    by_op_ms = {name[:120]: us / 1000 for name, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]}
+    return {
+        "idle_by_host_op_ms": by_op_ms,
+        "largest_gaps": [{"at_ms": (s - span_start) / 1000, "ms": (e - s) / 1000, "next": nxt["name"][:80],
+                          "host_stack": [name[:80] for name in stack[-6:]]}
+                         for (s, e, nxt), stack in largest],
+    }  # fmt: skip
+
+
+def summarize(events: list[dict], top: int = 15, host: list[dict] | None = None) -> dict:
     if not events:
         return {"device_events": 0}
     intervals = busy_intervals(events)
@@ -88,6 +164,7 @@ def summarize(events: list[dict], top: int = 15) -> dict:
             "total_ms": sum(large) / 1000,
             "largest_ms": [g / 1000 for g in large[:10]],
         },  # fmt: skip
+        **gap_attribution(events, host or [], top),
         "families_ms": {k: v / 1000 for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "families_share": {k: v / kernel_us for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "top_kernels": [
@@ -110,6 +187,11 @@ def table(summary: dict) -> str:
              f"idle {summary['idle_ms']:.1f} ms ({summary['gaps_over_100us']['count']} gaps >= 0.1 ms, "
              f"{summary['gaps_over_100us']['total_ms']:.1f} ms)"]  # fmt: skip
     lines.append("families: " + ", ".join(f"{k} {v:.0%}" for k, v in summary["families_share"].items() if v >= 0.01))
+    idle = summary["idle_by_host_op_ms"]
+    lines.append("idle by host event: " + ", ".join(f"{k} {v:.1f} ms" for k, v in idle.items()))
+    for gap in summary["largest_gaps"][:5]:
+        stack = " > ".join(gap["host_stack"]) or NO_HOST_EVENT
+        lines.append(f"  gap {gap['ms']:.2f} ms at {gap['at_ms']:.1f} ms: {stack}")
     for k in summary["top_kernels"]:
         lines.append(f"  {k['total_ms']:9.1f} ms {k['share']:6.1%} x{k['count']:<6} [{k['family']}] {k['name'][:90]}")
     return "\n".join(lines)
@@ -121,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
-    summary = {"trace": args.trace.name, **summarize(load_events(args.trace), args.top)}
+    device, host = load_trace(args.trace)
+    summary = {"trace": args.trace.name, **summarize(device, args.top, host)}
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))
     print(table(summary))

@@ -114,13 +114,15 @@ def test_first_serve_writes_the_demo_checkpoint(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def throughput_run(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "throughput"
-    mdl_serve("bench", "throughput", "--smoke", "--model", tiny_checkpoint, "--out", str(out))
+    mdl_serve("bench", "throughput", "--smoke", "--model", tiny_checkpoint, "--out", str(out),
+              "--ttft-clips", "2", "--ttft-repeats", "1")  # fmt: skip
     return out
 
 
 def test_bench_throughput(throughput_run):
     summary = json.loads((throughput_run / "summary.json").read_text())
-    assert summary["errors"] == [] and summary["ttft"] == []
+    assert summary["errors"] == []
+    assert [(r["clip_s"], r["n"]) for r in summary["ttft"]] == [(2.0, 1)]  # --ttft-clips in the same run
     rows = summary["throughput"]
     assert [(r["impl"], r["batch"]) for r in rows] == [("plugin", 1), ("plugin", 2)]
     for r in rows:

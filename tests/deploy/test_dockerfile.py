@@ -73,7 +73,7 @@ def test_multi_stage_cuda13_non_root_tini():
     assert set(json.loads(next(a for i, a in runtime if i == "VOLUME"))) == {"/models", "/cache"}
     env = " ".join(a for i, a in runtime if i == "ENV")
     for setting in ("MDL_HOST=0.0.0.0", "MDL_PORT=8000", "MDL_MODEL=/models", "VLLM_CACHE_ROOT=/cache/vllm",
-                    "TRITON_CACHE_DIR=/cache/triton"):
+                    "TRITON_CACHE_DIR=/cache/triton", "OMP_NUM_THREADS=1"):
         assert setting in env
     health = next(a for i, a in runtime if i == "HEALTHCHECK")
     assert "/health/live" in health and re.search(r"--start-period=(\d+)s", health)

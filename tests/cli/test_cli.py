@@ -142,9 +142,10 @@ def test_bench_ttft(tiny_checkpoint, tmp_path):
 
 
 def test_bench_plot_redraws_a_results_directory(throughput_run):
-    for name in ("summary.md", "throughput.png"):
+    for name in ("summary.md", "throughput.png", "ttft.png"):
         (throughput_run / name).unlink()
     out = mdl_serve("bench", "plot", str(throughput_run))
-    assert {Path(p).name for p in out.stdout.split()} == {"summary.md", "throughput.png"}
-    assert (throughput_run / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {Path(p).name for p in out.stdout.split()} == {"summary.md", "throughput.png", "ttft.png"}
+    for name in ("throughput.png", "ttft.png"):
+        assert (throughput_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plugin samples/s" in (throughput_run / "summary.md").read_text()

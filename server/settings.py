@@ -13,8 +13,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
-
 MiB = 1 << 20
 # Tokens kept free for the text prompt (system prompt, question) and the answer when
 # deriving the default audio duration limit from the context length.
@@ -24,6 +22,11 @@ RESERVED_TEXT_TOKENS = 512
 def default_max_audio_seconds(max_model_len: int) -> float:
     """The longest audio (per request) whose tokens leave RESERVED_TEXT_TOKENS of the
     context free: floor((max_model_len - 512) / 5) seconds, at least 1 s."""
+    # Imported here, not at the top: processing imports transformers (and torch), and the
+    # CLI imports this module to build its flags, so `mdl-serve ... --help` and usage errors
+    # would otherwise wait seconds for imports they never use.
+    from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
+
     tokens_per_second = num_audio_tokens(SAMPLE_RATE)  # 5: 100 mel frames/s, 4 per patch, 5 patches per token
     budget = max(max_model_len - RESERVED_TEXT_TOKENS, tokens_per_second)
     seconds = budget // tokens_per_second

@@ -62,9 +62,11 @@ def _batch(args: argparse.Namespace) -> int:
     from mdlserve.server.batch.runner import run_batch
     from mdlserve.server.settings import Settings
 
-    settings = Settings(
-        **{k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS}, max_num_seqs=options.max_in_flight
-    )
+    def settings() -> Settings:  # built after the job's own checks (BatchJob): a usage error waits for no torch import
+        return Settings(
+            **{k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS}, max_num_seqs=options.max_in_flight
+        )
+
     return run_batch(options, settings)
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,6 @@ from pathlib import Path
 from mdlserve.server.batch.ids import Shard
 from mdlserve.server.batch.inputs import STDIN, InputError, InputSpec, Row, read_rows
 from mdlserve.server.batch.items import BadRow, BatchItem, Completion, Result, RowError
-from mdlserve.server.batch.loading import ProcessDecodePool, audio_source, batch_fetcher
 from mdlserve.server.batch.options import BatchOptions
 from mdlserve.server.batch.outputs import OutputFileError, OutputFormat, ResultWriter, output_format
 from mdlserve.server.batch.presets import PresetError
@@ -80,9 +79,13 @@ def output_path(options: BatchOptions, shard: Shard) -> Path:
 
 
 class BatchJob:
-    def __init__(self, options: BatchOptions, settings: Settings):
+    """Checks its options when built: a UsageError comes before anything heavy is imported
+    (the audio, request and engine modules import torch and load only when a run needs them;
+    `settings` may be a function that builds them, called only once the checks have passed,
+    because deriving their defaults imports the model's processor, i.e. torch too)."""
+
+    def __init__(self, options: BatchOptions, settings: Settings | Callable[[], Settings]):
         self.options = options
-        self.settings = settings
         self.started = time.monotonic()
         try:
             self.shard = Shard.parse(options.shard)
@@ -96,6 +99,7 @@ class BatchJob:
             )
         except (ValueError, InputError, OutputFileError, PresetError) as exc:
             raise UsageError(str(exc)) from None
+        self.settings = settings() if callable(settings) else settings
         if self.writer.torn_bytes:
             logger.warning(
                 "cut a torn last line (%d bytes) from %s: that row runs again", self.writer.torn_bytes, self.output
@@ -122,6 +126,8 @@ class BatchJob:
         if self.options.dry_run:
             self.counts = self.count()
             return self.summary()
+        from mdlserve.server.batch.loading import ProcessDecodePool
+
         total = None if self.options.input == STDIN else self.count().todo
         started = time.monotonic()
         decoder = ProcessDecodePool(self.options.decode_workers or default_decode_workers())
@@ -137,6 +143,7 @@ class BatchJob:
 
     async def execute(self, engine, decoder, total: int | None = None) -> dict:
         """The run itself, on an engine and decode pool that are up (tests share theirs)."""
+        from mdlserve.server.batch.loading import batch_fetcher
         from mdlserve.server.request import RequestBuilder
 
         fetcher = batch_fetcher(self.settings.fetch_timeout, self.settings.fetch_max_bytes)
@@ -209,6 +216,8 @@ class BatchJob:
                 read_ahead.release()
 
     async def _prepare(self, item: BatchItem):
+        from mdlserve.server.batch.loading import audio_source
+
         try:
             leading = audio_source(item.audio, self.builder.fetcher) if item.audio is not None else None
             conversation = self.builder.conversation(item.messages, param="messages", leading_audio=leading)
@@ -270,7 +279,7 @@ class BatchJob:
         }  # fmt: skip
 
 
-def run_batch(options: BatchOptions, settings: Settings) -> int:
+def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]) -> int:
     """Runs the job, prints the summary as one JSON line on stdout (and to --summary)."""
     job = None
     try:

@@ -20,6 +20,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Gateway stages: milliseconds for a clip in the body, seconds when fetched from a URL.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -48,6 +50,13 @@ class GatewayMetrics:
             "mdl_ttft_seconds",
             "Time from request arrival at the gateway to the first generated token",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_engine = Histogram(
+            "mdl_time_to_engine_seconds",
+            "Time from request arrival at the gateway to its submission to the engine "
+            "(body, audio fetch and decoding, prompt building)",
+            buckets=STAGE_BUCKETS,
             registry=registry,
         )
         self.queue_wait = Histogram(

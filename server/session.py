@@ -143,6 +143,7 @@ class Run:
                     prepared.audio_seconds,
                     prepared.sampling.n,
                 )
+                self.session.metrics.time_to_engine.observe(time.perf_counter() - self.arrival)
                 self._stream = handle.engine.generate(prepared, self.request_id, self.arrival_time)
                 self.first = await self._next()
         except TimeoutError:

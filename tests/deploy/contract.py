@@ -6,7 +6,7 @@ import re
 from mdlserve.server.settings import Settings
 
 HISTOGRAMS = {
-    "mdl_request_duration_seconds", "mdl_ttft_seconds", "mdl_queue_wait_seconds",
+    "mdl_request_duration_seconds", "mdl_ttft_seconds", "mdl_time_to_engine_seconds", "mdl_queue_wait_seconds",
     "mdl_decode_seconds", "mdl_audio_decode_seconds",
 }
 METRICS = HISTOGRAMS | {

@@ -228,8 +228,11 @@ def test_metrics_exposes_contract(client):
     text = client.get("/metrics").text
     assert metric(text, "mdl_requests_total", route="/v1/chat/completions", status="200") >= 1
     assert metric(text, "mdl_request_duration_seconds_count", route="/v1/chat/completions") >= 1
-    for histogram in ("mdl_ttft_seconds", "mdl_queue_wait_seconds", "mdl_decode_seconds", "mdl_audio_decode_seconds"):
+    for histogram in ("mdl_ttft_seconds", "mdl_time_to_engine_seconds", "mdl_queue_wait_seconds", "mdl_decode_seconds",
+                      "mdl_audio_decode_seconds"):
         assert metric(text, histogram + "_count") >= 1, histogram
+    # every request with a first token was submitted to the engine first
+    assert metric(text, "mdl_time_to_engine_seconds_count") >= metric(text, "mdl_ttft_seconds_count")
     assert metric(text, "mdl_audio_seconds_total") >= 2.0
     assert metric(text, "mdl_engine_up") == 1
     for gauge in ("mdl_clips_in_flight", "mdl_queue_length", "mdl_engine_running_requests",

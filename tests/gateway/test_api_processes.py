@@ -38,13 +38,51 @@ def start(checkpoint: str, log_dir, name: str) -> ServerProcess:
     return server
 
 
+class SharedServer:
+    """The module's server, started again only after a test has ended it: the SIGTERM and
+    engine-death tests end theirs (in file order the SIGTERM test is the last user of the
+    first server and the death test has the second: two starts instead of three), and any
+    order, e.g. `-p randomly`, still gives every test a live server."""
+
+    def __init__(self, checkpoint: str, log_dir):
+        self.checkpoint, self.log_dir = checkpoint, log_dir
+        self.current: ServerProcess | None = None
+        self.starts = 0
+
+    def get(self) -> ServerProcess:
+        if self.current is None or self.current.process.poll() is not None:
+            if self.current is not None:
+                self.current.terminate()
+            self.starts += 1
+            self.current = start(self.checkpoint, self.log_dir, f"api-processes-{self.starts}")
+        return self.current
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.terminate()
+
+
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    server = start(tiny_checkpoint, tmp_path_factory.mktemp("api-processes"), "api-processes")
+def shared_server(tiny_checkpoint, tmp_path_factory):
+    shared = SharedServer(tiny_checkpoint, tmp_path_factory.mktemp("api-processes"))
     try:
-        yield server
+        yield shared
     finally:
-        server.terminate()
+        shared.stop()
+
+
+@pytest.fixture
+def server(shared_server) -> ServerProcess:
+    return shared_server.get()
+
+
+def wait_idle(server: ServerProcess) -> None:
+    """Until no clip unit is admitted: a stream an earlier test cancelled is aborted by the
+    server soon after, not at once, and until then it holds a unit of the capacity."""
+    deadline = time.monotonic() + 120
+    while metric(httpx.get(server.url + "/metrics", timeout=30).text, "mdl_clips_in_flight") > 0:
+        assert time.monotonic() < deadline, "the server's admitted units never drained"
+        time.sleep(0.5)
 
 
 def test_setting_is_a_flag_and_an_environment_variable(monkeypatch):
@@ -117,10 +155,10 @@ def test_admission_is_shared_by_the_processes(server):
     assert all(r.json()["error"]["code"] == "queue_full" for r in refused)
 
 
-def test_sigterm_drains_every_process_and_exits_zero(tiny_checkpoint, tmp_path):
+def test_sigterm_drains_every_process_and_exits_zero(server):
     """A stream in flight when SIGTERM arrives still finishes; then the supervisor exits 0
     and neither API processes nor engine cores are left running."""
-    server = start(tiny_checkpoint, tmp_path, "api-processes-sigterm")
+    wait_idle(server)
     try:
         children = descendants(server.process.pid)
         assert len(named(children, "EngineCore")) >= 1
@@ -150,8 +188,7 @@ def test_sigterm_drains_every_process_and_exits_zero(tiny_checkpoint, tmp_path):
         server.terminate()
 
 
-def test_engine_core_death_stops_everything_with_exit_code_1(tiny_checkpoint, tmp_path):
-    server = start(tiny_checkpoint, tmp_path, "api-processes-death")
+def test_engine_core_death_stops_everything_with_exit_code_1(server):
     try:
         children = descendants(server.process.pid)
         (core, *_) = named(children, "EngineCore")

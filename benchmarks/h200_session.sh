@@ -23,6 +23,8 @@ set -uo pipefail
 PHASE=${1:?usage: h200_session.sh offline|levers|http OUT}
 OUT=$(mkdir -p "${2:?OUT}" && cd "$2" && pwd)
 PY=${PYTHON:-python3}
+# Staged tools (py-spy from .gpu-stage-extra.txt) live in the staged site's bin folder.
+[ -n "${PYTHONPATH:-}" ] && export PATH="${PYTHONPATH%%:*}/bin:$PATH"
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/mdl-h200}
 mkdir -p "$WORK/$PHASE"

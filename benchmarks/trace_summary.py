@@ -106,20 +106,25 @@ def host_stacks_at(host: list[dict], points: list[tuple[object, float]]) -> list
     return stacks
 
 
-def gap_attribution(events: list[dict], host: list[dict], top: int) -> dict:
-    """Every gap of at least GAP_REPORT_US: where it falls and what the launching host
-    thread was doing (see the module docstring)."""
-    launcher = {_correlation(e): (e.get("pid"), e.get("tid")) for e in host
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and _correlation(e) is not None}  # fmt: skip
+def idle_gaps(events: list[dict]) -> list[tuple[float, float, dict]]:
+    """(start, end, the device event that ends it) of every stretch of at least
+    GAP_REPORT_US µs in which no device event ran."""
     ordered = sorted(events, key=lambda e: float(e["ts"]))
-    span_start = float(ordered[0]["ts"])
-    gaps = []  # (start, end, next device event)
-    busy_until = span_start
+    gaps = []
+    busy_until = float(ordered[0]["ts"])
     for e in ordered:
         start = float(e["ts"])
         if start - busy_until >= GAP_REPORT_US:
             gaps.append((busy_until, start, e))
-        busy_until = max(busy_until, start + float(e["dur"]))
+        busy_until = max(busy_until, _end(e))
+    return gaps
+
+
+def gap_attribution(gaps: list[tuple[float, float, dict]], host: list[dict], span_start: float, top: int) -> dict:
+    """Where each gap falls and what the launching host thread was doing (see the module
+    docstring)."""
+    launcher = {_correlation(e): (e.get("pid"), e.get("tid")) for e in host
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and _correlation(e) is not None}  # fmt: skip
     threads = [launcher.get(_correlation(nxt)) for _, _, nxt in gaps]
     stacks = host_stacks_at(host, [(thread, (s + e) / 2) for thread, (s, e, _) in zip(threads, gaps)])
     stacks = [stack if thread else [NO_LAUNCHER] for thread, stack in zip(threads, stacks)]
@@ -142,8 +147,8 @@ def summarize(events: list[dict], top: int = 15, host: list[dict] | None = None)
     intervals = busy_intervals(events)
     span_us = intervals[-1][1] - intervals[0][0]
     busy_us = sum(e - s for s, e in intervals)
-    gaps = [intervals[i + 1][0] - intervals[i][1] for i in range(len(intervals) - 1)]
-    large = sorted((g for g in gaps if g >= GAP_REPORT_US), reverse=True)
+    gaps = idle_gaps(events)
+    large = sorted((end - start for start, end, _ in gaps), reverse=True)
     by_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     by_family: dict[str, float] = defaultdict(float)
     for e in events:
@@ -164,7 +169,7 @@ def summarize(events: list[dict], top: int = 15, host: list[dict] | None = None)
             "total_ms": sum(large) / 1000,
             "largest_ms": [g / 1000 for g in large[:10]],
         },  # fmt: skip
-        **gap_attribution(events, host or [], top),
+        **gap_attribution(gaps, host or [], intervals[0][0], top),
         "families_ms": {k: v / 1000 for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "families_share": {k: v / kernel_us for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "top_kernels": [

@@ -4,6 +4,7 @@ message naming the cause, and the server stays healthy and correct afterwards.""
 import asyncio
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -97,33 +98,51 @@ def _status_of(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
 
-def test_slow_loris_headers_are_cut_off(guarded_server, reliability_report):
+# The three slow-loris requests: each waits for the server's deadline (~10 s), so they are
+# sent together, once, by the `slow_answers` fixture, and each test judges its own answer.
+SLOW_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "
+SLOW_BODY = b'{"model": "midashenglm-7b", "messages": []}'
+SLOW_UPLOAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % (len(SLOW_BODY) + 100)
+               + SLOW_BODY)  # fmt: skip
+MULTIPART_BOUNDARY = b"reliabilityboundary"
+SLOW_MULTIPART = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
+                  + b"\r\nContent-Type: multipart/form-data; boundary=" + MULTIPART_BOUNDARY
+                  + b"\r\nContent-Length: 100000\r\n\r\n--" + MULTIPART_BOUNDARY
+                  + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slow_answers(guarded_server) -> dict[str, tuple[bytes, float]]:
+    """Each slow request's answer and the seconds until it came, all three sent at once on
+    their own connections (and all finished before any test looks, so they never overlap
+    another test's requests)."""
+    requests = {"headers": SLOW_HEADERS, "body": SLOW_UPLOAD, "multipart": SLOW_MULTIPART}
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = {name: pool.submit(_raw_exchange, guarded_server.url, payload, read_timeout=40)
+                   for name, payload in requests.items()}  # fmt: skip
+        return {name: future.result() for name, future in futures.items()}
+
+
+def test_slow_loris_headers_are_cut_off(slow_answers, reliability_report):
     """Half a request line, then nothing: the connection is answered 408 and closed."""
-    answer, waited = _raw_exchange(guarded_server.url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ",
-                                   read_timeout=40)
+    answer, waited = slow_answers["headers"]
     observed = f"{_first_line(answer)} after {waited:.1f} s"
     assert reliability_report.add_fault("slow-loris: headers never finished", "408 within 30 s", observed,
                                         _status_of(answer) == 408 and waited < 30), observed
 
 
-def test_slow_upload_is_cut_off(guarded_server, auth, reliability_report):
+def test_slow_upload_is_cut_off(slow_answers, reliability_report):
     """A body that trickles in slower than --request-timeout allows gets 408."""
-    body = b'{"model": "midashenglm-7b", "messages": []}'
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Authorization: " + auth["Authorization"].encode() + b"\r\nContent-Length: %d\r\n\r\n" % (len(body) + 100))
-    answer, waited = _raw_exchange(guarded_server.url, head + body, read_timeout=40)
+    answer, waited = slow_answers["body"]
     observed = f"{_first_line(answer)} after {waited:.1f} s; {answer[-120:]!r}"
     passed = _status_of(answer) == 408 and b"request body not received" in answer and waited < 30
     assert reliability_report.add_fault("slow-loris: body never finished", "408 naming the body deadline within 30 s",
                                         observed, passed), observed
 
 
-def test_slow_multipart_upload_is_cut_off(guarded_server, auth, reliability_report):
-    boundary = b"reliabilityboundary"
-    head = (b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth["Authorization"].encode()
-            + b"\r\nContent-Type: multipart/form-data; boundary=" + boundary + b"\r\nContent-Length: 100000\r\n\r\n"
-            + b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')
-    answer, waited = _raw_exchange(guarded_server.url, head, read_timeout=40)
+def test_slow_multipart_upload_is_cut_off(slow_answers, reliability_report):
+    answer, waited = slow_answers["multipart"]
     observed = f"{_first_line(answer)} after {waited:.1f} s"
     assert reliability_report.add_fault("slow-loris: multipart upload never finished", "408 within 30 s", observed,
                                         _status_of(answer) == 408 and waited < 30), observed

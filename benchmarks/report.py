@@ -81,7 +81,8 @@ def serve_table(summary: dict) -> str:
     header = ["mode", "level", "procs", "requests", "ok", "errors", "window s", "req/s", "total req/s",
               "steady req/s", "Little req/s", "client in flight", "out tok/s",
               "TTFT p50/p90/p99 ms", "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms", "gateway in flight",
-              "engine running", "engine waiting", "loadgen cores", "API ms/req (+children)"]  # fmt: skip
+              "engine running", "engine waiting", "gateway → engine / TTFT ms", "loadgen cores",
+              "API ms/req (+children)"]  # fmt: skip
     table = []
     for r in rows:
         level = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['request_rate']:g} req/s"
@@ -96,8 +97,15 @@ def serve_table(summary: dict) -> str:
                       _gauge(gauges, "mdl_clips_in_flight"),
                       _gauge(gauges, "vllm:num_requests_running", "mdl_engine_running_requests"),
                       _gauge(gauges, "vllm:num_requests_waiting", "mdl_engine_waiting_requests"),
-                      (r.get("loadgen_cpu") or {}).get("cores"), api_ms])  # fmt: skip
+                      _stages(r.get("server_stage_ms") or {}), (r.get("loadgen_cpu") or {}).get("cores"),
+                      api_ms])  # fmt: skip
     return "### HTTP load\n\n" + _table(header, table)
+
+
+def _stages(stages: dict) -> str:
+    if not stages:
+        return "–"
+    return f"{_fmt(stages.get('time_to_engine'))} / {_fmt(stages.get('ttft'))}"
 
 
 def _gauge(gauges: dict, *names: str) -> str:

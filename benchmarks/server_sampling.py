@@ -26,6 +26,13 @@ IN_FLIGHT_METRICS = (
     "vllm:num_requests_running",  # vLLM's own (its server, and ours through the global registry)
     "vllm:num_requests_waiting",
 )
+# Our gateway's stage histograms: (sum, count) pairs, read at every sample; their growth over
+# the window gives the mean per request completed in it.
+STAGE_HISTOGRAMS = {
+    "time_to_engine": "mdl_time_to_engine_seconds",  # arrival -> engine submission
+    "ttft": "mdl_ttft_seconds",  # arrival -> first generated token
+}
+STAGE_SERIES = tuple(f"{name}_{part}" for name in STAGE_HISTOGRAMS.values() for part in ("sum", "count"))
 
 
 @dataclass
@@ -116,7 +123,7 @@ class MetricsReader:
             return None
         if resp.status_code == 404:
             self.available = False
-        return parse_gauges(resp.text) if resp.status_code == 200 else None
+        return parse_gauges(resp.text, IN_FLIGHT_METRICS + STAGE_SERIES) if resp.status_code == 200 else None
 
     def close(self) -> None:
         self.http.close()
@@ -240,8 +247,19 @@ class LevelSampling:
                    "cpu_ms_per_request": 1000 * own / completions if completions else None,
                    "with_children_cpu_s": tree, "with_children_cores": tree / window_s,
                    "with_children_cpu_ms_per_request": 1000 * tree / completions if completions else None}  # fmt: skip
-        return {"server_in_flight": in_flight, "metrics_samples": len(in_window), "loadgen_cpu": loadgen,
-                "api_cpu": api}  # fmt: skip
+        return {"server_in_flight": in_flight, "server_stage_ms": self.stage_means(start_s, end_s),
+                "metrics_samples": len(in_window), "loadgen_cpu": loadgen, "api_cpu": api}  # fmt: skip
+
+    def stage_means(self, start_s: float, end_s: float) -> dict[str, float]:
+        """Mean ms per request of each gateway stage over the window: the growth of the
+        histogram's sum over the growth of its count, both interpolated at the bounds."""
+        means = {}
+        for stage, name in STAGE_HISTOGRAMS.items():
+            total = cpu_delta(self.metrics.samples, f"{name}_sum", start_s, end_s)
+            count = cpu_delta(self.metrics.samples, f"{name}_count", start_s, end_s)
+            if total is not None and count:
+                means[stage] = 1000 * total / count
+        return means
 
     def raw(self) -> list[dict]:
         """Every sample, for raw.json."""
@@ -252,7 +270,8 @@ class LevelSampling:
 
 
 def cpu_delta(samples: list[Sample], key: str, start_s: float, end_s: float) -> float | None:
-    """CPU seconds of `key` between two moments, interpolated between the samples around them."""
+    """Growth of the counter `key` (CPU seconds, a histogram's sum or count) between two
+    moments, interpolated between the samples around them."""
     points = sorted((s.t, s.values[key]) for s in samples if key in s.values)
     if len(points) < 2:
         return None

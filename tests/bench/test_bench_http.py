@@ -182,6 +182,9 @@ def test_serve_processes_share_one_window(server, tmp_path, capsys):
     assert row["metrics_samples"] >= 1 and gauges["mdl_clips_in_flight"]["n"] == row["metrics_samples"]
     for stats in gauges.values():
         assert 0 <= stats["min"] <= stats["median"] <= stats["max"] <= 4
+    stages = row["server_stage_ms"]
+    assert set(stages) == {"time_to_engine", "ttft"} and 0 < stages["time_to_engine"] < stages["ttft"]
+    assert stages["ttft"] <= max(r["ttft_ms"] for r in raw)  # the server's share of what the client saw
     loadgen, api = row["loadgen_cpu"], row["api_cpu"]
     assert 0 <= loadgen["max_process_cores"] <= loadgen["cores"] + 1e-6
     assert loadgen["cores"] == pytest.approx(loadgen["cpu_s"] / row["window_s"], rel=1e-2, abs=1e-3)

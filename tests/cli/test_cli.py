@@ -3,7 +3,9 @@
 checkpoint on the first `serve`, and `bench throughput`, `bench ttft`, `bench plot`.
 
 `generate` and `bench` start real tiny engines in subprocesses (the fast in-process path
-that tests/conftest.py puts in the environment, the flags of tests/fast_engine.py).
+that tests/conftest.py puts in the environment, the flags of tests/fast_engine.py);
+`make-checkpoint` and `bench plot`, which start neither engine nor server, run through the
+same entry point (cli.main) in the test process.
 """
 
 import json
@@ -29,6 +31,18 @@ def mdl_serve(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
     return proc
 
 
+def mdl_serve_in_process(capsys, *args: str) -> str:
+    """`mdl-serve ARGS` through the console script's own entry point (cli.main), in this
+    process: for subcommands that start no engine and no server (make-checkpoint, bench
+    plot), where a fresh interpreter would only add its seconds of torch imports. Returns
+    what the command printed."""
+    from mdlserve.server import cli
+
+    capsys.readouterr()
+    assert cli.main(list(args)) in (None, 0)
+    return capsys.readouterr().out
+
+
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
@@ -36,11 +50,12 @@ def json_lines(text: str) -> list[dict]:
 # ---------------------------------------------------------------- make-checkpoint
 
 
-def test_make_checkpoint_tiny_is_seeded_and_complete(tmp_path):
+def test_make_checkpoint_tiny_is_seeded_and_complete(tmp_path, capsys):
     paths = {}
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
-        out = mdl_serve("make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / name), "--seed", seed)
-        paths[name] = Path(out.stdout.strip())
+        out = mdl_serve_in_process(capsys, "make-checkpoint", "--preset", "tiny", "--out", str(tmp_path / name),
+                                   "--seed", seed)  # fmt: skip
+        paths[name] = Path(out.strip())
         assert paths[name] == tmp_path / name
     files = {p.name for p in paths["a"].iterdir()}
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
@@ -52,13 +67,13 @@ def test_make_checkpoint_tiny_is_seeded_and_complete(tmp_path):
     assert not any(k.startswith("audio_encoder.front_end") for k in a)
 
 
-def test_make_checkpoint_frontend_buffers_and_7b_shapes_only(tmp_path):
-    mdl_serve("make-checkpoint", "--out", str(tmp_path / "fb"), "--frontend-buffers")
+def test_make_checkpoint_frontend_buffers_and_7b_shapes_only(tmp_path, capsys):
+    mdl_serve_in_process(capsys, "make-checkpoint", "--out", str(tmp_path / "fb"), "--frontend-buffers")
     weights = load_file(str(tmp_path / "fb" / "model.safetensors"))
     assert weights["audio_encoder.front_end.0.mel_scale.fb"].shape == (257, 64)
     assert weights["audio_encoder.front_end.0.spectrogram.window"].shape == (512,)
 
-    mdl_serve("make-checkpoint", "--preset", "7b", "--out", str(tmp_path / "7b"))
+    mdl_serve_in_process(capsys, "make-checkpoint", "--preset", "7b", "--out", str(tmp_path / "7b"))
     config = json.loads((tmp_path / "7b" / "config.json").read_text())
     assert not (tmp_path / "7b" / "model.safetensors").exists(), "7b is shapes only (--load-format dummy)"
     assert config["text_config"]["hidden_size"] == 3584 and config["text_config"]["num_hidden_layers"] == 28
@@ -141,11 +156,11 @@ def test_bench_ttft(tiny_checkpoint, tmp_path):
     assert rows[1]["prompt_tokens"] - rows[0]["prompt_tokens"] == 10
 
 
-def test_bench_plot_redraws_a_results_directory(throughput_run):
+def test_bench_plot_redraws_a_results_directory(throughput_run, capsys):
     for name in ("summary.md", "throughput.png", "ttft.png"):
         (throughput_run / name).unlink()
-    out = mdl_serve("bench", "plot", str(throughput_run))
-    assert {Path(p).name for p in out.stdout.split()} == {"summary.md", "throughput.png", "ttft.png"}
+    out = mdl_serve_in_process(capsys, "bench", "plot", str(throughput_run))
+    assert {Path(p).name for p in out.split()} == {"summary.md", "throughput.png", "ttft.png"}
     for name in ("throughput.png", "ttft.png"):
         assert (throughput_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "plugin samples/s" in (throughput_run / "summary.md").read_text()

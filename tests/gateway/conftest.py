@@ -11,7 +11,7 @@ server. Both start together so their (slow, on CPU) engine loads overlap.
 import httpx
 import pytest
 
-from .helpers import ServerProcess
+from .helpers import ServerProcess, terminate_all
 
 API_KEYS = ("key-one", "key-two")
 AUTH = {"Authorization": f"Bearer {API_KEYS[0]}"}
@@ -47,9 +47,7 @@ class Servers:
         self.while_loading: dict[str, httpx.Response] = {}
 
     def stop(self) -> None:
-        for server in (self.gateway, self.lifecycle):
-            if server is not None:
-                server.terminate()
+        terminate_all([server for server in (self.gateway, self.lifecycle) if server is not None])
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,7 @@ class ServerProcess:
         command = [sys.executable, "-m", "mdlserve.server.cli", "serve", "--model", checkpoint,
                    "--port", str(self.port), *(FAST_FLAGS if fast else []), *args]
         self._log = open(self.log_path, "wb")
+        self._stop_sent = False
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=process_env,
                                         start_new_session=True)
 
@@ -102,9 +103,15 @@ class ServerProcess:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def terminate(self) -> int:
-        if self.process.poll() is None:
+    def send_stop(self) -> None:
+        """SIGTERM, once (stopping several servers: signal them all, then wait for each)."""
+        if not self._stop_sent and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self._stop_sent = True
+
+    def terminate(self) -> int:
+        self.send_stop()
+        if self.process.poll() is None:
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -112,6 +119,14 @@ class ServerProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def terminate_all(servers: list[ServerProcess]) -> None:
+    """Stops every server, their shutdowns overlapping (each one alone takes seconds)."""
+    for server in servers:
+        server.send_stop()
+    for server in servers:
+        server.terminate()
 
 
 def descendants(pid: int) -> list[psutil.Process]:

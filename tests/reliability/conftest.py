@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.helpers import ServerProcess
+from gateway.helpers import ServerProcess, terminate_all
 
 from .report import ReliabilityReport
 
@@ -119,8 +119,7 @@ class _Servers:
         self.drained = ServerProcess(checkpoint, lifecycle, self.logs, name="drained")
 
     def stop(self) -> None:
-        for server in (self.guarded.server, self.open.server, self.killed, self.drained):
-            server.terminate()
+        terminate_all([self.guarded.server, self.open.server, self.killed, self.drained])
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 
 from mdlserve.server.settings import Settings
 
-from .helpers import ServerProcess, audio_file, audio_part, chat_body, descendants, metric, named
+from .helpers import ServerProcess, audio_file, audio_part, chat_body, descendants, metric, named, terminate_all
 
 API_PROCESSES = 2
 MAX_NUM_SEQS = 2
@@ -30,41 +30,52 @@ LONG_TOKENS = 1900  # with ignore_eos: a stream that cannot finish while the tes
 pytestmark = pytest.mark.slow
 
 
-def start(checkpoint: str, log_dir, name: str) -> ServerProcess:
-    server = ServerProcess(checkpoint, [
-        "--api-processes", str(API_PROCESSES), "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
-    ], log_dir, name=name)  # fmt: skip
-    server.wait_ready(timeout=START_TIMEOUT_S)
-    return server
+# The tests that end the server they are given (SIGTERM, engine death).
+ENDS_THE_SERVER = ("test_sigterm_drains_every_process_and_exits_zero",
+                   "test_engine_core_death_stops_everything_with_exit_code_1")  # fmt: skip
 
 
 class SharedServer:
-    """The module's server, started again only after a test has ended it: the SIGTERM and
+    """The module's server, replaced only after a test has ended it: the SIGTERM and
     engine-death tests end theirs (in file order the SIGTERM test is the last user of the
     first server and the death test has the second: two starts instead of three), and any
-    order, e.g. `-p randomly`, still gives every test a live server."""
+    order, e.g. `-p randomly`, still gives every test a live server.
 
-    def __init__(self, checkpoint: str, log_dir):
-        self.checkpoint, self.log_dir = checkpoint, log_dir
+    The `planned` servers (one per selected test that ends one) start together: a server's
+    start keeps about one of the machine's two cores busy, so the second one loads while
+    the first one serves, instead of after it."""
+
+    def __init__(self, checkpoint: str, log_dir, planned: int):
+        self.checkpoint, self.log_dir, self.planned = checkpoint, log_dir, planned
         self.current: ServerProcess | None = None
+        self.loading: list[ServerProcess] = []  # started, not handed out yet
         self.starts = 0
+
+    def _launch(self) -> ServerProcess:
+        self.starts += 1
+        return ServerProcess(self.checkpoint, [
+            "--api-processes", str(API_PROCESSES), "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queue", str(MAX_QUEUE),
+        ], self.log_dir, name=f"api-processes-{self.starts}")  # fmt: skip
 
     def get(self) -> ServerProcess:
         if self.current is None or self.current.process.poll() is not None:
             if self.current is not None:
                 self.current.terminate()
-            self.starts += 1
-            self.current = start(self.checkpoint, self.log_dir, f"api-processes-{self.starts}")
+            self.current = self.loading.pop(0) if self.loading else self._launch()
+            while self.starts < self.planned:
+                self.loading.append(self._launch())
+            self.current.wait_ready(timeout=START_TIMEOUT_S)
         return self.current
 
     def stop(self) -> None:
-        if self.current is not None:
-            self.current.terminate()
+        terminate_all([server for server in (self.current, *self.loading) if server is not None])
 
 
 @pytest.fixture(scope="module")
-def shared_server(tiny_checkpoint, tmp_path_factory):
-    shared = SharedServer(tiny_checkpoint, tmp_path_factory.mktemp("api-processes"))
+def shared_server(request, tiny_checkpoint, tmp_path_factory):
+    ending = [item for item in request.session.items
+              if getattr(item, "module", None) is request.module and item.originalname in ENDS_THE_SERVER]  # fmt: skip
+    shared = SharedServer(tiny_checkpoint, tmp_path_factory.mktemp("api-processes"), planned=max(len(ending), 1))
     try:
         yield shared
     finally:

@@ -81,8 +81,9 @@ def output_path(options: BatchOptions, shard: Shard) -> Path:
 class BatchJob:
     """Checks its options when built: a UsageError comes before anything heavy is imported
     (the audio, request and engine modules import torch and load only when a run needs them;
-    `settings` may be a function that builds them, called only once the checks have passed,
-    because deriving their defaults imports the model's processor, i.e. torch too)."""
+    `settings` may be a function that builds them, called once the input and format checks
+    have passed, because deriving their defaults imports the model's processor, i.e. torch
+    too)."""
 
     def __init__(self, options: BatchOptions, settings: Settings | Callable[[], Settings]):
         self.options = options
@@ -94,12 +95,14 @@ class BatchJob:
             self.kind = self.spec.resolved_format()
             self.format: OutputFormat = output_format(self.kind, options.model_name)
             self.output = output_path(options, self.shard)
+            # Before the writer, which may cut a torn line or drop error rows for a retry:
+            # settings that fail leave the output file as it was.
+            self.settings = settings() if callable(settings) else settings
             self.writer = ResultWriter(
                 self.output, self.format, retry_errors=options.retry_errors, read_only=options.dry_run
             )
         except (ValueError, InputError, OutputFileError, PresetError) as exc:
             raise UsageError(str(exc)) from None
-        self.settings = settings() if callable(settings) else settings
         if self.writer.torn_bytes:
             logger.warning(
                 "cut a torn last line (%d bytes) from %s: that row runs again", self.writer.torn_bytes, self.output

@@ -87,8 +87,9 @@ class PeriodicSampler:
             self.samples.append(Sample(t, values, at_window_end))
 
 
-def parse_gauges(text: str, names: tuple[str, ...] = IN_FLIGHT_METRICS) -> dict[str, float]:
-    """The sum over label sets of each of `names` in a Prometheus text exposition."""
+def parse_series(text: str, names: tuple[str, ...] = IN_FLIGHT_METRICS) -> dict[str, float]:
+    """The sum over label sets of each of `names` (gauges, or a histogram's _sum and _count)
+    in a Prometheus text exposition."""
     found: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -123,7 +124,7 @@ class MetricsReader:
             return None
         if resp.status_code == 404:
             self.available = False
-        return parse_gauges(resp.text, IN_FLIGHT_METRICS + STAGE_SERIES) if resp.status_code == 200 else None
+        return parse_series(resp.text, IN_FLIGHT_METRICS + STAGE_SERIES) if resp.status_code == 200 else None
 
     def close(self) -> None:
         self.http.close()
@@ -232,7 +233,7 @@ class LevelSampling:
             if values:
                 in_flight[name] = {"n": len(values), "min": min(values), "median": float(np.median(values)),
                                    "max": max(values)}  # fmt: skip
-        per_worker = [cpu_delta(self.cpu.samples, f"loadgen:{i}", start_s, end_s)
+        per_worker = [counter_delta(self.cpu.samples, f"loadgen:{i}", start_s, end_s)
                       for i in range(self.loadgen_processes)]  # fmt: skip
         known = [c for c in per_worker if c is not None]
         loadgen = None
@@ -240,8 +241,8 @@ class LevelSampling:
             loadgen = {"cpu_s": sum(known), "cores": sum(known) / window_s, "max_process_cores": max(known) / window_s,
                        "cpu_ms_per_request": 1000 * sum(known) / completions if completions else None}  # fmt: skip
         api = None
-        own = cpu_delta(self.cpu.samples, "api", start_s, end_s)
-        tree = cpu_delta(self.cpu.samples, "api_with_children", start_s, end_s)
+        own = counter_delta(self.cpu.samples, "api", start_s, end_s)
+        tree = counter_delta(self.cpu.samples, "api_with_children", start_s, end_s)
         if own is not None and tree is not None and window_s > 0:
             api = {"cpu_s": own, "cores": own / window_s,
                    "cpu_ms_per_request": 1000 * own / completions if completions else None,
@@ -255,8 +256,8 @@ class LevelSampling:
         histogram's sum over the growth of its count, both interpolated at the bounds."""
         means = {}
         for stage, name in STAGE_HISTOGRAMS.items():
-            total = cpu_delta(self.metrics.samples, f"{name}_sum", start_s, end_s)
-            count = cpu_delta(self.metrics.samples, f"{name}_count", start_s, end_s)
+            total = counter_delta(self.metrics.samples, f"{name}_sum", start_s, end_s)
+            count = counter_delta(self.metrics.samples, f"{name}_count", start_s, end_s)
             if total is not None and count:
                 means[stage] = 1000 * total / count
         return means
@@ -269,7 +270,7 @@ class LevelSampling:
         return rows
 
 
-def cpu_delta(samples: list[Sample], key: str, start_s: float, end_s: float) -> float | None:
+def counter_delta(samples: list[Sample], key: str, start_s: float, end_s: float) -> float | None:
     """Growth of the counter `key` (CPU seconds, a histogram's sum or count) between two
     moments, interpolated between the samples around them."""
     points = sorted((s.t, s.values[key]) for s in samples if key in s.values)

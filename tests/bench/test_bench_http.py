@@ -23,7 +23,7 @@ import soundfile
 from mdlserve.benchmarks.cli import main as bench
 from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, after_first_wave, window_summary
 from mdlserve.benchmarks.load_workers import closed_shares, open_shares, split_proportionally
-from mdlserve.benchmarks.server_sampling import MetricsReader, Sample, cpu_delta, parse_gauges
+from mdlserve.benchmarks.server_sampling import MetricsReader, Sample, counter_delta, parse_series
 
 STARTUP_TIMEOUT_S = 300
 
@@ -264,14 +264,14 @@ vllm:num_requests_running_total 99
 mdl_clips_in_flight 512.0
 mdl_queue_length 0.0 1700000000000
 """
-    assert parse_gauges(text) == {"vllm:num_requests_running": 7.0, "mdl_clips_in_flight": 512.0,
+    assert parse_series(text) == {"vllm:num_requests_running": 7.0, "mdl_clips_in_flight": 512.0,
                                   "mdl_queue_length": 0.0}  # fmt: skip
 
 
-def test_cpu_delta_interpolates_at_the_window_bounds():
+def test_counter_delta_interpolates_at_the_window_bounds():
     samples = [Sample(0.0, {"api": 10.0}), Sample(1.0, {"api": 11.0}), Sample(3.0, {"api": 15.0, "x": 1.0})]
-    assert cpu_delta(samples, "api", 0.5, 2.0) == pytest.approx(13.0 - 10.5)
-    assert cpu_delta(samples, "x", 0.0, 3.0) is None  # one sample is not a rate
+    assert counter_delta(samples, "api", 0.5, 2.0) == pytest.approx(13.0 - 10.5)
+    assert counter_delta(samples, "x", 0.0, 3.0) is None  # one sample is not a rate
 
 
 def test_metrics_reader_tolerates_a_server_without_metrics():

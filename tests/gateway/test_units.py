@@ -296,3 +296,15 @@ def test_json_elements_are_counted_block_by_block_and_stop_past_the_limit():
     assert count_elements(body) == body.count(b",") + body.count(b"[") + body.count(b"{")
     partial = count_elements(body, stop_above=10)
     assert 10 < partial < count_elements(body)  # stopped after the first block
+
+
+def test_engine_config_applies_the_host_thread_rule_for_its_device_before_any_engine_process_starts(
+    tiny_checkpoint, monkeypatch
+):
+    import mdlserve.model_plugin.model as model
+    from mdlserve.server.engine import engine_config
+
+    devices = []
+    monkeypatch.setattr(model, "limit_host_threads", devices.append)
+    config = engine_config(Settings(model=tiny_checkpoint, enforce_eager=True, kv_cache_bytes=1 << 30))
+    assert devices == [config.device_config.device_type] == ["cpu"]

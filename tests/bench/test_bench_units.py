@@ -190,3 +190,22 @@ def test_time_budget_skips_points_that_would_not_fit(tmp_path):
     work.deadline = time.time() - 1
     runner.measure_ttft(_FakeLLM())
     assert runner.result["errors"][-1]["stage"] == "ttft" and len(runner.result["ttft"]) == 1
+
+
+def test_warm_up_runs_one_clip_a_small_batch_and_the_largest_batch(tmp_path):
+    from mdlserve.benchmarks.offline import OfflineRunner
+
+    class RecordingLLM(_FakeLLM):
+        calls: list = []
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.calls.append((len(prompts), params.max_tokens))
+            return super().generate(prompts, params, use_tqdm)
+
+    work = OfflineWorkload(impl="plugin", model="m", load_format="auto", engine=EngineOptions(), batches=[32, 512],
+                           clip_s=0.5, out_tokens=100, ttft_clip_s=[0.5], ttft_repeats=1, prompt="p", seed=0)  # fmt: skip
+    runner = OfflineRunner(work, tmp_path / "result.json")
+    runner.prompt_text = "p"
+    llm = RecordingLLM()
+    runner.warm_up(llm)
+    assert llm.calls == [(1, 16), (8, 16), (512, 16)]

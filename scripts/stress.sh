@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `make stress`: the test suite (or the pytest arguments given) three times in a row while
-# two busy loops keep two CPUs occupied, the check that no test depends on the machine's
-# speed. Uses `stress-ng --cpu 2` when it is installed, two shell busy loops otherwise.
-# Prints one line per run with its time; exits non-zero if any run failed.
+# `make stress`: the test suite as `make test` selects it (or the pytest arguments given)
+# three times in a row while two busy loops keep two CPUs occupied, the check that no test
+# depends on the machine's speed. Uses `stress-ng --cpu 2` when it is installed, two shell
+# busy loops otherwise. Prints one line per run with its time; exits non-zero if any run
+# failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/step.sh
@@ -31,7 +32,8 @@ fi
 
 failed=0
 for run in $(seq 1 "$RUNS"); do
-    step "stress: run $run/$RUNS" .venv/bin/python -m pytest -q -ra -p no:cacheprovider "$@" || failed=$((failed + 1))
+    step "stress: run $run/$RUNS" .venv/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" "$@" \
+        || failed=$((failed + 1))
 done
 echo "stress: $failed of $RUNS runs failed"
 [ "$failed" -eq 0 ]

@@ -24,6 +24,7 @@ def complete_lines(path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(tiny_checkpoint, clips_dir, tmp_path):
     clips = good_clips(clips_dir)
     lines = [json.dumps({"id": clip, "audio": str(clips_dir / clip)}) + "\n" for clip in clips]
@@ -149,6 +150,7 @@ def _peak_rss_mb(args: list[str]) -> tuple[float, dict]:
     return usage.ru_maxrss / 1024, last_json_line(output.decode())
 
 
+@pytest.mark.slow
 def test_a_large_manifest_is_streamed_not_held(tmp_path):
     """200,000 rows (a 36 MB manifest) read with --dry-run (the reader, id checks and
     shard split of a real run, no model): peak memory grows by the id tables (a few MB),

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mdlserve.benchmarks.hostile_gateway import hostile_bodies
+
+pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
 
 
 def test_bench_hostile_reports_memory_and_loop_lag_and_no_5xx(tiny_checkpoint, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
+
 REPO = Path(__file__).resolve().parents[2]
 BATCHES, TTFT_CLIPS, REPEATS = [1, 2], [2.0, 4.0], 2
 

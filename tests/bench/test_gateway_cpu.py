@@ -4,6 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
+
 
 def test_reports_api_process_cpu_per_request(tiny_checkpoint, tmp_path):
     out = tmp_path / "gateway-cpu.json"

@@ -83,6 +83,7 @@ def test_make_checkpoint_frontend_buffers_and_7b_shapes_only(tmp_path, capsys):
 # ---------------------------------------------------------------- generate
 
 
+@pytest.mark.slow
 def test_generate_captions_audio_files(tiny_checkpoint, tmp_path):
     soundfile.write(tmp_path / "a.wav", make_clip(24000), 16000)
     soundfile.write(tmp_path / "b.flac", make_clip(24000, rate=48000, channels=2), 48000)  # 0.5 s stereo
@@ -94,6 +95,7 @@ def test_generate_captions_audio_files(tiny_checkpoint, tmp_path):
     assert all(isinstance(r["text"], str) and r["text"] for r in rows)
 
 
+@pytest.mark.slow
 def test_generate_without_arguments_writes_the_demo_checkpoint_and_captions_the_demo_clip(tmp_path):
     """`make generate` on a fresh machine: no checkpoint yet, no audio given."""
     out = mdl_serve("generate", "--max-tokens", "4", *FAST_CLI_FLAGS, cwd=tmp_path)
@@ -134,6 +136,7 @@ def throughput_run(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bench_throughput(throughput_run):
     summary = json.loads((throughput_run / "summary.json").read_text())
     assert summary["errors"] == []
@@ -145,6 +148,7 @@ def test_bench_throughput(throughput_run):
     assert "### Throughput" in (throughput_run / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_ttft(tiny_checkpoint, tmp_path):
     mdl_serve("bench", "ttft", "--smoke", "--model", tiny_checkpoint, "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -156,6 +160,7 @@ def test_bench_ttft(tiny_checkpoint, tmp_path):
     assert rows[1]["prompt_tokens"] - rows[0]["prompt_tokens"] == 10
 
 
+@pytest.mark.slow
 def test_bench_plot_redraws_a_results_directory(throughput_run, capsys):
     for name in ("summary.md", "throughput.png", "ttft.png"):
         (throughput_run / name).unlink()

@@ -55,6 +55,7 @@ def audio_request(seconds: float) -> dict:
     return chat_body([part, {"type": "text", "text": "Caption the audio."}], max_tokens=1, temperature=0)
 
 
+@pytest.mark.slow
 async def test_audio_at_the_limit_is_answered_and_past_it_refused_before_decoding(tiny_checkpoint):
     app = create_app(settings(tiny_checkpoint))
     async with app.router.lifespan_context(app):

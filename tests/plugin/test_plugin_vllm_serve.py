@@ -29,6 +29,8 @@ from fast_engine import FAST_VLLM_SERVE_FLAGS as VLLM_SERVE_FLAGS
 
 from mdlserve.model_plugin.processing import num_audio_tokens
 
+pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
+
 START_TIMEOUT_S = 600
 SERVED_NAME = "midashenglm-tiny"
 

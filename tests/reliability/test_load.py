@@ -116,6 +116,7 @@ def test_twice_default_capacity_answered_or_refused(tiny_checkpoint, tmp_path, r
     assert not any(idle.values()), idle
 
 
+@pytest.mark.slow
 def test_soak_constant_load_no_errors_drift_or_leaks(open_server, reliability_report, heavy):
     """Closed-loop load at the server's capacity for a fixed time: no errors, latency does not
     drift, and RSS and open file descriptors of server plus engine stay bounded."""

@@ -11,7 +11,7 @@ import binascii
 import ipaddress
 import socket
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ MAX_REDIRECTS = 5
 # Longest http(s)/file URL we parse (data: URLs are bounded by --fetch-max-bytes instead).
 MAX_URL_CHARS = 8192
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class FetchError(Exception):
@@ -101,22 +102,32 @@ class AudioFetcher:
         max_bytes: int,
         allowed_domains: list[str],
         media_dir: Path | None,
+        allowed_networks: Sequence[IPNetwork] = (),
         allow_private: bool = False,
-        address_allowed: Callable[[IPAddress], bool] | None = None,
     ):
-        """`address_allowed` replaces the public-address check (tests only); `allow_private`
-        turns the check off (tests only, MDL_UNSAFE_ALLOW_PRIVATE_URLS)."""
+        """Every address a URL resolves to, redirects included, must be public or inside
+        `allowed_networks` (--allowed-networks: an in-cluster media server, a test's local
+        HTTP server). `allow_private` lifts the check for batch jobs, whose URLs come from the
+        operator's own manifest, not from clients."""
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.allowed_domains = allowed_domains
         self.media_dir = media_dir
-        self.address_allowed = address_allowed or ((lambda ip: True) if allow_private else is_public_address)
+        self.allowed_networks = list(allowed_networks)
+        self.allow_private = allow_private
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,
             timeout=httpx.Timeout(timeout),
             headers={"User-Agent": "midashenglm-serve"},
         )
+
+    def address_allowed(self, ip: IPAddress) -> bool:
+        if self.allow_private or is_public_address(ip):
+            return True
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.allowed_networks)
 
     async def aclose(self) -> None:
         await self._client.aclose()

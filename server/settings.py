@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
@@ -106,14 +106,15 @@ class Settings(BaseSettings):
     allowed_domains: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated domains audio_url may fetch from; empty: any public host"
     )
+    allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated IP networks (CIDR) audio_url may reach although not public, e.g. an "
+        "in-cluster media server; empty: public addresses only",
+    )
     media_dir: Path | None = Field(None, description="directory file:// audio URLs may read from (else refused)")
     decode_workers: int | None = Field(None, ge=1, description="audio decode threads (default: one per core)")
 
-    # Test-only: lets audio_url reach loopback/private addresses (local test servers).
-    # Environment only (MDL_UNSAFE_ALLOW_PRIVATE_URLS), never a CLI flag.
-    unsafe_allow_private_urls: bool = Field(False, json_schema_extra={"cli": False})
-
-    @field_validator("api_keys", "allowed_domains", mode="before")
+    @field_validator("api_keys", "allowed_domains", "allowed_networks", mode="before")
     @classmethod
     def _split_comma_list(cls, value: object) -> object:
         return _comma_list(value)

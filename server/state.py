@@ -47,7 +47,7 @@ class GatewayState:
             max_bytes=settings.fetch_max_bytes,
             allowed_domains=settings.allowed_domains,
             media_dir=settings.media_dir,
-            allow_private=settings.unsafe_allow_private_urls,
+            allowed_networks=settings.allowed_networks,
         )
         self.builder = RequestBuilder(settings, self.decoder, self.fetcher)
         self.session = Session(self.engine, self.builder, self.admission, self.metrics, settings.request_timeout)
@@ -65,8 +65,9 @@ class GatewayState:
         return self.engine.up and not self.draining
 
     async def start(self) -> None:
-        if self.settings.unsafe_allow_private_urls:
-            logger.warning("MDL_UNSAFE_ALLOW_PRIVATE_URLS is set: audio_url may reach private addresses (tests only)")
+        if self.settings.allowed_networks:
+            networks = ", ".join(map(str, self.settings.allowed_networks))
+            logger.info("audio_url may reach these non-public networks (--allowed-networks): %s", networks)
         self.loop_lag.start()
         self.engine.start(on_failure=lambda: self.request_exit())
 

@@ -16,6 +16,7 @@ from .contract import ENV_VARS
 FULL = {
     "replicaCount": 2,
     "server": {"tensorParallelSize": 2, "enforceEager": True, "allowedDomains": ["a.example", "b.example"],
+               "allowedNetworks": ["10.20.0.0/16", "fd00::/8"],
                "maxAudioSeconds": 600, "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}]},
     "auth": {"existingSecret": "team-keys", "existingSecretKey": "keys"},
     "model": {"source": "download", "path": "mdl/7b",
@@ -213,6 +214,7 @@ def test_server_settings_become_contract_env_vars(helm):
     assert data["MDL_HOST"] == "0.0.0.0"
     assert data["MDL_MODEL"] == "/models/mdl/7b"
     assert data["MDL_ALLOWED_DOMAINS"] == "a.example,b.example"
+    assert data["MDL_ALLOWED_NETWORKS"] == "10.20.0.0/16,fd00::/8"
     assert data["MDL_ENFORCE_EAGER"] == "true"
     assert data["MDL_MAX_AUDIO_SECONDS"] == "600"
     # null / empty values keep the server's defaults: not set at all.

@@ -4,8 +4,8 @@ gateway: fast engine; small limits so the limit tests are cheap (2 MiB bodies, 2
 audio, 1 MiB fetches); 4 running + 4 queued clip units for the backpressure tests; API
 keys on; a 10 s request timeout; a media dir for file:// URLs; the SSRF guard on.
 lifecycle (only when test_lifecycle.py is selected): vLLM's default engine path, no API
-keys, and the test-only MDL_UNSAFE_ALLOW_PRIVATE_URLS so audio_url can reach a local HTTP
-server. Both start together so their (slow, on CPU) engine loads overlap.
+keys, and `--allowed-networks 127.0.0.1/32` so audio_url can reach a local HTTP server
+through the SSRF guard. Both start together so their (slow, on CPU) engine loads overlap.
 """
 
 import httpx
@@ -40,8 +40,8 @@ class Servers:
             # The held audio_url (test_lifecycle) must outlast a slow test: with the default 10 s
             # fetch timeout it ended in a 400, the drain then found nothing in flight and the
             # server exited before the test looked (the old intermittent "connection refused").
-            checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240", "--fetch-timeout", "300"], logs,
-            env={"MDL_UNSAFE_ALLOW_PRIVATE_URLS": "1"}, fast=False, name="lifecycle",
+            checkpoint, ["--max-model-len", "4096", "--drain-timeout", "240", "--fetch-timeout", "300",
+                         "--allowed-networks", "127.0.0.1/32"], logs, fast=False, name="lifecycle",
         ) if with_lifecycle else None
         # What /health/* said while the gateway's engine was loading (asserted in test_api.py).
         self.while_loading: dict[str, httpx.Response] = {}

@@ -1,6 +1,6 @@
 """Server life cycle on vLLM's default engine path (torch.compile, multiprocessing; the
-`lifecycle` server of conftest.py): audio_url over real HTTP (the test-only
-MDL_UNSAFE_ALLOW_PRIVATE_URLS lets it reach 127.0.0.1), no auth when no keys are set,
+`lifecycle` server of conftest.py): audio_url over real HTTP (`--allowed-networks
+127.0.0.1/32` lets it through the SSRF guard), no auth when no keys are set,
 and SIGTERM under load: readiness 503, new work 503, in-flight requests finish, exit 0."""
 
 import http.server

@@ -20,7 +20,7 @@ from mdlserve.server.fetch import AudioFetcher, FetchError, is_public_address
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.settings import Settings, default_max_audio_seconds
 
-PUBLIC_FOR_TEST = ipaddress.ip_address("127.0.0.1")
+LOCAL_ORIGIN = [ipaddress.ip_network("127.0.0.1/32")]  # the test HTTP server, as --allowed-networks
 CLIP = b"RIFF-pretend-audio" * 100
 
 
@@ -89,8 +89,7 @@ def origin():
 
 def fetch(url, **kwargs):
     async def run():
-        options = dict(timeout=2, max_bytes=4096, allowed_domains=[], media_dir=None,
-                       address_allowed=lambda ip: ip == PUBLIC_FOR_TEST)
+        options = dict(timeout=2, max_bytes=4096, allowed_domains=[], media_dir=None, allowed_networks=LOCAL_ORIGIN)
         options.update(kwargs)
         fetcher = AudioFetcher(**options)
         try:
@@ -147,10 +146,26 @@ def test_upstream_errors(origin):
         fetch(origin + "/missing")
 
 
-def test_default_guard_refuses_loopback_and_bypass_allows(origin):
+def test_default_guard_refuses_loopback_an_allowed_network_or_a_batch_job_reaches_it(origin):
+    with pytest.raises(FetchError, match=r"non-public address \(127\.0\.0\.1\)"):
+        fetch(origin + "/clip.wav", allowed_networks=[])
     with pytest.raises(FetchError, match="non-public address"):
-        fetch(origin + "/clip.wav", address_allowed=None)
-    assert fetch(origin + "/clip.wav", address_allowed=None, allow_private=True) == CLIP
+        fetch(origin + "/clip.wav", allowed_networks=[ipaddress.ip_network("10.0.0.0/8")])
+    assert fetch(origin + "/clip.wav", allowed_networks=[ipaddress.ip_network("127.0.0.0/8")]) == CLIP
+    assert fetch(origin + "/clip.wav", allowed_networks=[], allow_private=True) == CLIP  # batch manifests
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("127.0.0.1", True), ("::ffff:127.0.0.1", True), ("10.1.2.3", True), ("8.8.8.8", True),
+    ("127.0.0.2", False), ("::1", False), ("10.2.0.1", False), ("fd00::1", False), ("169.254.169.254", False),
+])  # fmt: skip
+def test_allowed_networks_add_to_the_public_addresses_and_nothing_else(address, allowed):
+    fetcher = AudioFetcher(timeout=1, max_bytes=1, allowed_domains=[], media_dir=None,
+                           allowed_networks=[ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.1.0.0/16")])
+    try:
+        assert fetcher.address_allowed(ipaddress.ip_address(address)) is allowed
+    finally:
+        asyncio.run(fetcher.aclose())
 
 
 def test_domain_allowlist(origin):
@@ -195,7 +210,19 @@ def test_settings_from_env_and_flags(monkeypatch):
     assert Settings(**overrides).max_num_seqs == 3  # a flag wins over the environment
 
 
-def test_every_contract_flag_exists_and_test_bypass_is_not_a_flag():
+def test_allowed_networks_from_env_and_flag_and_a_bad_one_named(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("MDL_ALLOWED_NETWORKS", "10.20.0.0/16, fd00::/8")
+    assert Settings().allowed_networks == [ipaddress.ip_network("10.20.0.0/16"), ipaddress.ip_network("fd00::/8")]
+    args = build_parser().parse_args(["serve", "--allowed-networks", "127.0.0.1/32"])
+    assert Settings(allowed_networks=args.allowed_networks).allowed_networks == [ipaddress.ip_network("127.0.0.1/32")]
+    for bad in ("10.0.0.1/8", "example.com", "10.0.0.0/33"):
+        with pytest.raises(ValidationError, match="allowed_networks"):
+            Settings(allowed_networks=bad)
+
+
+def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
     flags = {option for action in serve._actions for option in action.option_strings if option.startswith("--")}
@@ -204,7 +231,8 @@ def test_every_contract_flag_exists_and_test_bypass_is_not_a_flag():
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
         "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
         "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
-        "fetch-timeout", "fetch-max-bytes", "allowed-domains", "media-dir", "decode-workers", "log-level",
+        "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
+        "log-level",
     }  # fmt: skip
     assert {"--" + f for f in expected} <= flags
     assert not any("unsafe" in f or "private" in f for f in flags)

@@ -4,7 +4,7 @@ Four real `mdl-serve serve` processes (tests/gateway/helpers.ServerProcess) star
 on first use so their engine loads overlap:
   guarded: production settings for security (SSRF guard on, API keys, debug logging) with
            small limits; hostile input, SSRF, auth and slow-loris tests.
-  open:    MDL_UNSAFE_ALLOW_PRIVATE_URLS=1 so audio_url reaches local test HTTP servers;
+  open:    `--allowed-networks 127.0.0.1/32` so audio_url reaches local test HTTP servers;
            load, disconnects, timeouts and URL-fetch failures.
   killed:  its engine process is SIGKILLed by the engine-death test.
   drained: SIGTERMed under load by the drain test.
@@ -111,8 +111,8 @@ class _Servers:
             self.logs, env=_hook_env(self.logs / "guarded-connects.log"), name="guarded",
         ), self.logs / "guarded-connects.log")  # fmt: skip
         self.open = HookedServer(ServerProcess(
-            checkpoint, [*small, "--request-timeout", str(OPEN_REQUEST_TIMEOUT_S)], self.logs,
-            env={**_hook_env(self.logs / "open-connects.log"), "MDL_UNSAFE_ALLOW_PRIVATE_URLS": "1"}, name="open",
+            checkpoint, [*small, "--request-timeout", str(OPEN_REQUEST_TIMEOUT_S), "--allowed-networks", "127.0.0.1/32"],
+            self.logs, env=_hook_env(self.logs / "open-connects.log"), name="open",
         ), self.logs / "open-connects.log")  # fmt: skip
         lifecycle = ["--max-num-seqs", "4", "--max-queue", "4", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
         self.killed = ServerProcess(checkpoint, lifecycle, self.logs, name="killed")

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from mdlserve.server.fetch import AudioFetcher, FetchError, is_public_address
+from mdlserve.server.fetch import AudioFetcher, FetchError
 
 from .conftest import TEST_HOSTS
 from .traffic import captioning_body
@@ -152,13 +152,13 @@ def redirector():
 
 @pytest.mark.parametrize("target", REDIRECT_TARGETS)
 def test_redirect_to_non_public_address_is_refused(redirector, reliability_report, target):
-    """The gateway's own fetcher, with only the redirector's 127.0.0.1 allowed as a first hop
-    (the test hook `address_allowed`): each redirect hop is checked like the first URL, and
+    """The gateway's own fetcher, with only the redirector's 127.0.0.1 allowed besides public
+    addresses (`allowed_networks`, as --allowed-networks sets it): each redirect hop is
+    checked like the first URL, and
     nothing but the redirector is ever connected to (a Python audit hook records connects)."""
     global _connects
-    redirector_ip = ipaddress.ip_address("127.0.0.1")
     fetcher = AudioFetcher(timeout=5, max_bytes=1 << 20, allowed_domains=[], media_dir=None,
-                           address_allowed=lambda ip: ip == redirector_ip or is_public_address(ip))
+                           allowed_networks=[ipaddress.ip_network("127.0.0.1/32")])
     url = str(httpx.URL(redirector.url, params={"to": target}))
 
     async def fetch() -> str:

@@ -2,7 +2,9 @@
 
 gateway: fast engine; small limits so the limit tests are cheap (2 MiB bodies, 20 s of
 audio, 1 MiB fetches); 4 running + 4 queued clip units for the backpressure tests; API
-keys on; a 10 s request timeout; a media dir for file:// URLs; the SSRF guard on.
+keys on; a 30 s request timeout (room for any real request on a busy 2-core machine; the
+timeout itself is tested in process with the fake engine); a media dir for file:// URLs;
+the SSRF guard on.
 lifecycle (only when test_lifecycle.py is selected): vLLM's default engine path, no API
 keys, and `--allowed-networks 127.0.0.1/32` so audio_url can reach a local HTTP server
 through the SSRF guard. Both start together so their (slow, on CPU) engine loads overlap.
@@ -19,7 +21,7 @@ UPLOAD_LIMIT = 2 << 20
 MAX_AUDIO_SECONDS = 20
 MAX_NUM_SEQS = 4
 MAX_QUEUE = 4
-REQUEST_TIMEOUT_S = 10
+REQUEST_TIMEOUT_S = 30
 
 
 @pytest.fixture(scope="session")

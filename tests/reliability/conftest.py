@@ -33,11 +33,13 @@ MAX_QUEUE = 2
 UPLOAD_LIMIT = 1 << 20
 FETCH_MAX_BYTES = 64 << 10
 FETCH_TIMEOUT_S = 2
-# guarded: short, so timeout and slow-upload cases finish fast; open: long, so that load on
-# a shared CPU is judged on lost requests, not on the timeout doing its job.
-GUARDED_REQUEST_TIMEOUT_S = 10
+# guarded: the slow-upload cases wait this long for their 408, and every real request must
+# finish inside it on a busy 2-core machine (at 10 s, a 1 s clip with 4 output tokens once
+# took longer beside two busy loops); open: long, so that load on a shared CPU is judged on
+# lost requests, not on the timeout doing its job. The timeout itself is tested with the
+# gateway's fake engine (tests/gateway/test_gateway_behaviour.py).
+GUARDED_REQUEST_TIMEOUT_S = 30
 OPEN_REQUEST_TIMEOUT_S = 120
-# Room for a request that cannot finish within GUARDED_REQUEST_TIMEOUT_S (test_load.py).
 GUARDED_MAX_MODEL_LEN = 4096
 MAX_AUDIO_SECONDS = 30
 DRAIN_TIMEOUT_S = 90

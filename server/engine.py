@@ -323,6 +323,9 @@ class EngineHandle:
         self._start_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._on_failure: Callable[[], None] = lambda: None
+        # Set when the engine dies after coming up: requests still preparing (decoding,
+        # fetching, processing) end at once with a 503 instead of when the server exits.
+        self.died = asyncio.Event()
         metrics.engine_up.set(0)
 
     @property
@@ -362,6 +365,7 @@ class EngineHandle:
             logger.error("the engine died; readiness is now false")
             self.state = EngineState.DEAD
             self.metrics.engine_up.set(0)
+            self.died.set()
             self._on_failure()
 
     async def _watch(self) -> None:

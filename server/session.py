@@ -87,7 +87,9 @@ class Session:
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:
             grant = getattr(request.state, "body_grant", None)  # BodySizeLimitMiddleware's
-            await unless_disconnected(request, run.begin(conversation, fields, on_prepared=grant and grant.release))
+            await unless_disconnected(
+                request, run.begin(conversation, fields, on_prepared=grant and grant.release), self.handle.died
+            )
         except BaseException:
             await run.close()
             raise
@@ -101,7 +103,7 @@ class Session:
                 pass
 
         try:
-            await unless_disconnected(request, drain())
+            await unless_disconnected(request, drain(), self.handle.died)
         finally:
             await run.close()
 
@@ -244,17 +246,23 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
+async def unless_disconnected(request: Request, work: Awaitable[T], engine_died: asyncio.Event) -> T:
+    """Run `work`; if the client disconnects first, cancel it and raise ClientDisconnected;
+    if the engine dies first, cancel it and raise EngineDead (503): the server is about to
+    exit, and a request cancelled by that exit would get a bare 500."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.create_task(_wait_for_disconnect(request))
+    death = asyncio.create_task(engine_died.wait())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher, death}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
+        if death in done:
+            raise EngineDead()
         raise ClientDisconnected()
     finally:
         watcher.cancel()
+        death.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -94,6 +94,29 @@ async def test_engine_death_fails_requests_fast_and_turns_probes_false():
         assert "mdl_engine_up 0.0" in (await gw.client.get("/metrics")).text
 
 
+async def test_engine_death_ends_requests_still_preparing_with_a_503_not_a_cancelled_500():
+    """A request still being prepared (decoding, fetching) when the engine dies is answered
+    503 at once: the server is about to exit, and its shutdown would cancel the request."""
+    async with running_gateway(held_engine()) as gw:
+        gw.state.request_exit = lambda: None
+        preparing, never = asyncio.Event(), asyncio.Event()
+
+        async def stuck_prepare(*args, **kwargs):
+            preparing.set()
+            await never.wait()
+
+        gw.state.builder.prepare = stuck_prepare
+        in_flight = spawn(gw.client.post("/v1/chat/completions", json=chat_body()))
+        await until(preparing.is_set, "the request is being prepared")
+        gw.engine.kill()
+        await until(lambda: gw.state.engine.gone, "the health watch saw the engine die")
+        response = await asyncio.wait_for(in_flight, 60)  # without the rule: never answered here
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_unavailable"
+        assert not gw.engine.submitted
+        assert gw.state.admission.in_flight == 0
+
+
 async def test_engine_death_mid_stream_is_an_error_event():
     async with running_gateway(held_engine(free_steps=1)) as gw:
         streaming = spawn(gw.client.post("/v1/chat/completions", json=chat_body(stream=True)))

@@ -29,10 +29,16 @@ class FetchError(Exception):
     """The URL cannot be used; the message names the problem (a client error)."""
 
 
+def unmapped(ip: IPAddress) -> IPAddress:
+    """The IPv4 address inside an IPv4-mapped IPv6 one (::ffff:a.b.c.d); others unchanged."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def is_public_address(ip: IPAddress) -> bool:
     """True only for globally routable unicast addresses."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = unmapped(ip)
     return ip.is_global and not (
         ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified
     )
@@ -125,8 +131,7 @@ class AudioFetcher:
     def address_allowed(self, ip: IPAddress) -> bool:
         if self.allow_private or is_public_address(ip):
             return True
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        ip = unmapped(ip)
         return any(ip in network for network in self.allowed_networks)
 
     async def aclose(self) -> None:

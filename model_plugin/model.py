@@ -138,10 +138,20 @@ def limit_host_threads(device_type: str, environ: MutableMapping[str, str] = os.
     return True
 
 
+def is_online_quantization(quant_config: QuantizationConfig | None) -> bool:
+    """Whether the weights are quantized while loading a bf16/fp16 checkpoint: vLLM 0.26's
+    `--quantization fp8` (an Fp8Config over an unquantized checkpoint) or, from the vLLM
+    release that retired that form, the online methods (`--quantization fp8_per_tensor` and
+    the other online shorthands), whose config is named "online"."""
+    if isinstance(quant_config, Fp8Config):
+        return not quant_config.is_checkpoint_fp8_serialized
+    return quant_config is not None and quant_config.get_name() == "online"
+
+
 def audio_tower_quant_config(quant_config: QuantizationConfig | None) -> QuantizationConfig | None:
     """The quantization of the audio encoder and projector: the decoder's, except under
-    online FP8 (`--quantization fp8` over a bf16 checkpoint), where the audio tower keeps the
-    checkpoint's dtype.
+    online quantization (`--quantization fp8` over a bf16 checkpoint on vLLM 0.26,
+    `fp8_per_tensor` on newer releases), where the audio tower keeps the checkpoint's dtype.
 
     Online FP8 quantizes activations per call: every linear layer becomes a quantization
     kernel plus an FP8 GEMM. The decoder's layers run inside CUDA graphs and torch.compile's
@@ -151,9 +161,7 @@ def audio_tower_quant_config(quant_config: QuantizationConfig | None) -> Quantiz
     With the tower left in bf16, 512 clips ran 1.12 and 1.19x bf16 in one lease
     (benchmarks/results/2026-12-01-h200-levers). A checkpoint stored in FP8 is loaded as
     stored."""
-    if isinstance(quant_config, Fp8Config) and not quant_config.is_checkpoint_fp8_serialized:
-        return None
-    return quant_config
+    return None if is_online_quantization(quant_config) else quant_config
 
 
 class MiDashengLMProcessingInfo(BaseProcessingInfo):

@@ -171,10 +171,22 @@ def test_host_threads_limited_on_a_gpu_only_for_this_process_and_its_children_ne
     assert calls == [1]
 
 
+def online_fp8_config():
+    """What vLLM builds for online FP8 over a bf16 checkpoint: `--quantization fp8` on vLLM
+    0.26, `--quantization fp8_per_tensor` on releases where Fp8Config refuses that form."""
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    try:
+        from vllm.config.quantization import _ONLINE_SHORTHANDS
+    except ImportError:
+        return get_quantization_config("fp8")(is_checkpoint_fp8_serialized=False)
+    return get_quantization_config("fp8_per_tensor")(_ONLINE_SHORTHANDS["fp8_per_tensor"])
+
+
 def test_online_fp8_leaves_the_audio_tower_unquantized_and_a_stored_fp8_checkpoint_as_stored():
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 
-    online = Fp8Config(is_checkpoint_fp8_serialized=False)
+    online = online_fp8_config()
     stored = Fp8Config(is_checkpoint_fp8_serialized=True)
     assert audio_tower_quant_config(online) is None
     assert audio_tower_quant_config(stored) is stored

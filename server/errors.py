@@ -11,6 +11,7 @@ a last SSE event (`error_event`).
 
 import json
 import logging
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -161,17 +162,78 @@ def error_event(exc: BaseException, request_id: str) -> str:
     return f"data: {json.dumps(body, ensure_ascii=True)}\n\n"
 
 
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    parts, first_param = [], None
-    for err in exc.errors()[:5]:
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "header")]
-        # Drop pydantic's union-member tags (e.g. 'text', 'function-after[...]') for readability.
-        loc = [x for x in loc if not x.startswith(("function-", "tagged-union"))]
-        param = ".".join(loc) or None
-        first_param = first_param or param
-        message = err.get("msg", "invalid value")
-        parts.append(f"{param}: {message}" if param else message)
-    return bad_request("invalid request: " + "; ".join(parts), param=first_param)
+def _resolved_path(error: Mapping, data: object, root: str) -> str:
+    """Where in `data` the error is, as `messages[0].content[1].input_audio.format`.
+
+    Pydantic's locations also name the union member that was tried (`str`,
+    `list[tagged-union[...]]`, a tagged union's tag such as `input_audio`); those are not in
+    the input, so walking the location through the input keeps exactly the keys and
+    indices it has. A missing field's name ends its location without being in the input."""
+    path, node = root, data
+    loc = list(error.get("loc", ()))
+    for i, step in enumerate(loc):
+        if isinstance(node, Mapping) and isinstance(step, str) and step in node:  # noqa: SIM114 (for mypy)
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif not (error.get("type") == "missing" and i == len(loc) - 1):
+            continue
+        path += f"[{step}]" if isinstance(step, int) else (f".{step}" if path else step)
+    return path
+
+
+def validation_problems(errors: list, data: object, root: str = "") -> list[tuple[str, str]]:
+    """(path, message) for each problem pydantic found in `data`, read as a person would.
+
+    A field declared as a union (chat `content`: a string or a list of parts) fails once per
+    member. Where one member got further into the input (a list whose part 1 has a bad
+    `format`), the other members' type mismatches at the field itself are noise and are
+    dropped; where all failed at the field, one message says what it should have been."""
+    found = [(_resolved_path(e, data, root), e) for e in errors]
+    paths = {path for path, _ in found}
+    problems: dict[str, list[str]] = {}
+    for path, error in found:
+        type_mismatch = str(error.get("type", "")).endswith("_type")
+        if type_mismatch and any(_inside(other, path) for other in paths):
+            continue
+        problems.setdefault(path, []).append(str(error.get("msg", "invalid value")))
+    described = []
+    for path, messages in problems.items():
+        first, *more = dict.fromkeys(messages)
+        message = " or ".join([first, *(m.removeprefix("Input should be ") for m in more)])
+        described.append((path, message))
+    return described
+
+
+def _inside(path: str, container: str) -> bool:
+    return path != container and (not container or path.startswith((f"{container}.", f"{container}[")))
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid_json is not None:
+        reason = (invalid_json.get("ctx") or {}).get("error")
+        return bad_request("the request body is not valid JSON" + (f" ({reason})" if reason else ""))
+    not_an_object = {"missing", "model_attributes_type", "dict_type", "model_type"}
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in not_an_object for e in errors):
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            return ApiError(
+                415, f"the request body must be JSON (Content-Type: application/json), not {content_type!r}"
+            )
+        return bad_request("the request body must be a JSON object")
+    inputs = {"body": exc.body, "query": request.query_params, "header": request.headers,
+              "path": request.path_params, "cookie": request.cookies}  # fmt: skip
+    problems = []
+    for source, data in inputs.items():
+        # FastAPI's locations begin with the part of the request they are in.
+        located = [{**e, "loc": tuple(e["loc"])[1:]} for e in errors if tuple(e.get("loc", ()))[:1] == (source,)]
+        problems += validation_problems(located, data) if located else []
+    problems = problems[:5] or [("", "the request is invalid")]
+    message = "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems)
+    return bad_request("invalid request: " + message, param=problems[0][0] or None)
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> ApiError:
@@ -204,7 +266,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> Response:
-        return await respond(request, _validation_error(exc))
+        return await respond(request, _validation_error(request, exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_http(request: Request, exc: StarletteHTTPException) -> Response:

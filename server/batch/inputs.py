@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 from mdlserve.server.batch.items import AudioRef, BadRow, BatchItem, RowError, question
 from mdlserve.server.batch.presets import PresetError, instruction
 from mdlserve.server.chat_fields import check_extra_fields
-from mdlserve.server.errors import ApiError
+from mdlserve.server.errors import ApiError, validation_problems
 from mdlserve.server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields, TextPart, TranscriptionForm
 from mdlserve.server.tasks import asr_instruction
 
@@ -228,13 +228,12 @@ def _row_sampling(spec: InputSpec, row: dict, default_max_tokens: int) -> Sampli
     return validated(SamplingFields, fields)
 
 
-def validated(model: type[BaseModel], data: dict, where: str = ""):
+def validated(model: type[BaseModel], data: dict, root: str = ""):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "row"
-        raise RowError("invalid_row", f"{where}{field}: {first['msg']}") from None
+        path, message = validation_problems(exc.errors(), data, root)[0]
+        raise RowError("invalid_row", f"{path or 'row'}: {message}") from None
 
 
 # ---------------------------------------------------------------- OpenAI Batch API
@@ -283,7 +282,7 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         raise RowError("invalid_url", f"url {request.url!r} is not supported; use one of {', '.join(OPENAI_URLS)}")
     source = {"custom_id": request.custom_id, "url": request.url, "model": request.body.get("model")}
     if endpoint == "transcription":
-        body = validated(BatchTranscriptionBody, request.body, "body.")
+        body = validated(BatchTranscriptionBody, request.body, "body")
         if body.stream:
             raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
         if body.response_format not in BATCH_TRANSCRIPTION_FORMATS:
@@ -301,7 +300,7 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
             audio_ref(body.file_url, spec.root(), "body.file_url"),
             "transcription",
         )
-    chat = validated(ChatCompletionRequest, request.body, "body.")
+    chat = validated(ChatCompletionRequest, request.body, "body")
     try:  # the gateway's rule: a field we do not honour is refused by name, never ignored
         check_extra_fields(chat.model_extra, accept_unknown=False)
     except ApiError as exc:

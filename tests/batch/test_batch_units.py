@@ -123,6 +123,8 @@ def test_openai_chat_rows_refuse_fields_the_gateway_does_not_honour(tmp_path):
         {"custom_id": "plain", "method": "POST", "url": "/v1/chat/completions", "body": body},
         {"custom_id": "extra", "method": "POST", "url": "/v1/chat/completions", "body": {**body, "frobnicate": 1}},
         {"custom_id": "tools", "method": "POST", "url": "/v1/chat/completions", "body": {**body, "tools": [{}]}},
+        {"custom_id": "format", "method": "POST", "url": "/v1/chat/completions",
+         "body": {**body, "messages": [{"role": "user", "content": [{**audio, "input_audio": {"data": "", "format": "x"}}]}]}},
     ]
     path = tmp_path / "batch.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -131,3 +133,5 @@ def test_openai_chat_rows_refuse_fields_the_gateway_does_not_honour(tmp_path):
     assert isinstance(rows["extra"], BadRow) and rows["extra"].error.code == "invalid_row"
     assert "unknown field 'frobnicate'" in rows["extra"].error.message
     assert isinstance(rows["tools"], BadRow) and rows["tools"].error.message.startswith("body.tools is not supported")
+    assert rows["format"].error.message.startswith(  # where it is in the body, not which union member failed
+        "body.messages[0].content[0].input_audio.format: Value error, unsupported audio format 'x'; supported: wav,")

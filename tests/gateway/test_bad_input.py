@@ -107,12 +107,52 @@ CASES = {
     "audio chat without question": (audio_chat(), 400, "send 'task'"),
     "audio chat messages not json": (audio_chat(messages="[{"), 400, "messages is not valid JSON"),
     "audio chat messages wrong shape": (audio_chat(messages=json.dumps([{"role": "user"}])), 400,
-                                        "invalid messages: 0.content"),
+                                        "invalid request: messages[0].content: Field required"),
     "audio chat without user message": (audio_chat(messages=json.dumps([{"role": "system", "content": "x"}])), 400,
                                         "needs a user message"),
     # Routing
     "unknown endpoint": (("POST", "/v1/completions", {"json": {}}), 404, "no such endpoint: POST /v1/completions"),
     "wrong method": (("GET", "/v1/chat/completions", {}), 405, "method GET is not allowed"),
+}
+
+
+# (request, status, the whole message, param): the field named is where the problem is in the
+# body as sent, without the union members pydantic tried (`content.str`, `list[tagged-union...]`).
+NAMED = {
+    "format of the second part": (
+        chat_parts({"type": "text", "text": "x"}, {"type": "input_audio", "input_audio": {"data": "AA", "format": "xyz"}},
+                   text=""),
+        400, "invalid request: messages[0].content[1].input_audio.format: Value error, unsupported audio format 'xyz'; "
+        "supported: wav, mp3, flac, ogg, opus, oga, webm, m4a, mp4, aac, aiff, aif",
+        "messages[0].content[1].input_audio.format"),
+    "image part": (
+        chat_parts({"type": "image_url", "image_url": {"url": "x"}}), 400,
+        "invalid request: messages[0].content[0]: Input tag 'image_url' found using 'type' does not match any of the "
+        "expected tags: 'text', 'input_audio', 'audio_url'", "messages[0].content[0]"),
+    "text part without text": (
+        chat_parts({"type": "text"}), 400, "invalid request: messages[0].content[0].text: Field required",
+        "messages[0].content[0].text"),
+    "content neither string nor list": (
+        chat(messages=[{"role": "user", "content": 123}]), 400,
+        "invalid request: messages[0].content: Input should be a valid string or a valid list",
+        "messages[0].content"),
+    "second message without role": (
+        chat(messages=[{"role": "user", "content": "x"}, {"content": "y"}]), 400,
+        "invalid request: messages[1].role: Field required", "messages[1].role"),
+    "body is null": (("POST", "/v1/chat/completions", {"content": b"null", "headers": {"content-type": "application/json"}}),
+                     400, "the request body must be a JSON object", None),
+    "body is a list": (("POST", "/v1/chat/completions", {"json": [chat_body()]}),
+                       400, "the request body must be a JSON object", None),
+    "body cut short": (("POST", "/v1/chat/completions", {"content": b'{"model": "x", "messages": [',
+                                                         "headers": {"content-type": "application/json"}}),
+                       400, "the request body is not valid JSON (EOF while parsing a list at line 1 column 28)", None),
+    "json sent as text/plain": (
+        ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode(),
+                                          "headers": {"content-type": "text/plain"}}),
+        415, "the request body must be JSON (Content-Type: application/json), not 'text/plain'", None),
+    "audio chat message without content": (
+        audio_chat(messages=json.dumps([{"role": "user", "content": "x"}, {"role": "user"}])), 400,
+        "invalid request: messages[1].content: Field required", "messages[1].content"),
 }
 
 
@@ -131,6 +171,15 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"], error
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+@pytest.mark.parametrize("case", list(NAMED), ids=list(NAMED))
+def test_validation_errors_name_the_field_where_it_is_in_the_body(client, case):
+    (method, path, kwargs), status, message, param = NAMED[case]
+    response = client.request(method, path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"] == message
+    assert response.json()["error"]["param"] == param
 
 
 def test_declared_oversize_body_is_refused_before_upload(gateway):

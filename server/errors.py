@@ -205,6 +205,11 @@ def validation_problems(errors: list, data: object, root: str = "") -> list[tupl
     return described
 
 
+def problems_message(problems: list[tuple[str, str]]) -> str:
+    """`invalid request: path: message; ...` for the first five problems."""
+    return "invalid request: " + "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems[:5])
+
+
 def _inside(path: str, container: str) -> bool:
     return path != container and (not container or path.startswith((f"{container}.", f"{container}[")))
 
@@ -231,9 +236,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> ApiError
         # FastAPI's locations begin with the part of the request they are in.
         located = [{**e, "loc": tuple(e["loc"])[1:]} for e in errors if tuple(e.get("loc", ()))[:1] == (source,)]
         problems += validation_problems(located, data) if located else []
-    problems = problems[:5] or [("", "the request is invalid")]
-    message = "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems)
-    return bad_request("invalid request: " + message, param=problems[0][0] or None)
+    problems = problems or [("", "the request is invalid")]
+    return bad_request(problems_message(problems), param=problems[0][0] or None)
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> ApiError:

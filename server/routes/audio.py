@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Request
 from pydantic import ValidationError
 
 from mdlserve.server.deps import State
-from mdlserve.server.errors import bad_request, validation_problems
+from mdlserve.server.errors import bad_request, problems_message, validation_problems
 from mdlserve.server.jsonbody import loads_bounded
 from mdlserve.server.request import AudioSource
 from mdlserve.server.routes import AUDIO_ANALYSIS, AUDIO_CHAT
@@ -28,9 +28,8 @@ def form_messages(raw: str) -> list[ChatMessage]:
     try:
         messages = ChatMessages.validate_python(value)
     except ValidationError as exc:
-        problems = validation_problems(exc.errors(), value, root="messages")[:5]
-        message = "; ".join(f"{path}: {msg}" for path, msg in problems)
-        raise bad_request(f"invalid request: {message}", param=problems[0][0]) from None
+        problems = validation_problems(exc.errors(), value, root="messages")
+        raise bad_request(problems_message(problems), param=problems[0][0]) from None
     if not messages:
         raise bad_request("messages must not be empty", param="messages")
     return messages

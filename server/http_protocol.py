@@ -6,6 +6,12 @@ forever: slow-loris). Here a request's line and headers must total at most
 MAX_HEADER_BYTES (else 431) and arrive within HEADER_TIMEOUT_S of the connection opening
 or of the request's first byte (else 408, connection closed). The body's own time limit
 is BodySizeLimitMiddleware's (server/middleware.py).
+
+The 408 waits for one more turn of the event loop after the deadline. uvloop runs due
+timers before it reads sockets, so when the loop was held up past the deadline (a long
+callback, the process descheduled on a loaded machine) headers that arrived in time were
+still unread when the timer fired, and a prompt client got a 408 (seen once in CI, on a
+long request of tests/gateway/test_lifecycle.py).
 """
 
 import asyncio
@@ -14,6 +20,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 << 10
 HEADER_TIMEOUT_S = 10.0
+# After the deadline, the loop reads what has arrived before this timer refuses.
+LAST_READ_S = 0.05
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -74,6 +82,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_refusal(*self._refusal)
 
     def _headers_timed_out(self) -> None:
+        self._header_timer = self.loop.call_later(LAST_READ_S, self._refuse_unfinished_headers)
+
+    def _refuse_unfinished_headers(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
             self.logger.warning("request headers not received within %g s; closing the connection", HEADER_TIMEOUT_S)

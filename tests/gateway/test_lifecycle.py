@@ -72,8 +72,10 @@ def _request(http: httpx.Client, stream: bool) -> tuple[int, int]:
                      stream_options={"include_usage": True} if stream else None)
     if not stream:
         r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, f"{r.status_code} {r.text}"
         return r.status_code, r.json()["usage"]["completion_tokens"]
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, f"{r.status_code} {r.read().decode()}"
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     return r.status_code, int(lines[-2].split('"completion_tokens":')[1].split(",")[0])

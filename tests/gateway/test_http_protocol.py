@@ -1,0 +1,117 @@
+"""The header deadline of server/http_protocol.py, on uvicorn over uvloop (what `mdl-serve
+serve` runs) in this process, driven through raw sockets: a client whose request line never
+finishes gets a 408, and one whose headers arrived in time gets its answer even when the
+event loop was held up past the deadline before it could read them."""
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from mdlserve.server import http_protocol
+from mdlserve.server.http_protocol import GuardedHttpToolsProtocol
+
+HEADER_TIMEOUT_S = 1.0
+WAIT_S = 60.0  # generous: how long anything may take on a busy machine
+REQUEST = b"GET /hello HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+class LoopStall:
+    """Holds the event loop up inside an I/O callback (where uvloop runs them, before its
+    next round of due timers) from just after a connection opens until the test has sent
+    its request and the header deadline has passed: a long callback, or the process
+    descheduled on a loaded machine, looks like this to the connection."""
+
+    def __init__(self):
+        self.holding = threading.Event()
+        self.request_sent = threading.Event()
+
+    def start(self, loop) -> None:
+        read_end, write_end = os.pipe()
+
+        def hold() -> None:
+            loop.remove_reader(read_end)
+            os.close(read_end)
+            self.holding.set()
+            self.request_sent.wait(WAIT_S)
+            time.sleep(HEADER_TIMEOUT_S * 1.5)
+
+        loop.add_reader(read_end, hold)
+        os.write(write_end, b"x")
+        os.close(write_end)
+
+
+class StallingProtocol(GuardedHttpToolsProtocol):
+    stall: LoopStall | None = None  # the next connection opened starts it
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        stall, StallingProtocol.stall = StallingProtocol.stall, None
+        if stall is not None:
+            stall.start(self.loop)
+
+
+async def hello(scope, receive, send) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+@pytest.fixture
+def server_address(monkeypatch) -> Iterator[tuple[str, int]]:
+    monkeypatch.setattr(http_protocol, "HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
+    listening = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(hello, http=StallingProtocol, loop="uvloop", lifespan="off", log_level="critical")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield listening.getsockname()
+    server.should_exit = True
+    thread.join(WAIT_S)
+    listening.close()
+
+
+def _read(connection: socket.socket) -> bytes:
+    """One answer: up to hello's body, or everything until the server closes."""
+    answer = b""
+    while not answer.endswith(b"hello") and (chunk := connection.recv(65536)):
+        answer += chunk
+    return answer
+
+
+def test_headers_that_never_finish_get_a_408_and_the_connection_closes(server_address):
+    with socket.create_connection(server_address, timeout=WAIT_S) as connection:
+        connection.sendall(b"GET /hel")
+        answer = _read(connection)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert answer.endswith(b"request headers not received within 1 s"), answer
+
+
+def test_headers_that_arrived_while_the_loop_was_held_up_are_answered(server_address):
+    StallingProtocol.stall = stall = LoopStall()
+    with socket.create_connection(server_address, timeout=WAIT_S) as connection:
+        assert stall.holding.wait(WAIT_S), "the loop stall never started"
+        connection.sendall(REQUEST)
+        stall.request_sent.set()
+        answer = _read(connection)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello"), answer
+
+
+def test_the_deadline_starts_again_for_the_next_request_on_a_kept_alive_connection(server_address):
+    with socket.create_connection(server_address, timeout=WAIT_S) as connection:
+        connection.sendall(REQUEST)
+        assert _read(connection).endswith(b"hello")
+        time.sleep(HEADER_TIMEOUT_S * 1.5)  # idle between requests: not counted
+        connection.sendall(REQUEST)
+        assert _read(connection).endswith(b"hello")
+        connection.sendall(b"GET /hel")
+        answer = _read(connection)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer

@@ -23,8 +23,11 @@ run: demo-checkpoint
 
 # `make test` is the suite without the heavy cases (marked `slow`: vLLM's multiprocess engine
 # paths, long runs, benchmark harness runs); `make test-slow` runs those. CI runs both.
+# `make test` runs on two pytest-xdist workers (how they share the suite: tests/conftest.py);
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	@scripts/step.sh "tests" $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+	@scripts/step.sh "tests" $(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: setup
 	@scripts/step.sh "tests marked slow" $(PY) -m pytest -q -ra -m slow $(PYTEST_ARGS)
@@ -53,4 +56,4 @@ lint: setup
 # machine occupied: no test may depend on the machine's speed. STRESS_ARGS narrows it to
 # some tests, e.g. `make stress STRESS_ARGS=tests/deploy/test_observability.py`.
 stress: setup
-	@bash scripts/stress.sh $(STRESS_ARGS)
+	@TEST_WORKERS=$(TEST_WORKERS) bash scripts/stress.sh $(STRESS_ARGS)

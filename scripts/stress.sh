@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make stress`: the test suite as `make test` selects it (or the pytest arguments given)
+# `make stress`: the test suite as `make test` runs it (two pytest-xdist workers, or
+# TEST_WORKERS of them; or the pytest arguments given)
 # three times in a row while two busy loops keep two CPUs occupied, the check that no test
 # depends on the machine's speed. Uses `stress-ng --cpu 2` when it is installed, two shell
 # busy loops otherwise. Prints one line per run with its time; exits non-zero if any run
@@ -32,7 +33,8 @@ fi
 
 failed=0
 for run in $(seq 1 "$RUNS"); do
-    step "stress: run $run/$RUNS" .venv/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" "$@" \
+    step "stress: run $run/$RUNS" .venv/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" \
+        -n "${TEST_WORKERS:-2}" "$@" \
         || failed=$((failed + 1))
 done
 echo "stress: $failed of $RUNS runs failed"

@@ -10,8 +10,9 @@ is BodySizeLimitMiddleware's (server/middleware.py).
 The 408 waits for one more turn of the event loop after the deadline. uvloop runs due
 timers before it reads sockets, so when the loop was held up past the deadline (a long
 callback, the process descheduled on a loaded machine) headers that arrived in time were
-still unread when the timer fired, and a prompt client got a 408 (seen once in CI, on a
-long request of tests/gateway/test_lifecycle.py).
+still unread when the timer fired, and a prompt client got a 408 (tests/gateway/
+test_http_protocol.py reproduces it; a CI run once answered a long request of
+test_lifecycle.py with this 408).
 """
 
 import asyncio

@@ -36,12 +36,15 @@ def raw_exchange(url: str, head: str, chunks: list[bytes] = ()) -> bytes:
                 sock.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may stop reading once it has answered
-        response = b""
-        while not _complete(response):
-            data = sock.recv(65536)
-            if not data:
-                break
-            response += data
+        return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response from `sock`: up to the end of its Content-Length body, or until the
+    server closes."""
+    response = b""
+    while not _complete(response) and (data := sock.recv(65536)):
+        response += data
     return response
 
 

@@ -15,6 +15,8 @@ import uvicorn
 from mdlserve.server import http_protocol
 from mdlserve.server.http_protocol import GuardedHttpToolsProtocol
 
+from .helpers import read_response
+
 HEADER_TIMEOUT_S = 1.0
 WAIT_S = 60.0  # generous: how long anything may take on a busy machine
 REQUEST = b"GET /hello HTTP/1.1\r\nHost: gateway\r\n\r\n"
@@ -79,18 +81,10 @@ def server_address(monkeypatch) -> Iterator[tuple[str, int]]:
     listening.close()
 
 
-def _read(connection: socket.socket) -> bytes:
-    """One answer: up to hello's body, or everything until the server closes."""
-    answer = b""
-    while not answer.endswith(b"hello") and (chunk := connection.recv(65536)):
-        answer += chunk
-    return answer
-
-
 def test_headers_that_never_finish_get_a_408_and_the_connection_closes(server_address):
     with socket.create_connection(server_address, timeout=WAIT_S) as connection:
         connection.sendall(b"GET /hel")
-        answer = _read(connection)
+        answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
     assert answer.endswith(b"request headers not received within 1 s"), answer
 
@@ -101,17 +95,17 @@ def test_headers_that_arrived_while_the_loop_was_held_up_are_answered(server_add
         assert stall.holding.wait(WAIT_S), "the loop stall never started"
         connection.sendall(REQUEST)
         stall.request_sent.set()
-        answer = _read(connection)
+        answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello"), answer
 
 
 def test_the_deadline_starts_again_for_the_next_request_on_a_kept_alive_connection(server_address):
     with socket.create_connection(server_address, timeout=WAIT_S) as connection:
         connection.sendall(REQUEST)
-        assert _read(connection).endswith(b"hello")
+        assert read_response(connection).endswith(b"hello")
         time.sleep(HEADER_TIMEOUT_S * 1.5)  # idle between requests: not counted
         connection.sendall(REQUEST)
-        assert _read(connection).endswith(b"hello")
+        assert read_response(connection).endswith(b"hello")
         connection.sendall(b"GET /hel")
-        answer = _read(connection)
+        answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer

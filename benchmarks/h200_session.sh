@@ -12,6 +12,13 @@
 #   bash benchmarks/h200_session.sh dp      "$OUT"   # two GPUs (data parallel) at 2 x 512 vs one GPU at 512
 #   bash benchmarks/h200_session.sh engine  "$OUT"   # plugin: TTFT 30 s and 512 x2, both profiled
 #   CUDAGRAPH_MODE=FULL bash benchmarks/h200_session.sh engine "$OUT"   # the same with full CUDA graphs
+#   bash benchmarks/h200_session.sh pyc     "$OUT"   # bytecode for the staged packages, as the image has
+#
+# Knobs (environment): BATCHED_TOKENS (tokens per engine step: the offline phases' engine,
+# and the gateway's --max-num-batched-tokens; unset, the gateway uses its own default),
+# BATCHES (the offline batch sizes, default 512,512), PROFILE=0 (engine phase without the
+# profiled batch), RESTART=1 (gateway phase: stop and start the server once more at the
+# end, the warm start), API_PROCESSES, N_REQ, BUDGET, STARTUP_SPY.
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -46,12 +53,12 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     CK=${CHECKPOINT:-/tmp/mdl-bench-7b}
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset 7b --out "$CK"
-    SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024 --max-num-batched-tokens 16384
-          --batches 512,512)
+    SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024
+          --max-num-batched-tokens "${BATCHED_TOKENS:-16384}" --batches "${BATCHES:-512,512}")
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
     BIG=512; PROCS=4; N_REQ=${N_REQ:-2048}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
-    SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512
-                  --max-num-batched-tokens 16384 --max-queue 4096)
+    SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512 --max-queue 4096
+                  ${BATCHED_TOKENS:+--max-num-batched-tokens $BATCHED_TOKENS})
 fi
 bench() { "$PY" -m mdlserve.benchmarks "$@"; }
 # Every trace of a profile folder, summarised next to it (the traces themselves stay behind).
@@ -176,7 +183,12 @@ gateway)
     LABEL=api$API start_server --api-processes $API
     both_modes $BIG $PROCS api$API
     stop_server
-    pack ;;
+    pack
+    if [ "${RESTART:-0}" = 1 ]; then
+        LABEL=api$API-restart start_server --api-processes $API
+        stop_server
+        pack
+    fi ;;
 dp)
     # Two GPUs, one engine replica each, 2 x $API API processes, at 2 x 512 in flight; then
     # one GPU with $API API processes at 512 in the same call (issue 16's ratio).
@@ -197,9 +209,22 @@ engine)
     MODE=${CUDAGRAPH_MODE:-default}
     LEVER=()
     [ "$MODE" = default ] || LEVER=(--engine-arg "compilation_config={\"cudagraph_mode\": \"$MODE\"}")
-    bench throughput --impl plugin "${SIZE[@]}" "${TTFT[@]}" "${LEVER[@]}" --profile-dir "$WORK/engine/profile-$MODE" \
-        --out "$WORK/engine/$MODE" --time-budget-s "${BUDGET:-240}"
-    summarise_traces "$WORK/engine/profile-$MODE"
+    PROFILED=(--profile-dir "$WORK/engine/profile-$MODE")
+    [ "${PROFILE:-1}" = 1 ] || PROFILED=()
+    bench throughput --impl plugin "${SIZE[@]}" "${TTFT[@]}" "${LEVER[@]}" "${PROFILED[@]}" \
+        --out "$WORK/engine/$MODE-${BATCHED_TOKENS:-16384}" --time-budget-s "${BUDGET:-240}"
+    [ "${PROFILE:-1}" = 1 ] && summarise_traces "$WORK/engine/profile-$MODE"
+    pack ;;
+pyc)
+    # The image's `pip install` writes the bytecode of every package it installs; the staged
+    # site on the lent GPU has none, and every process there compiled the sources of vLLM,
+    # transformers and the rest at each start (half of the start-up's samples in
+    # benchmarks/results/2026-12-01-h200-levers). Compile it once, as the image build does.
+    # A folder Python may not write to needs PYTHONPYCACHEPREFIX, set for every later call.
+    dirs=$("$PY" -c 'import sys, os; print(" ".join(p for p in sys.path if os.path.isdir(p) and ("packages" in p or p.endswith("gpu-site"))))')
+    echo "bytecode for: $dirs"
+    /usr/bin/time -f "compileall took %e s" "$PY" -m compileall -q -j 0 $dirs > "$WORK/pyc/compileall.log" 2>&1
+    tail -3 "$WORK/pyc/compileall.log"
     pack ;;
 *)
     echo "unknown phase $PHASE"; exit 2 ;;

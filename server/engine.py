@@ -113,14 +113,17 @@ def audio_tokens_per_clip(settings: Settings) -> int:
 
 
 def engine_config(settings: Settings, api_process_count: int = 1, api_process_rank: int = 0):
-    """vLLM's config for the settings, its encoder budget sized for --max-audio-seconds.
-    With --api-processes N the supervisor builds it with rank -1 and API process i with
-    rank i, as vLLM's own multi-API-server path does.
+    """vLLM's config for the settings, its step budget chosen for throughput and its encoder
+    budget sized for --max-audio-seconds. With --api-processes N the supervisor builds it
+    with rank -1 and API process i with rank i, as vLLM's own multi-API-server path does.
 
-    vLLM sizes the encoder's compute budget and cache from max_num_batched_tokens (2048 by
-    default for an engine built this way): a clip with more audio tokens than that is
-    refused (409 s). Unless --max-num-batched-tokens is given, it is raised to the tokens of
-    one clip of --max-audio-seconds; when it is given and too small, the engine refuses to
+    Unless --max-num-batched-tokens is given, tokens per engine step are vLLM's offline
+    (`vllm.LLM`) default for the hardware, 16384 on an H100/H200, rather than its 2048 for
+    an engine built this way: at 512 clips in flight 2048 tokens admit a dozen new 30 s
+    clips per step, and every step also decodes for all the running ones (see
+    `default_step_tokens`). vLLM also sizes the encoder's compute budget and cache from this
+    number, and a clip with more audio tokens than that is refused, so it is at least the
+    tokens of one clip of --max-audio-seconds; given and too small, the engine refuses to
     start and says which limit to change."""
     from vllm.usage.usage_lib import UsageContext
 
@@ -129,24 +132,28 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
     args = engine_args(settings)
     args._api_process_count = api_process_count
     args._api_process_rank = api_process_rank
-    config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-    limit_host_threads(config.device_config.device_type)  # before the engine's processes start
     needed = audio_tokens_per_clip(settings)
-    if config.scheduler_config.max_num_batched_tokens >= needed:
-        return config
-    if settings.max_num_batched_tokens is not None:
+    if settings.max_num_batched_tokens is None:
+        args.max_num_batched_tokens = max(default_step_tokens(args), needed)
+    elif settings.max_num_batched_tokens < needed:
         raise ValueError(
             f"--max-num-batched-tokens {settings.max_num_batched_tokens} is below the {needed} tokens of one "
             f"{settings.max_audio_seconds:g} s clip (--max-audio-seconds): raise it or lower the audio limit"
         )
-    logger.info(
-        "max_num_batched_tokens raised to %d: one %g s clip (--max-audio-seconds) is %d tokens",
-        needed,
-        settings.max_audio_seconds,
-        needed,
-    )
-    args.max_num_batched_tokens = needed
-    return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    limit_host_threads(config.device_config.device_type)  # before the engine's processes start
+    return config
+
+
+def default_step_tokens(args) -> int:
+    """vLLM's default tokens per step for `vllm.LLM` on this hardware (16384 on GPUs of 70 GiB
+    and more but A100, 8192 on other GPUs, 4096 per CPU worker): the setting every offline
+    figure in docs/benchmarks.md ran with, and what a server keeping hundreds of clips in
+    flight needs. vLLM reads the GPU's memory through NVML, without starting CUDA here."""
+    from vllm.usage.usage_lib import UsageContext
+
+    step_tokens, _ = args.get_batch_defaults(world_size=args.tensor_parallel_size * args.pipeline_parallel_size)
+    return step_tokens[UsageContext.LLM_CLASS]
 
 
 def sampling_params(sampling: Sampling):

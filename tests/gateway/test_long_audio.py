@@ -1,7 +1,8 @@
 """--max-audio-seconds is the real limit end to end (issue 10, section 4), on the real tiny
 engine in process: a clip exactly at the limit is answered although its tokens exceed the
-encoder budget vLLM would pick by default (2048 tokens: 409 s); one just past the limit is
-refused from its header, before anything is decoded."""
+encoder budget vLLM picks by default for an engine built as the gateway builds it (2048
+tokens: 409 s); one just past the limit is refused from its header, before anything is
+decoded."""
 
 import io
 
@@ -12,6 +13,7 @@ import soundfile
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
 from mdlserve.server.app import create_app
+from mdlserve.server import engine
 from mdlserve.server.engine import engine_config
 from mdlserve.server.settings import Settings
 
@@ -78,8 +80,17 @@ async def test_audio_at_the_limit_is_answered_and_past_it_refused_before_decodin
             assert metric((await client.get("/metrics")).text, "mdl_audio_seconds_total") == decoded
 
 
-def test_engine_budget_follows_the_audio_limit(tiny_checkpoint):
+def test_engine_step_budget_is_vllms_offline_default(tiny_checkpoint):
+    """Not vLLM's 2048 for an engine built as the gateway builds it: `vllm.LLM`'s default for
+    the hardware, 4096 for one CPU worker (16384 on an H200)."""
+    assert engine_config(settings(tiny_checkpoint)).scheduler_config.max_num_batched_tokens == 4096
+    given = settings(tiny_checkpoint, max_num_batched_tokens=3000)
+    assert engine_config(given).scheduler_config.max_num_batched_tokens == 3000
+
+
+def test_engine_budget_follows_the_audio_limit(tiny_checkpoint, monkeypatch):
     needed = num_audio_tokens(LIMIT_S * SAMPLE_RATE)
-    assert engine_config(settings(tiny_checkpoint)).scheduler_config.max_num_batched_tokens >= needed
+    monkeypatch.setattr(engine, "default_step_tokens", lambda args: 2048)  # below one clip at the limit
+    assert engine_config(settings(tiny_checkpoint)).scheduler_config.max_num_batched_tokens == needed
     with pytest.raises(ValueError, match=f"--max-num-batched-tokens 1024 is below the {needed} tokens"):
         engine_config(settings(tiny_checkpoint, max_num_batched_tokens=1024))

@@ -119,12 +119,12 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
 
     Unless --max-num-batched-tokens is given, tokens per engine step are vLLM's offline
     (`vllm.LLM`) default for the hardware, 16384 on an H100/H200, rather than its 2048 for
-    an engine built this way: at 512 clips in flight 2048 tokens admit a dozen new 30 s
-    clips per step, and every step also decodes for all the running ones (see
-    `default_step_tokens`). vLLM also sizes the encoder's compute budget and cache from this
-    number, and a clip with more audio tokens than that is refused, so it is at least the
-    tokens of one clip of --max-audio-seconds; given and too small, the engine refuses to
-    start and says which limit to change."""
+    an engine built this way: 2048 tokens admit at most eleven new 30 s clips per step, and
+    on one H200 at 512 clips they gave 64.9-81.4 samples/s against 101.3-131.3 with 16384
+    in the same lease (benchmarks/results/2026-12-02-h200). vLLM also sizes the encoder's
+    compute budget and cache from this number, and a clip with more audio tokens than that
+    is refused, so it is at least the tokens of one clip of --max-audio-seconds; given and
+    too small, the engine refuses to start and says which limit to change."""
     from vllm.usage.usage_lib import UsageContext
 
     from mdlserve.model_plugin.model import limit_host_threads

@@ -1,11 +1,14 @@
 """CPU the gateway's own process spends per request (not the engine core's).
 
-    python -m mdlserve.benchmarks.gateway_cpu --model CHECKPOINT [--requests 160] [--out RESULT.json]
+    python -m mdlserve.benchmarks.gateway_cpu --model CHECKPOINT [--requests 160] [--max-tokens 1] [--stream]
+                                             [--out RESULT.json]
 
 Starts `mdl-serve serve` on the checkpoint (vLLM's default multiprocess path, so the
 engine core is a separate process and is not counted), warms it up, then sends
 `--requests` chat completions with a fresh 30 s 16 kHz WAV each (bodies built before the
-measurement), `--concurrency` at a time, `max_tokens` 1, and reads the server process's
+measurement), `--concurrency` at a time, exactly `--max-tokens` output tokens each (1 by
+default; more shows the per-token work: vLLM's output processing and, with `--stream`,
+one SSE event per token), and reads the server process's
 user + system CPU time before and after: all threads, and the main thread alone (the
 event loop, which every request and stream shares; decoding and vLLM's input processing
 run in worker threads). With `--py-spy FILE` it also records the
@@ -66,9 +69,9 @@ async def measure(url: str, server: psutil.Process, args: argparse.Namespace) ->
                 key=(GATEWAY_CPU_KEY, i),
                 clip_s=CLIP_S,
                 prompt="Caption the audio.",
-                max_tokens=1,
-                stream=False,
-                exact_tokens=False,
+                max_tokens=args.max_tokens,
+                stream=args.stream,
+                exact_tokens=True,
             )
             for i in range(WARMUP_REQUESTS + args.requests)
         ]
@@ -109,6 +112,8 @@ def main() -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (the tiny preset is enough)")
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=1, help="output tokens per request (exactly: EOS ignored)")
+    p.add_argument("--stream", action="store_true", help="streaming requests (one SSE event per token)")
     p.add_argument("--py-spy", default=None, metavar="FILE", help="also record py-spy raw stacks here")
     p.add_argument("--out", default=None, help="write the result JSON here")
     args = p.parse_args()
@@ -146,6 +151,8 @@ def main() -> None:
     result = {
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "stream": args.stream,
         "clip_s": CLIP_S,
         "wall_s": round(wall, 2),
         "api_process_cpu_ms_per_request": round(cpu_s / args.requests * 1000, 2),

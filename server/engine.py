@@ -53,12 +53,16 @@ class Completion:
 class Step:
     completions: list[Completion]
     prompt_tokens: int | None = None  # as the engine counted them, when it says
+    # Seconds from arrival to the first token, when the engine says: a final-only request's
+    # one Step comes at the end, so its TTFT cannot be read from when Steps arrive.
+    first_token_s: float | None = None
 
 
 class Engine(Protocol):
     """What the gateway needs of an engine.
 
-    `generate` yields one Step per engine output (deltas); closing the iterator early
+    `generate` yields one Step per engine output (deltas; with `sampling.final_only`, one
+    Step when the request ends, every choice whole); closing the iterator early
     aborts the request in the engine. Once the engine is gone, `generate`, its iterators
     and `check_health` raise `errors.EngineDead`; a request the engine ends on its own (a
     dying data-parallel replica's) raises `errors.EngineAborted` from its iterator."""
@@ -182,8 +186,15 @@ def sampling_params(sampling: Sampling):
         logit_bias=sampling.logit_bias or None,
         logprobs=sampling.logprobs,
         structured_outputs=structured,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.FINAL_ONLY if sampling.final_only else RequestOutputKind.DELTA,
     )
+
+
+def first_token_s(output) -> float | None:
+    """Arrival to first token as vLLM's output processor timed it (from the arrival time
+    the gateway passed), when it kept request statistics."""
+    stats = output.metrics
+    return stats.first_token_latency if stats is not None and stats.first_token_latency > 0 else None
 
 
 def token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
@@ -268,6 +279,7 @@ class VllmEngine:
                         for c in output.outputs
                     ],
                     len(output.prompt_token_ids) if output.prompt_token_ids else None,
+                    first_token_s(output) if request.sampling.final_only else None,
                 )
 
             try:

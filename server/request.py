@@ -92,6 +92,9 @@ class Sampling:
     logprobs: int | None = None  # alternatives per token (OpenAI's top_logprobs); None: no logprobs
     json_schema: dict | None = None  # the answer must validate against it (structured outputs)
     json_object: bool = False  # the answer must be a JSON object
+    # Only each choice's finished output, not one per engine step (vLLM's FINAL_ONLY): for
+    # answers sent whole, where every step's output would wake the request's task for nothing.
+    final_only: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ their event iterator, which closes the Run.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -77,13 +78,16 @@ class Session:
         self.metrics = metrics
         self.request_timeout = request_timeout
 
-    async def start(self, request: Request, conversation: Conversation, fields: SamplingFields, prefix: str) -> "Run":
+    async def start(
+        self, request: Request, conversation: Conversation, fields: SamplingFields, prefix: str, *, stream: bool
+    ) -> "Run":
         """Admit, prepare and submit; the running request with its first deltas. Raises
         ClientDisconnected when the client went away meanwhile; every failure releases
-        the admission units and aborts the engine request."""
+        the admission units and aborts the engine request. Without `stream` the engine
+        sends only the finished answer, so its first deltas are all of it."""
         reservation = getattr(request.state, "admission_reservation", None)  # AdmissionGateMiddleware's
         ticket = self.admission.admit(request_weight(len(conversation.audio), fields.n), reserved=reservation)
-        run = Run(self, f"{prefix}-{uuid.uuid4().hex}", request.state.request_id, ticket)
+        run = Run(self, f"{prefix}-{uuid.uuid4().hex}", request.state.request_id, ticket, final_only=not stream)
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:
             grant = getattr(request.state, "body_grant", None)  # BodySizeLimitMiddleware's
@@ -111,8 +115,9 @@ class Session:
 class Run:
     """One request's trip through the engine, with its deadline and latency metrics."""
 
-    def __init__(self, session: Session, request_id: str, http_id: str, ticket: Ticket):
+    def __init__(self, session: Session, request_id: str, http_id: str, ticket: Ticket, *, final_only: bool = False):
         self.session = session
+        self.final_only = final_only
         self.request_id = request_id
         self.http_id = http_id
         self.ticket = ticket
@@ -138,6 +143,8 @@ class Run:
         try:
             async with asyncio.timeout_at(self.deadline):
                 prepared = await self.session.builder.prepare(conversation, fields, handle.engine.tokenizer)
+                if self.final_only:
+                    prepared.sampling = dataclasses.replace(prepared.sampling, final_only=True)
                 if on_prepared is not None:
                     on_prepared()
                 self.prompt_tokens, self.audio_seconds, self.n = (
@@ -187,8 +194,8 @@ class Run:
             choice = self.choices.setdefault(completion.index, Choice())
             if completion.num_tokens:
                 if self._first_token_at is None:
-                    self._first_token_at = now
-                    self.session.metrics.ttft.observe(now - self.arrival)
+                    self._first_token_at = now if step.first_token_s is None else self.arrival + step.first_token_s
+                    self.session.metrics.ttft.observe(self._first_token_at - self.arrival)
                 self._last_token_at = now
             choice.tokens += completion.num_tokens
             choice.text += completion.text

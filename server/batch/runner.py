@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mdlserve.server.batch.ids import Shard
@@ -224,7 +224,9 @@ class BatchJob:
         try:
             leading = audio_source(item.audio, self.builder.fetcher) if item.audio is not None else None
             conversation = self.builder.conversation(item.messages, param="messages", leading_audio=leading)
-            return await self.builder.prepare(conversation, item.sampling, self.engine.tokenizer)
+            prepared = await self.builder.prepare(conversation, item.sampling, self.engine.tokenizer)
+            prepared.sampling = replace(prepared.sampling, final_only=True)  # rows are written whole
+            return prepared
         except EngineDead:
             raise
         except ApiError as exc:

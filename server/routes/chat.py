@@ -73,7 +73,7 @@ async def answer_chat(
     stream: bool,
     include_usage: bool,
 ) -> SSEResponse | ChatCompletionResponse:
-    run = await state.session.start(request, conversation, fields, "chatcmpl")
+    run = await state.session.start(request, conversation, fields, "chatcmpl", stream=stream)
     if stream:
         return SSEResponse(run, lambda: _chunks(run, model, include_usage, fields.logprobs))
     await state.session.finish(request, run)

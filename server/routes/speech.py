@@ -108,6 +108,7 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
                 state.builder.conversation(messages, leading_audio=AudioSource(upload.param, upload.load, w.samples)),
                 sampling,
                 "trsc",
+                stream=form.stream,
             )
             for w in parts
         ),

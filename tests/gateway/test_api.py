@@ -3,6 +3,7 @@ files written here in several formats, sample rates and channel counts; plus the
 `openai` client."""
 
 import json
+import time
 
 import httpx
 import openai
@@ -213,6 +214,38 @@ def test_audio_chat_prompt_messages_and_stream(client):
                                                         "stream": "true", "include_usage": "true"}, files=files) as r:
         events = _sse(r)
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 3
+
+
+def test_whole_answer_equals_the_stream_and_keeps_its_ttft(client):
+    """Without stream the engine sends only the finished answer (vLLM's FINAL_ONLY): the same
+    greedy text, token count and logprobs as the streamed deltas, n choices included, and
+    the request's TTFT still the first token's (vLLM's timing), not the answer's end."""
+    tokens = 192
+    body = chat_body(audio_part(audio_file()), max_tokens=tokens, ignore_eos=True, logprobs=True, top_logprobs=2)
+    before = client.get("/metrics").text
+    started = time.perf_counter()
+    whole = client.post("/v1/chat/completions", json=body)
+    elapsed = time.perf_counter() - started
+    after = client.get("/metrics").text
+    assert whole.status_code == 200, whole.text
+    assert metric(after, "mdl_ttft_seconds_count") - metric(before, "mdl_ttft_seconds_count") == 1
+    ttft = metric(after, "mdl_ttft_seconds_sum") - metric(before, "mdl_ttft_seconds_sum")
+    assert 0 < ttft < elapsed / 4, (ttft, elapsed)  # one prefill against 191 decode steps
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [e for e in _sse(r) if e != "[DONE]"]
+    streamed = [e["choices"][0] for e in chunks if e["choices"]]
+    answer = whole.json()["choices"][0]
+    assert answer["message"]["content"] == "".join(c["delta"].get("content") or "" for c in streamed)
+    assert answer["finish_reason"] == streamed[-1]["finish_reason"] == "length"
+    assert whole.json()["usage"]["completion_tokens"] == tokens
+    whole_logprobs = answer["logprobs"]["content"]
+    assert len(whole_logprobs) == tokens
+    assert whole_logprobs == [t for c in streamed if c.get("logprobs") for t in c["logprobs"]["content"]]
+    sampled = client.post("/v1/chat/completions", json=chat_body(audio_part(audio_file()), max_tokens=tokens,
+                                                                  ignore_eos=True, n=2, temperature=1, seed=7))
+    assert sampled.status_code == 200, sampled.text
+    assert [c["index"] for c in sampled.json()["choices"]] == [0, 1]
+    assert sampled.json()["usage"]["completion_tokens"] == 2 * tokens
 
 
 def test_request_id_echoed_or_assigned(client):

@@ -106,7 +106,9 @@ class PreparedRequest:
     sampling: Sampling
 
 
-def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int, vocab_size: int) -> Sampling:
+def sampling_for(
+    fields: SamplingFields, prompt_tokens: int, max_model_len: int, vocab_size: int, final_only: bool = False
+) -> Sampling:
     """Fields whose ranges the schema checked -> Sampling; refuses what the engine would refuse."""
     room = max_model_len - prompt_tokens
     requested = fields.output_limit()
@@ -155,6 +157,7 @@ def sampling_for(fields: SamplingFields, prompt_tokens: int, max_model_len: int,
         logprobs=fields.logprobs_count(),
         json_schema=json_schema.json_schema if json_schema else None,
         json_object=bool(response_format and response_format.type == "json_object"),
+        final_only=final_only,
     )
 
 
@@ -230,9 +233,10 @@ class RequestBuilder:
         return AudioSource(f"{where}.audio_url", load_url)
 
     async def prepare(
-        self, conversation: Conversation, fields: SamplingFields, tokenizer: Tokenizer
+        self, conversation: Conversation, fields: SamplingFields, tokenizer: Tokenizer, *, final_only: bool = False
     ) -> PreparedRequest:
-        """Load and decode the audio (concurrently), check the limits, tokenize."""
+        """Load and decode the audio (concurrently), check the limits, tokenize. `final_only`:
+        the answer is sent whole (Sampling.final_only)."""
         clips = await asyncio.gather(*(self.load_audio(source) for source in conversation.audio))
         seconds = sum(clip.size for clip in clips) / SAMPLE_RATE
         if seconds > self.max_audio_seconds:
@@ -259,7 +263,7 @@ class RequestBuilder:
                 f"is {self.max_model_len} tokens",
                 code="context_length_exceeded",
             )
-        sampling = sampling_for(fields, prompt_tokens, self.max_model_len, len(tokenizer))
+        sampling = sampling_for(fields, prompt_tokens, self.max_model_len, len(tokenizer), final_only)
         return PreparedRequest(token_ids, list(clips), prompt_tokens, seconds, sampling)
 
     async def load_audio(self, source: AudioSource) -> np.ndarray:

@@ -14,7 +14,6 @@ their event iterator, which closes the Run.
 """
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -142,9 +141,9 @@ class Run:
         handle = self.session.handle
         try:
             async with asyncio.timeout_at(self.deadline):
-                prepared = await self.session.builder.prepare(conversation, fields, handle.engine.tokenizer)
-                if self.final_only:
-                    prepared.sampling = dataclasses.replace(prepared.sampling, final_only=True)
+                prepared = await self.session.builder.prepare(
+                    conversation, fields, handle.engine.tokenizer, final_only=self.final_only
+                )
                 if on_prepared is not None:
                     on_prepared()
                 self.prompt_tokens, self.audio_seconds, self.n = (

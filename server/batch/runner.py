@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mdlserve.server.batch.ids import Shard
@@ -224,9 +224,8 @@ class BatchJob:
         try:
             leading = audio_source(item.audio, self.builder.fetcher) if item.audio is not None else None
             conversation = self.builder.conversation(item.messages, param="messages", leading_audio=leading)
-            prepared = await self.builder.prepare(conversation, item.sampling, self.engine.tokenizer)
-            prepared.sampling = replace(prepared.sampling, final_only=True)  # rows are written whole
-            return prepared
+            # Rows are written whole: only the finished answer is needed.
+            return await self.builder.prepare(conversation, item.sampling, self.engine.tokenizer, final_only=True)
         except EngineDead:
             raise
         except ApiError as exc:

@@ -130,9 +130,13 @@ def test_one_replica_dying_is_engine_death(dp_server):
     were generating end with an engine_unavailable error event instead of finishing,
     readiness is no longer 200 and the process exits non-zero for the orchestrator to
     restart it. The kill comes once every stream has its first token, with ~1900 tokens
-    still to go, so no stream can finish first however fast the machine is."""
+    still to go, so no stream can finish first however fast the machine is. There are only
+    as many streams as one replica runs at once: vLLM's balancer works from request counts
+    the coordinator reports now and then, so it may put several on one replica, and a
+    stream queued behind two 1900-token ones would get its first token only once they had
+    finished normally."""
     url = dp_server.url
-    streams = REPLICAS * MAX_NUM_SEQS
+    streams = MAX_NUM_SEQS
 
     async def stream(client: httpx.AsyncClient, started: asyncio.Event, counter: list[int]) -> list[str]:
         body = chat_body(audio_part(audio_file(seconds=1.0)), max_tokens=1900, ignore_eos=True, stream=True)

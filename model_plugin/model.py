@@ -40,9 +40,16 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from .compat import AudioTensorsProcessor
 from .encoder import DashengEncoder, as_pair
-from .processing import HOP_LENGTH, MIN_AUDIO_SAMPLES, PATCH_FRAMES, SAMPLE_RATE, SUBSAMPLE_FACTOR, num_audio_tokens
+from .processing import (
+    AUDIO_TOKEN,
+    HOP_LENGTH,
+    MIN_AUDIO_SAMPLES,
+    PATCH_FRAMES,
+    SAMPLE_RATE,
+    SUBSAMPLE_FACTOR,
+    num_audio_tokens,
+)
 
-AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 # Encoder calls of up to this many patches (about 60 s of audio) replay CUDA graphs:
 # below it kernel launches, not arithmetic, bound the encoder.

@@ -16,6 +16,9 @@ HOP_LENGTH = 160
 PATCH_FRAMES = 4
 SUBSAMPLE_FACTOR = 5
 MIN_AUDIO_SAMPLES = 3200
+# The placeholder the chat template puts in the prompt once per clip; the engine expands
+# each into the clip's audio tokens, so a prompt must hold exactly one per clip.
+AUDIO_TOKEN = "<|AUDIO|>"
 
 
 def num_audio_tokens(num_samples: int) -> int:
@@ -38,7 +41,7 @@ class MiDashengLMProcessor(ProcessorMixin):
         feature_extractor=None,
         tokenizer=None,
         chat_template: str | None = None,
-        audio_token: str = "<|AUDIO|>",
+        audio_token: str = AUDIO_TOKEN,
         audio_bos_token: str = "<|audio_bos|>",
         audio_eos_token: str = "<|audio_eos|>",
     ):

@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from mdlserve.model_plugin.processing import AUDIO_TOKEN
 from mdlserve.server.tasks import ISO_639_1, Task
 
 # input_audio.format values we accept. The bytes are decoded by content sniffing; the
@@ -32,6 +33,17 @@ def _refuse_lone_surrogates(value: object) -> object:
     return value
 
 
+def _refuse_audio_placeholder(text: str | None) -> str | None:
+    """Prompt text is tokenized with the chat template, special tokens included: an audio
+    placeholder typed into it would ask the engine for a clip nobody sent."""
+    if text is not None and AUDIO_TOKEN in text:
+        raise ValueError(
+            f"text must not contain {AUDIO_TOKEN}, the model's audio placeholder: "
+            "send audio as an input_audio or audio_url part"
+        )
+    return text
+
+
 class _Body(BaseModel):
     # Unknown fields are ignored (OpenAI clients send some we do not use); wrong types fail.
     model_config = ConfigDict(extra="ignore")
@@ -45,6 +57,8 @@ class _Body(BaseModel):
 class TextPart(_Body):
     type: Literal["text"]
     text: str
+
+    _no_audio_placeholder = field_validator("text")(_refuse_audio_placeholder)
 
 
 class InputAudio(_Body):
@@ -81,6 +95,11 @@ class ChatMessage(_Body):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
+
+    @field_validator("content")
+    @classmethod
+    def _no_audio_placeholder(cls, content: str | list[ContentPart]) -> str | list[ContentPart]:
+        return _refuse_audio_placeholder(content) if isinstance(content, str) else content
 
 
 ChatMessages = TypeAdapter(list[ChatMessage])
@@ -224,6 +243,8 @@ class SpeechForm(_Body):
     max_completion_tokens: int | None = Field(None, ge=1, description="output limit per 30 s window")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
 
+    _no_audio_placeholder = field_validator("prompt")(_refuse_audio_placeholder)
+
     def sampling(self) -> SamplingFields:
         """OpenAI's transcription default is temperature 0 (greedy), unlike chat's 1."""
         temperature = 0.0 if self.temperature is None else self.temperature
@@ -257,6 +278,8 @@ class AudioChatForm(GenerationFields):
     prompt: str | None = Field(None, description="the question; with task qa or multiple_choice, fills its slot")
     stream: bool = False
     include_usage: bool = False
+
+    _no_audio_placeholder = field_validator("prompt")(_refuse_audio_placeholder)
 
     def sampling(self) -> SamplingFields:
         return SamplingFields.model_validate(self.model_dump(include=set(GenerationFields.model_fields)))

@@ -142,10 +142,14 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
     if spec.input == STDIN or not (Path(spec.input).is_dir() or GLOB_CHARS & set(spec.input)):
         raise InputError(f"--format files needs a folder or a glob pattern, got {spec.input}")
     prompt, max_tokens = spec.default_prompt()
+    try:
+        messages = question(prompt)
+    except RowError as exc:
+        raise InputError(f"--{exc.message}") from None  # "--prompt: ...": the flag it came from
     sampling = SamplingFields.model_validate({"max_tokens": max_tokens, **(spec.sampling or {})})
     for row_id, path in _audio_files(spec):
         yield BatchItem(
-            row_id, {"id": row_id, "audio": path, "prompt": prompt}, question(prompt), sampling, AudioRef("path", path)
+            row_id, {"id": row_id, "audio": path, "prompt": prompt}, messages, sampling, AudioRef("path", path)
         )
 
 
@@ -208,10 +212,11 @@ def _manifest_row(spec: InputSpec, number: int, row: dict) -> Row:
             raise RowError("invalid_row", f"row {number} has no audio (a path or URL in the 'audio' column)")
         prompt, max_tokens = _row_prompt(spec, row)
         sampling = _row_sampling(spec, row, max_tokens)
+        messages = question(prompt)
     except RowError as exc:
         return BadRow(row_id, source, exc)
     source["prompt"] = prompt
-    return BatchItem(row_id, source, question(prompt), sampling, audio_ref(audio, spec.root()))
+    return BatchItem(row_id, source, messages, sampling, audio_ref(audio, spec.root()))
 
 
 def _row_prompt(spec: InputSpec, row: dict) -> tuple[str, int]:
@@ -338,8 +343,9 @@ def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
             if not isinstance(audio, str) or not audio:
                 raise RowError("invalid_row", f"line {number} has no audio file name")
             sampling = _row_sampling(spec, {}, max_tokens)
+            messages = question(source["prompt"])
         except (RowError, PresetError) as exc:
             error = exc if isinstance(exc, RowError) else RowError("invalid_task", str(exc))
             yield BadRow(dasheng_id(source), source, error)
             continue
-        yield BatchItem(dasheng_id(source), source, question(source["prompt"]), sampling, audio_ref(audio, spec.root()))
+        yield BatchItem(dasheng_id(source), source, messages, sampling, audio_ref(audio, spec.root()))

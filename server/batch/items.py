@@ -4,6 +4,8 @@ and their results."""
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import ValidationError
+
 from mdlserve.server.schemas import ChatMessage, SamplingFields
 
 
@@ -74,5 +76,9 @@ class Result:
 
 
 def question(prompt: str) -> list[ChatMessage]:
-    """One user turn with the instruction; the row's clip goes before it."""
-    return [ChatMessage(role="user", content=prompt)]
+    """One user turn with the instruction; the row's clip goes before it. A prompt the
+    gateway would refuse (an audio placeholder typed into it) is a RowError."""
+    try:
+        return [ChatMessage(role="user", content=prompt)]
+    except ValidationError as exc:
+        raise RowError("invalid_row", f"prompt: {exc.errors()[0]['msg']}") from None

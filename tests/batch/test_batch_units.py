@@ -135,3 +135,31 @@ def test_openai_chat_rows_refuse_fields_the_gateway_does_not_honour(tmp_path):
     assert isinstance(rows["tools"], BadRow) and rows["tools"].error.message.startswith("body.tools is not supported")
     assert rows["format"].error.message.startswith(  # where it is in the body, not which union member failed
         "body.messages[0].content[0].input_audio.format: Value error, unsupported audio format 'x'; supported: wav,")
+
+
+def test_an_audio_placeholder_typed_into_a_prompt_is_a_bad_row_not_a_dead_job(tmp_path):
+    """`<|AUDIO|>` in a prompt would ask the engine for a clip the row does not have: that
+    row fails by name, the rows after it are read; in --prompt it fails the whole input."""
+    from mdlserve.server.batch.inputs import InputError, InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "typed", "audio": "a.wav", "prompt": "what is <|AUDIO|> here?"})
+        + "\n"
+        + json.dumps({"id": "fine", "audio": "b.wav", "prompt": "what is here?"})
+        + "\n"
+    )
+    rows = {row.id: row for row in read_rows(InputSpec(str(manifest)))}
+    assert isinstance(rows["typed"], BadRow) and rows["typed"].error.code == "invalid_row"
+    assert rows["typed"].error.message == (
+        "prompt: Value error, text must not contain <|AUDIO|>, the model's audio placeholder: "
+        "send audio as an input_audio or audio_url part"
+    )
+    assert not isinstance(rows["fine"], BadRow)
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "a.wav").write_bytes(b"")
+    with pytest.raises(InputError, match=r"^--prompt: Value error, text must not contain <\|AUDIO\|>"):
+        list(read_rows(InputSpec(str(folder), prompt="<|AUDIO|>")))

@@ -110,6 +110,14 @@ CASES = {
                                         "invalid request: messages[0].content: Field required"),
     "audio chat without user message": (audio_chat(messages=json.dumps([{"role": "system", "content": "x"}])), 400,
                                         "needs a user message"),
+    # The audio placeholder typed as text: the prompt would hold one more <|AUDIO|> than clips
+    "audio placeholder in a transcription prompt": (transcribe(prompt="names: <|AUDIO|>"), 400,
+                                                    "prompt: Value error, text must not contain <|AUDIO|>"),
+    "audio placeholder in an audio chat prompt": (audio_chat(prompt="<|AUDIO|>?"), 400,
+                                                  "prompt: Value error, text must not contain <|AUDIO|>"),
+    "audio placeholder in audio chat messages": (
+        audio_chat(messages=json.dumps([{"role": "user", "content": "<|audio_bos|><|AUDIO|><|audio_eos|>"}])), 400,
+        "messages[0].content: Value error, text must not contain <|AUDIO|>"),
     # Routing
     "unknown endpoint": (("POST", "/v1/completions", {"json": {}}), 404, "no such endpoint: POST /v1/completions"),
     "wrong method": (("GET", "/v1/chat/completions", {}), 405, "method GET is not allowed"),
@@ -136,6 +144,14 @@ NAMED = {
         chat(messages=[{"role": "user", "content": 123}]), 400,
         "invalid request: messages[0].content: Input should be a valid string or a valid list",
         "messages[0].content"),
+    "audio placeholder typed into a text part": (
+        chat_parts(audio_part(WAV), {"type": "text", "text": "and this one: <|AUDIO|>"}), 400,
+        "invalid request: messages[0].content[1].text: Value error, text must not contain <|AUDIO|>, the model's "
+        "audio placeholder: send audio as an input_audio or audio_url part", "messages[0].content[1].text"),
+    "audio placeholder in a system message": (
+        chat(messages=[{"role": "system", "content": "<|AUDIO|>"}, {"role": "user", "content": [audio_part(WAV)]}]),
+        400, "invalid request: messages[0].content: Value error, text must not contain <|AUDIO|>, the model's audio "
+        "placeholder: send audio as an input_audio or audio_url part", "messages[0].content"),
     "second message without role": (
         chat(messages=[{"role": "user", "content": "x"}, {"content": "y"}]), 400,
         "invalid request: messages[1].role: Field required", "messages[1].role"),

@@ -218,6 +218,11 @@ def _validation_error(request: Request, exc: RequestValidationError) -> ApiError
     errors = exc.errors()
     invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if invalid_json is not None:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # compressed bodies are read as sent, so they fail to parse
+            return ApiError(
+                415, f"request bodies are read uncompressed: Content-Encoding {encoding!r} is not supported"
+            )
         reason = (invalid_json.get("ctx") or {}).get("error")
         return bad_request("the request body is not valid JSON" + (f" ({reason})" if reason else ""))
     not_an_object = {"missing", "model_attributes_type", "dict_type", "model_type"}

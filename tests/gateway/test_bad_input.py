@@ -1,6 +1,7 @@
 """Bad input: each case answered 4xx in OpenAI's error shape with a message that names the
 problem, and the server still healthy (a real request succeeds) afterwards."""
 
+import gzip
 import json
 
 import httpx
@@ -162,6 +163,10 @@ NAMED = {
     "body cut short": (("POST", "/v1/chat/completions", {"content": b'{"model": "x", "messages": [',
                                                          "headers": {"content-type": "application/json"}}),
                        400, "the request body is not valid JSON (EOF while parsing a list at line 1 column 28)", None),
+    "gzip-compressed json": (
+        ("POST", "/v1/chat/completions", {"content": gzip.compress(json.dumps(chat_body()).encode()),
+                                          "headers": {"content-type": "application/json", "content-encoding": "gzip"}}),
+        415, "request bodies are read uncompressed: Content-Encoding 'gzip' is not supported", None),
     "json sent as text/plain": (
         ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode(),
                                           "headers": {"content-type": "text/plain"}}),

@@ -48,6 +48,7 @@ from .processing import (
     SAMPLE_RATE,
     SUBSAMPLE_FACTOR,
     num_audio_tokens,
+    sample_range_problem,
 )
 
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -89,9 +90,8 @@ def _check_waveform(index: int, audio: Any) -> None:
         raise ValueError(f"audio {index}: the waveform is empty")
     if not np.issubdtype(audio.dtype, np.floating):
         raise ValueError(f"audio {index}: expected float samples in [-1, 1], got dtype {audio.dtype}")
-    # One reduction instead of an elementwise mask: NaN and inf propagate into the sum.
-    if not np.isfinite(audio.sum()):
-        raise ValueError(f"audio {index}: the waveform contains NaN or infinite samples")
+    if (problem := sample_range_problem(audio)) is not None:
+        raise ValueError(f"audio {index}: {problem}")
 
 
 def _check_token_framing(config) -> None:

@@ -8,6 +8,8 @@ because generated checkpoints also carry a copy of it as `processing_midashenglm
 `trust_remote_code` users such as vLLM's built-in implementation.
 """
 
+import math
+
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
 
@@ -19,6 +21,9 @@ MIN_AUDIO_SAMPLES = 3200
 # The placeholder the chat template puts in the prompt once per clip; the engine expands
 # each into the clip's audio tokens, so a prompt must hold exactly one per clip.
 AUDIO_TOKEN = "<|AUDIO|>"
+# Full scale is 1.0. Far beyond it (|x| above ~1e15 for a 512-point STFT) the log-mel front
+# end's fp32 power spectrum overflows to inf and the encoder turns the clip into NaN.
+MAX_SAMPLE_MAGNITUDE = 1e12
 
 
 def num_audio_tokens(num_samples: int) -> int:
@@ -29,6 +34,21 @@ def num_audio_tokens(num_samples: int) -> int:
     """
     num_samples = max(num_samples, MIN_AUDIO_SAMPLES)
     return max(1, (num_samples // HOP_LENGTH + 1) // PATCH_FRAMES // SUBSAMPLE_FACTOR)
+
+
+def sample_range_problem(waveform: np.ndarray) -> str | None:
+    """Why these float samples cannot go through the front end (NaN or infinite samples, or
+    samples past MAX_SAMPLE_MAGNITUDE), or None. Two reductions and no temporary array:
+    NaN and inf reach the extremes."""
+    peak = max(float(waveform.max()), -float(waveform.min()))
+    if not math.isfinite(peak):
+        return "the waveform contains NaN or infinite samples"
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        return (
+            f"samples reach {peak:.3g}: full scale is 1.0, and past {MAX_SAMPLE_MAGNITUDE:g} "
+            "the log-mel front end overflows"
+        )
+    return None
 
 
 class MiDashengLMProcessor(ProcessorMixin):

@@ -10,7 +10,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from mdlserve.model_plugin.processing import SAMPLE_RATE
+from mdlserve.model_plugin.processing import SAMPLE_RATE, sample_range_problem
 
 
 class AudioDecodeError(ValueError):
@@ -48,8 +48,8 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
         mono = _decode_with_av(data, max_seconds)
     if mono.size == 0:
         raise AudioDecodeError("the audio decodes to zero samples")
-    if not np.isfinite(mono).all():
-        raise AudioDecodeError("the audio contains NaN or infinite samples")
+    if (problem := sample_range_problem(mono)) is not None:
+        raise AudioDecodeError(problem)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

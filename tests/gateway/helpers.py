@@ -191,7 +191,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str | None = None) -> bytes:
     buf = io.BytesIO()
-    soundfile.write(buf, samples, rate, format="WAV")
+    soundfile.write(buf, samples, rate, format="WAV", subtype=subtype)
     return buf.getvalue()

@@ -76,6 +76,9 @@ CASES = {
     "zero-length audio": (chat_parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}), 400,
                           "the audio is empty"),
     "wav without samples": (chat_parts(audio_part(_empty_wav())), 400, "zero samples"),
+    "float wav far past full scale": (
+        chat_parts(audio_part(wav_bytes(np.full(16000, -3e30, dtype=np.float32), 16000, "FLOAT"))), 400,
+        "could not decode audio: samples reach 3e+30: full scale is 1.0, and past 1e+12 the log-mel front end overflows"),
     "audio too long": (chat_parts(audio_part(audio_file("wav", 8000, 1, seconds=25))), 400, "audio is longer than the limit of 20 s"),
     "audio too long in total": (chat_parts(*[audio_part(audio_file("wav", 8000, 1, seconds=12))] * 2), 400,
                                 "audio too long: 24.0 s in this request (the limit is 20 s"),
@@ -192,6 +195,14 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"], error
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+def test_float_audio_past_full_scale_is_answered_while_the_front_end_can_take_it(client):
+    """Float WAVs may carry int16-scale samples (±32768): loud, not broken."""
+    loud = wav_bytes(np.full(16000, 3e4, dtype=np.float32), 16000, "FLOAT")
+    response = client.post("/v1/chat/completions", json=chat_body(audio_part(loud)))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.parametrize("case", list(NAMED), ids=list(NAMED))

@@ -126,6 +126,8 @@ BAD_INPUTS = {
     "empty": (PROMPT, np.zeros(0, dtype=np.float32), "audio 0: the waveform is empty"),
     "nan": (PROMPT, np.where(np.arange(SR) == 123, np.nan, GOOD).astype(np.float32), "NaN or infinite"),
     "inf": (PROMPT, np.where(np.arange(SR) == 5, -np.inf, GOOD).astype(np.float32), "NaN or infinite"),
+    "past_full_scale": (PROMPT, np.where(np.arange(SR) == 7, -2e13, GOOD).astype(np.float32),
+                        "audio 0: samples reach 2e+13: full scale is 1.0, and past 1e+12 the log-mel front end overflows"),
     "2d_channels_first": (PROMPT, [np.stack([GOOD, GOOD])], "audio 0: expected a 1-D mono waveform, got shape (2, 16000)"),
     "2d_channels_last": (PROMPT, [np.stack([GOOD, GOOD], axis=1)], "audio 0: expected a 1-D mono waveform, got shape (16000, 2)"),
     "2d_single_channel": (PROMPT, [GOOD[None, :]], "audio 0: expected a 1-D mono waveform, got shape (1, 16000)"),

@@ -149,7 +149,7 @@ def _metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-async def _wait_ready(client: httpx.AsyncClient) -> None:
+async def _wait_ready(client: httpx.AsyncClient, server: psutil.Process) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -157,8 +157,10 @@ async def _wait_ready(client: httpx.AsyncClient) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if not server.is_running() or server.status() == psutil.STATUS_ZOMBIE:
+            raise RuntimeError("the server exited before it was ready (its output: --server-log)")
         await asyncio.sleep(0.5)
-    raise RuntimeError("the server did not become ready")
+    raise RuntimeError("the server did not become ready in 600 s (its output: --server-log)")
 
 
 async def run(url: str, server: psutil.Process, args: argparse.Namespace) -> dict:
@@ -167,7 +169,7 @@ async def run(url: str, server: psutil.Process, args: argparse.Namespace) -> dic
     statuses: Counter[str] = Counter()
     by_case: dict[str, Counter[int | str]] = {name: Counter() for name in names}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await _wait_ready(client)
+        await _wait_ready(client, server)
         await asyncio.sleep(2)
         lag_before = _lag_buckets((await client.get("/metrics")).text)
         sampler = RssSampler(server)

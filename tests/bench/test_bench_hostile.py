@@ -14,12 +14,12 @@ pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
 
 def test_bench_hostile_reports_memory_and_loop_lag_and_no_5xx(tiny_checkpoint, tmp_path):
     cases = list(hostile_bodies())
-    out = tmp_path / "hostile.json"
+    out, server_log = tmp_path / "hostile.json", tmp_path / "server.log"
     proc = subprocess.run([sys.executable, "-m", "mdlserve.server.cli", "bench", "hostile", "--model", tiny_checkpoint,
                            "--requests", str(len(cases)), "--concurrency", "2", "--out", str(out),
-                           "--server-arg=--max-body-bytes-in-flight=33554432"],
+                           "--server-arg=--max-body-bytes-in-flight=33554432", "--server-log", str(server_log)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + server_log.read_text()[-3000:]
     result = json.loads(out.read_text())
     assert result["requests"] == len(cases) and result["concurrency"] == 2
     assert result["server_5xx"] == 0

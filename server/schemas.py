@@ -99,7 +99,9 @@ class ChatMessage(_Body):
     @field_validator("content")
     @classmethod
     def _no_audio_placeholder(cls, content: str | list[ContentPart]) -> str | list[ContentPart]:
-        return _refuse_audio_placeholder(content) if isinstance(content, str) else content
+        if isinstance(content, str):
+            _refuse_audio_placeholder(content)
+        return content
 
 
 ChatMessages = TypeAdapter(list[ChatMessage])

@@ -12,6 +12,7 @@ until the engine is up.
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from mdlserve.server.settings import Settings
 logger = logging.getLogger("mdlserve.server")
 HEALTH_INTERVAL_S = 1.0
 LOG_STATS_INTERVAL_S = 10.0
+# xgrammar's errors begin with its log prefix, "[05:33:38] /project/cpp/regex_converter.cc:83: ":
+# a time and a source line of its build, nothing the client can act on.
+BACKEND_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
 
 
 @dataclass
@@ -295,15 +299,19 @@ class VllmEngine:
     async def _first(stream, sampling: Sampling):
         """The first output. A JSON schema that passed our check (a valid JSON Schema) can
         still use a feature the structured-output backend lacks; vLLM refuses it with a
-        ValueError before the request enters the engine: the client's 400, and the only
-        ValueError from vLLM we pass on as one."""
+        VLLMValidationError (a ValueError up to 0.26, not since 0.32) before the request
+        enters the engine: the client's 400, and the only such error from vLLM we pass on
+        as one."""
+        from vllm.exceptions import VLLMValidationError
+
         try:
             return await anext(stream)
-        except ValueError as exc:
+        except (ValueError, VLLMValidationError) as exc:
             if sampling.json_schema is None:
                 raise
             raise bad_request(
-                f"response_format.json_schema.schema is not supported by the structured-output backend: {exc}",
+                "response_format.json_schema.schema is not supported by the structured-output backend: "
+                + BACKEND_LOG_PREFIX.sub("", str(exc)).strip(),
                 param="response_format.json_schema.schema",
             ) from None
 

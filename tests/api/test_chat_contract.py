@@ -145,6 +145,20 @@ def test_invalid_json_schema_is_a_400(oai):
     assert "response_format" in err.value.body["param"] and "JSON Schema" in err.value.body["message"]
 
 
+def test_a_schema_the_grammar_backend_cannot_compile_is_a_400_saying_why(oai):
+    """A valid JSON Schema with a dangling $ref: the backend's own reason, without the time
+    and C++ source line its message starts with."""
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=MODEL, messages=[user()], max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/gone"}}},
+        )  # fmt: skip
+    assert err.value.body["param"] == "response_format.json_schema.schema"
+    message = err.value.body["message"]
+    assert message.startswith("response_format.json_schema.schema is not supported by the structured-output backend: ")
+    assert "#/$defs/gone" in message and ".cc:" not in message and "[" not in message, message
+
+
 def test_developer_role_and_audio_in_an_earlier_turn(oai):
     messages = [
         {"role": "developer", "content": "Answer briefly."},

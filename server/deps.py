@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from mdlserve.server.engine import EngineState
-from mdlserve.server.errors import ApiError, EngineDead
+from mdlserve.server.errors import ApiError, EngineDead, bad_request
 from mdlserve.server.state import GatewayState
 
 
@@ -19,6 +19,18 @@ async def get_state(request: Request) -> GatewayState:
 
 
 State = Annotated[GatewayState, Depends(get_state)]
+
+# Multipart fields that may repeat, one value per part; any other sent twice is refused.
+REPEATABLE_FORM_FIELDS = frozenset({"timestamp_granularities[]", "stop"})
+
+
+async def single_valued_form(request: Request) -> None:
+    """A repeated multipart field is read as its last value, the others dropped unseen (of
+    two files, the first would never be heard): refuse it by name instead."""
+    form = await request.form()
+    for key in set(form.keys()) - REPEATABLE_FORM_FIELDS:
+        if (count := len(form.getlist(key))) > 1:
+            raise bad_request(f"{key} is sent {count} times in the form; send it once", param=key)
 
 
 def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:

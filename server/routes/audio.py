@@ -4,10 +4,10 @@ task preset, a question or a whole conversation about it; answered as a chat com
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Request
 from pydantic import ValidationError
 
-from mdlserve.server.deps import State
+from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request, problems_message, validation_problems
 from mdlserve.server.jsonbody import loads_bounded
 from mdlserve.server.request import AudioSource
@@ -16,7 +16,7 @@ from mdlserve.server.routes.chat import CHAT_RESPONSES, answer_chat, check_model
 from mdlserve.server.schemas import AudioChatForm, ChatCompletionResponse, ChatMessage, ChatMessages, SpeechForm
 from mdlserve.server.tasks import TaskPromptError, task_instruction
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(single_valued_form)])
 
 
 def form_messages(raw: str) -> list[ChatMessage]:

@@ -10,10 +10,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import PlainTextResponse
 
-from mdlserve.server.deps import State
+from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request
 from mdlserve.server.request import AudioSource
 from mdlserve.server.routes import TRANSCRIPTIONS, TRANSLATIONS
@@ -34,7 +34,7 @@ from mdlserve.server.session import Run, SSEResponse, sse_event
 from mdlserve.server.tasks import TRANSLATION_PROMPT, asr_instruction
 from mdlserve.server.transcripts import Segment, Window, joined, srt, vtt, windows
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(single_valued_form)])
 
 # What the endpoints answer besides JSON, for the OpenAPI document.
 SPEECH_RESPONSES: dict[int | str, dict[str, Any]] = {

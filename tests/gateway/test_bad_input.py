@@ -122,6 +122,12 @@ CASES = {
     "audio placeholder in audio chat messages": (
         audio_chat(messages=json.dumps([{"role": "user", "content": "<|audio_bos|><|AUDIO|><|audio_eos|>"}])), 400,
         "messages[0].content: Value error, text must not contain <|AUDIO|>"),
+    "transcription with two files": (("POST", "/v1/audio/transcriptions",
+                                      {"data": {"model": MODEL}, "files": [("file", ("a.wav", WAV)), ("file", ("b.wav", WAV))]}),
+                                     400, "file is sent 2 times in the form; send it once"),
+    "audio chat with two prompts": (("POST", "/v1/audio/chat", {"data": {"prompt": ["one?", "two?"]},
+                                                                "files": {"file": ("clip.wav", WAV)}}),
+                                    400, "prompt is sent 2 times in the form; send it once"),
     # Routing
     "unknown endpoint": (("POST", "/v1/completions", {"json": {}}), 404, "no such endpoint: POST /v1/completions"),
     "wrong method": (("GET", "/v1/chat/completions", {}), 405, "method GET is not allowed"),
@@ -195,6 +201,18 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"], error
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+def test_form_fields_that_are_lists_may_repeat(client):
+    """stop and timestamp_granularities[] take one value per part."""
+    analysis = client.post("/v1/audio/analysis", files={"file": ("clip.wav", WAV)},
+                           data={"task": "caption", "stop": ["zz", "yy"], "max_tokens": "2"})  # fmt: skip
+    assert analysis.status_code == 200, analysis.text
+    verbose = client.post("/v1/audio/transcriptions", files={"file": ("clip.wav", WAV)},
+                          data={"model": MODEL, "response_format": "verbose_json", "max_completion_tokens": "2",
+                                "timestamp_granularities[]": ["segment", "segment"]})  # fmt: skip
+    assert verbose.status_code == 200, verbose.text
+    assert len(verbose.json()["segments"]) == 1
 
 
 def test_float_audio_past_full_scale_is_answered_while_the_front_end_can_take_it(client):

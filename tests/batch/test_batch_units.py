@@ -160,6 +160,5 @@ def test_an_audio_placeholder_typed_into_a_prompt_is_a_bad_row_not_a_dead_job(tm
 
     folder = tmp_path / "clips"
     folder.mkdir()
-    (folder / "a.wav").write_bytes(b"")
     with pytest.raises(InputError, match=r"^--prompt: Value error, text must not contain <\|AUDIO\|>"):
         list(read_rows(InputSpec(str(folder), prompt="<|AUDIO|>")))

@@ -18,7 +18,8 @@
 # and the gateway's --max-num-batched-tokens; unset, the gateway uses its own default),
 # BATCHES (the offline batch sizes, default 512,512), PROFILE=0 (engine phase without the
 # profiled batch), RESTART=1 (gateway phase: stop and start the server once more at the
-# end, the warm start), API_PROCESSES, N_REQ, BUDGET, STARTUP_SPY.
+# end, the warm start), API_PROCESSES, N_REQ, BUDGET, STARTUP_SPY, TAG (engine phase: a suffix
+# for its run's folder, so that two runs of one setting in a lease keep both).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -209,11 +210,12 @@ engine)
     MODE=${CUDAGRAPH_MODE:-default}
     LEVER=()
     [ "$MODE" = default ] || LEVER=(--engine-arg "compilation_config={\"cudagraph_mode\": \"$MODE\"}")
-    PROFILED=(--profile-dir "$WORK/engine/profile-$MODE")
+    RUN=$MODE-${BATCHED_TOKENS:-16384}${TAG:+-$TAG}
+    PROFILED=(--profile-dir "$WORK/engine/profile-$RUN")
     [ "${PROFILE:-1}" = 1 ] || PROFILED=()
     bench throughput --impl plugin "${SIZE[@]}" "${TTFT[@]}" "${LEVER[@]}" "${PROFILED[@]}" \
-        --out "$WORK/engine/$MODE-${BATCHED_TOKENS:-16384}" --time-budget-s "${BUDGET:-240}"
-    [ "${PROFILE:-1}" = 1 ] && summarise_traces "$WORK/engine/profile-$MODE"
+        --out "$WORK/engine/$RUN" --time-budget-s "${BUDGET:-240}"
+    [ "${PROFILE:-1}" = 1 ] && summarise_traces "$WORK/engine/profile-$RUN"
     pack ;;
 pyc)
     # The image's `pip install` writes the bytecode of every package it installs; the staged

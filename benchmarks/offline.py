@@ -16,6 +16,11 @@ Definitions:
   `disable_log_stats=False`): from the request's arrival (before audio preprocessing)
   to the first output token reaching the frontend. The wall time of the call is
   recorded next to it (`wall_ms`) and stands in only if the metric is missing.
+  Each TTFT is split in three from the request's engine-core timestamps (`ttft_parts`):
+  `queued` (in the scheduler's queue), `engine_step` (scheduled to the first token's
+  output: the prefill step, encoder included) and `frontend` (the rest: preprocessing,
+  hashing, the hand-over to the engine core and back, output processing), so that what
+  a lone request waits on is known without a profiler.
 """
 
 import json
@@ -75,6 +80,20 @@ class OfflineWorkload:
     @classmethod
     def from_json(cls, data: dict) -> "OfflineWorkload":
         return cls(**{**data, "engine": EngineOptions(**data["engine"])})
+
+
+TTFT_PARTS = ("queued", "engine_step", "frontend")
+
+
+def ttft_parts(metrics) -> dict:
+    """A request's TTFT split by its engine-core timestamps (monotonic, one clock): queued to
+    scheduled, scheduled to first token, and the frontend's remainder of the TTFT."""
+    ttft = getattr(metrics, "first_token_latency", 0.0)
+    queued, scheduled, first = (getattr(metrics, k, 0.0) for k in ("queued_ts", "scheduled_ts", "first_token_ts"))
+    if not (ttft > 0 and 0 < queued <= scheduled <= first):
+        return {}
+    return {"queued_ms": (scheduled - queued) * 1000, "engine_step_ms": (first - scheduled) * 1000,
+            "frontend_ms": (ttft - (first - queued)) * 1000}  # fmt: skip
 
 
 def worker_env(impl: str, base: dict | None = None) -> dict:
@@ -233,7 +252,8 @@ class OfflineRunner:
                 row = {"kind": "ttft", "impl": self.work.impl, "clip_s": seconds, "repeat": rep,
                        "warmup": rep == 0, "prompt_tokens": len(out.prompt_token_ids),
                        "ttft_ms": metric * 1000 if metric else wall_ms, "wall_ms": wall_ms,
-                       "ttft_source": "engine_metrics" if metric else "wall"}  # fmt: skip
+                       "ttft_source": "engine_metrics" if metric else "wall",
+                       **ttft_parts(out.metrics)}  # fmt: skip
                 self.result["requests"].append(row)
                 if rep:
                     samples.append(row)
@@ -242,6 +262,8 @@ class OfflineRunner:
                 "impl": self.work.impl, "via": "engine", "clip_s": seconds, "n": len(ttfts),
                 "median_ms": percentile(ttfts, 50), "p90_ms": percentile(ttfts, 90),
                 "wall_median_ms": percentile([r["wall_ms"] for r in samples], 50),
+                **{f"{part}_median_ms": percentile([r[f"{part}_ms"] for r in samples if f"{part}_ms" in r], 50)
+                   for part in TTFT_PARTS},
                 "prompt_tokens": samples[0]["prompt_tokens"] if samples else None,
                 "ttft_source": samples[0]["ttft_source"] if samples else None,
             })  # fmt: skip

@@ -3,6 +3,7 @@
 import json
 
 from . import reference
+from .offline import TTFT_PARTS
 
 IMPL_ORDER = ["plugin", "builtin"]
 
@@ -58,12 +59,18 @@ def ttft_table(summary: dict) -> str:
     header = ["clip s"] + [f"{i} {p} ms" for i in impls for p in ("median", "p90")]
     if len(impls) == 2:
         header.append(f"{impls[1]}/{impls[0]} median")
+    # The median TTFT's parts (benchmarks/offline.py, `ttft_parts`), where recorded.
+    parts = [f"{i} {p} ms" for i in impls for p in TTFT_PARTS]
+    with_parts = any(r.get("engine_step_median_ms") is not None for r in rows)
+    header += parts if with_parts else []
     table = []
     for clip_s in sorted({r["clip_s"] for r in rows}):
         line = [clip_s] + [value.get((i, clip_s), {}).get(k) for i in impls for k in ("median_ms", "p90_ms")]
         if len(impls) == 2:
             a, b = line[1], line[3]
             line.append(b / a if a and b else None)
+        if with_parts:
+            line += [value.get((i, clip_s), {}).get(f"{k}_median_ms") for i in impls for k in TTFT_PARTS]
         table.append(line)
     lo, hi = reference.TTFT_RANGE_MS["MiDashengLM"]
     return (f"### TTFT at batch 1 (authors' figure: MiDashengLM {lo:g}–{hi:g} ms over 2–32 s)\n\n"

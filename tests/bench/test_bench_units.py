@@ -1,6 +1,7 @@
 """Benchmark building blocks that need no engine: parsing, clips, scenarios, reports, plots."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from mdlserve.benchmarks.common import (
 )
 from mdlserve.benchmarks.http_load import RequestResult, RequestSpec, base_url, request_body, summarize
 from mdlserve.benchmarks.loadtest import Scenario, drift, windows
-from mdlserve.benchmarks.offline import EngineOptions, llm_kwargs, OfflineWorkload
+from mdlserve.benchmarks.offline import EngineOptions, OfflineWorkload, llm_kwargs, ttft_parts
 from mdlserve.benchmarks.suite import speedups
 
 
@@ -26,6 +27,17 @@ def test_list_parsing():
     assert parse_seconds_list("2:32:2") == [float(s) for s in reference.TTFT_CLIP_SECONDS]
     assert parse_seconds_list("2,4.5") == [2.0, 4.5]
     assert parse_seconds_list("") == []
+
+
+def test_ttft_parts_split_the_ttft_by_engine_timestamps():
+    # vLLM's RequestStateStats: arrival on the frontend's clock, the rest on the engine core's.
+    stats = dict(queued_ts=100.002, scheduled_ts=100.003, first_token_ts=100.021)
+    parts = ttft_parts(SimpleNamespace(first_token_latency=0.030, **stats))
+    assert parts == pytest.approx({"queued_ms": 1.0, "engine_step_ms": 18.0, "frontend_ms": 11.0})
+    assert sum(parts.values()) == pytest.approx(30.0)
+    # No first token yet, or stats not kept (disable_log_stats): nothing to split.
+    assert ttft_parts(SimpleNamespace(first_token_latency=0.0, **stats)) == {}
+    assert ttft_parts(None) == {}
 
 
 def test_engine_arg_parsing_and_precedence():

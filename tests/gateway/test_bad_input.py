@@ -180,6 +180,11 @@ NAMED = {
         ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode(),
                                           "headers": {"content-type": "text/plain"}}),
         415, "the request body must be JSON (Content-Type: application/json), not 'text/plain'", None),
+    "json sent without a content type": (
+        ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode()}),
+        415, "the request body must be JSON sent with Content-Type: application/json (none given)", None),
+    "no body and no content type": (("POST", "/v1/chat/completions", {}),
+                                    400, "the request body must be a JSON object", None),
     "audio chat message without content": (
         audio_chat(messages=json.dumps([{"role": "user", "content": "x"}, {"role": "user"}])), 400,
         "invalid request: messages[1].content: Field required", "messages[1].content"),

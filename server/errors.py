@@ -196,7 +196,10 @@ def validation_problems(errors: list, data: object, root: str = "") -> list[tupl
         type_mismatch = str(error.get("type", "")).endswith("_type")
         if type_mismatch and any(_inside(other, path) for other in paths):
             continue
-        problems.setdefault(path, []).append(str(error.get("msg", "invalid value")))
+        message = str(error.get("msg", "invalid value"))
+        if message.startswith("Value error, Expected UploadFile"):  # Starlette's words for a text field
+            message = "must be a file (a multipart part with a filename), not a text field"
+        problems.setdefault(path, []).append(message)
     described = []
     for path, messages in problems.items():
         first, *more = dict.fromkeys(messages)

@@ -101,6 +101,9 @@ CASES = {
     "bad base64 data url": (chat_parts(URL_PART("data:audio/wav;base64,%%%")), 400, "data: URL is not valid base64"),
     # Multipart endpoints
     "transcription without file": (transcribe(files=False), 400, "file: Field required"),
+    "transcription with the file sent as a text field": (
+        transcribe(files=False, file="clip.wav"), 400,
+        "invalid request: file: must be a file (a multipart part with a filename), not a text field"),
     "transcription without model": (transcribe(model=None), 400, "model: Field required"),
     "transcription bad response_format": (transcribe(response_format="xml"), 400, "response_format"),
     "transcription of a text file": (transcribe(data=b"hello, this is not audio at all" * 10), 400,

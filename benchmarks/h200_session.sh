@@ -25,7 +25,8 @@
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
 # (max_model_len 1024, 512 sequences, 16384 batched tokens) serve all phases, so the
 # compile cache of the first phase makes later engine starts warm.
-# SMOKE=1 runs every phase at CPU size with the tiny checkpoint (what the tests do).
+# SMOKE=1 runs every phase at CPU size with the tiny checkpoint (tests/bench/test_h200_session.py
+# runs the engine and gateway phases so).
 set -uo pipefail
 
 PHASE=${1:?usage: h200_session.sh offline|levers|http OUT}

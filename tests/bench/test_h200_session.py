@@ -1,0 +1,47 @@
+"""benchmarks/h200_session.sh at CPU size (SMOKE=1, the tiny checkpoint): the script a GPU
+lease runs unattended, so a phase that breaks here would waste device time there."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a heavy case: `make test-slow` and CI run it
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "h200_session.sh"
+
+
+def run_phase(phase: str, out: Path, work: Path, checkpoint: str, **env: str) -> dict[str, bytes]:
+    """Run one phase; returns the files of its archive ($OUT/<phase>.tgz) by name."""
+    environ = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "WORK": str(work), "CHECKPOINT": checkpoint,
+               "PORT": "18431", **env}  # fmt: skip
+    proc = subprocess.run(["bash", str(SCRIPT), phase, str(out)], env=environ, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (out / f"{phase}.log").stat().st_size > 0
+    with tarfile.open(out / f"{phase}.tgz") as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+
+
+def test_engine_phase_keeps_two_runs_of_one_setting_apart(tiny_checkpoint, tmp_path):
+    for tag in ("first", "again"):
+        files = run_phase("engine", tmp_path / "out", tmp_path / "work", tiny_checkpoint, TAG=tag, PROFILE="0")
+    for tag in ("first", "again"):
+        summary = json.loads(files[f"engine/default-16384-{tag}/summary.json"])
+        assert summary["errors"] == []
+        assert [r["batch"] for r in summary["throughput"]] == [2, 2]
+        (ttft,) = summary["ttft"]
+        assert ttft["n"] == 1 and ttft["engine_step_median_ms"] > 0
+
+
+def test_gateway_phase_serves_both_modes_and_restarts(tiny_checkpoint, tmp_path):
+    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1")
+    for mode in ("nostream", "stream"):
+        (row,) = json.loads(files[f"gateway/c2-{mode}-api2/summary.json"])["serve"]
+        assert row["ok"] == row["requests"] == 8 and row["stream"] is (mode == "stream")
+    for start in ("api2", "api2-restart"):
+        assert files[f"gateway/ready-{start}.txt"].startswith(b"server ready after ")

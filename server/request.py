@@ -14,16 +14,14 @@ them on `Sampling`, check their combinations in `sampling_for`; the engine adapt
 """
 
 import asyncio
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import pybase64
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
-from mdlserve.server.audio import AudioDecodeError, DecodePool
+from mdlserve.server.audio import AudioDecodeError, DecodePool, InvalidBase64
 from mdlserve.server.errors import bad_request
 from mdlserve.server.fetch import AudioFetcher, FetchError
 from mdlserve.server.schemas import AudioUrlPart, ChatMessage, InputAudioPart, SamplingFields, TextPart
@@ -55,8 +53,9 @@ class AudioSource:
     """One audio input, not loaded yet. `param` names it in error messages."""
 
     param: str
-    load: Callable[[], Awaitable[bytes]]
-    samples: np.ndarray | None = None  # already decoded (a window of an uploaded file): load is not called
+    load: Callable[[], Awaitable[bytes]] | None = None  # fetch or read the file (not for the two below)
+    samples: np.ndarray | None = None  # already decoded (a window of an uploaded file)
+    base64: str | None = None  # an input_audio part's text, decoded with the audio in the decode pool
 
 
 @dataclass
@@ -209,17 +208,7 @@ class RequestBuilder:
 
     def _source_for(self, part: InputAudioPart | AudioUrlPart, where: str) -> AudioSource:
         if isinstance(part, InputAudioPart):
-            data = part.input_audio.data
-
-            async def load_base64() -> bytes:
-                try:
-                    return await asyncio.to_thread(pybase64.b64decode, data, validate=True)
-                except (binascii.Error, ValueError):
-                    raise bad_request(
-                        f"{where}.input_audio.data is not valid base64", param=f"{where}.input_audio.data"
-                    ) from None
-
-            return AudioSource(f"{where}.input_audio", load_base64)
+            return AudioSource(f"{where}.input_audio", base64=part.input_audio.data)
         url = part.audio_url.url
 
         async def load_url() -> bytes:
@@ -270,9 +259,13 @@ class RequestBuilder:
         """Fetch (or read) and decode one source; a client fault is a 400 naming it."""
         if source.samples is not None:
             return source.samples
-        data = await source.load()
         try:
-            return await self.decoder.decode(data, self.max_audio_seconds)
+            if source.base64 is not None:
+                return await self.decoder.decode(source.base64, self.max_audio_seconds, base64=True)
+            assert source.load is not None
+            return await self.decoder.decode(await source.load(), self.max_audio_seconds)
+        except InvalidBase64:
+            raise bad_request(f"{source.param}.data is not valid base64", param=f"{source.param}.data") from None
         except AudioDecodeError as exc:
             raise bad_request(
                 f"{source.param}: could not decode audio: {exc}", param=source.param, code="invalid_audio"

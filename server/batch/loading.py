@@ -1,5 +1,5 @@
 """Loading a row's clips: bytes in the job's process (files in a thread, URLs through the
-gateway's fetcher), decoding in a process pool with the gateway's `decode_audio`.
+gateway's fetcher), decoding in a process pool with the gateway's `decode_input`.
 
 `ProcessDecodePool` has the gateway DecodePool's `decode` method, so the gateway's
 RequestBuilder runs unchanged on top of it (limits, prompt, tokenization, sampling).
@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from mdlserve.server.audio import decode_audio
+from mdlserve.server.audio import decode_input
 from mdlserve.server.batch.items import AudioRef, RowError
 from mdlserve.server.fetch import AudioFetcher, FetchError
 from mdlserve.server.request import AudioSource
@@ -35,8 +35,8 @@ class ProcessDecodePool:
         """Starts every worker now, before the engine, so no row pays for it."""
         list(self._pool.map(abs, range(self.workers)))
 
-    async def decode(self, data: bytes, max_seconds: float | None = None) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_audio, data, max_seconds)
+    async def decode(self, data: bytes | str, max_seconds: float | None = None, *, base64: bool = False) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_input, data, max_seconds, base64)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

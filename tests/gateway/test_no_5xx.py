@@ -209,6 +209,17 @@ async def test_json_with_too_many_elements_is_refused_before_parsing():
         refused(await post_json(gw, many), "too many JSON elements")
 
 
+async def test_large_json_bodies_refused_off_the_loop_are_named():
+    """Bodies over INLINE_PARSE_BYTES are joined and parsed in a worker thread; its errors
+    still come back as named 400s."""
+    async with gateway() as gw:
+        pad = "a" * (400 << 10)
+        cut_short = with_model('{"model": "@MODEL@", "pad": "' + pad + '", "messages": [')
+        refused(await post_json(gw, cut_short), "not valid JSON")
+        lone_surrogate = with_model('{"model": "@MODEL@", "pad": "' + pad + '\\ud800", "messages": []}')
+        refused(await post_json(gw, lone_surrogate), "not valid Unicode")
+
+
 async def test_json_form_field_limits():
     async with gateway() as gw:
         for messages, words in [

@@ -6,7 +6,6 @@ import io
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
 import numpy as np
 import pybase64
@@ -168,19 +167,19 @@ def _decode_with_av(data: bytes, max_seconds: float | None) -> np.ndarray:
     return collected.result()
 
 
-def decode_input(data: bytes | str, max_seconds: float | None, base64: bool) -> np.ndarray:
-    """`decode_audio` of the file, or of base64 text (`base64`): what a decode pool's worker runs."""
-    if not base64:
-        return decode_audio(cast(bytes, data), max_seconds)
-    try:
-        raw = pybase64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidBase64("not valid base64") from None
-    return decode_audio(raw, max_seconds)
+def decode_input(data: bytes | str, max_seconds: float | None) -> np.ndarray:
+    """`decode_audio` of a file's bytes, or of a file sent as base64 text (a `str`: an
+    `input_audio` part's `data`): what a decode pool's worker runs."""
+    if isinstance(data, str):
+        try:
+            data = pybase64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidBase64("not valid base64") from None
+    return decode_audio(data, max_seconds)
 
 
 class DecodePool:
-    """Runs `decode_audio` off the event loop on a pool of threads.
+    """Runs `decode_input` off the event loop on a pool of threads.
 
     Threads rather than processes: libsndfile (via cffi), FFmpeg (PyAV) and soxr release
     the GIL while they work, and threads avoid pickling the file bytes in and the samples
@@ -193,14 +192,14 @@ class DecodePool:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="audio-decode")
         self._on_decoded = on_decoded
 
-    async def decode(self, data: bytes | str, max_seconds: float | None = None, *, base64: bool = False) -> np.ndarray:
-        """`base64`: `data` is base64 text, decoded in the same worker thread as the audio
-        (one hand-off between threads per clip instead of two: on the H200 host the API
+    async def decode(self, data: bytes | str, max_seconds: float | None = None) -> np.ndarray:
+        """`data` as text is base64, decoded in the same worker thread as the audio (one
+        hand-off between threads per clip instead of two: on the H200 host the API
         processes' CPU per request set how close HTTP came to offline throughput)."""
 
         def timed() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
-            samples = decode_input(data, max_seconds, base64)
+            samples = decode_input(data, max_seconds)
             return samples, time.perf_counter() - start
 
         samples, seconds = await asyncio.get_running_loop().run_in_executor(self._executor, timed)

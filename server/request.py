@@ -261,7 +261,7 @@ class RequestBuilder:
             return source.samples
         try:
             if source.base64 is not None:
-                return await self.decoder.decode(source.base64, self.max_audio_seconds, base64=True)
+                return await self.decoder.decode(source.base64, self.max_audio_seconds)
             assert source.load is not None
             return await self.decoder.decode(await source.load(), self.max_audio_seconds)
         except InvalidBase64:

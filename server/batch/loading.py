@@ -35,8 +35,8 @@ class ProcessDecodePool:
         """Starts every worker now, before the engine, so no row pays for it."""
         list(self._pool.map(abs, range(self.workers)))
 
-    async def decode(self, data: bytes | str, max_seconds: float | None = None, *, base64: bool = False) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_input, data, max_seconds, base64)
+    async def decode(self, data: bytes | str, max_seconds: float | None = None) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_input, data, max_seconds)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -118,7 +118,8 @@ class _Servers:
         ), self.logs / "open-connects.log")  # fmt: skip
         lifecycle = ["--max-num-seqs", "4", "--max-queue", "4", "--drain-timeout", str(DRAIN_TIMEOUT_S)]
         self.killed = ServerProcess(checkpoint, lifecycle, self.logs, name="killed")
-        self.drained = ServerProcess(checkpoint, lifecycle, self.logs, name="drained")
+        self.drained = ServerProcess(checkpoint, [*lifecycle, "--allowed-networks", "127.0.0.1/32"], self.logs,
+                                     name="drained")
 
     def stop(self) -> None:
         terminate_all([self.guarded.server, self.open.server, self.killed, self.drained])

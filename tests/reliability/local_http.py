@@ -11,7 +11,8 @@ class MisbehavingAudioHost:
     """Paths: /audio.wav (a valid clip), /stall (no response for `stall_s`), /stall-body
     (headers, then silence), /truncated (closes after 1/10 of the declared length),
     /oversize (declares and sends `oversize` bytes), /oversize-undeclared (the same without
-    Content-Length), /loop (redirects to itself), /missing (404)."""
+    Content-Length), /loop (redirects to itself), /gated (the clip once `gate` is set;
+    `gated_fetch_started` tells that a fetch is waiting), /missing (404)."""
 
     def __init__(self, stall_s: float, oversize: int):
         host = self
@@ -27,7 +28,7 @@ class MisbehavingAudioHost:
                 route = {
                     "/audio.wav": host._audio, "/stall": host._stall, "/stall-body": host._stall_body,
                     "/truncated": host._truncated, "/oversize": host._oversize,
-                    "/oversize-undeclared": host._oversize_undeclared, "/loop": host._loop,
+                    "/oversize-undeclared": host._oversize_undeclared, "/loop": host._loop, "/gated": host._gated,
                 }.get(self.path, host._missing)  # fmt: skip
                 try:
                     route(self)
@@ -37,6 +38,8 @@ class MisbehavingAudioHost:
         self.stall_s = stall_s
         self.oversize = oversize
         self.requests = 0
+        self.gate = threading.Event()
+        self.gated_fetch_started = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -91,6 +94,11 @@ class MisbehavingAudioHost:
 
     def _loop(self, handler) -> None:
         self._send(handler, 302, b"", {"Location": "/loop", "Content-Length": "0"})
+
+    def _gated(self, handler) -> None:
+        self.gated_fetch_started.set()
+        self.gate.wait(timeout=self.stall_s)
+        self._audio(handler)
 
     def _missing(self, handler) -> None:
         self._send(handler, 404, b"not here")

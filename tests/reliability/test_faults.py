@@ -19,8 +19,9 @@ from .traffic import Outcome, captioning_body, engine_core, send_chat, wait_idle
 # a busy machine may delay that): how fast they notice is tested with the fake engine
 # (tests/gateway/test_gateway_behaviour.py); this test proves vLLM's death reaches them.
 DEATH_NOTICE_S = 30.0
-# Long enough to be in flight when SIGTERM lands, short enough to finish inside the drain
-# timeout even on a busy shared CPU.
+# Long enough that the streams are usually still running when SIGTERM lands (the gated
+# audio_url fetch is in flight for certain), short enough to finish inside the drain timeout
+# even on a busy shared CPU.
 DRAIN_TEST_TOKENS = 200
 EXIT_WAIT_S = 30.0
 
@@ -71,23 +72,30 @@ def test_engine_death_fails_requests_fast_and_turns_health_false(killed_server, 
     ), observed
 
 
-def test_sigterm_under_load_drains_then_exits_zero(drained_server, reliability_report):
+def test_sigterm_under_load_drains_then_exits_zero(drained_server, audio_host, reliability_report):
     """SIGTERM with requests in flight: new work gets 503 at once, readiness turns false, the
-    in-flight requests complete, and the process exits 0 within the drain timeout."""
+    in-flight requests complete, and the process exits 0 within the drain timeout. One of them
+    is still fetching its audio_url, held by the host until the probes are done: the drain
+    cannot end before them however fast the machine finishes the others."""
     url = drained_server.url
+    fetching = captioning_body()
+    fetching["messages"][0]["content"][0] = {"type": "audio_url", "audio_url": {"url": audio_host.url + "/gated"}}
 
     async def run():
         async with httpx.AsyncClient(timeout=DRAIN_TIMEOUT_S + 30) as client:
             streams_started = [asyncio.Event() for _ in range(3)]
-            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=DRAIN_TEST_TOKENS)))]
+            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=DRAIN_TEST_TOKENS))),
+                         asyncio.create_task(send_chat(client, url, fetching))]
             in_flight += [asyncio.create_task(send_chat(client, url, captioning_body(DRAIN_TEST_TOKENS, stream=True),
                                                         first_event=started)) for started in streams_started]
             await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streams_started)), timeout=60)
+            await asyncio.to_thread(audio_host.gated_fetch_started.wait, 60)
             drained_server.process.send_signal(signal.SIGTERM)
             signalled_at = time.monotonic()
             await asyncio.sleep(0.3)
             refused = await send_chat(client, url, captioning_body())
             ready = await _probe(client, url + "/health/ready")
+            audio_host.gate.set()
             outcomes = await asyncio.gather(*in_flight)
             return signalled_at, refused, ready, outcomes
 

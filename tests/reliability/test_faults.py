@@ -37,14 +37,17 @@ async def _probe(client: httpx.AsyncClient, url: str) -> int | None:
 def test_engine_death_fails_requests_fast_and_turns_health_false(killed_server, reliability_report):
     """SIGKILL of vLLM's EngineCore: in-flight requests end with 503 / an error event instead
     of hanging, readiness and liveness stop saying 200, and the process exits
-    non-zero so the orchestrator restarts it."""
+    non-zero so the orchestrator restarts it. The kill lands as soon as the stream's first
+    token is out: 1000 tokens past any end-of-sequence are far from done then."""
     url, pid = killed_server.url, killed_server.process.pid
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as client:
-            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=1000, stream=stream)))
+            generating = asyncio.Event()
+            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(1000, stream, ignore_eos=True),
+                                                       first_event=generating if stream else None))
                          for stream in (False, True, False)]
-            await asyncio.sleep(1.5)
+            await asyncio.wait_for(generating.wait(), timeout=60)
             engine_core(pid).send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
             ready = live = 200
@@ -81,13 +84,16 @@ def test_sigterm_under_load_drains_then_exits_zero(drained_server, audio_host, r
     fetching = captioning_body()
     fetching["messages"][0]["content"][0] = {"type": "audio_url", "audio_url": {"url": audio_host.url + "/gated"}}
 
+    def long_body(stream: bool) -> dict:
+        return captioning_body(DRAIN_TEST_TOKENS, stream, ignore_eos=True)
+
     async def run():
         async with httpx.AsyncClient(timeout=DRAIN_TIMEOUT_S + 30) as client:
             streams_started = [asyncio.Event() for _ in range(3)]
-            in_flight = [asyncio.create_task(send_chat(client, url, captioning_body(max_tokens=DRAIN_TEST_TOKENS))),
+            in_flight = [asyncio.create_task(send_chat(client, url, long_body(stream=False))),
                          asyncio.create_task(send_chat(client, url, fetching))]
-            in_flight += [asyncio.create_task(send_chat(client, url, captioning_body(DRAIN_TEST_TOKENS, stream=True),
-                                                        first_event=started)) for started in streams_started]
+            in_flight += [asyncio.create_task(send_chat(client, url, long_body(stream=True), first_event=started))
+                          for started in streams_started]
             await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streams_started)), timeout=60)
             await asyncio.to_thread(audio_host.gated_fetch_started.wait, 60)
             drained_server.process.send_signal(signal.SIGTERM)

@@ -37,8 +37,8 @@ class Outcome:
         return str(self.status) if self.status is not None else "no_answer"
 
 
-def captioning_body(max_tokens: int = 4, stream: bool = False) -> dict:
-    return chat_body(audio_part(CLIP), max_tokens=max_tokens, stream=stream)
+def captioning_body(max_tokens: int = 4, stream: bool = False, **extra) -> dict:
+    return chat_body(audio_part(CLIP), max_tokens=max_tokens, stream=stream, **extra)
 
 
 async def send_chat(client: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None,

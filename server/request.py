@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
+from mdlserve.model_plugin.processing import AUDIO_TOKEN, SAMPLE_RATE, num_audio_tokens
 from mdlserve.server.audio import AudioDecodeError, DecodePool, InvalidBase64
 from mdlserve.server.errors import bad_request
 from mdlserve.server.fetch import AudioFetcher, FetchError
@@ -44,6 +44,8 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, conversation: list[dict], *, tokenize: bool, add_generation_prompt: bool) -> str: ...
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+
+    def convert_tokens_to_ids(self, token: str) -> int: ...
 
     def __len__(self) -> int: ...
 
@@ -244,6 +246,15 @@ class RequestBuilder:
             token_ids = await asyncio.to_thread(_tokenize, tokenizer, conversation.messages)
         else:
             token_ids = _tokenize(tokenizer, conversation.messages)
+        typed = token_ids.count(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)) - len(clips)
+        if typed > 0:
+            # No text part holds the placeholder (schemas.py refuses it), but the chat template
+            # joins adjacent parts before tokenizing: "<|AU" and "DIO|>" side by side make one.
+            raise bad_request(
+                f"adjacent text parts join into {AUDIO_TOKEN}, the model's audio placeholder ({typed} in all): "
+                "send audio as an input_audio or audio_url part",
+                param="messages",
+            )
         # Each clip is one <|AUDIO|> token in token_ids and num_audio_tokens(...) in the engine.
         prompt_tokens = len(token_ids) + sum(num_audio_tokens(clip.size) - 1 for clip in clips)
         if prompt_tokens >= self.max_model_len:

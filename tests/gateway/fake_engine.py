@@ -32,6 +32,9 @@ class FakeTokenizer:
         text.encode("utf-8")  # a real tokenizer fails on lone surrogates too
         return [ord(ch) for ch in text]
 
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return ord(self.AUDIO)
+
     def __len__(self) -> int:
         return 0x110000  # every code point is a token
 

@@ -165,6 +165,20 @@ NAMED = {
         chat(messages=[{"role": "system", "content": "<|AUDIO|>"}, {"role": "user", "content": [audio_part(WAV)]}]),
         400, "invalid request: messages[0].content: Value error, text must not contain <|AUDIO|>, the model's audio "
         "placeholder: send audio as an input_audio or audio_url part", "messages[0].content"),
+    "audio placeholder split over two text parts": (
+        chat_parts({"type": "text", "text": "<|AU"}, {"type": "text", "text": "DIO|>"}, text=""), 400,
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
+        "input_audio or audio_url part", "messages"),
+    "audio placeholder split over three text parts beside a clip": (
+        chat_parts(audio_part(WAV), {"type": "text", "text": "<"}, {"type": "text", "text": "|AUDIO|"},
+                   {"type": "text", "text": ">"}, text=""), 400,
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
+        "input_audio or audio_url part", "messages"),
+    "audio placeholder split over the parts of an audio chat message": (
+        audio_chat(messages=json.dumps([{"role": "user", "content": [{"type": "text", "text": "<|AUD"},
+                                                                     {"type": "text", "text": "IO|>"}]}])), 400,
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
+        "input_audio or audio_url part", "messages"),
     "second message without role": (
         chat(messages=[{"role": "user", "content": "x"}, {"content": "y"}]), 400,
         "invalid request: messages[1].role: Field required", "messages[1].role"),

@@ -18,6 +18,7 @@ from mdlserve.server.middleware import (
     AuthMiddleware,
     BodyBudget,
     BodySizeLimitMiddleware,
+    LenientRoutingMiddleware,
     RequestContextMiddleware,
 )  # fmt: skip
 from mdlserve.server.openapi import install_openapi
@@ -53,12 +54,14 @@ def create_app(settings: Settings, engine: Engine | None = None, api_process: Ap
                 freezer.cancel()
             await state.stop()
 
-    app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=DOCS, redoc_url=None)
+    # No redirects to a path with(out) a trailing slash: LenientRoutingMiddleware serves them.
+    app = FastAPI(title="midashenglm-serve", version="0.1.0", lifespan=lifespan, docs_url=DOCS, redoc_url=None,
+                  redirect_slashes=False)  # fmt: skip
     app.state.gateway = state
     install_error_handlers(app)
     install_openapi(app)
-    # Middleware added last runs first: request ids and metrics, then auth and the
-    # admission gate (both before any body byte is read), then the size limit.
+    # Middleware added last runs first: trailing slashes and HEAD, request ids and metrics,
+    # then auth and the admission gate (both before any body byte is read), then the size limit.
     app.state.body_budget = budget = BodyBudget(settings.max_body_bytes_in_flight)
     app.add_middleware(
         BodySizeLimitMiddleware,
@@ -70,6 +73,7 @@ def create_app(settings: Settings, engine: Engine | None = None, api_process: Ap
     app.add_middleware(AdmissionGateMiddleware, state=state)
     app.add_middleware(AuthMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)
+    app.add_middleware(LenientRoutingMiddleware)
 
     work = [Depends(require_serving)]
     app.include_router(chat.router, dependencies=work)

@@ -24,6 +24,8 @@ logger = logging.getLogger("mdlserve.server")
 
 # nginx's "client closed request": recorded in metrics and logs, never seen by the client.
 CLIENT_CLOSED = 499
+# Set in a request's scope state when its client left mid-stream (after a 200 was sent).
+CLIENT_CLOSED_FLAG = "client_closed"
 
 # Status -> (OpenAI error type, rejection reason for mdl_rejections_total).
 _KINDS = {
@@ -36,6 +38,7 @@ _KINDS = {
     415: ("invalid_request_error", "bad_request"),
     422: ("invalid_request_error", "bad_request"),
     429: ("rate_limit_error", "queue_full"),
+    431: ("invalid_request_error", "payload_too_large"),
     503: ("service_unavailable", "draining"),
     504: ("timeout_error", "timeout"),
 }

@@ -19,11 +19,14 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mdlserve.server.errors import ApiError, envelope
+
 MAX_HEADER_BYTES = 64 << 10
 HEADER_TIMEOUT_S = 10.0
 # After the deadline, the loop reads what has arrived before this timer refuses.
 LAST_READ_S = 0.05
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_CODES = {400: "invalid_http", 408: "headers_timeout", 431: "headers_too_large"}
 
 
 class _Refused(Exception):
@@ -77,10 +80,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if self._refusal is None:
-            super().send_400_response(msg)
-        else:
-            self._send_refusal(*self._refusal)
+        self._send_refusal(*(self._refusal or (400, "not a valid HTTP/1.1 request")))
 
     def _headers_timed_out(self) -> None:
         self._header_timer = self.loop.call_later(LAST_READ_S, self._refuse_unfinished_headers)
@@ -97,9 +97,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
 
     def _send_refusal(self, status: int, message: str) -> None:
-        body = message.encode()
+        """The error envelope every other refusal has, written before the app sees the request."""
+        body = envelope(ApiError(status, message, code=_CODES[status])).model_dump_json().encode()
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()

@@ -17,9 +17,17 @@ from collections import deque
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mdlserve.server.deps import api_key_error
-from mdlserve.server.errors import ApiError, BodyTimeout, PayloadTooLarge, api_error_response, internal_error_body
+from mdlserve.server.errors import (
+    CLIENT_CLOSED,
+    CLIENT_CLOSED_FLAG,
+    ApiError,
+    BodyTimeout,
+    PayloadTooLarge,
+    api_error_response,
+    internal_error_body,
+)
 from mdlserve.server.metrics import GatewayMetrics
-from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS, needs_api_key
+from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS, is_read_path, needs_api_key
 from mdlserve.server.state import GatewayState
 
 logger = logging.getLogger("mdlserve.server")
@@ -35,6 +43,28 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+class LenientRoutingMiddleware:
+    """Serves what probes and hand-written clients send that FastAPI would refuse or
+    redirect: HEAD on a GET route (load balancers probe with it; FastAPI's routes, unlike
+    Starlette's, do not take it) runs as the GET, and the ASGI server sends no body; a known
+    path with a trailing slash runs as the path (FastAPI's redirect names an absolute
+    http:// URL, wrong behind a TLS proxy). Runs first: auth, admission and metrics see the
+    route served."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            if len(path) > 1 and path.endswith("/") and path.rstrip("/") in ALL_PATHS:
+                path = path.rstrip("/")
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+            if scope["method"] == "HEAD" and is_read_path(path):
+                scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 class RequestContextMiddleware:
@@ -88,6 +118,8 @@ class RequestContextMiddleware:
             status = 500
         finally:
             elapsed = time.perf_counter() - started
+            if scope["state"].get(CLIENT_CLOSED_FLAG):
+                status = CLIENT_CLOSED
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.api_process_requests.inc()
             self.metrics.request_duration.labels(route=route).observe(elapsed)

@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from mdlserve.server.admission import Admission, Ticket, request_weight
 from mdlserve.server.engine import EngineHandle, Step, TokenLogprob
 from mdlserve.server.errors import (
+    CLIENT_CLOSED_FLAG,
     ApiError,
     ClientDisconnected,
     EngineDead,
@@ -298,6 +299,7 @@ class SSEResponse(StreamingResponse):
 
                 group.start_soon(stream_then_stop)
                 await self.listen_for_disconnect(receive)
+                scope.setdefault("state", {})[CLIENT_CLOSED_FLAG] = True  # logged and counted as 499, not 200
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -7,7 +7,7 @@ TRANSLATIONS = "/v1/audio/translations"
 AUDIO_ANALYSIS = "/v1/audio/analysis"
 AUDIO_CHAT = "/v1/audio/chat"  # the old name of AUDIO_ANALYSIS, kept as an alias
 MODELS = "/v1/models"
-MODEL = MODELS + "/{model_id}"
+MODEL = MODELS + "/{model_id:path}"  # served names may hold "/" (org/model)
 HEALTH = "/health"  # vLLM's probe
 HEALTH_LIVE = "/health/live"
 HEALTH_READY = "/health/ready"
@@ -26,6 +26,12 @@ OPS_PATHS = frozenset({HEALTH, HEALTH_LIVE, HEALTH_READY, METRICS})
 DISCOVERY_PATHS = frozenset({VERSION, OPENAPI, DOCS})
 # Every path the app serves (others, /v1/models/{id} included, are labelled "other" in metrics).
 ALL_PATHS = API_PATHS | OPS_PATHS | DISCOVERY_PATHS
+# The GET routes, MODEL too (is_read_path): HEAD on them is answered as GET without the body.
+READ_PATHS = OPS_PATHS | DISCOVERY_PATHS | {MODELS}
+
+
+def is_read_path(path: str) -> bool:
+    return path in READ_PATHS or path.startswith(MODELS + "/")
 
 
 def needs_api_key(path: str, protected: frozenset[str]) -> bool:

@@ -1,5 +1,6 @@
 """Probes and discovery: /health (vLLM's), /v1/models/{id}, /version, /openapi.json, /docs."""
 
+import socket
 from importlib.metadata import version
 
 import httpx
@@ -13,6 +14,19 @@ from mdlserve.server.routes import ALL_PATHS, DOCS, OPENAPI, WORK_PATHS
 def test_health_is_200_while_the_engine_lives(api_server):
     response = httpx.get(api_server.url + "/health", timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+def test_a_head_probe_gets_the_get_answer_without_its_body(api_server):
+    """Load balancers probe with HEAD: the status and headers of the GET, and no body sent."""
+    host, port = httpx.URL(api_server.url).host, httpx.URL(api_server.url).port
+    with socket.create_connection((host, port), timeout=30) as connection:
+        connection.sendall(b"HEAD /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while data := connection.recv(65536):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-type: application/json" in head, answer
+    assert body == b""
 
 
 def test_model_by_id(oai):

@@ -70,9 +70,12 @@ async def test_client_disconnect_aborts_the_engine_request(stream):
         await task
         assert gw.engine.running == set() and len(gw.engine.aborted) == 1
         assert gw.state.admission.in_flight == 0
-        if not stream:
-            assert exchange.status == 499
+        assert exchange.status == (200 if stream else 499)  # a stream's 200 had gone out before
         assert gw.engine.gate.is_set() is False  # the engine never finished it: it was aborted
+        # Either way it is counted (and logged) as the client closing the request.
+        metrics = (await gw.client.get("/metrics")).text
+        assert 'mdl_requests_total{route="/v1/chat/completions",status="499"} 1.0' in metrics
+        assert 'mdl_requests_total{route="/v1/chat/completions",status="200"}' not in metrics
 
 
 async def test_engine_death_fails_requests_fast_and_turns_probes_false():

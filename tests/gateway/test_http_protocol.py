@@ -3,6 +3,7 @@ serve` runs) in this process, driven through raw sockets: a client whose request
 finishes gets a 408, and one whose headers arrived in time gets its answer even when the
 event loop was held up past the deadline before it could read them."""
 
+import json
 import os
 import socket
 import threading
@@ -86,7 +87,28 @@ def test_headers_that_never_finish_get_a_408_and_the_connection_closes(server_ad
         connection.sendall(b"GET /hel")
         answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
-    assert answer.endswith(b"request headers not received within 1 s"), answer
+    assert _error(answer) == {"message": "request headers not received within 1 s", "type": "invalid_request_error",
+                              "param": None, "code": "headers_timeout"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("request_bytes", "status_line", "message", "code"), [
+    (REQUEST.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"a" * http_protocol.MAX_HEADER_BYTES + b"\r\n\r\n"),
+     b"HTTP/1.1 431 Request Header Fields Too Large", "request headers exceed 65536 bytes", "headers_too_large"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200) + b"\r\n\r\n",
+     b"HTTP/1.1 400 Bad Request", "not a valid HTTP/1.1 request", "invalid_http"),
+], ids=["headers too large", "not HTTP"])  # fmt: skip
+def test_requests_refused_before_the_app_get_the_error_envelope(server_address, request_bytes, status_line, message,
+                                                                code):
+    with socket.create_connection(server_address, timeout=WAIT_S) as connection:
+        connection.sendall(request_bytes)
+        answer = read_response(connection)
+    assert answer.startswith(status_line + b"\r\n"), answer[:200]
+    assert b"\r\ncontent-type: application/json\r\n" in answer
+    assert _error(answer) == {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+
+
+def _error(answer: bytes) -> dict:
+    return json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
 
 
 def test_headers_that_arrived_while_the_loop_was_held_up_are_answered(server_address):

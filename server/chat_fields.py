@@ -28,7 +28,8 @@ HONOURED = {
     "presence_penalty": "-2 to 2 (vLLM `presence_penalty`)",
     "frequency_penalty": "-2 to 2 (vLLM `frequency_penalty`)",
     "logit_bias": "token id (string key) -> bias in [-100, 100]; ids outside the vocabulary are a 400",
-    "logprobs": "per-token log-probabilities in OpenAI's `choices[].logprobs.content` shape, streamed too",
+    "logprobs": "per-token log-probabilities in OpenAI's `choices[].logprobs.content` shape, streamed too; "
+    "`bytes` are the token's own, also for a token holding part of a UTF-8 character",
     "top_logprobs": "0 to 20 alternatives per token; needs `logprobs: true`",
     "response_format": "`text`; `json_object` and `json_schema` through vLLM's structured outputs (the answer "
     "is JSON, and validates against the schema)",

@@ -35,11 +35,14 @@ BACKEND_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
 
 @dataclass
 class TokenLogprob:
-    """One generated token's log-probability, with the `top` alternatives (token, logprob) asked for."""
+    """One generated token's log-probability and its own bytes (`token` is vLLM's text for
+    it, which cannot show part of a UTF-8 character), with the `top` alternatives asked for
+    (ranked, their own `top` empty)."""
 
     token: str
     logprob: float
-    top: list[tuple[str, float]]
+    bytes: bytes
+    top: list["TokenLogprob"]
 
 
 @dataclass
@@ -201,16 +204,48 @@ def first_token_s(output) -> float | None:
     return stats.first_token_latency if stats is not None and stats.first_token_latency > 0 else None
 
 
-def token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
+def token_logprobs(token_ids, logprobs, top: int, token_bytes: Callable[[int, str], bytes]) -> list[TokenLogprob]:
     """vLLM's per-token {token id: Logprob} maps (the sampled token plus the `top` most
     likely) -> TokenLogprob, alternatives in rank order."""
+
+    def entry(token_id: int, candidate, alternatives: list[TokenLogprob]) -> TokenLogprob:
+        text = candidate.decoded_token or ""
+        return TokenLogprob(text, candidate.logprob, token_bytes(token_id, text), alternatives)
+
     result = []
     for token_id, candidates in zip(token_ids, logprobs, strict=True):
-        chosen = candidates[token_id]
-        ranked = sorted(candidates.values(), key=lambda c: c.rank if c.rank is not None else 0)[:top]
-        alternatives = [(c.decoded_token or "", c.logprob) for c in ranked]
-        result.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, alternatives))
+        ranked = sorted(candidates.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)[:top]
+        result.append(entry(token_id, candidates[token_id], [entry(i, c, []) for i, c in ranked]))
     return result
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte
+    in a byte-level BPE vocabulary (Qwen2's) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: b for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + len(chars) - len(printable)
+    return {chr(c): b for b, c in chars.items()}
+
+
+class TokenBytes:
+    """A token id's own bytes, for logprobs' `bytes`: read from the byte-level vocabulary
+    entry, since a token holding part of a UTF-8 character decodes to "" or U+FFFD, and
+    those tokens are what `bytes` is for. A vocabulary that is not byte-level BPE (no such
+    entry) falls back to the UTF-8 of the token's text."""
+
+    def __init__(self, tokenizer: Any):
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.tokenizer = tokenizer if type(decoder).__name__ == "ByteLevel" else None
+        self.byte_of = _byte_of_char()
+
+    def __call__(self, token_id: int, text: str) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) if self.tokenizer is not None else None
+        if piece and all(ch in self.byte_of for ch in piece):
+            return bytes(self.byte_of[ch] for ch in piece)
+        return text.encode("utf-8")
 
 
 class VllmEngine:
@@ -225,6 +260,7 @@ class VllmEngine:
         self.client_config = client_config
         self._llm: Any = None  # vLLM's AsyncLLM once started (vLLM is imported only then)
         self.tokenizer = None
+        self.token_bytes = TokenBytes(None)  # the tokenizer's, once started
 
     @property
     def llm(self) -> Any:
@@ -252,6 +288,7 @@ class VllmEngine:
     async def start(self) -> None:
         self._llm = await asyncio.to_thread(self._build)
         self.tokenizer = self.llm.get_tokenizer()
+        self.token_bytes = TokenBytes(self.tokenizer)
 
     async def generate(
         self, request: PreparedRequest, request_id: str, arrival_time: float
@@ -278,7 +315,7 @@ class VllmEngine:
                             c.text,
                             len(c.token_ids),
                             c.finish_reason,
-                            None if top is None else token_logprobs(c.token_ids, c.logprobs, top),
+                            None if top is None else token_logprobs(c.token_ids, c.logprobs, top, self.token_bytes),
                         )
                         for c in output.outputs
                     ],

@@ -100,17 +100,14 @@ def usage_of(run: Run) -> Usage:
 
 
 def choice_logprobs(tokens: list[TokenLogprob]) -> ChoiceLogprobs:
-    """OpenAI's shape: each token with its UTF-8 bytes and its alternatives."""
+    """OpenAI's shape: each token with its own bytes (those of part of a character too) and
+    its alternatives."""
 
-    def top(token: str, logprob: float) -> ChatTopLogprob:
-        utf8 = list(token.encode("utf-8", "replace"))
-        return ChatTopLogprob(token=token, logprob=max(logprob, MIN_LOGPROB), bytes=utf8)
+    def top(t: TokenLogprob) -> ChatTopLogprob:
+        return ChatTopLogprob(token=t.token, logprob=max(t.logprob, MIN_LOGPROB), bytes=list(t.bytes))
 
     return ChoiceLogprobs(
-        content=[
-            ChatTokenLogprob(**top(t.token, t.logprob).model_dump(), top_logprobs=[top(*alt) for alt in t.top])
-            for t in tokens
-        ]
+        content=[ChatTokenLogprob(**top(t).model_dump(), top_logprobs=[top(alt) for alt in t.top]) for t in tokens]
     )
 
 

@@ -10,6 +10,8 @@ import pytest
 from gateway.helpers import MODEL, audio_file, audio_part
 from transformers import AutoTokenizer
 
+from mdlserve.server.engine import TokenBytes
+
 QUESTION = "Caption the audio."
 
 
@@ -63,15 +65,30 @@ def test_logit_bias_outside_the_vocabulary_is_a_400(oai, tokenizer):
 
 
 def _check_logprobs(content: list, text: str, top: int) -> None:
-    # A token holding part of a UTF-8 character decodes to "" alone and to U+FFFD in the text.
-    assert "".join(t.token for t in content) == text.replace("\ufffd", "")
+    # A token holding part of a UTF-8 character has no text of its own (vLLM's `token` is
+    # "", U+FFFD or the character it completes), but its own bytes: together they spell the
+    # answer, and the answer's U+FFFD stand for the bytes that are no UTF-8 character.
+    spelled = b"".join(bytes(entry.bytes) for entry in content).decode("utf-8", "replace")
+    assert spelled.rstrip("\ufffd") == text.rstrip("\ufffd")
     for entry in content:
-        assert entry.bytes == list(entry.token.encode())
+        if entry.token and "\ufffd" not in entry.token and len(entry.token.encode()) == len(entry.bytes):
+            assert entry.bytes == list(entry.token.encode())
         assert len(entry.top_logprobs) == top
         values = [alt.logprob for alt in entry.top_logprobs]
         assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
         # greedy: the sampled token is the most likely one
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+
+
+def test_token_bytes_come_from_the_vocabulary(tokenizer):
+    """A byte-level vocabulary spells each byte as one character: an emoji split over four
+    tokens gives each its one byte, though none decodes alone."""
+    token_bytes = TokenBytes(tokenizer)
+    ids = tokenizer.encode("😊 café", add_special_tokens=False)
+    spelled = [token_bytes(i, tokenizer.decode([i])) for i in ids]
+    assert b"".join(spelled) == "😊 café".encode()
+    assert spelled[:4] == [b"\xf0", b"\x9f", b"\x98", b"\x8a"]
+    assert TokenBytes(None)(ids[0], "x") == b"x"  # no byte-level vocabulary: the text's UTF-8
 
 
 def test_logprobs_in_openai_shape(oai):
@@ -82,6 +99,15 @@ def test_logprobs_in_openai_shape(oai):
     _check_logprobs(content, answer.choices[0].message.content, 3)
     plain = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_give_the_bytes_of_part_of_a_character(oai, tokenizer):
+    lead = tokenizer.encode("😊", add_special_tokens=False)[0]  # b"\xf0": no character alone
+    answer = oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=3, temperature=0, logprobs=True,
+                                         top_logprobs=1, logit_bias={str(lead): 100})  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert [entry.bytes for entry in content] == [[0xF0]] * 3
+    assert all(entry.top_logprobs[0].bytes for entry in content)  # ranked before the bias: other tokens
 
 
 def test_logprobs_streamed(oai):

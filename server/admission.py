@@ -11,7 +11,11 @@ A unit is reserved as soon as a work request's headers arrive (`reserve`, from
 AdmissionGateMiddleware), before its body is read: under overload a request that would be
 refused gets its 429 at once instead of after its 1.3 MB of JSON has been parsed, and
 bodies still uploading count against capacity. The route's `admit` then takes the
-reservation over at the request's real weight.
+reservation over at the request's real weight, or gives it back at once when it refuses.
+
+A request that becomes several engine requests (a transcript's 30 s windows) is admitted
+at its whole weight in one `admit`, then `Ticket.split` into one ticket per engine request:
+all of it fits or none of it goes to the engine.
 
 With --api-processes N the count lives in shared memory (a multiprocessing Value, made by
 the supervisor in api_processes.py) so the limits bound the whole server, not each
@@ -25,6 +29,9 @@ from typing import Protocol
 
 from mdlserve.server.errors import ApiError
 from mdlserve.server.metrics import GatewayMetrics
+
+# What a request's units count, for the 400 of a request that could never fit.
+CLIP_SLOTS = "n x audio clips"
 
 
 def request_weight(num_clips: int, n: int) -> int:
@@ -43,6 +50,15 @@ class Ticket:
         if not self.released:
             self.released = True
             self.admission._release(self.weight)
+
+    def split(self, parts: int) -> list["Ticket"]:
+        """These units as `parts` tickets of equal weight, each released on its own (by the
+        engine request it goes with, as that one ends); this ticket no longer holds them."""
+        share, rest = divmod(self.weight, parts)
+        if self.released or rest:
+            raise ValueError(f"cannot split a released ticket or {self.weight} units into {parts} equal parts")
+        self.released = True
+        return [Ticket(self.admission, share) for _ in range(parts)]
 
 
 class Units(Protocol):
@@ -82,29 +98,39 @@ class Admission:
                 return None
             return self._take(1)
 
-    def admit(self, weight: int, reserved: Ticket | None = None) -> Ticket:
+    def admit(self, weight: int, reserved: Ticket | None = None, *, slots: str = CLIP_SLOTS) -> Ticket:
         """Admit now or raise: 400 when the request could never fit, 429 when full now.
-        A `reserved` ticket's units count towards `weight` and pass to the new ticket."""
+        A `reserved` ticket's units count towards `weight` and pass to the new ticket; a
+        refused request gives them back at once, so that requests refused together cannot
+        all be refused for each other's reservations. `slots` says in the 400 what `weight`
+        counts."""
         if weight > self.capacity:
+            if reserved is not None:
+                reserved.release()
             raise ApiError(
                 400,
-                f"the request needs {weight} sequence slots (n x audio clips) but the server admits at most "
-                f"{self.capacity}",
+                f"the request needs {weight} sequence slots ({slots}) but the server admits at most {self.capacity}",
                 code="request_too_large",
             )
         held = 0 if reserved is None or reserved.released else reserved.weight
         with self.units.get_lock():
-            if self.units.value - held + weight > self.capacity:
-                raise self.full()
-            if reserved is not None and held:
-                reserved.released = True  # its units now belong to the returned ticket
-                self._add(-held)
-            return self._take(weight)
+            if self.units.value - held + weight <= self.capacity:
+                if reserved is not None and held:
+                    reserved.released = True  # its units now belong to the returned ticket
+                    self._add(-held)
+                return self._take(weight)
+            refusal = self.full(weight, held)
+        if reserved is not None:
+            reserved.release()
+        raise refusal
 
-    def full(self) -> ApiError:
+    def full(self, weight: int = 1, held: int = 0) -> ApiError:
+        """The 429 for a request of `weight` units that had `held` of those in use reserved."""
+        needs = f", this request needs {weight}" if weight > 1 else ""
         return ApiError(
             429,
-            f"server is at capacity ({self.units.value} of {self.capacity} clip slots in use); retry shortly",
+            f"server is at capacity ({self.units.value - held} of {self.capacity} clip slots in use{needs}); "
+            "retry shortly",
             code="queue_full",
             headers={"Retry-After": "1"},
         )

@@ -276,8 +276,9 @@ def test_admission_counts_clip_units():
 
 def test_admission_reservations_pass_to_the_admitted_ticket():
     """AdmissionGateMiddleware reserves one unit per request before its body is read; the
-    route's admit() counts it towards the real weight, and a request that never gets
-    admitted gives it back."""
+    route's admit() counts it towards the real weight, and a request that does not get
+    admitted gives it back at once (the middleware's release after the response is then a
+    no-op)."""
     async def run():
         admission = Admission(max_num_seqs=2, max_queue=1, metrics=GatewayMetrics())
         a, b, c = admission.reserve(), admission.reserve(), admission.reserve()
@@ -286,8 +287,9 @@ def test_admission_reservations_pass_to_the_admitted_ticket():
         assert a.released and ticket.weight == 1 and admission.in_flight == 3
         with pytest.raises(ApiError) as full:
             admission.admit(2, reserved=b)  # b's unit plus one more does not fit
-        assert full.value.status == 429 and not b.released and admission.in_flight == 3
-        b.release()  # the middleware, after the 429 response
+        assert full.value.status == 429 and b.released and admission.in_flight == 2
+        # The units of others, and what the refused request needed.
+        assert "(2 of 3 clip slots in use, this request needs 2)" in full.value.message
         two = admission.admit(2, reserved=c)  # the unit b gave back
         assert c.released and admission.in_flight == 3
         c.release()  # no-op: taken over
@@ -296,8 +298,28 @@ def test_admission_reservations_pass_to_the_admitted_ticket():
         two.release()
         await asyncio.wait_for(admission.wait_idle(), 1)
         assert admission.metrics.clips_in_flight._value.get() == 0
+        d = admission.reserve()
+        with pytest.raises(ApiError) as never:
+            admission.admit(4, reserved=d, slots="one per window")
+        assert never.value.status == 400 and d.released and admission.in_flight == 0
+        assert never.value.message == "the request needs 4 sequence slots (one per window) but the server admits at most 3"
 
     asyncio.run(run())
+
+
+def test_admission_ticket_splits_into_equal_shares_released_one_by_one():
+    """A request admitted as a whole that runs as several engine requests (a transcript's
+    windows): each share goes back as its engine request ends."""
+    admission = Admission(max_num_seqs=2, max_queue=2, metrics=GatewayMetrics())
+    shares = admission.admit(4).split(2)
+    assert [s.weight for s in shares] == [2, 2] and admission.in_flight == 4
+    shares[0].release()
+    assert admission.in_flight == 2
+    shares[1].release()
+    shares[1].release()  # idempotent
+    assert admission.in_flight == 0
+    with pytest.raises(ValueError):
+        admission.admit(3).split(2)
 
 
 @pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])

@@ -19,7 +19,7 @@ from mdlserve.server.request import PreparedRequest
 class FakeTokenizer:
     """One token per character of the rendered chat; an audio part renders as one <|AUDIO|>."""
 
-    AUDIO = "\x00"
+    AUDIO = "\U000f0000"  # a private-use code point: no test's text holds it (a real placeholder is a special token)
 
     def apply_chat_template(self, conversation: list[dict], *, tokenize: bool, add_generation_prompt: bool) -> str:
         lines = []

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from mdlserve.server.admission import Admission, Ticket, request_weight
+from mdlserve.server.admission import CLIP_SLOTS, Admission, Ticket, request_weight
 from mdlserve.server.engine import EngineHandle, Step, TokenLogprob
 from mdlserve.server.errors import (
     CLIENT_CLOSED_FLAG,
@@ -78,15 +78,29 @@ class Session:
         self.metrics = metrics
         self.request_timeout = request_timeout
 
+    def admit(self, request: Request, weight: int, *, slots: str = CLIP_SLOTS) -> Ticket:
+        """The request's units, all at once (Admission.admit), taking over the one
+        AdmissionGateMiddleware reserved when its headers arrived."""
+        reservation = getattr(request.state, "admission_reservation", None)
+        return self.admission.admit(weight, reserved=reservation, slots=slots)
+
     async def start(
-        self, request: Request, conversation: Conversation, fields: SamplingFields, prefix: str, *, stream: bool
+        self,
+        request: Request,
+        conversation: Conversation,
+        fields: SamplingFields,
+        prefix: str,
+        *,
+        stream: bool,
+        ticket: Ticket | None = None,
     ) -> "Run":
         """Admit, prepare and submit; the running request with its first deltas. Raises
         ClientDisconnected when the client went away meanwhile; every failure releases
         the admission units and aborts the engine request. Without `stream` the engine
-        sends only the finished answer, so its first deltas are all of it."""
-        reservation = getattr(request.state, "admission_reservation", None)  # AdmissionGateMiddleware's
-        ticket = self.admission.admit(request_weight(len(conversation.audio), fields.n), reserved=reservation)
+        sends only the finished answer, so its first deltas are all of it. `ticket`: units
+        admitted already, for one engine request of several that were admitted together."""
+        if ticket is None:
+            ticket = self.admit(request, request_weight(len(conversation.audio), fields.n))
         run = Run(self, f"{prefix}-{uuid.uuid4().hex}", request.state.request_id, ticket, final_only=not stream)
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:

@@ -4,6 +4,10 @@ Transcription is speech recognition with the authors' ASR prompt (tasks.asr_inst
 `prompt` going in as a system message of context. The upload is decoded once and cut into
 windows (transcripts.py); each window is one engine request, all submitted together, so
 every segment has its own start and end and vLLM batches the windows of a long file.
+
+The windows are admitted together, at the request's whole weight, once the decode has
+counted them: admitted one by one, a long file could be refused (429) after some of its
+windows were in the engine, or could never fit and still be told to retry.
 """
 
 import asyncio
@@ -13,6 +17,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import PlainTextResponse
 
+from mdlserve.model_plugin.processing import SAMPLE_RATE
+from mdlserve.server.admission import request_weight
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request
 from mdlserve.server.request import AudioSource
@@ -32,7 +38,7 @@ from mdlserve.server.schemas import (
 )  # fmt: skip
 from mdlserve.server.session import Run, SSEResponse, sse_event
 from mdlserve.server.tasks import TRANSLATION_PROMPT, asr_instruction
-from mdlserve.server.transcripts import Segment, Window, joined, srt, vtt, windows
+from mdlserve.server.transcripts import WINDOW_SECONDS, Segment, Window, joined, srt, vtt, windows
 
 router = APIRouter(dependencies=[Depends(single_valued_form)])
 
@@ -96,21 +102,25 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
             param="response_format",
         )
     upload = uploaded(form)
-    parts = windows(await state.builder.load_audio(upload))
+    audio = await state.builder.load_audio(upload)
+    parts = windows(audio)
     messages = [ChatMessage(role="user", content=instruction)]
     if form.prompt:
         messages.insert(0, ChatMessage(role="system", content=form.prompt))
     sampling = form.sampling()
+    conversations = [
+        state.builder.conversation(messages, leading_audio=AudioSource(upload.param, upload.load, w.samples))
+        for w in parts
+    ]
+    tickets = state.session.admit(
+        request,
+        len(parts) * request_weight(1, sampling.n),
+        slots=f"one per {WINDOW_SECONDS:g} s window of its {audio.size / SAMPLE_RATE:.1f} s of audio",
+    ).split(len(parts))
     started = await asyncio.gather(
         *(
-            state.session.start(
-                request,
-                state.builder.conversation(messages, leading_audio=AudioSource(upload.param, upload.load, w.samples)),
-                sampling,
-                "trsc",
-                stream=form.stream,
-            )
-            for w in parts
+            state.session.start(request, conversation, sampling, "trsc", stream=form.stream, ticket=share)
+            for conversation, share in zip(conversations, tickets, strict=True)
         ),
         return_exceptions=True,
     )
@@ -119,6 +129,8 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
     if failed:
         for run in runs:
             await run.close()
+        for ticket in tickets:
+            ticket.release()
         raise failed[0]
     return Transcript(parts, runs)
 

@@ -60,7 +60,8 @@ def chat_body(content: object = "hi", **fields: object) -> dict:
 @dataclass
 class RawExchange:
     """One request sent straight into the ASGI app: `disconnect()` makes the next receive()
-    say http.disconnect; `body_reads` counts how often the app asked for the body."""
+    say http.disconnect; `body_reads` counts how often the app asked for the body, which is
+    withheld until `body_ready` is set (when given)."""
 
     app: FastAPI
     path: str
@@ -69,6 +70,8 @@ class RawExchange:
     status: int | None = None
     chunks: list[bytes] = field(default_factory=list)
     body_reads: int = 0
+    content_type: bytes = b"application/json"
+    body_ready: asyncio.Event | None = None
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def disconnect(self) -> None:
@@ -79,7 +82,7 @@ class RawExchange:
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
             "method": "POST", "scheme": "http", "path": self.path, "raw_path": self.path.encode(),
             "query_string": b"", "root_path": "", "server": ("gateway", 80), "client": ("127.0.0.1", 1),
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode()),
+            "headers": [(b"content-type", self.content_type), (b"content-length", str(len(self.body)).encode()),
                         *self.headers],
         }  # fmt: skip
         sent_body = False
@@ -89,6 +92,8 @@ class RawExchange:
             if not sent_body:
                 sent_body = True
                 self.body_reads += 1
+                if self.body_ready is not None:
+                    await self.body_ready.wait()
                 return {"type": "http.request", "body": self.body, "more_body": False}
             await self._gone.wait()
             return {"type": "http.disconnect"}

@@ -1,24 +1,38 @@
-"""--max-audio-seconds is the real limit end to end (issue 10, section 4), on the real tiny
-engine in process: a clip exactly at the limit is answered although its tokens exceed the
-encoder budget vLLM picks by default for an engine built as the gateway builds it (2048
-tokens: 409 s); one just past the limit is refused from its header, before anything is
-decoded."""
+"""Long audio on the real tiny engine in process.
 
+--max-audio-seconds is the real limit end to end (issue 10, section 4): a clip exactly at
+the limit is answered although its tokens exceed the encoder budget vLLM picks by default
+for an engine built as the gateway builds it (2048 tokens: 409 s); one just past the limit
+is refused from its header, before anything is decoded.
+
+Transcriptions cut long audio into 30 s windows, one engine request each: a request's
+windows are admitted as a whole (400 when they could never fit, 429 when they do not fit
+now, never a 429 after some of them went to the engine). The engine's `generate` is
+wrapped (`EngineLog`) to see which windows reached it.
+"""
+
+import asyncio
 import io
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
 import pytest
 import soundfile
+from fastapi import FastAPI
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
-from mdlserve.server.app import create_app
 from mdlserve.server import engine
-from mdlserve.server.engine import engine_config
+from mdlserve.server.app import create_app
+from mdlserve.server.engine import Step, engine_config
+from mdlserve.server.request import PreparedRequest
 from mdlserve.server.settings import Settings
+from mdlserve.server.transcripts import WINDOW_SECONDS
 
-from .helpers import b64, metric
-from .inprocess import DEADLINE_S, chat_body, until
+from .helpers import MODEL, b64, metric
+from .inprocess import DEADLINE_S, RawExchange, chat_body, spawn, until
 
 pytestmark = pytest.mark.anyio
 ENGINE_START_S = 900  # vLLM's start on a busy 2-core machine
@@ -94,3 +108,124 @@ def test_engine_budget_follows_the_audio_limit(tiny_checkpoint, monkeypatch):
     assert engine_config(settings(tiny_checkpoint)).scheduler_config.max_num_batched_tokens == needed
     with pytest.raises(ValueError, match=f"--max-num-batched-tokens 1024 is below the {needed} tokens"):
         engine_config(settings(tiny_checkpoint, max_num_batched_tokens=1024))
+
+
+# Transcription admission: 2 running (settings()) + 2 queued clip slots.
+CAPACITY = dict(max_queue=2)
+FITS_S = 100  # 4 windows: 30, 30, 30 and 10 s
+TOO_LONG_S = 130  # 5 windows
+TRANSCRIBE = "/v1/audio/transcriptions"
+
+
+def stepped_flac(seconds: float) -> bytes:
+    """A tone whose amplitude tells its 30 s window: 0.01 in the first, 0.02 in the second..."""
+    t = np.arange(int(round(seconds * SAMPLE_RATE))) / SAMPLE_RATE
+    amplitude = 0.01 * (1 + np.floor(t / WINDOW_SECONDS))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32), SAMPLE_RATE, format="FLAC")
+    return buffer.getvalue()
+
+
+def window_of(request: PreparedRequest) -> int:
+    return round(float(np.abs(request.clips[0]).max()) / 0.01) - 1
+
+
+class EngineLog:
+    """Wraps the real engine's `generate`: records the window of every engine request."""
+
+    def __init__(self, app: FastAPI):
+        self.submitted: list[int] = []
+        vllm_engine = app.state.gateway.engine.engine
+        self._generate = vllm_engine.generate
+        vllm_engine.generate = self.generate
+
+    async def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncGenerator[Step]:
+        self.submitted.append(window_of(request))
+        stream = self._generate(request, request_id, arrival_time)
+        try:
+            async for step in stream:
+                yield step
+        finally:
+            await stream.aclose()
+
+
+@asynccontextmanager
+async def real_gateway(checkpoint: str, **overrides) -> AsyncIterator[FastAPI]:
+    app = create_app(settings(checkpoint, **overrides))
+    async with app.router.lifespan_context(app):
+        engine = app.state.gateway.engine
+        await until(lambda: engine.up or engine.gone, "the engine started", deadline_s=ENGINE_START_S)
+        assert engine.up
+        yield app
+
+
+def transcription(app: FastAPI, seconds: float, body_ready: asyncio.Event | None = None, **fields: str) -> RawExchange:
+    """A multipart transcription request for the raw ASGI caller (which can withhold its body)."""
+    request = httpx.Request(
+        "POST",
+        "http://g" + TRANSCRIBE,
+        files={"file": ("long.flac", stepped_flac(seconds), "audio/flac")},
+        data={"model": MODEL, "max_completion_tokens": "4", **fields},
+    )
+    content_type = request.headers["content-type"].encode()
+    return RawExchange(app, TRANSCRIBE, request.read(), content_type=content_type, body_ready=body_ready)
+
+
+def answer(exchange: RawExchange) -> dict:
+    return json.loads(b"".join(exchange.chunks))
+
+
+async def test_transcription_that_could_never_fit_is_a_400_naming_the_numbers(tiny_checkpoint):
+    """5 windows of 4 slots: before, windows were admitted one by one and the fifth got a 429
+    ("4 of 4 clip slots in use") that no retry could ever pass, after four had gone to the engine."""
+    async with real_gateway(tiny_checkpoint, **CAPACITY) as app:
+        log = EngineLog(app)
+        too_long = transcription(app, TOO_LONG_S)
+        await too_long.run()
+        assert too_long.status == 400, answer(too_long)
+        error = answer(too_long)["error"]
+        assert error["code"] == "request_too_large"
+        assert error["message"] == (
+            "the request needs 5 sequence slots (one per 30 s window of its 130.0 s of audio) "
+            "but the server admits at most 4"
+        )
+        assert log.submitted == [] and app.state.gateway.admission.in_flight == 0
+
+        fits = transcription(app, FITS_S, response_format="verbose_json")
+        await fits.run()
+        assert fits.status == 200, answer(fits)
+        assert [s["start"] for s in answer(fits)["segments"]] == [0, 30, 60, 90]
+        assert sorted(log.submitted) == [0, 1, 2, 3] and app.state.gateway.admission.in_flight == 0
+
+
+async def test_concurrent_transcriptions_are_admitted_whole_or_refused_whole(tiny_checkpoint):
+    """Three 4-window transcriptions, each of which fits 4 slots alone, all reserved (one slot
+    each, as their headers arrive) before any is admitted. Before, each admitted its windows
+    one by one and got a 429 after some had gone to the engine, all three refused. Now a
+    request is admitted with all its windows or refused before any reaches the engine, and a
+    refused request gives its reservation back at once, so the last to be admitted fits."""
+    async with real_gateway(tiny_checkpoint, **CAPACITY) as app:
+        log = EngineLog(app)
+        admission = app.state.gateway.admission
+        bodies = asyncio.Event()
+        exchanges = [transcription(app, FITS_S, body_ready=bodies) for _ in range(3)]
+        tasks = [spawn(exchange.run()) for exchange in exchanges]
+        await until(lambda: admission.units.value == 3, "all three reserved a slot")
+        bodies.set()
+        await asyncio.gather(*tasks)
+
+        served = [e for e in exchanges if e.status == 200]
+        refused = [e for e in exchanges if e.status != 200]
+        assert served, [answer(e) for e in exchanges]
+        for exchange in refused:
+            assert exchange.status == 429, answer(exchange)
+            assert "this request needs 4" in answer(exchange)["error"]["message"]
+        # Only the served requests' windows reached the engine, each window once.
+        assert sorted(log.submitted) == sorted([0, 1, 2, 3] * len(served))
+        assert admission.in_flight == 0
+
+        # The refusals were honest: alone, the same request is served.
+        for _ in refused:
+            retry = transcription(app, FITS_S)
+            await retry.run()
+            assert retry.status == 200, answer(retry)

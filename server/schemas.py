@@ -215,9 +215,12 @@ class SamplingFields(GenerationFields):
 
 class ChatCompletionRequest(SamplingFields):
     """Fields not declared here land in `model_extra`: the route refuses them by name
-    (chat_fields.py), so none is silently dropped."""
+    (chat_fields.py), so none is silently dropped. Strict, as OpenAI's API is: JSON has
+    types, so `"max_tokens": "3"`, `true` or `3.0` and `"stream": "true"` are 400s naming
+    the field, not guesses (an integer is still a number). The multipart forms, whose
+    values are all text, convert."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)

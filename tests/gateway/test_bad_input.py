@@ -179,6 +179,14 @@ NAMED = {
                                                                      {"type": "text", "text": "IO|>"}]}])), 400,
         "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
         "input_audio or audio_url part", "messages"),
+    "max_tokens as a string": (chat(max_tokens="3"), 400, "invalid request: max_tokens: Input should be a valid integer",
+                               "max_tokens"),
+    "max_tokens as a boolean": (chat(max_tokens=True), 400,
+                                "invalid request: max_tokens: Input should be a valid integer", "max_tokens"),
+    "stream as a string": (chat(stream="true"), 400, "invalid request: stream: Input should be a valid boolean",
+                           "stream"),
+    "temperature as a string": (chat(temperature="0.5"), 400,
+                                "invalid request: temperature: Input should be a valid number", "temperature"),
     "second message without role": (
         chat(messages=[{"role": "user", "content": "x"}, {"content": "y"}]), 400,
         "invalid request: messages[1].role: Field required", "messages[1].role"),

@@ -3,7 +3,7 @@
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from mdlserve.model_plugin.processing import AUDIO_TOKEN
 from mdlserve.server.tasks import ISO_639_1, Task
@@ -139,12 +139,14 @@ class GenerationFields(_Body):
                 raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
         return value
 
-    @model_validator(mode="after")
-    def _min_within_max(self) -> "GenerationFields":
-        limit = self.output_limit()
-        if limit is not None and self.min_tokens > limit:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})")
-        return self
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        """A field's validator (the fields it reads come before it) so the 400 names min_tokens."""
+        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        if limit is not None and value > limit:
+            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({limit})")
+        return value
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -202,11 +204,12 @@ class SamplingFields(GenerationFields):
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return value
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> "SamplingFields":
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
-        return self
+        return value
 
     def logprobs_count(self) -> int | None:
         """vLLM's `logprobs`: how many alternatives per token (the sampled one comes on top); None: off."""

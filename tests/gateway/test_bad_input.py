@@ -179,6 +179,12 @@ NAMED = {
                                                                      {"type": "text", "text": "IO|>"}]}])), 400,
         "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
         "input_audio or audio_url part", "messages"),
+    "top_logprobs without logprobs": (chat(top_logprobs=2), 400,
+                                      "invalid request: top_logprobs: Value error, top_logprobs requires logprobs: true",
+                                      "top_logprobs"),
+    "min_tokens over max_tokens": (chat(min_tokens=5, max_tokens=2), 400,
+                                   "invalid request: min_tokens: Value error, min_tokens (5) must not exceed max_tokens "
+                                   "(2)", "min_tokens"),
     "max_tokens as a string": (chat(max_tokens="3"), 400, "invalid request: max_tokens: Input should be a valid integer",
                                "max_tokens"),
     "max_tokens as a boolean": (chat(max_tokens=True), 400,

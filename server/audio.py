@@ -174,7 +174,9 @@ def decode_input(data: bytes | str, max_seconds: float | None) -> np.ndarray:
         try:
             data = pybase64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidBase64("not valid base64") from None
+            wrapped = any(ch in data for ch in "\n\r ")  # GNU base64 wraps at 76 columns unless -w0
+            hint = ": it holds line breaks or spaces; send it unwrapped (base64 -w0)" if wrapped else ""
+            raise InvalidBase64("not valid base64" + hint) from None
     return decode_audio(data, max_seconds)
 
 

@@ -275,8 +275,8 @@ class RequestBuilder:
                 return await self.decoder.decode(source.base64, self.max_audio_seconds)
             assert source.load is not None
             return await self.decoder.decode(await source.load(), self.max_audio_seconds)
-        except InvalidBase64:
-            raise bad_request(f"{source.param}.data is not valid base64", param=f"{source.param}.data") from None
+        except InvalidBase64 as exc:
+            raise bad_request(f"{source.param}.data is {exc}", param=f"{source.param}.data") from None
         except AudioDecodeError as exc:
             raise bad_request(
                 f"{source.param}: could not decode audio: {exc}", param=source.param, code="invalid_audio"

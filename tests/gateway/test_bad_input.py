@@ -66,6 +66,9 @@ CASES = {
     # Audio content
     "wrong base64": (chat_parts({"type": "input_audio", "input_audio": {"data": "@@not base64@@", "format": "wav"}}),
                      400, "input_audio.data is not valid base64"),
+    "base64 wrapped in lines": (chat_parts({"type": "input_audio", "input_audio": {"data": "AAAA\nAAAA\n"}}), 400,
+                                "input_audio.data is not valid base64: it holds line breaks or spaces; send it "
+                                "unwrapped (base64 -w0)"),
     "unsupported format": (chat_parts({"type": "input_audio", "input_audio": {"data": b64(WAV), "format": "xyz"}}),
                            400, "unsupported audio format 'xyz'"),
     "corrupt audio": (chat_parts(audio_part(np.random.default_rng(1).bytes(5000))), 400, "could not decode audio"),

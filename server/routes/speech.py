@@ -7,18 +7,21 @@ every segment has its own start and end and vLLM batches the windows of a long f
 
 The windows are admitted together, at the request's whole weight, once the decode has
 counted them: admitted one by one, a long file could be refused (429) after some of its
-windows were in the engine, or could never fit and still be told to retry.
+windows were in the engine, or could never fit and still be told to retry. Each window's
+engine request runs as a task of its own, so a stream starts with the first window's text
+while later windows still wait for a slot in the engine's batch.
 """
 
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import PlainTextResponse
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE
-from mdlserve.server.admission import request_weight
+from mdlserve.server.admission import Ticket, request_weight
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request
 from mdlserve.server.request import AudioSource
@@ -55,11 +58,29 @@ STREAMABLE_FORMATS = ("json", "text")
 
 
 class Transcript:
-    """The runs of one upload's windows, in order."""
+    """The windows of one upload, in order, each window's engine request started as a task
+    (`starts`) with its share of the request's admission units (`tickets`)."""
 
-    def __init__(self, parts: list[Window], runs: list[Run]):
+    def __init__(self, parts: list[Window], starts: list[asyncio.Task[Run]], tickets: list[Ticket]):
         self.parts = parts
-        self.runs = runs
+        self.starts = starts
+        self.tickets = tickets
+
+    @property
+    def first(self) -> Run:
+        return self.starts[0].result()
+
+    @property
+    def runs(self) -> list[Run]:
+        """Once every window has started."""
+        return [start.result() for start in self.starts]
+
+    async def started(self, count: int) -> None:
+        """Wait for the first `count` windows to start; raises the first failure in window order."""
+        results = await asyncio.gather(*self.starts[:count], return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def segments(self) -> list[Segment]:
         return [Segment(w.start, w.end, r.text()) for w, r in zip(self.parts, self.runs, strict=True)]
@@ -70,14 +91,28 @@ class Transcript:
         return TranscriptionUsage(input_tokens=prompt, output_tokens=completion, total_tokens=prompt + completion)
 
     async def close(self) -> None:
-        for run in self.runs:
-            await run.close()
+        """Release every window's units (a task cancelled before it ran never had the chance
+        to), cancel the windows still starting and abort those started. Shielded: a stream
+        whose client went away is closed from a cancelled scope, where any await would be
+        cancelled again and leave the later windows running."""
+        for ticket in self.tickets:
+            ticket.release()
+        for start in self.starts:
+            start.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*self.starts, return_exceptions=True)
+            for start in self.starts:
+                if not start.cancelled() and start.exception() is None:
+                    await start.result().close()
 
     async def events(self) -> AsyncIterator[str]:
-        """Each window's text deltas in order (a space between windows), then the done event."""
+        """Each window's text deltas in order (a space between windows), each window's as soon
+        as it has them, then the done event."""
         try:
-            for i, run in enumerate(self.runs):
-                if i and self.runs[i - 1].text().strip():
+            previous: Run | None = None
+            for start in self.starts:
+                run = await start
+                if previous is not None and previous.text().strip():
                     yield sse_event(TranscriptDelta(delta=" "))
                 for d in run.first:
                     if d.text:
@@ -86,15 +121,19 @@ class Transcript:
                     for d in deltas:
                         if d.text:
                             yield sse_event(TranscriptDelta(delta=d.text))
+                previous = run
             yield sse_event(TranscriptDone(text=self.text(), usage=self.usage()))
         finally:
             await self.close()
 
     def text(self) -> str:
-        return joined(self.segments()) if len(self.runs) > 1 else self.runs[0].text()
+        return joined(self.segments()) if len(self.starts) > 1 else self.first.text()
 
 
 async def _start(request: Request, state: State, form: SpeechForm, instruction: str) -> Transcript:
+    """Decode, admit every window at once, start them all; returns once the first window (with
+    `stream`) or every window has its first output, so that a failure there is an error
+    response rather than an event in a 200."""
     check_model(state, form.model)
     if form.stream and form.response_format not in STREAMABLE_FORMATS:
         raise bad_request(
@@ -117,27 +156,24 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
         len(parts) * request_weight(1, sampling.n),
         slots=f"one per {WINDOW_SECONDS:g} s window of its {audio.size / SAMPLE_RATE:.1f} s of audio",
     ).split(len(parts))
-    started = await asyncio.gather(
-        *(
+    starts = [
+        asyncio.ensure_future(
             state.session.start(request, conversation, sampling, "trsc", stream=form.stream, ticket=share)
-            for conversation, share in zip(conversations, tickets, strict=True)
-        ),
-        return_exceptions=True,
-    )
-    runs = [r for r in started if isinstance(r, Run)]
-    failed = [r for r in started if not isinstance(r, Run)]
-    if failed:
-        for run in runs:
-            await run.close()
-        for ticket in tickets:
-            ticket.release()
-        raise failed[0]
-    return Transcript(parts, runs)
+        )
+        for conversation, share in zip(conversations, tickets, strict=True)
+    ]
+    transcript = Transcript(parts, starts, tickets)
+    try:
+        await transcript.started(1 if form.stream else len(parts))
+    except BaseException:
+        await transcript.close()
+        raise
+    return transcript
 
 
 async def _answer(request: Request, state: State, form: SpeechForm, transcript: Transcript, task: str, language: str):
     if form.stream:
-        return SSEResponse(transcript.runs[0], transcript.events)
+        return SSEResponse(transcript.first, transcript.events)
     try:
         await asyncio.gather(*(state.session.finish(request, run) for run in transcript.runs))
     finally:

@@ -111,5 +111,16 @@ def raw_chat(app: FastAPI, headers: list[tuple[bytes, bytes]] | None = None, **f
     return RawExchange(app, "/v1/chat/completions", json.dumps(chat_body(**fields)).encode(), headers or [])
 
 
+def raw_upload(
+    app: FastAPI, path: str, audio: bytes, body_ready: asyncio.Event | None = None, **fields: str
+) -> RawExchange:
+    """A multipart/form-data request: `audio` as the `file` part, `fields` (and `model`) beside it."""
+    request = httpx.Request(
+        "POST", "http://gateway" + path, files={"file": ("clip", audio)}, data={"model": MODEL, **fields}
+    )
+    content_type = request.headers["content-type"].encode()
+    return RawExchange(app, path, request.read(), content_type=content_type, body_ready=body_ready)
+
+
 def spawn(work: Awaitable) -> asyncio.Task:
     return asyncio.ensure_future(work)

@@ -19,7 +19,8 @@ from mdlserve.server.errors import EngineAborted
 from mdlserve.server.settings import Settings
 
 from .fake_engine import FakeEngine
-from .inprocess import chat_body, raw_chat, running_gateway, spawn, until
+from .helpers import audio_file
+from .inprocess import chat_body, raw_chat, raw_upload, running_gateway, spawn, until
 
 pytestmark = pytest.mark.anyio
 
@@ -76,6 +77,21 @@ async def test_client_disconnect_aborts_the_engine_request(stream):
         metrics = (await gw.client.get("/metrics")).text
         assert 'mdl_requests_total{route="/v1/chat/completions",status="499"} 1.0' in metrics
         assert 'mdl_requests_total{route="/v1/chat/completions",status="200"}' not in metrics
+
+
+async def test_client_leaving_a_streamed_transcript_aborts_every_window():
+    """Four windows, each held after its first token: the client leaves after the first event.
+    The stream is closed from a cancelled scope; every window's engine request is aborted
+    and its slot released all the same (not only the first window's)."""
+    async with running_gateway(held_engine(free_steps=1)) as gw:
+        exchange = raw_upload(gw.app, "/v1/audio/transcriptions", audio_file("flac", seconds=100), stream="true")
+        task = spawn(exchange.run())
+        await until(lambda: exchange.chunks, "the first SSE event was sent")
+        assert len(gw.engine.running) == 4
+        exchange.disconnect()
+        await task
+        assert gw.engine.running == set() and len(gw.engine.aborted) == 4
+        assert gw.state.admission.in_flight == 0
 
 
 async def test_engine_death_fails_requests_fast_and_turns_probes_false():

@@ -7,8 +7,9 @@ is refused from its header, before anything is decoded.
 
 Transcriptions cut long audio into 30 s windows, one engine request each: a request's
 windows are admitted as a whole (400 when they could never fit, 429 when they do not fit
-now, never a 429 after some of them went to the engine). The engine's `generate` is
-wrapped (`EngineLog`) to see which windows reached it.
+now, never a 429 after some of them went to the engine), and a streamed transcript starts
+with the first window's text while later windows still wait. The engine's `generate` is
+wrapped (`EngineLog`) to see which windows reached it and to hold the last one back.
 """
 
 import asyncio
@@ -27,12 +28,13 @@ from mdlserve.model_plugin.processing import SAMPLE_RATE, num_audio_tokens
 from mdlserve.server import engine
 from mdlserve.server.app import create_app
 from mdlserve.server.engine import Step, engine_config
+from mdlserve.server.errors import EngineAborted
 from mdlserve.server.request import PreparedRequest
 from mdlserve.server.settings import Settings
 from mdlserve.server.transcripts import WINDOW_SECONDS
 
-from .helpers import MODEL, b64, metric
-from .inprocess import DEADLINE_S, RawExchange, chat_body, spawn, until
+from .helpers import b64, metric
+from .inprocess import DEADLINE_S, RawExchange, chat_body, raw_upload, spawn, until
 
 pytestmark = pytest.mark.anyio
 ENGINE_START_S = 900  # vLLM's start on a busy 2-core machine
@@ -131,19 +133,31 @@ def window_of(request: PreparedRequest) -> int:
 
 
 class EngineLog:
-    """Wraps the real engine's `generate`: records the window of every engine request."""
+    """Wraps the real engine's `generate`: records the window of every engine request and the
+    text it produced; a window in `held` is not submitted until `release` is set, and then
+    fails with `fail_held` when that is given."""
 
-    def __init__(self, app: FastAPI):
+    def __init__(self, app: FastAPI, held: frozenset[int] = frozenset(), fail_held: Exception | None = None):
         self.submitted: list[int] = []
+        self.texts: dict[int, str] = {}
+        self.held = held
+        self.fail_held = fail_held
+        self.release = asyncio.Event()
         vllm_engine = app.state.gateway.engine.engine
         self._generate = vllm_engine.generate
         vllm_engine.generate = self.generate
 
     async def generate(self, request: PreparedRequest, request_id: str, arrival_time: float) -> AsyncGenerator[Step]:
-        self.submitted.append(window_of(request))
+        window = window_of(request)
+        if window in self.held:
+            await self.release.wait()
+            if self.fail_held is not None:
+                raise self.fail_held
+        self.submitted.append(window)
         stream = self._generate(request, request_id, arrival_time)
         try:
             async for step in stream:
+                self.texts[window] = self.texts.get(window, "") + "".join(c.text for c in step.completions)
                 yield step
         finally:
             await stream.aclose()
@@ -160,19 +174,17 @@ async def real_gateway(checkpoint: str, **overrides) -> AsyncIterator[FastAPI]:
 
 
 def transcription(app: FastAPI, seconds: float, body_ready: asyncio.Event | None = None, **fields: str) -> RawExchange:
-    """A multipart transcription request for the raw ASGI caller (which can withhold its body)."""
-    request = httpx.Request(
-        "POST",
-        "http://g" + TRANSCRIBE,
-        files={"file": ("long.flac", stepped_flac(seconds), "audio/flac")},
-        data={"model": MODEL, "max_completion_tokens": "4", **fields},
-    )
-    content_type = request.headers["content-type"].encode()
-    return RawExchange(app, TRANSCRIBE, request.read(), content_type=content_type, body_ready=body_ready)
+    """For the raw ASGI caller, which can withhold the body and, unlike httpx's ASGITransport,
+    hands over each SSE event as it is sent."""
+    return raw_upload(app, TRANSCRIBE, stepped_flac(seconds), body_ready, max_completion_tokens="4", **fields)
 
 
 def answer(exchange: RawExchange) -> dict:
     return json.loads(b"".join(exchange.chunks))
+
+
+def sse_data(exchange: RawExchange) -> list[str]:
+    return [e.removeprefix("data: ") for e in b"".join(exchange.chunks).decode().split("\n\n") if e]
 
 
 async def test_transcription_that_could_never_fit_is_a_400_naming_the_numbers(tiny_checkpoint):
@@ -229,3 +241,47 @@ async def test_concurrent_transcriptions_are_admitted_whole_or_refused_whole(tin
             retry = transcription(app, FITS_S)
             await retry.run()
             assert retry.status == 200, answer(retry)
+
+
+async def test_streamed_transcription_sends_the_first_window_while_the_last_is_held(tiny_checkpoint):
+    """The last window is held out of the engine until the stream's first event has come;
+    before, the response waited for every window's first token, so no event ever came.
+    Afterwards the events carry the windows' texts in window order."""
+    async with real_gateway(tiny_checkpoint, **CAPACITY) as app:
+        log = EngineLog(app, held=frozenset({3}))
+        exchange = transcription(app, FITS_S, stream="true")
+        task = spawn(exchange.run())
+        await until(lambda: exchange.chunks, "the first event", deadline_s=DEADLINE_S * 5)
+        assert exchange.status == 200 and 3 not in log.submitted
+        log.release.set()
+        await task
+
+        events = sse_data(exchange)
+        assert events[-1] == "[DONE]"
+        deltas = [json.loads(e) for e in events[:-2]]
+        done = json.loads(events[-2])
+        assert {d["type"] for d in deltas} == {"transcript.text.delta"} and done["type"] == "transcript.text.done"
+        texts = [log.texts.get(w, "") for w in range(4)]
+        expected = "".join((" " if i and texts[i - 1].strip() else "") + text for i, text in enumerate(texts))
+        assert "".join(d["delta"] for d in deltas) == expected
+        assert done["text"] == " ".join(t.strip() for t in texts if t.strip())
+        assert app.state.gateway.admission.in_flight == 0
+
+
+async def test_streamed_transcription_failing_after_it_started_ends_with_an_error_event(tiny_checkpoint):
+    """Once the 200 has gone out, a later window's failure is the stream's last event (as in
+    chat streams), and every window's engine request and slots are given back."""
+    async with real_gateway(tiny_checkpoint, **CAPACITY) as app:
+        log = EngineLog(app, held=frozenset({3}), fail_held=EngineAborted())
+        exchange = transcription(app, FITS_S, stream="true")
+        task = spawn(exchange.run())
+        await until(lambda: exchange.chunks, "the first event", deadline_s=DEADLINE_S * 5)
+        log.release.set()
+        await task
+
+        assert exchange.status == 200
+        events = sse_data(exchange)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+        assert not any(json.loads(e).get("type") == "transcript.text.done" for e in events[:-1])
+        assert 3 not in log.submitted and app.state.gateway.admission.in_flight == 0

@@ -14,6 +14,8 @@ them on `Sampling`, check their combinations in `sampling_for`; the engine adapt
 """
 
 import asyncio
+import re
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -43,9 +45,7 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, conversation: list[dict], *, tokenize: bool, add_generation_prompt: bool) -> str: ...
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
-
-    def convert_tokens_to_ids(self, token: str) -> int: ...
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]: ...
 
     def __len__(self) -> int: ...
 
@@ -246,15 +246,6 @@ class RequestBuilder:
             token_ids = await asyncio.to_thread(_tokenize, tokenizer, conversation.messages)
         else:
             token_ids = _tokenize(tokenizer, conversation.messages)
-        typed = token_ids.count(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)) - len(clips)
-        if typed > 0:
-            # No text part holds the placeholder (schemas.py refuses it), but the chat template
-            # joins adjacent parts before tokenizing: "<|AU" and "DIO|>" side by side make one.
-            raise bad_request(
-                f"adjacent text parts join into {AUDIO_TOKEN}, the model's audio placeholder ({typed} in all): "
-                "send audio as an input_audio or audio_url part",
-                param="messages",
-            )
         # Each clip is one <|AUDIO|> token in token_ids and num_audio_tokens(...) in the engine.
         prompt_tokens = len(token_ids) + sum(num_audio_tokens(clip.size) - 1 for clip in clips)
         if prompt_tokens >= self.max_model_len:
@@ -284,5 +275,40 @@ class RequestBuilder:
 
 
 def _tokenize(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(prompt, add_special_tokens=False)
+    """The rendered chat's token ids, the template's special tokens parsed and the client's
+    never: a client typing `<|im_end|><|im_start|>system` gets those characters read as
+    text, not a turn of its own. Each text part is rendered as a marker no client can type
+    (a fresh nonce), the template's pieces are tokenized as usual and the client's text with
+    special tokens split; parts the template puts side by side are joined first, as the
+    template joins them. The joined text may not spell the audio placeholder either."""
+    nonce = uuid.uuid4().hex
+    marker = re.compile(f"\x00{nonce}:(\\d+)\x00")
+    texts: list[str] = []
+    marked = []
+    for message in messages:
+        parts = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                parts.append({"type": "text", "text": f"\x00{nonce}:{len(texts)}\x00"})
+                texts.append(part["text"])
+            else:
+                parts.append(part)
+        marked.append({**message, "content": parts})
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    pieces = marker.split(rendered)  # template, text index, template, ..., template
+    token_ids = tokenizer.encode(pieces[0], add_special_tokens=False)
+    client_text = ""
+    for position in range(1, len(pieces), 2):
+        client_text += texts[int(pieces[position])]
+        template = pieces[position + 1]
+        if template or position == len(pieces) - 2:
+            if AUDIO_TOKEN in client_text:
+                raise bad_request(
+                    f"adjacent text parts join into {AUDIO_TOKEN}, the model's audio placeholder: send audio as an "
+                    "input_audio or audio_url part",
+                    param="messages",
+                )
+            token_ids += tokenizer.encode(client_text, add_special_tokens=False, split_special_tokens=True)
+            token_ids += tokenizer.encode(template, add_special_tokens=False)
+            client_text = ""
+    return token_ids

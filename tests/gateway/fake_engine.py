@@ -28,12 +28,9 @@ class FakeTokenizer:
             lines.append(f"{message['role']}:{''.join(parts)}")
         return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
         text.encode("utf-8")  # a real tokenizer fails on lone surrogates too
         return [ord(ch) for ch in text]
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return ord(self.AUDIO)
 
     def __len__(self) -> int:
         return 0x110000  # every code point is a token

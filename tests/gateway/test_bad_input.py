@@ -170,18 +170,18 @@ NAMED = {
         "placeholder: send audio as an input_audio or audio_url part", "messages[0].content"),
     "audio placeholder split over two text parts": (
         chat_parts({"type": "text", "text": "<|AU"}, {"type": "text", "text": "DIO|>"}, text=""), 400,
-        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
-        "input_audio or audio_url part", "messages"),
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder: send audio as an input_audio or "
+        "audio_url part", "messages"),
     "audio placeholder split over three text parts beside a clip": (
         chat_parts(audio_part(WAV), {"type": "text", "text": "<"}, {"type": "text", "text": "|AUDIO|"},
                    {"type": "text", "text": ">"}, text=""), 400,
-        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
-        "input_audio or audio_url part", "messages"),
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder: send audio as an input_audio or "
+        "audio_url part", "messages"),
     "audio placeholder split over the parts of an audio chat message": (
         audio_chat(messages=json.dumps([{"role": "user", "content": [{"type": "text", "text": "<|AUD"},
                                                                      {"type": "text", "text": "IO|>"}]}])), 400,
-        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder (1 in all): send audio as an "
-        "input_audio or audio_url part", "messages"),
+        "adjacent text parts join into <|AUDIO|>, the model's audio placeholder: send audio as an input_audio or "
+        "audio_url part", "messages"),
     "top_logprobs without logprobs": (chat(top_logprobs=2), 400,
                                       "invalid request: top_logprobs: Value error, top_logprobs requires logprobs: true",
                                       "top_logprobs"),

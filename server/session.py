@@ -295,13 +295,20 @@ def sse_event(payload: BaseModel | dict) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """text/event-stream of a Run's events that stops (and closes the Run) when the client leaves."""
+    """text/event-stream of a Run's events that stops (and closes the Run) when the client
+    leaves. `close` (the Run's by default; a transcript's closes all its windows) runs when
+    the response ends even if the body never started: a client that leaves as the headers
+    go out cancels the stream before the events' generator runs, and closing a generator
+    that never ran skips its `finally`."""
 
     media_type = "text/event-stream"
     body_iterator: AsyncGenerator[str, None]
 
-    def __init__(self, run: Run, events: Callable[[], AsyncIterator[str]]):
+    def __init__(
+        self, run: Run, events: Callable[[], AsyncIterator[str]], close: Callable[[], Awaitable[None]] | None = None
+    ):
         super().__init__(run.events(events()), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.close = close or run.close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -318,3 +325,4 @@ class SSEResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+                await self.close()

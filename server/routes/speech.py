@@ -173,7 +173,7 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
 
 async def _answer(request: Request, state: State, form: SpeechForm, transcript: Transcript, task: str, language: str):
     if form.stream:
-        return SSEResponse(transcript.first, transcript.events)
+        return SSEResponse(transcript.first, transcript.events, transcript.close)
     try:
         await asyncio.gather(*(state.session.finish(request, run) for run in transcript.runs))
     finally:

@@ -61,7 +61,8 @@ def chat_body(content: object = "hi", **fields: object) -> dict:
 class RawExchange:
     """One request sent straight into the ASGI app: `disconnect()` makes the next receive()
     say http.disconnect; `body_reads` counts how often the app asked for the body, which is
-    withheld until `body_ready` is set (when given)."""
+    withheld until `body_ready` is set (when given). `leave_at_headers`: the client leaves as
+    the response's headers go out, and the send of them never completes."""
 
     app: FastAPI
     path: str
@@ -72,6 +73,7 @@ class RawExchange:
     body_reads: int = 0
     content_type: bytes = b"application/json"
     body_ready: asyncio.Event | None = None
+    leave_at_headers: bool = False
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def disconnect(self) -> None:
@@ -101,6 +103,9 @@ class RawExchange:
         async def send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
+                if self.leave_at_headers:
+                    self.disconnect()
+                    await asyncio.Event().wait()  # until the app, told of the disconnect, cancels the send
             elif message.get("body"):
                 self.chunks.append(message["body"])
 

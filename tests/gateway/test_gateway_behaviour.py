@@ -94,6 +94,23 @@ async def test_client_leaving_a_streamed_transcript_aborts_every_window():
         assert gw.state.admission.in_flight == 0
 
 
+@pytest.mark.parametrize("kind", ["chat", "transcript"])
+async def test_a_stream_whose_client_left_as_its_headers_went_out_is_aborted(kind):
+    """The SSE body never starts (the client left first): every engine request is aborted
+    and every slot released all the same (a 100 s transcript is 4 windows)."""
+    async with running_gateway(held_engine(free_steps=1)) as gw:
+        if kind == "chat":
+            exchange, requests = raw_chat(gw.app, stream=True), 1
+        else:
+            audio = audio_file("flac", seconds=100)
+            exchange, requests = raw_upload(gw.app, "/v1/audio/transcriptions", audio, stream="true"), 4
+        exchange.leave_at_headers = True
+        await exchange.run()
+        assert exchange.status == 200 and exchange.chunks == []
+        assert gw.engine.running == set() and len(gw.engine.aborted) == requests
+        assert gw.state.admission.in_flight == 0
+
+
 async def test_engine_death_fails_requests_fast_and_turns_probes_false():
     async with running_gateway(held_engine()) as gw:
         exits = []

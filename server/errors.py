@@ -258,8 +258,19 @@ def _validation_error(request: Request, exc: RequestValidationError) -> ApiError
     return bad_request(problems_message(problems), param=problems[0][0] or None)
 
 
+# Starlette's multipart parser's words for what is wrong with a form body -> ours, which say
+# where the problem is.
+_MULTIPART_PROBLEMS = {
+    "Invalid multipart data.": "the multipart/form-data body could not be parsed (a part's header line is malformed "
+    "or too long: a filename of thousands of characters, say)",
+    "Missing boundary in multipart.": "the Content-Type multipart/form-data needs its boundary parameter "
+    "(multipart/form-data; boundary=...)",
+}
+
+
 def _http_error(request: Request, exc: StarletteHTTPException) -> ApiError:
     detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    detail = _MULTIPART_PROBLEMS.get(detail, detail) if exc.status_code == 400 else detail
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no such endpoint: {request.method} {request.url.path}"
     elif exc.status_code == 405:

@@ -107,6 +107,12 @@ CASES = {
     "transcription with the file sent as a text field": (
         transcribe(files=False, file="clip.wav"), 400,
         "invalid request: file: must be a file (a multipart part with a filename), not a text field"),
+    "transcription with a filename of 10000 characters": (
+        ("POST", "/v1/audio/transcriptions", {"data": {"model": MODEL}, "files": {"file": ("x" * 10_000 + ".wav", WAV)}}),
+        400, "the multipart/form-data body could not be parsed (a part's header line is malformed or too long"),
+    "transcription without a multipart boundary": (
+        ("POST", "/v1/audio/transcriptions", {"content": b"--b\r\n\r\n", "headers": {"content-type": "multipart/form-data"}}),
+        400, "the Content-Type multipart/form-data needs its boundary parameter"),
     "transcription without model": (transcribe(model=None), 400, "model: Field required"),
     "transcription bad response_format": (transcribe(response_format="xml"), 400, "response_format"),
     "transcription of a text file": (transcribe(data=b"hello, this is not audio at all" * 10), 400,

@@ -81,6 +81,8 @@ def check_response_schema(schema: dict[str, Any]) -> None:
 def _check_metaschema(schema: dict[str, Any]) -> None:
     import jsonschema
 
+    if not isinstance(schema.get("$schema", ""), str):  # jsonschema looks it up in a dict: a list would raise
+        raise bad_request(f"{WHERE} is not a valid JSON Schema: $schema must be a string", param=PARAM)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -8,6 +8,8 @@ import threading
 from typing import Literal
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from mdlserve.server import request as request_module
@@ -147,6 +149,30 @@ def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
 
 def test_an_invalid_json_schema_is_refused():
     assert "is not a valid JSON Schema: 'nonsense'" in refusal({"type": "nonsense"})
+    assert "$schema must be a string" in refusal({"$schema": []})
+
+
+KEYWORDS = ["type", "properties", "required", "items", "prefixItems", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+            "enum", "const", "minItems", "additionalProperties", "not", "if", "pattern", "format",
+            "$schema"]  # fmt: skip
+WORDS = ["#", "#/$defs/a", "#/properties/a", "#/anyOf/0", "a", "object", "array", "string", "integer", "[a-z]+"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(WORDS))
+SCHEMA_LIKE = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.sampled_from([*KEYWORDS, "a", "b"]), inner, max_size=5)),
+    max_leaves=40,
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(KEYWORDS), SCHEMA_LIKE, max_size=6))
+def test_any_json_object_is_either_accepted_or_a_400(schema):
+    """Any keyword may hold any JSON: the check answers a 400 or nothing, never our 500."""
+    try:
+        check_response_schema(schema)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.param == "response_format"
 
 
 class Colour(enum.Enum):

@@ -72,7 +72,9 @@ class Engine(Protocol):
     Step when the request ends, every choice whole); closing the iterator early
     aborts the request in the engine. Once the engine is gone, `generate`, its iterators
     and `check_health` raise `errors.EngineDead`; a request the engine ends on its own (a
-    dying data-parallel replica's) raises `errors.EngineAborted` from its iterator."""
+    dying data-parallel replica's) raises `errors.EngineAborted` from its iterator, and
+    one it ends in error raises from its iterator too (`generation_failed`), so that no
+    answer carries finish reason "error"."""
 
     tokenizer: Tokenizer
 
@@ -197,6 +199,29 @@ def sampling_params(sampling: Sampling):
     )
 
 
+def generation_failed(request: PreparedRequest, request_id: str) -> Exception:
+    """What a choice that ended with finish reason "error" becomes: never a 200 carrying it.
+
+    In vLLM 0.26 the engine ends a request so when its grammar fails to compile or rejects
+    the sampled token (a KV-transfer failure, the third cause, needs a KV connector, which
+    is never configured here). A grammar from the client's schema rejects a token only
+    when it allows none, e.g. when the schema admits no finite value or min_tokens forbids
+    the end the schema has reached: the client's 400 (vLLM's own server answers a 500
+    "Internal server error" for every cause). The json_object grammar is ours, and any
+    other cause is our bug: an exception the middleware answers as a 500 naming the
+    request id."""
+    if request.sampling.json_schema is None:
+        return RuntimeError(f"the engine ended request {request_id} with finish reason 'error'")
+    logger.info("request %s: the engine could not follow its response_format schema", request_id)
+    return bad_request(
+        "the response_format schema could not be followed: the structured-output backend allowed no token to "
+        "continue the answer (a schema that admits no finite JSON value does this, as does a min_tokens "
+        "beyond the end of every answer the schema allows)",
+        param="response_format",
+        code="response_format_unsatisfiable",
+    )
+
+
 def first_token_s(output) -> float | None:
     """Arrival to first token as vLLM's output processor timed it (from the arrival time
     the gateway passed), when it kept request statistics."""
@@ -308,6 +333,8 @@ class VllmEngine:
             def step(output) -> Step:
                 if any(c.finish_reason == "abort" for c in output.outputs):
                     raise EngineAborted()  # vLLM ended it; the caller did not (it closes the iterator)
+                if any(c.finish_reason == "error" for c in output.outputs):
+                    raise generation_failed(request, request_id)
                 return Step(
                     [
                         Completion(

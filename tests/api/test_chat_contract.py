@@ -185,6 +185,70 @@ def test_a_schema_the_grammar_backend_cannot_compile_is_a_400_saying_why(oai):
     assert "#/$defs/gone" in message and ".cc:" not in message and "[" not in message, message
 
 
+@pytest.mark.parametrize(("schema", "words"), [
+    ({"$ref": "#"}, "admits no JSON value: `$ref` '#' at # leads back to #"),
+    ({"not": {}}, "uses `not` at #, which the structured-output backend does not enforce"),
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "`allOf` with more than one schema"),
+    ({"enum": [f"value-{i}-xyz" for i in range(90000)]}, "has 90000 enum values in all; the limit is 1000"),
+])  # fmt: skip
+def test_schemas_past_the_limits_or_not_enforceable_are_400s_and_structured_answers_go_on(oai, schema, words):
+    """Refused before the engine: none of them ties up its grammar compiler (the 90000
+    enum values held it for minutes), so a json_object request after them is answered."""
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=MODEL, messages=[user(audio=False)], max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )  # fmt: skip
+    assert err.value.body["param"] == "response_format" and words in err.value.body["message"]
+    answer = oai.chat.completions.create(model=MODEL, messages=[user("Answer in JSON.", audio=False)], max_tokens=4,
+                                         temperature=0, response_format={"type": "json_object"})  # fmt: skip
+    assert answer.choices[0].message.content.startswith("{")
+
+
+# The one answer this schema allows is shorter than min_tokens: once it is written, the
+# grammar allows only the end, which min_tokens forbids, so the engine ends the request
+# with finish reason "error", some 28 tokens in (as a schema admitting no value ends at
+# the first token, but those are refused before the engine).
+ENDS_BEFORE_MIN_TOKENS = {"enum": ["a dog barks twice near a parked red car in the rain"]}
+
+
+def schema_cannot_continue(**extra) -> dict:
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": ENDS_BEFORE_MIN_TOKENS}}
+    return {"model": MODEL, "messages": [user("Describe the sound as JSON.", audio=False)], "temperature": 0,
+            "max_tokens": 200, "min_tokens": 150, "response_format": response_format, **extra}  # fmt: skip
+
+
+def check_cannot_continue_error(error: dict) -> None:
+    assert error["type"] == "invalid_request_error" and error["param"] == "response_format", error
+    assert error["code"] == "response_format_unsatisfiable"
+    assert error["message"].startswith("the response_format schema could not be followed: "), error
+
+
+def test_an_answer_the_schema_cannot_continue_is_a_400_not_a_200_with_finish_reason_error(http):
+    response = http.post("/v1/chat/completions", json=schema_cannot_continue())
+    assert response.status_code == 400, response.text
+    check_cannot_continue_error(response.json()["error"])
+
+
+def test_a_streamed_answer_the_schema_cannot_continue_ends_with_an_error_event(http):
+    """The tokens before the failure are streamed, then the error envelope is the last
+    event before [DONE]; no chunk says finish_reason "error". Were a busy machine to hand
+    over the engine's first steps merged with the failure, the request would fail before
+    its stream began, as a 400, which is asserted the same way."""
+    with http.stream("POST", "/v1/chat/completions", json=schema_cannot_continue(stream=True)) as response:
+        body = response.read().decode()
+    if response.status_code == 400:
+        check_cannot_continue_error(json.loads(body)["error"])
+        return
+    assert response.status_code == 200, body
+    events = [line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    check_cannot_continue_error(json.loads(events[-2])["error"])
+    chunks = [json.loads(event) for event in events[:-2]]
+    assert all(choice["finish_reason"] is None for chunk in chunks for choice in chunk["choices"])
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks).startswith('"a dog barks')
+
+
 def test_developer_role_and_audio_in_an_earlier_turn(oai):
     messages = [
         {"role": "developer", "content": "Answer briefly."},

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from mdlserve.server import request as request_module
+from mdlserve.server.engine import generation_failed
 from mdlserve.server.errors import ApiError
+from mdlserve.server.request import PreparedRequest, Sampling
 from mdlserve.server.response_schema import (
     MAX_DEPTH,
     MAX_ENUM_VALUES,
@@ -222,6 +224,18 @@ class Sounds(BaseModel):
 ])  # fmt: skip
 def test_schemas_real_clients_send_pass(schema):
     check_response_schema(schema)
+
+
+def test_a_finish_reason_error_is_the_clients_400_with_a_schema_and_our_500_without():
+    def prepared(**structured) -> PreparedRequest:
+        sampling = Sampling(n=1, max_tokens=4, temperature=0, top_p=1, seed=None, stop=(), min_tokens=0, **structured)
+        return PreparedRequest([1], [], 1, 0.0, sampling)
+
+    error = generation_failed(prepared(json_schema=LABEL_SCHEMA), "chatcmpl-x")
+    assert isinstance(error, ApiError) and error.status == 400 and error.param == "response_format"
+    assert error.message.startswith("the response_format schema could not be followed")
+    for sampling in ({"json_object": True}, {}):
+        assert not isinstance(generation_failed(prepared(**sampling), "chatcmpl-x"), ApiError)
 
 
 @pytest.fixture

@@ -314,7 +314,8 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         raise RowError("invalid_row", "body.stream: streaming is not available in batch jobs")
     if all(isinstance(m.content, str) or all(isinstance(p, TextPart) for p in m.content) for m in chat.messages):
         raise RowError("invalid_row", "body.messages: no audio part (input_audio or audio_url)")
-    sampling = SamplingFields.model_validate(chat.model_dump(include=set(SamplingFields.model_fields)))
+    # by_alias: a json_schema response_format dumps its schema as `schema`, the name it is read by
+    sampling = SamplingFields.model_validate(chat.model_dump(include=set(SamplingFields.model_fields), by_alias=True))
     return BatchItem(request.custom_id, source, chat.messages, sampling, endpoint="chat")
 
 

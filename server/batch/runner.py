@@ -209,6 +209,8 @@ class BatchJob:
             self._write_failure(item, RowError("engine_aborted", exc.message))
         except EngineDead:
             self.tally.stopped = self.tally.stopped or "the engine stopped; rerun the same command to resume"
+        except ApiError as exc:  # the row's fault found by the engine: a response_format it cannot follow
+            self._write_failure(item, RowError(exc.code or "invalid_row", exc.message))
         except BrokenProcessPool:  # a decode worker died (killed, or crashed in a codec): stop, do not fail every row
             self.tally.stopped = self.tally.stopped or "the audio decode pool broke; rerun the same command to resume"
         except Exception as exc:  # our bug: recorded as such on the row, the job goes on

@@ -206,6 +206,32 @@ def test_openai_batch_file_gives_openai_batch_output(runtime, clips_dir, tmp_pat
         assert row["response"] is None and words in row["error"]["message"], row
 
 
+def test_rows_whose_response_format_cannot_be_followed_fail_as_bad_rows(runtime, clips_dir, tmp_path):
+    """A schema refused before the engine, and one the engine cannot follow (its one answer
+    ends before min_tokens: finish reason "error"), are the rows' errors, not internal ones."""
+    b64 = base64.b64encode((clips_dir / "a/clip020.wav").read_bytes()).decode()
+
+    def chat(custom_id, schema, **body):
+        response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        audio = {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": "midashenglm-7b", "max_tokens": 40, "temperature": 0,
+                         "response_format": response_format, "messages": [{"role": "user", "content": [audio]}],
+                         **body}}  # fmt: skip
+
+    lines = [chat("label", {"enum": ["dog", "cat"]}), chat("no-value", {"$ref": "#"}),
+             chat("ends-early", {"enum": ["yes"]}, min_tokens=20)]  # fmt: skip
+    batch_file = tmp_path / "batch.jsonl"
+    batch_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, rows = runtime.run(str(batch_file), tmp_path / "out.jsonl", max_tokens=None)
+    rows = by_id(rows, "custom_id")
+    assert (summary["ok"], summary["failed"]) == (1, 2), rows
+    assert rows["label"]["response"]["body"]["choices"][0]["message"]["content"] in ('"dog"', '"cat"')
+    assert rows["no-value"]["error"]["code"] == "invalid_row"
+    assert "admits no JSON value" in rows["no-value"]["error"]["message"]
+    assert rows["ends-early"]["error"]["code"] == "response_format_unsatisfiable"
+
+
 def test_dasheng_eval_rows_come_back_with_model_output(runtime, clips_dir, tmp_path):
     (tmp_path / "wavs").mkdir()
     for i in (30, 31):

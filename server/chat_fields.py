@@ -32,7 +32,7 @@ HONOURED = {
     "`bytes` are the token's own, also for a token holding part of a UTF-8 character",
     "top_logprobs": "0 to 20 alternatives per token; needs `logprobs: true`",
     "response_format": "`text`; `json_object` and `json_schema` through vLLM's structured outputs (the answer "
-    "is JSON, and validates against the schema)",
+    "is JSON, and validates against the schema); a schema is bounded and checked first (Structured outputs, below)",
     "stream": "server-sent `chat.completion.chunk` events, then `[DONE]`",
     "stream_options": "`include_usage`: a last chunk with `usage` and no choices",
     "user": "written to the access log with the request id; not stored",

@@ -6,13 +6,13 @@ client waits or not, and every later structured request queues behind it. One sc
 90000 enum values took minutes and held every json_object request after it. So the
 schema is bounded before it is submitted, in the spirit of OpenAI's structured-output
 limits, tightened where xgrammar's compile time grows fastest. Measured on the 2-core CI
-VM (busy) with the tiny checkpoint's tokenizer, minimum of two fresh compiles
+VM (busy) with the tiny checkpoint's tokenizer, the fastest of two fresh compiles
 (docs/gateway.md has the table): 10000 short enum values 2.5 s; 1000 object properties
 with none required 9.4 s (optional properties grow quadratically per object); 1000
 `format: email` strings 2.8 s; anyOf of 1000 one-property objects 0.2-1.4 s. The worst
-schemas these limits admit compile in 0.1-0.5 s there. jsonschema's metaschema check is
-also slow (about 1 ms per subschema, 2020-12 draft), so it runs after the limits and,
-like the rest, in a worker thread (the request builder's call).
+schemas these limits admit compile in 0.9 s or less there. jsonschema's metaschema check
+is slow too (about 1 ms per subschema, draft 2020-12: up to 0.8 s at the limits), so it
+runs after the limits and, like the rest, in a worker thread (the request builder's call).
 
 xgrammar 0.2.8 silently ignores some keywords (tried one by one: an answer breaking them
 is accepted): `not`, `if`/`then`/`else`, `allOf` of more than one schema, the
@@ -61,7 +61,7 @@ _VALIDATION = ("type", "enum", "const", "properties", "required", "additionalPro
 def check_response_schema(schema: dict[str, Any]) -> None:
     """Raise the client's 400 for a schema past the limits, not a JSON Schema, using a
     keyword the backend does not enforce, or admitting no value. Runs in a worker thread:
-    the metaschema check alone can take a second at the limits."""
+    the metaschema check alone takes up to 0.8 s at the limits."""
     walk = _Walk(schema)
     walk.schema(schema, "#", 0)
     walk.ref_targets()

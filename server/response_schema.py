@@ -17,7 +17,8 @@ runs after the limits and, like the rest, in a worker thread (the request builde
 xgrammar 0.2.8 silently ignores some keywords (tried one by one: an answer breaking them
 is accepted): `not`, `if`/`then`/`else`, `allOf` of more than one schema, the
 `dependent*` keywords, `contains`, `uniqueItems`, `$dynamicRef`, keywords beside a `$ref`,
-a `$ref` outside the document, and a `required` name missing from `properties`. A schema
+a `$ref` outside the document, a `required` name missing from `properties`, and
+`minLength`/`maxLength` beside a `pattern` or `format`. A schema
 using them is refused by name, rather than answered with JSON that does not validate.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
@@ -209,6 +210,11 @@ class _Walk:
             beside = [keyword for keyword in _VALIDATION if keyword in node]
             if beside:
                 ignored(f"`{beside[0]}` beside `$ref`", "it ignores keywords beside a $ref; move them into its target")
+        shaped = [keyword for keyword in ("pattern", "format") if keyword in node]
+        lengths = [keyword for keyword in ("minLength", "maxLength") if keyword in node]
+        if shaped and lengths:
+            why = "it ignores string lengths beside a pattern or format; write the length into the pattern"
+            ignored(f"`{lengths[0]}` beside `{shaped[0]}`", why)
         required, properties = node.get("required"), node.get("properties")
         if isinstance(required, list):
             names = properties.keys() if isinstance(properties, dict) else set()

@@ -128,6 +128,8 @@ def test_the_hostile_probes_schemas_are_refused():
     ({"$ref": "https://example.com/schema.json"}, "`$ref` 'https://example.com/schema.json'"),
     ({"type": "object", "required": ["a"]}, "`required` name 'a'"),
     ({"type": "object", "properties": {"x": {"$dynamicRef": "#meta"}}}, "`$dynamicRef` at #/properties/x"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 5}, "`maxLength` beside `pattern`"),
+    ({"type": "string", "format": "email", "minLength": 3}, "`minLength` beside `format`"),
 ])  # fmt: skip
 def test_keywords_the_backend_does_not_enforce_are_refused_by_name(schema, named):
     message = refusal(schema)

@@ -205,8 +205,9 @@ def generation_failed(request: PreparedRequest, request_id: str) -> Exception:
     In vLLM 0.26 the engine ends a request so when its grammar fails to compile or rejects
     the sampled token (a KV-transfer failure, the third cause, needs a KV connector, which
     is never configured here). A grammar from the client's schema rejects a token only
-    when it allows none, e.g. when the schema admits no finite value or min_tokens forbids
-    the end the schema has reached: the client's 400 (vLLM's own server answers a 500
+    when it allows none: the schema admits no finite value (a `pattern` no string matches,
+    say), or, on 0.26 but not 0.32, min_tokens forbids the end the schema has reached. That
+    is the client's 400 (vLLM's own server answers a 500
     "Internal server error" for every cause). The json_object grammar is ours, and any
     other cause is our bug: an exception the middleware answers as a 500 naming the
     request id."""
@@ -215,8 +216,8 @@ def generation_failed(request: PreparedRequest, request_id: str) -> Exception:
     logger.info("request %s: the engine could not follow its response_format schema", request_id)
     return bad_request(
         "the response_format schema could not be followed: the structured-output backend allowed no token to "
-        "continue the answer (a schema that admits no finite JSON value does this, as does a min_tokens "
-        "beyond the end of every answer the schema allows)",
+        "continue the answer (a schema, or a pattern in it, that no JSON value matches does this, as does, on "
+        "some vLLM versions, a min_tokens beyond the end of every answer the schema allows)",
         param="response_format",
         code="response_format_unsatisfiable",
     )

@@ -207,8 +207,8 @@ def test_openai_batch_file_gives_openai_batch_output(runtime, clips_dir, tmp_pat
 
 
 def test_rows_whose_response_format_cannot_be_followed_fail_as_bad_rows(runtime, clips_dir, tmp_path):
-    """A schema refused before the engine, and one the engine cannot follow (its one answer
-    ends before min_tokens: finish reason "error"), are the rows' errors, not internal ones."""
+    """A schema refused before the engine, and one the engine cannot follow (a pattern no
+    string matches: finish reason "error"), are the rows' errors, not internal ones."""
     b64 = base64.b64encode((clips_dir / "a/clip020.wav").read_bytes()).decode()
 
     def chat(custom_id, schema, **body):
@@ -219,8 +219,8 @@ def test_rows_whose_response_format_cannot_be_followed_fail_as_bad_rows(runtime,
                          "response_format": response_format, "messages": [{"role": "user", "content": [audio]}],
                          **body}}  # fmt: skip
 
-    lines = [chat("label", {"enum": ["dog", "cat"]}), chat("no-value", {"$ref": "#"}),
-             chat("ends-early", {"enum": ["yes"]}, min_tokens=20)]  # fmt: skip
+    dead_end = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}}, "required": ["a"]}
+    lines = [chat("label", {"enum": ["dog", "cat"]}), chat("no-value", {"$ref": "#"}), chat("dead-end", dead_end)]
     batch_file = tmp_path / "batch.jsonl"
     batch_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary, rows = runtime.run(str(batch_file), tmp_path / "out.jsonl", max_tokens=None)
@@ -229,7 +229,7 @@ def test_rows_whose_response_format_cannot_be_followed_fail_as_bad_rows(runtime,
     assert rows["label"]["response"]["body"]["choices"][0]["message"]["content"] in ('"dog"', '"cat"')
     assert rows["no-value"]["error"]["code"] == "invalid_row"
     assert "admits no JSON value" in rows["no-value"]["error"]["message"]
-    assert rows["ends-early"]["error"]["code"] == "response_format_unsatisfiable"
+    assert rows["dead-end"]["error"]["code"] == "response_format_unsatisfiable"
 
 
 def test_dasheng_eval_rows_come_back_with_model_output(runtime, clips_dir, tmp_path):

@@ -122,9 +122,13 @@ async def _run(scenario: Scenario, args) -> tuple[list, float, str | None]:
 
 
 def windows(results: list, duration_s: float, window_s: float) -> list[dict]:
+    """Rows of `window_s` by request start. The last row also takes requests that started
+    after the scenario's end: planned inside it, sent late by a busy load generator."""
     out = []
-    for start in np.arange(0.0, duration_s, window_s):
-        inside = [r for r in results if start <= r.start_s < start + window_s]
+    starts = np.arange(0.0, duration_s, window_s)
+    for start in starts:
+        end = start + window_s if start < starts[-1] else float("inf")
+        inside = [r for r in results if start <= r.start_s < end]
         ok = [r for r in inside if r.ok]
         e2e = [r.e2e_ms for r in ok]
         ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]

@@ -117,6 +117,9 @@ def test_windows_and_drift():
                              e2e_ms=100.0 + 10 * t, ttft_ms=5.0) for t in np.arange(0, 20, 0.5)]  # fmt: skip
     rows = windows(results, duration_s=20, window_s=5)
     assert [w["requests"] for w in rows] == [10, 10, 10, 10]
+    late = RequestResult(start_s=20.3, status="200", ok=True, clip_s=1, stream=True, prompt_kind="caption",
+                         e2e_ms=300.0, ttft_ms=5.0)  # planned before the end, sent late by a busy machine
+    assert [w["requests"] for w in windows([*results, late], duration_s=20, window_s=5)] == [10, 10, 10, 11]
     d = drift(rows, ramp_up_s=5)
     assert d["e2e_p50_last_ms"] > d["e2e_p50_first_ms"] and d["e2e_p50_ratio"] > 1
     assert d["e2e_p50_slope_ms_per_min"] == pytest.approx(600, rel=0.01)

@@ -243,21 +243,18 @@ class Run:
 
     async def events(self, events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
         """Relay `events`, then `[DONE]`. An error after the stream began (its headers are
-        sent) becomes a last `data: {"error": ...}` event; the run is closed however the
-        stream ends (client disconnects included)."""
+        sent) becomes a last `data: {"error": ...}` event. SSEResponse closes the run however
+        the stream ends (client disconnects included)."""
         try:
-            try:
-                async for event in events:
-                    yield event
-            except ApiError as exc:
-                if exc.reason:
-                    self.session.metrics.rejections.labels(reason=exc.reason).inc()
-                yield error_event(exc, self.http_id)
-            except Exception as exc:  # our bug: logged, reported with the request id only
-                yield error_event(exc, self.http_id)
-            yield DONE
-        finally:
-            await self.close()
+            async for event in events:
+                yield event
+        except ApiError as exc:
+            if exc.reason:
+                self.session.metrics.rejections.labels(reason=exc.reason).inc()
+            yield error_event(exc, self.http_id)
+        except Exception as exc:  # our bug: logged, reported with the request id only
+            yield error_event(exc, self.http_id)
+        yield DONE
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -295,9 +292,9 @@ def sse_event(payload: BaseModel | dict) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """text/event-stream of a Run's events that stops (and closes the Run) when the client
-    leaves. `close` (the Run's by default; a transcript's closes all its windows) runs when
-    the response ends even if the body never started: a client that leaves as the headers
+    """text/event-stream of a Run's events that stops when the client leaves. `close` (the
+    Run's by default; a transcript's closes all its windows) is the one place a streamed
+    request is closed, however the response ends, even if the body never started: a client that leaves as the headers
     go out cancels the stream before the events' generator runs, and closing a generator
     that never ran skips its `finally`."""
 

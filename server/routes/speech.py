@@ -107,24 +107,21 @@ class Transcript:
 
     async def events(self) -> AsyncIterator[str]:
         """Each window's text deltas in order (a space between windows), each window's as soon
-        as it has them, then the done event."""
-        try:
-            previous: Run | None = None
-            for start in self.starts:
-                run = await start
-                if previous is not None and previous.text().strip():
-                    yield sse_event(TranscriptDelta(delta=" "))
-                for d in run.first:
+        as it has them, then the done event. SSEResponse closes the transcript (`close`)."""
+        previous: Run | None = None
+        for start in self.starts:
+            run = await start
+            if previous is not None and previous.text().strip():
+                yield sse_event(TranscriptDelta(delta=" "))
+            for d in run.first:
+                if d.text:
+                    yield sse_event(TranscriptDelta(delta=d.text))
+            async for deltas in run.rest():
+                for d in deltas:
                     if d.text:
                         yield sse_event(TranscriptDelta(delta=d.text))
-                async for deltas in run.rest():
-                    for d in deltas:
-                        if d.text:
-                            yield sse_event(TranscriptDelta(delta=d.text))
-                previous = run
-            yield sse_event(TranscriptDone(text=self.text(), usage=self.usage()))
-        finally:
-            await self.close()
+            previous = run
+        yield sse_event(TranscriptDone(text=self.text(), usage=self.usage()))
 
     def text(self) -> str:
         return joined(self.segments()) if len(self.starts) > 1 else self.first.text()

@@ -27,9 +27,24 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 
 from .config import DashengConfig
 
+# int16 PCM -> float32 samples in [-1, 1): x * 2**-15 is exact in float32.
+PCM16_SCALE = 2.0**-15
+
 
 def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def to_device(host: torch.Tensor | np.ndarray | list[int], device: torch.device) -> torch.Tensor:
+    """A host tensor (or array, or list of ints) on `device`, queued behind the GPU's work
+    rather than waiting for it: `torch.tensor(values, device=...)` and a blocking `.to()`
+    synchronise the stream, so the host could not launch the encoder's next kernels (nor
+    vLLM its next step) while the GPU worked. From pinned memory the copy is asynchronous,
+    and the pinned block is not reused before the copy is done (torch's host allocator)."""
+    tensor = host if isinstance(host, torch.Tensor) else torch.as_tensor(host)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -89,22 +104,24 @@ class ChunkLayout:
         )
 
     def to(self, device: torch.device) -> "ChunkLayout":
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=True)
-
         return replace(
             self,
-            positions=move(self.positions),
-            cu_seqlens=move(self.cu_seqlens),
-            cu_seqlens_k=move(self.cu_seqlens_k),
-            key_index=None if self.key_index is None else move(self.key_index),
-            scatter_index=move(self.scatter_index),
-            key_mask=move(self.key_mask),
+            positions=to_device(self.positions, device),
+            cu_seqlens=to_device(self.cu_seqlens, device),
+            cu_seqlens_k=to_device(self.cu_seqlens_k, device),
+            key_index=None if self.key_index is None else to_device(self.key_index, device),
+            scatter_index=to_device(self.scatter_index, device),
+            key_mask=to_device(self.key_mask, device),
         )
 
 
 class LogMelFrontEnd(nn.Module):
-    """Power mel spectrogram in dB, per clip, always in fp32."""
+    """Power mel spectrogram in dB, per clip, always in fp32.
+
+    Waveforms come as float32 samples in [-1, 1] or as 16-bit PCM (int16, what a 16-bit
+    file holds: half the bytes to hash, send to the engine, gather and copy to the GPU).
+    PCM is scaled by 2**-15 here, which gives exactly the float32 samples a 16-bit
+    decoder returns, so both forms of one clip give the same features."""
 
     window: torch.Tensor
     mel_fbanks: torch.Tensor
@@ -125,10 +142,11 @@ class LogMelFrontEnd(nn.Module):
         self.register_buffer("mel_fbanks", fbanks.T.contiguous(), persistent=False)  # (mels, freqs)
 
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
-        # waveforms: (total_samples,) clips end to end -> (clips, mels, max_frames) dB
+        # waveforms: (total_samples,) float32 or int16, clips end to end -> (clips, mels, max_frames) dB
         pad = self.n_fft // 2
-        clips = torch.split(waveforms.float(), num_samples)
-        lengths = torch.tensor(num_samples, device=waveforms.device)
+        samples = waveforms.float() * PCM16_SCALE if waveforms.dtype == torch.int16 else waveforms.float()
+        clips = torch.split(samples, num_samples)
+        lengths = to_device(num_samples, waveforms.device)
         # Buffers follow the model dtype when vLLM casts the model; the front end stays fp32.
         # Each clip sits at offset `pad` of its row; reflect-pad both of its own ends.
         batch = F.pad(nn.utils.rnn.pad_sequence(list(clips), batch_first=True), (pad, pad))
@@ -348,9 +366,8 @@ class EncoderGraphs:
         key_index = np.pad(key_index, (0, key_slots.shape[0] - key_index.size))
         cu = np.concatenate([starts, np.full(free, starts[-1])]).astype(np.int32)
         cu_k = np.concatenate([[0], np.cumsum(keys), np.full(free, sum(keys))]).astype(np.int32)
-        static.cu_seqlens.copy_(torch.from_numpy(cu), non_blocking=True)
-        static.cu_seqlens_k.copy_(torch.from_numpy(cu_k), non_blocking=True)
-        key_slots.copy_(torch.from_numpy(key_index), non_blocking=True)
+        for target, values in ((static.cu_seqlens, cu), (static.cu_seqlens_k, cu_k), (key_slots, key_index)):
+            target.copy_(torch.from_numpy(values).pin_memory(), non_blocking=True)
 
     def _capture(self, padded: int, like: torch.Tensor):
         device = like.device
@@ -420,12 +437,12 @@ class DashengEncoder(nn.Module):
         return self.norm(x)
 
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
-        # waveforms: (total_samples,) fp32 -> ((N, embed_dim) patches, patches per clip)
+        # waveforms: (total_samples,) fp32 or int16 PCM -> ((N, embed_dim) patches, patches per clip)
         layout = self.layout(num_samples).to(waveforms.device)
         dtype = self.time_pos_embed.dtype
         mel = self.init_bn(self.front_end(waveforms, num_samples))  # fp32 up to here
         patches = self.patch_embed(mel.to(dtype))  # (clips, max_patches, dim)
-        counts = torch.tensor(layout.num_patches, device=waveforms.device)
+        counts = to_device(layout.num_patches, waveforms.device)
         keep = torch.arange(patches.shape[1], device=waveforms.device)[None, :] < counts[:, None]
         x = patches[keep]  # (N, dim), clip-major
         time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)

@@ -39,7 +39,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from .compat import AudioTensorsProcessor
-from .encoder import DashengEncoder, as_pair
+from .encoder import PCM16_SCALE, DashengEncoder, as_pair, to_device
 from .processing import (
     AUDIO_TOKEN,
     HOP_LENGTH,
@@ -65,7 +65,7 @@ class MiDashengLMAudioInputs(TensorSchema):
         - n: number of clips
     """
 
-    input_values: Annotated[torch.Tensor, TensorShape("s")]
+    input_values: Annotated[torch.Tensor, TensorShape("s")]  # float32, or int16 PCM (x / 32768)
     audio_length: Annotated[torch.Tensor, TensorShape("n")]
 
 
@@ -88,8 +88,10 @@ def _check_waveform(index: int, audio: Any) -> None:
         raise ValueError(f"audio {index}: expected a 1-D mono waveform, got shape {tuple(audio.shape)}")
     if audio.size == 0:
         raise ValueError(f"audio {index}: the waveform is empty")
+    if audio.dtype == np.int16:
+        return  # 16-bit PCM: every value is a sample (x / 32768)
     if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"audio {index}: expected float samples in [-1, 1], got dtype {audio.dtype}")
+        raise ValueError(f"audio {index}: expected float samples in [-1, 1] or int16 PCM, got dtype {audio.dtype}")
     if (problem := sample_range_problem(audio)) is not None:
         raise ValueError(f"audio {index}: {problem}")
 
@@ -213,15 +215,28 @@ class MiDashengLMDummyInputsBuilder(BaseDummyInputsBuilder[MiDashengLMProcessing
 
 class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessingInfo]):
     def audio_tensors(self, audios: Sequence[Any]) -> dict[str, Any]:
-        # Zero-copy views of the caller's float32 arrays: a 30 s clip is 1.9 MB, and
-        # with hundreds of clips in flight every copy here shows in throughput.
+        """Zero-copy views of the caller's arrays: a 30 s clip is 1.9 MB as float32, and
+        with hundreds of clips in flight every copy here shows in throughput.
+
+        A request whose clips are all int16 (16-bit PCM, what the gateway decodes a 16-bit
+        16 kHz mono file to) keeps them so, under `input_pcm16`: half the bytes for vLLM
+        to hash, send to the engine, gather into a step's batch and copy to the GPU. The
+        encoder scales them to exactly the float32 samples of a 16-bit decoder. vLLM
+        batches only items with the same keys, so an encoder call gets one form or the
+        other, never a mix."""
+        arrays = [np.asarray(audio) for audio in audios]
+        pcm16 = all(a.dtype == np.int16 for a in arrays)
         clips = []
-        for audio in audios:
-            clip = torch.from_numpy(np.asarray(audio, dtype=np.float32))
+        for samples in arrays:
+            if not pcm16:
+                samples = samples * PCM16_SCALE if samples.dtype == np.int16 else samples
+                samples = np.asarray(samples, dtype=np.float32)
+            clip = torch.from_numpy(samples)
             if clip.shape[0] < MIN_AUDIO_SAMPLES:
                 clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
             clips.append(clip)
-        return {"input_values": clips, "audio_length": torch.tensor([c.shape[0] for c in clips])}
+        key = "input_pcm16" if pcm16 else "input_values"
+        return {key: clips, "audio_length": torch.tensor([c.shape[0] for c in clips])}
 
     def check_prompt(self, mm_items: MultiModalDataItems, prompt_ids: list[int]) -> None:
         # vLLM would fail an assert on extra clips and leave a surplus <|AUDIO|> token as
@@ -238,8 +253,10 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         hf_inputs: BatchFeature,
         hf_processor_mm_kwargs: Mapping[str, object],
     ) -> Mapping[str, MultiModalFieldConfig]:
+        # A request carries one of the two waveform keys (vLLM skips the absent one).
         return dict(
             input_values=MultiModalFieldConfig.batched("audio"),
+            input_pcm16=MultiModalFieldConfig.batched("audio"),
             audio_length=MultiModalFieldConfig.batched("audio", keep_on_cpu=True),
         )
 
@@ -287,7 +304,7 @@ class AudioProjector(nn.Module):
         tokens = [n // self.k for n in num_patches]
         starts = np.cumsum([0] + num_patches[:-1])
         keep = np.concatenate([s + np.arange(t * self.k) for s, t in zip(starts, tokens)])
-        grouped = patches[torch.from_numpy(keep).to(patches.device)].reshape(-1, self.k * patches.shape[-1])
+        grouped = patches[to_device(keep, patches.device)].reshape(-1, self.k * patches.shape[-1])
         return self.net(grouped), tokens
 
 
@@ -346,7 +363,13 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         self.make_empty_intermediate_tensors = self.decoder.make_empty_intermediate_tensors  # type: ignore[method-assign]
 
     def _parse_and_validate_audio_input(self, **kwargs: object) -> MiDashengLMAudioInputs | None:
+        # One form per call: vLLM batches only items with the same keys.
         input_values = kwargs.pop("input_values", None)
+        pcm16 = kwargs.pop("input_pcm16", None)
+        if input_values is None:
+            input_values = pcm16
+        elif pcm16 is not None:
+            raise ValueError("an encoder batch mixes float32 and int16 waveforms")
         if input_values is None:
             return None
         # Clips of different lengths arrive as a list; equal-length ones stacked (n, s).

@@ -1,4 +1,10 @@
-"""Audio decoding: any common container/codec, any rate and channel count -> 16 kHz mono fp32."""
+"""Audio decoding: any common container/codec, any rate and channel count -> 16 kHz mono.
+
+16-bit PCM that is already 16 kHz mono (most uploads: what `arecord`, `sox` and the
+benchmarks write) stays int16, the form the model plugin takes without conversion (half
+the bytes of float32 for vLLM to hash, send to the engine and copy to the GPU); every
+other source is float32 in [-1, 1]. Both hold the same samples: int16 x is x / 32768.
+"""
 
 import asyncio
 import binascii
@@ -39,7 +45,8 @@ INT16_SCALE = np.float32(1 / 32768)
 
 
 def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
-    """Decode to 16 kHz mono float32. soundfile (libsndfile) first, PyAV (ffmpeg) second.
+    """Decode to 16 kHz mono: int16 for 16-bit PCM at 16 kHz mono, float32 otherwise.
+    soundfile (libsndfile) first, PyAV (ffmpeg) second.
 
     Decoding stops as soon as the audio passes `max_seconds`, so memory is bounded by the
     limit and not by what a tiny compressed file (hours of FLAC silence) decodes to.
@@ -54,6 +61,8 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
         mono = _decode_with_av(data, max_seconds)
     if mono.size == 0:
         raise AudioDecodeError("the audio decodes to zero samples")
+    if mono.dtype == np.int16:
+        return mono  # every int16 value is a valid sample
     if (problem := sample_range_problem(mono)) is not None:
         raise AudioDecodeError(problem)
     return np.ascontiguousarray(mono, dtype=np.float32)
@@ -111,13 +120,17 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> np.ndarray
             # may also lie; the frame count below stops the decode either way.)
             raise _too_long(max_seconds)
         pcm16 = f.subtype == "PCM_16"
+        keep_pcm16 = pcm16 and rate == SAMPLE_RATE and f.channels == 1
         blocksize = max(1, BLOCK_SAMPLES // f.channels)
         out = _To16k(rate)
         for block in f.blocks(blocksize=blocksize, dtype="int16" if pcm16 else "float32", always_2d=True):
             frames += block.shape[0]
             if limit is not None and frames > limit:
                 raise _too_long(max_seconds)
-            out.add(_mix_down(block.astype(np.float32)) * INT16_SCALE if pcm16 else _mix_down(block))
+            if keep_pcm16:
+                out.add(block[:, 0])
+            else:
+                out.add(_mix_down(block.astype(np.float32)) * INT16_SCALE if pcm16 else _mix_down(block))
     return out.result()
 
 

@@ -102,7 +102,7 @@ class Sampling:
 @dataclass
 class PreparedRequest:
     token_ids: list[int]  # the rendered chat, one <|AUDIO|> per clip (the engine expands them)
-    clips: list[np.ndarray]  # 16 kHz mono float32
+    clips: list[np.ndarray]  # 16 kHz mono: int16 PCM or float32 (server/audio.py)
     prompt_tokens: int  # text plus audio tokens: what the engine will count
     audio_seconds: float
     sampling: Sampling

@@ -2,12 +2,15 @@
 files written here in several formats, sample rates and channel counts; plus the official
 `openai` client."""
 
+import io
 import json
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import soundfile
 
 from .conftest import API_KEYS, AUTH
 from .helpers import MODEL, audio_file, audio_part, b64, chat_body, metric
@@ -70,6 +73,25 @@ def test_chat_input_audio_formats(client, fmt, rate, channels):
     # 2 s of audio is 10 audio tokens (whatever the rate or container: decoded to 16 kHz mono).
     assert body["usage"]["completion_tokens"] == 3
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 3
+
+
+def test_16_bit_wav_answers_as_its_float_samples(client):
+    """A 16-bit 16 kHz mono WAV reaches the model as int16 PCM, the same samples as float
+    in a 32-bit float WAV: the same greedy answer and logprobs."""
+    rng = np.random.default_rng(7)
+    pcm = np.round(rng.uniform(-0.3, 0.3, 3 * 16000) * 32767).astype(np.int16)
+    files = {}
+    for subtype, samples in (("PCM_16", pcm), ("FLOAT", pcm * np.float32(2**-15))):
+        buf = io.BytesIO()
+        soundfile.write(buf, samples, 16000, format="WAV", subtype=subtype)
+        files[subtype] = buf.getvalue()
+    answers = [
+        client.post("/v1/chat/completions", json=chat_body(audio_part(data), max_tokens=6, logprobs=True)).json()
+        for data in files.values()
+    ]
+    pcm_choice, float_choice = (a["choices"][0] for a in answers)
+    assert pcm_choice["message"]["content"] == float_choice["message"]["content"]
+    assert pcm_choice["logprobs"] == float_choice["logprobs"]
 
 
 def test_prompt_tokens_grow_with_audio_length(client):

@@ -326,17 +326,31 @@ def test_admission_ticket_splits_into_equal_shares_released_one_by_one():
 @pytest.mark.parametrize("channels", [1, 2, 5])
 def test_decoded_samples_are_libsndfiles_channel_mean(subtype, channels):
     """16-bit PCM is scaled by us rather than libsndfile; every path gives libsndfile's
-    float samples averaged over channels, across block boundaries (3 blocks here)."""
+    float samples averaged over channels, across block boundaries (3 blocks here). 16-bit
+    mono at 16 kHz stays int16: libsndfile's integers, which scaled by 2**-15 are its
+    float samples bit for bit."""
     rng = np.random.default_rng(channels)
     frames = 150_000
     buf = io.BytesIO()
     soundfile.write(buf, (rng.standard_normal((frames, channels)) * 0.2).clip(-1, 1), 16000, format="WAV", subtype=subtype)
     expected = soundfile.read(io.BytesIO(buf.getvalue()), dtype="float64", always_2d=True)[0].mean(axis=1)
     decoded = decode_audio(buf.getvalue())
-    assert decoded.dtype == np.float32 and decoded.shape == (frames,)
-    np.testing.assert_allclose(decoded, expected, rtol=0, atol=1e-6)
-    if subtype == "PCM_16" and channels == 1:
-        assert np.array_equal(decoded, soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0])
+    pcm16_kept = subtype == "PCM_16" and channels == 1
+    assert decoded.dtype == (np.int16 if pcm16_kept else np.float32) and decoded.shape == (frames,)
+    samples = decoded * np.float32(2**-15) if pcm16_kept else decoded
+    np.testing.assert_allclose(samples, expected, rtol=0, atol=1e-6)
+    if pcm16_kept:
+        assert np.array_equal(decoded, soundfile.read(io.BytesIO(buf.getvalue()), dtype="int16")[0])
+        assert np.array_equal(samples, soundfile.read(io.BytesIO(buf.getvalue()), dtype="float32")[0])
+
+
+def test_16_bit_pcm_at_other_rates_is_resampled_to_float32():
+    """Only 16 kHz mono 16-bit PCM is passed on as int16: at another rate the samples are
+    resampled, which needs floats."""
+    buf = io.BytesIO()
+    soundfile.write(buf, np.full(8000, 0.25), 8000, format="WAV", subtype="PCM_16")
+    decoded = decode_audio(buf.getvalue())
+    assert decoded.dtype == np.float32 and decoded.size == 16000
 
 
 def test_json_elements_are_counted_block_by_block_and_stop_past_the_limit():

@@ -62,6 +62,28 @@ def test_generate_batch_matches_one_clip_per_call(engine, greedy, clips, alone_o
         assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
 
 
+def test_int16_pcm_gives_the_outputs_of_the_same_samples_as_float32(engine, greedy, clips):
+    """A 16-bit clip as int16 (what the gateway passes for a 16-bit 16 kHz mono file)
+    and as its float32 samples (x / 32768) give the same tokens: alone, batched with
+    float clips (vLLM runs the two forms in separate encoder calls), and as two clips of
+    one prompt in different forms (converted to float32 together)."""
+    pcm = [np.round(np.clip(c, -1, 1) * 32767).astype(np.int16) for c in clips[:4]]
+    floats = [(p * np.float32(2**-15)).astype(np.float32) for p in pcm]
+
+    def tokens(outs):
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    expected = tokens(engine.generate([audio_prompt(f) for f in floats], greedy, use_tqdm=False))
+    assert tokens(engine.generate([audio_prompt(p) for p in pcm], greedy, use_tqdm=False)) == expected
+    mixed = [audio_prompt(p if i % 2 else f) for i, (p, f) in enumerate(zip(pcm, floats))]
+    assert tokens(engine.generate(mixed, greedy, use_tqdm=False)) == expected
+    two = {"prompt": TWO_AUDIO_PROMPT, "multi_modal_data": {"audio": [pcm[1], floats[2]]}}
+    two_floats = {"prompt": TWO_AUDIO_PROMPT, "multi_modal_data": {"audio": [floats[1], floats[2]]}}
+    assert tokens(engine.generate(two, greedy, use_tqdm=False)) == tokens(
+        engine.generate(two_floats, greedy, use_tqdm=False)
+    )
+
+
 def test_audio_changes_the_output(alone_outputs):
     """Different clips give different continuations: the audio reaches the decoder."""
     outputs = {tuple(o.outputs[0].token_ids) for o in alone_outputs}
@@ -131,7 +153,8 @@ BAD_INPUTS = {
     "2d_channels_first": (PROMPT, [np.stack([GOOD, GOOD])], "audio 0: expected a 1-D mono waveform, got shape (2, 16000)"),
     "2d_channels_last": (PROMPT, [np.stack([GOOD, GOOD], axis=1)], "audio 0: expected a 1-D mono waveform, got shape (16000, 2)"),
     "2d_single_channel": (PROMPT, [GOOD[None, :]], "audio 0: expected a 1-D mono waveform, got shape (1, 16000)"),
-    "int16": (PROMPT, (GOOD * 3000).astype(np.int16), "audio 0: expected float samples in [-1, 1], got dtype int16"),
+    "int32": (PROMPT, (GOOD * 3000).astype(np.int32),
+              "audio 0: expected float samples in [-1, 1] or int16 PCM, got dtype int32"),
     "more_audio_than_placeholders": (
         PROMPT, [GOOD, GOOD], "the prompt has 1 <|AUDIO|> placeholder(s) but 2 audio clip(s) were given"
     ),

@@ -88,3 +88,33 @@ def test_comparison_detects_a_wrong_front_end(front_end):
     (got,) = ours(front_end, [clip])
     power = librosa.feature.melspectrogram(y=clip, sr=SR, n_fft=512, hop_length=160, n_mels=64, fmax=8000, htk=False)
     assert np.abs(got - librosa.power_to_db(power, amin=1e-10, top_db=120.0)).max() > 1.0
+
+
+def test_int16_pcm_gives_exactly_the_features_of_its_float32_samples(front_end):
+    """16-bit PCM (int16, as the gateway passes a 16-bit 16 kHz mono file) is scaled to
+    x / 32768 inside the front end: the features equal those of the float32 samples bit
+    for bit, and match librosa."""
+    pcm = [np.round(make_clip(n, seed=30 + i).clip(-1, 1) * 32767).astype(np.int16) for i, n in enumerate([3200, 16000])]
+    floats = [(p * np.float32(2**-15)).astype(np.float32) for p in pcm]
+    for got, expected, clip in zip(ours(front_end, pcm), ours(front_end, floats), floats):
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_allclose(got, librosa_log_mel(clip), atol=1e-2)
+
+
+def test_the_processor_keeps_int16_pcm_and_converts_a_mixed_request_to_float32():
+    """vLLM's processor sends int16 clips as they are (half the bytes of float32) under
+    their own key; a request mixing int16 and float clips gets float32 for both (an
+    encoder batch holds one form)."""
+    from mdlserve.model_plugin.model import MiDashengLMMultiModalProcessor
+
+    pcm = np.array([-32768, -1, 0, 16384], dtype=np.int16)
+    floats = np.full(4000, 0.25, dtype=np.float32)
+    audio_tensors = MiDashengLMMultiModalProcessor.audio_tensors  # uses nothing of the instance
+    kept = audio_tensors(None, [np.pad(pcm, (0, 3996))])  # type: ignore[arg-type]
+    assert set(kept) == {"input_pcm16", "audio_length"}
+    assert kept["input_pcm16"][0].dtype == torch.int16 and kept["input_pcm16"][0][:4].tolist() == pcm.tolist()
+    mixed = audio_tensors(None, [np.pad(pcm, (0, 3996)), floats])  # type: ignore[arg-type]
+    assert set(mixed) == {"input_values", "audio_length"}
+    assert [t.dtype for t in mixed["input_values"]] == [torch.float32, torch.float32]
+    assert mixed["input_values"][0][:4].tolist() == [-1.0, -(2**-15), 0.0, 0.5]
+    assert mixed["audio_length"].tolist() == [4000, 4000]

@@ -48,6 +48,17 @@ def _resolve(args: argparse.Namespace, defaults: dict) -> None:
             setattr(args, key, value)
 
 
+SAMPLE_FORMATS = ("float32", "pcm16")
+
+
+def sample_formats(text: str) -> list[str]:
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(forms) - set(SAMPLE_FORMATS))
+    if not forms or unknown:
+        raise argparse.ArgumentTypeError(f"give one or more of {', '.join(SAMPLE_FORMATS)} (got {text!r})")
+    return forms
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results/<run-name>)")
     p.add_argument("--run-name", default=None, help="name under benchmarks/results/ (default: <date>-<gpu>-<mode>)")
@@ -85,6 +96,14 @@ def _add_offline_args(p: argparse.ArgumentParser, mode: str) -> None:
         type=float,
         default=None,
         help="stop starting new points after this long (split evenly between implementations)",
+    )
+    p.add_argument(
+        "--sample-formats",
+        type=sample_formats,
+        default=["float32"],
+        help="comma list: run every point once per form of the clips, float32 and/or pcm16 (the clip as "
+        "16-bit PCM: int16 for the plugin, as the gateway passes a 16-bit WAV; its float32 samples for the "
+        "built-in); default float32",
     )
     if mode != "ttft":
         p.add_argument(
@@ -170,6 +189,7 @@ def _offline_command(args: argparse.Namespace) -> None:
         batches=parse_int_list(args.batches), clip_s=args.clip_s, out_tokens=args.out_tokens,
         ttft_clip_s=parse_seconds_list(args.ttft_clips), ttft_repeats=args.ttft_repeats,
         prompt=args.prompt, seed=args.seed, profile_dir=getattr(args, "profile_dir", None),
+        sample_formats=args.sample_formats,
     )  # fmt: skip
     impls = IMPLS if mode == "compare" else [args.impl]
     out_dir = run_dir(args.out, args.run_name, mode, gpu_name_without_cuda_context())

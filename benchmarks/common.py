@@ -37,6 +37,13 @@ def make_clip(seconds: float, key: tuple[int, ...]) -> np.ndarray:
     return (tone + 0.05 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
 
 
+def series(row: dict) -> str:
+    """An offline row's series in tables and plots: its implementation, and the form of its
+    clips where that is not float32 ("plugin pcm16")."""
+    form = row.get("sample_format", "float32")
+    return row["impl"] if form == "float32" else f"{row['impl']} {form}"
+
+
 def wav_bytes(clip: np.ndarray) -> bytes:
     """16-bit PCM WAV, what HTTP clients send."""
     import soundfile

@@ -19,7 +19,9 @@
 # BATCHES (the offline batch sizes, default 512,512), PROFILE=0 (engine phase without the
 # profiled batch), RESTART=1 (gateway phase: stop and start the server once more at the
 # end, the warm start), API_PROCESSES, N_REQ, BUDGET, STARTUP_SPY, TAG (engine phase: a suffix
-# for its run's folder, so that two runs of one setting in a lease keep both).
+# for its run's folder, so that two runs of one setting in a lease keep both),
+# SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
+# float clips and with 16-bit PCM ones in turn; default float32).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -47,7 +49,7 @@ fi
 if [ "${SMOKE:-0}" = 1 ]; then
     CK=${CHECKPOINT:-$WORK/tiny}
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset tiny --out "$CK"
-    SIZE=(--smoke --batches 2,2)
+    SIZE=(--smoke --batches 2,2 --sample-formats "${SAMPLE_FORMATS:-float32}")
     TTFT=(--ttft-clips 2 --ttft-repeats 1)
     BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8; API=2
     SERVE_ENGINE=(--max-model-len 1024 --max-num-seqs 4 --enforce-eager)
@@ -56,7 +58,8 @@ else
     CK=${CHECKPOINT:-/tmp/mdl-bench-7b}
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset 7b --out "$CK"
     SIZE=(--model "$CK" --dummy --dtype bfloat16 --max-model-len 1024
-          --max-num-batched-tokens "${BATCHED_TOKENS:-16384}" --batches "${BATCHES:-512,512}")
+          --max-num-batched-tokens "${BATCHED_TOKENS:-16384}" --batches "${BATCHES:-512,512}"
+          --sample-formats "${SAMPLE_FORMATS:-float32}")
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
     BIG=512; PROCS=4; N_REQ=${N_REQ:-2048}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512 --max-queue 4096

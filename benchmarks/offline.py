@@ -23,6 +23,7 @@ Definitions:
   a lone request waits on is known without a profiler.
 """
 
+import itertools
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .common import make_clip, percentile, runtime_versions, write_json
 
@@ -76,6 +79,10 @@ class OfflineWorkload:
     seed: int
     deadline: float | None = None  # unix time after which no new point starts
     profile_dir: str | None = None  # profile a largest batch and a TTFT request (vLLM's torch profiler)
+    # Each point runs once per form: "float32" clips, or "pcm16" (the clip as 16-bit PCM:
+    # int16 for our plugin, as the gateway passes a 16-bit WAV; its float32 samples for
+    # the built-in, which takes floats only).
+    sample_formats: list[str] = field(default_factory=lambda: ["float32"])
 
     @classmethod
     def from_json(cls, data: dict) -> "OfflineWorkload":
@@ -211,9 +218,17 @@ class OfflineRunner:
         self.save()
         return llm
 
-    def prompts(self, seconds: float, keys: list[tuple[int, ...]]) -> list[dict]:
-        return [{"prompt": self.prompt_text, "multi_modal_data": {"audio": make_clip(seconds, (self.work.seed, *k))}}
+    def prompts(self, seconds: float, keys: list[tuple[int, ...]], sample_format: str = "float32") -> list[dict]:
+        return [{"prompt": self.prompt_text,
+                 "multi_modal_data": {"audio": self.clip(seconds, (self.work.seed, *k), sample_format)}}
                 for k in keys]  # fmt: skip
+
+    def clip(self, seconds: float, key: tuple[int, ...], sample_format: str) -> np.ndarray:
+        clip = make_clip(seconds, key)
+        if sample_format == "float32":
+            return clip
+        pcm = np.round(np.clip(clip, -1.0, 1.0) * 32767).astype(np.int16)
+        return pcm if self.work.impl == "plugin" else (pcm * np.float32(2**-15)).astype(np.float32)
 
     @staticmethod
     def sampling(out_tokens: int):
@@ -238,19 +253,21 @@ class OfflineRunner:
         self.result["warmup_s"] = time.perf_counter() - start
 
     def measure_ttft(self, llm) -> None:
-        for seconds in self.work.ttft_clip_s:
+        for seconds, (form, sample_format) in itertools.product(
+            self.work.ttft_clip_s, enumerate(self.work.sample_formats)
+        ):
             if self.out_of_time():
-                self.skip("ttft", {"clip_s": seconds})
+                self.skip("ttft", {"clip_s": seconds, "sample_format": sample_format})
                 continue
             samples = []
             for rep in range(self.work.ttft_repeats + 1):  # repetition 0 warms this length up
-                key = (TTFT_KEY, int(seconds * 1000), rep)
+                key = (TTFT_KEY, int(seconds * 1000), form, rep)
                 start = time.perf_counter()
-                (out,) = llm.generate(self.prompts(seconds, [key]), self.sampling(1), use_tqdm=False)
+                (out,) = llm.generate(self.prompts(seconds, [key], sample_format), self.sampling(1), use_tqdm=False)
                 wall_ms = (time.perf_counter() - start) * 1000
                 metric = getattr(out.metrics, "first_token_latency", None)
-                row = {"kind": "ttft", "impl": self.work.impl, "clip_s": seconds, "repeat": rep,
-                       "warmup": rep == 0, "prompt_tokens": len(out.prompt_token_ids),
+                row = {"kind": "ttft", "impl": self.work.impl, "sample_format": sample_format, "clip_s": seconds,
+                       "repeat": rep, "warmup": rep == 0, "prompt_tokens": len(out.prompt_token_ids),
                        "ttft_ms": metric * 1000 if metric else wall_ms, "wall_ms": wall_ms,
                        "ttft_source": "engine_metrics" if metric else "wall",
                        **ttft_parts(out.metrics)}  # fmt: skip
@@ -259,7 +276,8 @@ class OfflineRunner:
                     samples.append(row)
             ttfts = [r["ttft_ms"] for r in samples]
             self.result["ttft"].append({
-                "impl": self.work.impl, "via": "engine", "clip_s": seconds, "n": len(ttfts),
+                "impl": self.work.impl, "sample_format": sample_format, "via": "engine", "clip_s": seconds,
+                "n": len(ttfts),
                 "median_ms": percentile(ttfts, 50), "p90_ms": percentile(ttfts, 90),
                 "wall_median_ms": percentile([r["wall_ms"] for r in samples], 50),
                 **{f"{part}_median_ms": percentile([r[f"{part}_ms"] for r in samples if f"{part}_ms" in r], 50)
@@ -267,19 +285,21 @@ class OfflineRunner:
                 "prompt_tokens": samples[0]["prompt_tokens"] if samples else None,
                 "ttft_source": samples[0]["ttft_source"] if samples else None,
             })  # fmt: skip
-            self.log(f"ttft {seconds:g} s: median {self.result['ttft'][-1]['median_ms']:.1f} ms")
+            self.log(f"ttft {seconds:g} s {sample_format}: median {self.result['ttft'][-1]['median_ms']:.1f} ms")
             self.save()
 
     def measure_throughput(self, llm) -> None:
         clip_s, out_tokens = self.work.clip_s, self.work.out_tokens
         samples_per_s = None
-        for point, batch in enumerate(self.work.batches):
+        points = itertools.product(enumerate(self.work.batches), enumerate(self.work.sample_formats))
+        for (point, batch), (form, sample_format) in points:
             estimate = batch / samples_per_s if samples_per_s else 0.0
             if self.out_of_time(estimate):
-                self.skip("throughput", {"batch": batch})
+                self.skip("throughput", {"batch": batch, "sample_format": sample_format})
                 continue
             # the point's index is in the key: a batch size listed twice gets fresh clips
-            prompts = self.prompts(clip_s, [(THROUGHPUT_KEY, point, batch, i) for i in range(batch)])
+            keys: list[tuple[int, ...]] = [(THROUGHPUT_KEY, point, form, batch, i) for i in range(batch)]
+            prompts = self.prompts(clip_s, keys, sample_format)
             start = time.perf_counter()
             outs = llm.generate(prompts, self.sampling(out_tokens), use_tqdm=False)
             wall = time.perf_counter() - start
@@ -294,12 +314,13 @@ class OfflineRunner:
                     "ttft_ms": first * 1000 if first else None,
                 })  # fmt: skip
             self.result["throughput"].append({
-                "impl": self.work.impl, "via": "engine", "batch": batch, "clip_s": clip_s,
+                "impl": self.work.impl, "sample_format": sample_format, "via": "engine", "batch": batch,
+                "clip_s": clip_s,
                 "out_tokens_per_clip": out_tokens, "samples_per_s": samples_per_s, "wall_s": wall,
                 "output_tokens": sum(produced), "output_tokens_per_s": sum(produced) / wall,
                 "prompt_tokens_per_clip": sum(len(o.prompt_token_ids) for o in outs) / batch,
             })  # fmt: skip
-            self.log(f"batch {batch}: {samples_per_s:.2f} samples/s ({wall:.1f} s)")
+            self.log(f"batch {batch} {sample_format}: {samples_per_s:.2f} samples/s ({wall:.1f} s)")
             self.save()
 
     def profile(self, llm) -> None:

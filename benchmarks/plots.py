@@ -9,6 +9,7 @@ loop) and vs request rate (open loop). loadtest_drift.png: latency and error rat
 from pathlib import Path
 
 from . import reference
+from .common import series
 
 COLORS = {"plugin": "tab:blue", "builtin": "tab:orange"}
 PERCENTILES = [("median", "p50"), ("p90", "p90"), ("p99", "p99")]
@@ -26,7 +27,7 @@ def _pyplot():
 def _by_impl(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(r["impl"], []).append(r)
+        out.setdefault(series(r), []).append(r)
     return out
 
 

@@ -3,6 +3,7 @@
 import json
 
 from . import reference
+from .common import series
 from .offline import TTFT_PARTS
 
 IMPL_ORDER = ["plugin", "builtin"]
@@ -23,7 +24,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _impls(rows: list[dict]) -> list[str]:
-    present = {r["impl"] for r in rows}
+    present = {series(r) for r in rows}
     return [i for i in IMPL_ORDER if i in present] + sorted(present - set(IMPL_ORDER))
 
 
@@ -32,7 +33,7 @@ def throughput_table(summary: dict) -> str:
     if not rows:
         return ""
     impls = _impls(rows)
-    value = {(r["impl"], r["batch"]): r for r in rows}
+    value = {(series(r), r["batch"]): r for r in rows}
     header = ["batch"] + [f"{i} samples/s" for i in impls] + [f"{i} out tok/s" for i in impls]
     if len(impls) == 2:
         header.append(f"{impls[0]}/{impls[1]}")
@@ -55,7 +56,7 @@ def ttft_table(summary: dict) -> str:
     if not rows:
         return ""
     impls = _impls(rows)
-    value = {(r["impl"], r["clip_s"]): r for r in rows}
+    value = {(series(r), r["clip_s"]): r for r in rows}
     header = ["clip s"] + [f"{i} {p} ms" for i in impls for p in ("median", "p90")]
     if len(impls) == 2:
         header.append(f"{impls[1]}/{impls[0]} median")

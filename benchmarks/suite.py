@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .common import base_summary, write_results
+from .common import base_summary, series, write_results
 from .offline import OfflineWorkload, worker_env
 
 # Seconds a worker may run past its deadline (finishing a point, shutting down) before it is killed.
@@ -175,12 +175,12 @@ def run_offline_suite(mode: str, impls: list[str], template: OfflineWorkload, ou
 def speedups(summary: dict) -> list[dict]:
     """Plugin over built-in per matching row; above 1 means the plugin is faster."""
     out = []
-    by_batch = {(r["impl"], r["batch"]): r["samples_per_s"] for r in summary["throughput"]}
+    by_batch = {(series(r), r["batch"]): r["samples_per_s"] for r in summary["throughput"]}
     for batch in sorted({b for _, b in by_batch}):
         ours, theirs = by_batch.get(("plugin", batch)), by_batch.get(("builtin", batch))
         out.append({"metric": "samples_per_s", "batch": batch, "plugin": ours, "builtin": theirs,
                     "speedup": ours / theirs if ours and theirs else None})  # fmt: skip
-    by_clip = {(r["impl"], r["clip_s"]): r["median_ms"] for r in summary["ttft"]}
+    by_clip = {(series(r), r["clip_s"]): r["median_ms"] for r in summary["ttft"]}
     for clip_s in sorted({c for _, c in by_clip}):
         ours, theirs = by_clip.get(("plugin", clip_s)), by_clip.get(("builtin", clip_s))
         out.append({"metric": "ttft_median_ms", "clip_s": clip_s, "plugin": ours, "builtin": theirs,

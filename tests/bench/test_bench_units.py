@@ -199,12 +199,48 @@ def test_time_budget_skips_points_that_would_not_fit(tmp_path):
     assert [r["batch"] for r in runner.result["throughput"]] == [1]
     assert runner.result["throughput"][0]["output_tokens"] == 3
     assert runner.result["errors"] == [{"impl": "plugin", "stage": "throughput", "batch": 512,
-                                        "error": "skipped: time budget"}]  # fmt: skip
+                                        "sample_format": "float32", "error": "skipped: time budget"}]  # fmt: skip
     (row,) = runner.result["ttft"]
     assert row["n"] == 1 and row["median_ms"] == 10.0 and row["ttft_source"] == "engine_metrics"
     work.deadline = time.time() - 1
     runner.measure_ttft(_FakeLLM())
     assert runner.result["errors"][-1]["stage"] == "ttft" and len(runner.result["ttft"]) == 1
+
+
+@pytest.mark.parametrize("impl", ["plugin", "builtin"])
+def test_each_point_runs_once_per_sample_format_with_fresh_clips(tmp_path, impl):
+    """pcm16: the clip as 16-bit PCM, int16 for the plugin and its float32 samples for the
+    built-in; every row says its form, and the tables give each form its own column."""
+    from mdlserve.benchmarks.offline import OfflineRunner
+    from mdlserve.benchmarks.report import offline_tables
+
+    class RecordingLLM(_FakeLLM):
+        clips: list = []
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.clips += [p["multi_modal_data"]["audio"] for p in prompts]
+            return super().generate(prompts, params, use_tqdm)
+
+    work = OfflineWorkload(impl=impl, model="m", load_format="auto", engine=EngineOptions(), batches=[2],
+                           clip_s=0.5, out_tokens=3, ttft_clip_s=[0.5], ttft_repeats=1, prompt="p", seed=0,
+                           sample_formats=["float32", "pcm16"])  # fmt: skip
+    runner = OfflineRunner(work, tmp_path / "result.json")
+    runner.prompt_text = "p"
+    llm = RecordingLLM()
+    runner.measure_ttft(llm)
+    runner.measure_throughput(llm)
+    assert [r["sample_format"] for r in runner.result["throughput"]] == ["float32", "pcm16"]
+    assert [r["sample_format"] for r in runner.result["ttft"]] == ["float32", "pcm16"]
+    # TTFT: a warm-up and one repeat per form; then 2 clips per form: all different.
+    float_ttft, _, pcm_ttft, _, float_batch, _, pcm_batch, _ = llm.clips
+    assert len({c.tobytes() for c in llm.clips}) == 8
+    assert float_batch.dtype == np.float32
+    assert pcm_batch.dtype == (np.int16 if impl == "plugin" else np.float32)
+    samples = pcm_batch * np.float32(2**-15) if impl == "plugin" else pcm_batch
+    assert np.array_equal(samples * 32768, np.round(samples * 32768)) and np.abs(samples).max() <= 1
+    tables = offline_tables({"throughput": runner.result["throughput"], "ttft": runner.result["ttft"]})
+    assert f"{impl} samples/s" in tables and f"{impl} pcm16 samples/s" in tables
+    assert f"{impl} median ms" in tables and f"{impl} pcm16 median ms" in tables
 
 
 def test_warm_up_runs_one_clip_a_small_batch_and_the_largest_batch(tmp_path):

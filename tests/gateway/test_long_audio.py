@@ -129,7 +129,8 @@ def stepped_flac(seconds: float) -> bytes:
 
 
 def window_of(request: PreparedRequest) -> int:
-    return round(float(np.abs(request.clips[0]).max()) / 0.01) - 1
+    clip = request.clips[0]  # 16-bit FLAC at 16 kHz mono: int16 PCM
+    return round(float(np.abs(clip.astype(np.float32) * 2**-15).max()) / 0.01) - 1
 
 
 class EngineLog:

@@ -21,7 +21,8 @@
 # end, the warm start), API_PROCESSES, N_REQ, BUDGET, STARTUP_SPY, TAG (engine phase: a suffix
 # for its run's folder, so that two runs of one setting in a lease keep both),
 # SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
-# float clips and with 16-bit PCM ones in turn; default float32).
+# float clips and with 16-bit PCM ones in turn; default float32), C1=1 (gateway phase:
+# streaming TTFT at c=1 first).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -186,6 +187,8 @@ gateway)
     # gateway, the before row of the same lease).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=api$API start_server --api-processes $API
+    # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
+    [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
     stop_server
     pack

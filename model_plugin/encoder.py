@@ -26,9 +26,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import QuantizationConfig
 
 from .config import DashengConfig
-
-# int16 PCM -> float32 samples in [-1, 1): x * 2**-15 is exact in float32.
-PCM16_SCALE = 2.0**-15
+from .processing import PCM16_SCALE
 
 
 def as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -144,7 +142,7 @@ class LogMelFrontEnd(nn.Module):
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
         # waveforms: (total_samples,) float32 or int16, clips end to end -> (clips, mels, max_frames) dB
         pad = self.n_fft // 2
-        samples = waveforms.float() * PCM16_SCALE if waveforms.dtype == torch.int16 else waveforms.float()
+        samples = waveforms.float() * float(PCM16_SCALE) if waveforms.dtype == torch.int16 else waveforms.float()
         clips = torch.split(samples, num_samples)
         lengths = to_device(num_samples, waveforms.device)
         # Buffers follow the model dtype when vLLM casts the model; the front end stays fp32.

@@ -39,12 +39,13 @@ from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from .compat import AudioTensorsProcessor
-from .encoder import PCM16_SCALE, DashengEncoder, as_pair, to_device
+from .encoder import DashengEncoder, as_pair, to_device
 from .processing import (
     AUDIO_TOKEN,
     HOP_LENGTH,
     MIN_AUDIO_SAMPLES,
     PATCH_FRAMES,
+    PCM16_SCALE,
     SAMPLE_RATE,
     SUBSAMPLE_FACTOR,
     num_audio_tokens,
@@ -228,8 +229,9 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         pcm16 = all(a.dtype == np.int16 for a in arrays)
         clips = []
         for samples in arrays:
-            if not pcm16:
-                samples = samples * PCM16_SCALE if samples.dtype == np.int16 else samples
+            if samples.dtype == np.int16 and not pcm16:
+                samples = samples * PCM16_SCALE  # float32
+            elif not pcm16:
                 samples = np.asarray(samples, dtype=np.float32)
             clip = torch.from_numpy(samples)
             if clip.shape[0] < MIN_AUDIO_SAMPLES:
@@ -363,15 +365,11 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         self.make_empty_intermediate_tensors = self.decoder.make_empty_intermediate_tensors  # type: ignore[method-assign]
 
     def _parse_and_validate_audio_input(self, **kwargs: object) -> MiDashengLMAudioInputs | None:
-        # One form per call: vLLM batches only items with the same keys.
-        input_values = kwargs.pop("input_values", None)
-        pcm16 = kwargs.pop("input_pcm16", None)
-        if input_values is None:
-            input_values = pcm16
-        elif pcm16 is not None:
-            raise ValueError("an encoder batch mixes float32 and int16 waveforms")
-        if input_values is None:
+        waveforms = [w for w in (kwargs.pop("input_values", None), kwargs.pop("input_pcm16", None)) if w is not None]
+        if not waveforms:
             return None
+        assert len(waveforms) == 1, "vLLM batches only items with the same keys: one form per call"
+        (input_values,) = waveforms
         # Clips of different lengths arrive as a list; equal-length ones stacked (n, s).
         if isinstance(input_values, list):
             input_values = torch.cat(input_values)

@@ -18,6 +18,9 @@ HOP_LENGTH = 160
 PATCH_FRAMES = 4
 SUBSAMPLE_FACTOR = 5
 MIN_AUDIO_SAMPLES = 3200
+# 16-bit PCM (int16) -> float32 samples in [-1, 1): x * 2**-15, exact in float32 and what
+# libsndfile's own int16 -> float conversion gives.
+PCM16_SCALE = np.float32(2**-15)
 # The placeholder the chat template puts in the prompt once per clip; the engine expands
 # each into the clip's audio tokens, so a prompt must hold exactly one per clip.
 AUDIO_TOKEN = "<|AUDIO|>"

@@ -18,7 +18,7 @@ import pybase64
 import soundfile
 import soxr
 
-from mdlserve.model_plugin.processing import SAMPLE_RATE, sample_range_problem
+from mdlserve.model_plugin.processing import PCM16_SCALE, SAMPLE_RATE, sample_range_problem
 
 
 class AudioDecodeError(ValueError):
@@ -38,10 +38,6 @@ MAX_SAMPLE_RATE = 768_000
 MAX_CHANNELS = 64
 # Samples (frames x channels) per decoded block: bounds the memory of one block.
 BLOCK_SAMPLES = 1 << 17
-# libsndfile's int16 -> float conversion takes longer than the rest of the decode; for
-# 16-bit PCM (most uploads) the integers are read and scaled here instead, which gives
-# the same samples bit for bit (x * 2**-15 is exact).
-INT16_SCALE = np.float32(1 / 32768)
 
 
 def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
@@ -119,6 +115,9 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> np.ndarray
             # The header says how long it is: refused before decoding anything. (A header
             # may also lie; the frame count below stops the decode either way.)
             raise _too_long(max_seconds)
+        # 16-bit PCM (most uploads) is read as integers: libsndfile's int16 -> float
+        # conversion takes longer than the rest of the decode, and x * 2**-15 gives its
+        # samples bit for bit. At 16 kHz mono the integers are the result as they are.
         pcm16 = f.subtype == "PCM_16"
         keep_pcm16 = pcm16 and rate == SAMPLE_RATE and f.channels == 1
         blocksize = max(1, BLOCK_SAMPLES // f.channels)
@@ -130,7 +129,7 @@ def _decode_with_soundfile(data: bytes, max_seconds: float | None) -> np.ndarray
             if keep_pcm16:
                 out.add(block[:, 0])
             else:
-                out.add(_mix_down(block.astype(np.float32)) * INT16_SCALE if pcm16 else _mix_down(block))
+                out.add(_mix_down(block.astype(np.float32)) * PCM16_SCALE if pcm16 else _mix_down(block))
     return out.result()
 
 

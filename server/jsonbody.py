@@ -31,7 +31,7 @@ MAX_JSON_ELEMENTS = 100_000
 INLINE_PARSE_BYTES = 256 << 10
 
 
-class JsonRefused(StarletteHTTPException):
+class BodyRefused(StarletteHTTPException):
     """A 400 raised while FastAPI reads the body: an HTTPException passes through its body
     parsing (anything else would become its generic 'error parsing the body')."""
 
@@ -62,15 +62,15 @@ def loads_bounded(raw: bytes | str, what: str = "the request body") -> object:
     json.JSONDecodeError, which the callers (and FastAPI) answer as invalid JSON."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if count_elements(data, stop_above=MAX_JSON_ELEMENTS) > MAX_JSON_ELEMENTS:
-        raise JsonRefused(f"{what} has too many JSON elements (over {MAX_JSON_ELEMENTS})")
+        raise BodyRefused(f"{what} has too many JSON elements (over {MAX_JSON_ELEMENTS})")
     try:
         return pydantic_core.from_json(data)
     except ValueError as exc:
         message = str(exc)
         if message.startswith("recursion limit exceeded"):
-            raise JsonRefused(f"{what} is nested too deeply") from None
+            raise BodyRefused(f"{what} is nested too deeply") from None
         if any(word in message for word in ("surrogate", "unicode", "hex escape")):
-            raise JsonRefused(f"{what} is not valid Unicode ({message})") from None
+            raise BodyRefused(f"{what} is not valid Unicode ({message})") from None
         raise json.JSONDecodeError(message, data.decode("utf-8", "replace"), 0) from None
 
 

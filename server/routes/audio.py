@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request, problems_message, validation_problems
+from mdlserve.server.formbody import CheckedFormRoute
 from mdlserve.server.jsonbody import loads_bounded
 from mdlserve.server.request import AudioSource
 from mdlserve.server.routes import AUDIO_ANALYSIS, AUDIO_CHAT
@@ -16,7 +17,7 @@ from mdlserve.server.routes.chat import CHAT_RESPONSES, answer_chat, check_model
 from mdlserve.server.schemas import AudioChatForm, ChatCompletionResponse, ChatMessage, ChatMessages, SpeechForm
 from mdlserve.server.tasks import TaskPromptError, task_instruction
 
-router = APIRouter(dependencies=[Depends(single_valued_form)])
+router = APIRouter(route_class=CheckedFormRoute, dependencies=[Depends(single_valued_form)])
 
 
 def form_messages(raw: str) -> list[ChatMessage]:

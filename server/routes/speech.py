@@ -24,6 +24,7 @@ from mdlserve.model_plugin.processing import SAMPLE_RATE
 from mdlserve.server.admission import Ticket, request_weight
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request
+from mdlserve.server.formbody import CheckedFormRoute
 from mdlserve.server.request import AudioSource
 from mdlserve.server.routes import TRANSCRIPTIONS, TRANSLATIONS
 from mdlserve.server.routes.audio import uploaded
@@ -43,7 +44,7 @@ from mdlserve.server.session import Run, SSEResponse, sse_event
 from mdlserve.server.tasks import TRANSLATION_PROMPT, asr_instruction
 from mdlserve.server.transcripts import WINDOW_SECONDS, Segment, Window, joined, srt, vtt, windows
 
-router = APIRouter(dependencies=[Depends(single_valued_form)])
+router = APIRouter(route_class=CheckedFormRoute, dependencies=[Depends(single_valued_form)])
 
 # What the endpoints answer besides JSON, for the OpenAPI document.
 SPEECH_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -30,6 +30,17 @@ def transcribe(data=None, files=True, **form):
              "files": {"file": ("clip.wav", WAV if data is None else data)} if files else None})
 
 
+def raw_form(body: bytes, path: str = "/v1/audio/transcriptions"):
+    return ("POST", path, {"content": body, "headers": {"content-type": "multipart/form-data; boundary=b"}})
+
+
+# A transcription form written out by hand: the model field, the file, the closing boundary.
+FORM = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.encode() + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
+        b"Content-Type: audio/wav\r\n\r\n" + WAV + b"\r\n--b--\r\n")  # fmt: skip
+CUT_SHORT = "the multipart/form-data body ends before its closing boundary (--b--): it was cut short"
+
+
 def audio_chat(**form):
     return ("POST", "/v1/audio/chat", {"data": form, "files": {"file": ("clip.wav", WAV)}})
 
@@ -114,6 +125,9 @@ CASES = {
         ("POST", "/v1/audio/transcriptions", {"content": b"--b\r\n\r\n", "headers": {"content-type": "multipart/form-data"}}),
         400, "the Content-Type multipart/form-data needs its boundary parameter"),
     "transcription without model": (transcribe(model=None), 400, "model: Field required"),
+    "transcription cut in the file": (raw_form(FORM[: len(FORM) // 2]), 400, CUT_SHORT),
+    "transcription cut before the closing boundary": (raw_form(FORM[: -len(b"--\r\n")]), 400, CUT_SHORT),
+    "audio analysis cut in the file": (raw_form(FORM[:-100], "/v1/audio/analysis"), 400, CUT_SHORT),
     "transcription bad response_format": (transcribe(response_format="xml"), 400, "response_format"),
     "transcription of a text file": (transcribe(data=b"hello, this is not audio at all" * 10), 400,
                                      "could not decode audio"),
@@ -246,6 +260,14 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"], error
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
+
+
+def test_the_hand_written_form_is_answered_whole(client):
+    """The control for the cut-short cases: the same bytes with their closing boundary."""
+    method, path, kwargs = raw_form(FORM)
+    response = client.request(method, path, **kwargs)
+    assert response.status_code == 200, response.text
+    assert isinstance(response.json()["text"], str)
 
 
 def test_form_fields_that_are_lists_may_repeat(client):

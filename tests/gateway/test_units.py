@@ -372,3 +372,35 @@ def test_engine_config_applies_the_host_thread_rule_for_its_device_before_any_en
     monkeypatch.setattr(model, "limit_host_threads", devices.append)
     config = engine_config(Settings(model=tiny_checkpoint, enforce_eager=True, kv_cache_bytes=1 << 30))
     assert devices == [config.device_config.device_type] == ["cpu"]
+
+
+def _read_form_body(chunks: list[bytes], boundary: bytes = b"xyz") -> bytes:
+    from mdlserve.server.formbody import CheckedFormRequest
+
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def read() -> bytes:
+        scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary)]}  # fmt: skip
+        return b"".join([chunk async for chunk in CheckedFormRequest(scope, receive).stream()])
+
+    return asyncio.run(read())
+
+
+def test_a_multipart_body_needs_its_closing_boundary_in_whatever_chunks_it_arrives():
+    """The closing delimiter is found however the body is split into received chunks (one
+    byte at a time included); a body that ends without it is refused by name."""
+    from mdlserve.server.jsonbody import BodyRefused
+
+    body = b'--xyz\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--xyz--\r\n'
+    for size in range(1, len(body) + 1):
+        assert _read_form_body([body[i : i + size] for i in range(0, len(body), size)]) == body
+    for cut in (len(body) - 4, len(body) - 3, 20):  # "...--xyz", "...--xyz-", inside the part
+        with pytest.raises(BodyRefused, match=r"ends before its closing boundary \(--xyz--\): it was cut short"):
+            _read_form_body([body[:cut][i : i + 7] for i in range(0, cut, 7)])
+    # An opening or inner delimiter (--xyz) is not the closing one (--xyz--).
+    with pytest.raises(BodyRefused):
+        _read_form_body([b"--xyz\r\n\r\n1\r\n--xyz\r\n"])

@@ -1,0 +1,60 @@
+"""Multipart bodies checked for their closing boundary.
+
+python-multipart parses a body that stops before its closing delimiter (`--BOUNDARY--`)
+without complaint: the part it was cut in is dropped, and the request then failed as
+"file: Field required", which sent the client looking at its form instead of at a body cut
+short (a client that stopped sending mid-file, a proxy that truncated it). The routes'
+request watches the body go by for the closing delimiter and refuses it by name when the
+body ends without one. A delimiter split across two received chunks is found too.
+"""
+
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.formparsers import parse_options_header
+
+from mdlserve.server.jsonbody import BodyRefused
+
+
+def close_delimiter(headers: Headers) -> bytes | None:
+    """`--BOUNDARY--` of a multipart/form-data body, or None for any other body."""
+    content_type, params = parse_options_header(headers.get("content-type") or "")
+    boundary = params.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        return None
+    return b"--" + boundary + b"--"
+
+
+class CheckedFormRequest(Request):
+    async def stream(self) -> AsyncGenerator[bytes, None]:
+        delimiter = close_delimiter(self.headers)
+        if delimiter is None:
+            async for chunk in super().stream():
+                yield chunk
+            return
+        closed, tail = False, b""
+        async for chunk in super().stream():
+            if not closed and chunk:
+                window = tail + chunk
+                closed = delimiter in window
+                tail = window[-(len(delimiter) - 1) :]
+            yield chunk
+        if not closed:
+            raise BodyRefused(
+                f"the multipart/form-data body ends before its closing boundary ({delimiter.decode('latin-1')}): "
+                "it was cut short"
+            )
+
+
+class CheckedFormRoute(APIRoute):
+    """An APIRoute whose handler reads multipart bodies through `CheckedFormRequest`."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            return await handler(CheckedFormRequest(request.scope, request.receive))
+
+        return checked

@@ -11,11 +11,10 @@ body ends without one. A delimiter split across two received chunks is found too
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
-from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.formparsers import parse_options_header
 
-from mdlserve.server.jsonbody import BodyRefused
+from mdlserve.server.jsonbody import BodyRefused, route_reading_with
 
 
 def close_delimiter(headers: Headers) -> bytes | None:
@@ -48,13 +47,5 @@ class CheckedFormRequest(Request):
             )
 
 
-class CheckedFormRoute(APIRoute):
-    """An APIRoute whose handler reads multipart bodies through `CheckedFormRequest`."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def checked(request: Request):
-            return await handler(CheckedFormRequest(request.scope, request.receive))
-
-        return checked
+# Routes whose multipart bodies must carry their closing boundary.
+CheckedFormRoute = route_reading_with(CheckedFormRequest)

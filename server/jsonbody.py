@@ -93,13 +93,21 @@ class BoundedJsonRequest(Request):
         return self._json
 
 
-class BoundedJsonRoute(APIRoute):
-    """An APIRoute whose handler parses its JSON body with `loads_bounded`."""
+def route_reading_with(request_class: type[Request]) -> type[APIRoute]:
+    """An APIRoute class whose handlers see each request as `request_class`, so FastAPI's own
+    body parsing goes through that class's checks."""
 
-    def get_route_handler(self):
-        handler = super().get_route_handler()
+    class CheckedRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
 
-        async def bounded(request: Request):
-            return await handler(BoundedJsonRequest(request.scope, request.receive))
+            async def checked(request: Request):
+                return await handler(request_class(request.scope, request.receive))
 
-        return bounded
+            return checked
+
+    return CheckedRoute
+
+
+# Routes whose JSON bodies are parsed with `loads_bounded`.
+BoundedJsonRoute = route_reading_with(BoundedJsonRequest)

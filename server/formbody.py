@@ -41,9 +41,10 @@ class CheckedFormRequest(Request):
                 tail = window[-(len(delimiter) - 1) :]
             yield chunk
         if not closed:
+            shown = delimiter.decode("latin-1")
+            shown = shown if len(shown) <= 74 else f"{shown[:72]}...--"  # boundaries: at most 70 (RFC 2046)
             raise BodyRefused(
-                f"the multipart/form-data body ends before its closing boundary ({delimiter.decode('latin-1')}): "
-                "it was cut short"
+                f"the multipart/form-data body ends before its closing boundary ({shown}): it was cut short"
             )
 
 

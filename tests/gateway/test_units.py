@@ -404,3 +404,13 @@ def test_a_multipart_body_needs_its_closing_boundary_in_whatever_chunks_it_arriv
     # An opening or inner delimiter (--xyz) is not the closing one (--xyz--).
     with pytest.raises(BodyRefused):
         _read_form_body([b"--xyz\r\n\r\n1\r\n--xyz\r\n"])
+
+
+def test_a_cut_short_body_names_a_long_boundary_shortened():
+    from mdlserve.server.jsonbody import BodyRefused
+
+    with pytest.raises(BodyRefused) as refused:
+        _read_form_body([b"--" + b"q" * 5000 + b"\r\n"], boundary=b"q" * 5000)
+    assert refused.value.detail == (
+        f"the multipart/form-data body ends before its closing boundary (--{'q' * 70}...--): it was cut short"
+    )

@@ -2,7 +2,8 @@
 
 Each request is POST /v1/chat/completions with an `input_audio` part (base64 WAV) and a
 text part. Streaming requests are read as SSE: TTFT is the time to the first chunk with
-content, ITL the gaps between content chunks, TPOT = (E2E - TTFT) / (tokens - 1), with
+content (first_token_ms: to the first token's chunk, content or not), ITL the gaps between
+content chunks, TPOT = (E2E - TTFT) / (tokens - 1), with
 tokens from the final `usage` chunk. Clips are generated per request (seeded) or read
 from a directory and dithered per request, so the server never sees the same audio
 twice and its caches cannot skip the encoder. The audio is built in a worker thread
@@ -58,6 +59,9 @@ class RequestResult:
     prompt_kind: str
     e2e_ms: float | None = None
     ttft_ms: float | None = None
+    # The first token's chunk, text or not: a token may hold only part of a UTF-8 character
+    # (random weights emit many), so its chunk has no content and TTFT counts a later token.
+    first_token_ms: float | None = None
     itl_ms: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
@@ -74,7 +78,8 @@ class RequestResult:
         return {"key": list(self.key), "start_s": self.start_s, "end_s": self.end_s, "status": self.status,
                 "ok": self.ok, "clip_s": self.clip_s,
                 "stream": self.stream, "prompt_kind": self.prompt_kind, "e2e_ms": self.e2e_ms,
-                "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "itl_ms": self.itl_ms,
+                "ttft_ms": self.ttft_ms, "first_token_ms": self.first_token_ms, "tpot_ms": self.tpot_ms,
+                "itl_ms": self.itl_ms,
                 "output_tokens": self.output_tokens, "error": self.error}  # fmt: skip
 
 
@@ -231,7 +236,10 @@ class ChatClient:
                 return
             if chunk.get("usage"):
                 result.output_tokens = chunk["usage"].get("completion_tokens", 0)
-            if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
+            deltas = [c.get("delta") or {} for c in chunk.get("choices") or []]
+            if result.first_token_ms is None and any("role" not in d for d in deltas):
+                result.first_token_ms = (time.perf_counter() - start) * 1000
+            if any(d.get("content") for d in deltas):
                 now = time.perf_counter()
                 if last is None:
                     result.ttft_ms = (now - start) * 1000
@@ -256,6 +264,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "request_throughput": len(ok) / duration_s,
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration_s,
         "ttft_ms": latency_stats([r.ttft_ms for r in ok]),
+        "first_token_ms": latency_stats([r.first_token_ms for r in ok]),
         "tpot_ms": latency_stats([r.tpot_ms for r in ok]),
         "itl_ms": latency_stats([x for r in ok for x in r.itl_ms]),
         "e2e_ms": latency_stats([r.e2e_ms for r in ok]),

@@ -88,7 +88,8 @@ def serve_table(summary: dict) -> str:
         return ""
     header = ["mode", "level", "procs", "requests", "ok", "errors", "window s", "req/s", "total req/s",
               "steady req/s", "Little req/s", "client in flight", "out tok/s",
-              "TTFT p50/p90/p99 ms", "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms", "gateway in flight",
+              "TTFT p50/p90/p99 ms", "first token p50 ms", "TPOT p50 ms", "ITL p50 ms", "E2E p50/p90/p99 ms",
+              "gateway in flight",
               "engine running", "engine waiting", "gateway → engine / TTFT ms", "loadgen cores",
               "API ms/req (+children)"]  # fmt: skip
     table = []
@@ -101,7 +102,8 @@ def serve_table(summary: dict) -> str:
                       r.get("window_s"), r["request_throughput"], r.get("total_request_throughput"),
                       r.get("steady_request_throughput"), r.get("littles_law_throughput"), r.get("mean_in_flight"),
                       r["output_tokens_per_s"],
-                      _pcts(r["ttft_ms"]), r["tpot_ms"]["median"], r["itl_ms"]["median"], _pcts(r["e2e_ms"]),
+                      _pcts(r["ttft_ms"]), (r.get("first_token_ms") or {}).get("median"), r["tpot_ms"]["median"],
+                      r["itl_ms"]["median"], _pcts(r["e2e_ms"]),
                       _gauge(gauges, "mdl_clips_in_flight"),
                       _gauge(gauges, "vllm:num_requests_running", "mdl_engine_running_requests"),
                       _gauge(gauges, "vllm:num_requests_waiting", "mdl_engine_waiting_requests"),

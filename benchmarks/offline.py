@@ -227,8 +227,10 @@ class OfflineRunner:
         clip = make_clip(seconds, key)
         if sample_format == "float32":
             return clip
+        from mdlserve.model_plugin.processing import float_samples  # transformers: only in the worker
+
         pcm = np.round(np.clip(clip, -1.0, 1.0) * 32767).astype(np.int16)
-        return pcm if self.work.impl == "plugin" else (pcm * np.float32(2**-15)).astype(np.float32)
+        return pcm if self.work.impl == "plugin" else float_samples(pcm)
 
     @staticmethod
     def sampling(out_tokens: int):

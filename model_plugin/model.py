@@ -45,9 +45,9 @@ from .processing import (
     HOP_LENGTH,
     MIN_AUDIO_SAMPLES,
     PATCH_FRAMES,
-    PCM16_SCALE,
     SAMPLE_RATE,
     SUBSAMPLE_FACTOR,
+    float_samples,
     num_audio_tokens,
     sample_range_problem,
 )
@@ -229,11 +229,7 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         pcm16 = all(a.dtype == np.int16 for a in arrays)
         clips = []
         for samples in arrays:
-            if samples.dtype == np.int16 and not pcm16:
-                samples = samples * PCM16_SCALE  # float32
-            elif not pcm16:
-                samples = np.asarray(samples, dtype=np.float32)
-            clip = torch.from_numpy(samples)
+            clip = torch.from_numpy(samples if pcm16 else float_samples(samples))
             if clip.shape[0] < MIN_AUDIO_SAMPLES:
                 clip = torch.nn.functional.pad(clip, (0, MIN_AUDIO_SAMPLES - clip.shape[0]))
             clips.append(clip)

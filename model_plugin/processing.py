@@ -54,6 +54,13 @@ def sample_range_problem(waveform: np.ndarray) -> str | None:
     return None
 
 
+def float_samples(waveform: np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] of a waveform given as floats or as int16 PCM (x / 32768)."""
+    if waveform.dtype == np.int16:
+        return waveform * PCM16_SCALE
+    return np.asarray(waveform, dtype=np.float32)
+
+
 class MiDashengLMProcessor(ProcessorMixin):
     attributes = ["feature_extractor", "tokenizer"]
     feature_extractor_class = "Wav2Vec2FeatureExtractor"

@@ -33,12 +33,13 @@ class CheckedFormRequest(Request):
             async for chunk in super().stream():
                 yield chunk
             return
-        closed, tail = False, b""
+        # Only the seam between chunks is joined (the last len - 1 bytes before it and the
+        # first len - 1 after): no upload is copied whole.
+        closed, tail, seam = False, b"", len(delimiter) - 1
         async for chunk in super().stream():
             if not closed and chunk:
-                window = tail + chunk
-                closed = delimiter in window
-                tail = window[-(len(delimiter) - 1) :]
+                closed = delimiter in tail + chunk[:seam] or delimiter in chunk
+                tail = (tail + chunk[-seam:])[-seam:]
             yield chunk
         if not closed:
             shown = delimiter.decode("latin-1")

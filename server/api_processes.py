@@ -22,6 +22,7 @@ SIGTERM to the supervisor is passed to every API process, each drains as one gat
 fails to start, an engine core dies or an API process fails, everything is stopped: exit 1.
 """
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -98,6 +99,7 @@ def serve_api_processes(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop_starting)
     try:
         config = engine_config(settings, count, -1)
+        gc.enable()  # paused for the start-up's imports by `mdl-serve serve` (cli.py)
         addresses = get_engine_zmq_addresses(config, count, defer_api_server_ports=True)
         # The `with` block ends with vLLM's handshake: it returns once the engine cores are up.
         with launch_core_engines(config, Executor.get_class(config), True, addresses, count) as started:

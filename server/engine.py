@@ -11,6 +11,7 @@ until the engine is up.
 """
 
 import asyncio
+import gc
 import logging
 import re
 import time
@@ -300,7 +301,9 @@ class VllmEngine:
 
         stat_loggers = [engine_stat_logger(self.metrics)]
         if self.client_config is None:
-            return AsyncLLM.from_vllm_config(engine_config(self.settings), stat_loggers=stat_loggers)
+            config = engine_config(self.settings)
+            gc.enable()  # paused for the start-up's imports by `mdl-serve serve` (cli.py)
+            return AsyncLLM.from_vllm_config(config, stat_loggers=stat_loggers)
         addresses = dict(self.client_config)
         count, index = addresses.pop("client_count"), addresses.pop("client_index")
         return AsyncLLM.from_vllm_config(

@@ -13,6 +13,7 @@
 #   bash benchmarks/h200_session.sh engine  "$OUT"   # plugin: TTFT 30 s and 512 x2, both profiled
 #   CUDAGRAPH_MODE=FULL bash benchmarks/h200_session.sh engine "$OUT"   # the same with full CUDA graphs
 #   bash benchmarks/h200_session.sh pyc     "$OUT"   # bytecode for the staged packages, as the image has
+#   bash benchmarks/h200_session.sh start   "$OUT"   # the gateway's start alone (ready-$LABEL.txt)
 #
 # Knobs (environment): BATCHED_TOKENS (tokens per engine step: the offline phases' engine,
 # and the gateway's --max-num-batched-tokens; unset, the gateway uses its own default),
@@ -22,7 +23,8 @@
 # for its run's folder, so that two runs of one setting in a lease keep both),
 # SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
 # float clips and with 16-bit PCM ones in turn; default float32), C1=1 (gateway phase:
-# streaming TTFT at c=1 first).
+# streaming TTFT at c=1 first), ENGINE_ARGS (engine phase: more vllm.LLM arguments,
+# KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -94,11 +96,27 @@ start_server() {
             -d "${STARTUP_SPY_S:-90}" > /dev/null 2>&1 &
         spy=$!
     fi
-    until "$PY" -c "import httpx,sys; sys.exit(httpx.get('$URL/health/ready').status_code != 200)" 2>/dev/null; do
-        kill -0 $server 2>/dev/null || { echo "server exited"; tail -50 "$log"; pack; exit 4; }
-        sleep 1
-    done
-    "$PY" -c "print(f'server ready after {$(date +%s.%N) - $started:.1f} s')" | tee "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+    # One poller every 0.1 s: a fresh interpreter per check plus a 1 s sleep put up to 1.3 s
+    # of polling into the start-up time.
+    "$PY" - "$URL/health/ready" $server "$started" <<'POLL' | tee "$WORK/$PHASE/ready-${LABEL:-main}.txt"
+import os, sys, time
+import httpx
+url, pid, started = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while True:
+    try:
+        if httpx.get(url, timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        print("server exited")
+        sys.exit(4)
+    time.sleep(0.1)
+print(f"server ready after {time.time() - started:.1f} s")
+POLL
+    [ "${PIPESTATUS[0]}" = 0 ] || { tail -50 "$log"; pack; exit 4; }
     if [ "${STARTUP_SPY:-0}" = 1 ]; then
         kill -INT $spy 2>/dev/null; wait $spy
         "$PY" -m mdlserve.benchmarks.stack_summary "$WORK/$PHASE/startup-stacks.txt" \
@@ -197,6 +215,12 @@ gateway)
         stop_server
         pack
     fi ;;
+start)
+    # The gateway's start alone (warm when an earlier phase compiled the same engine shape).
+    export CUDA_VISIBLE_DEVICES=${GPU:-0}
+    LABEL=${LABEL:-api$API} start_server --api-processes $API
+    stop_server
+    pack ;;
 dp)
     # Two GPUs, one engine replica each, 2 x $API API processes, at 2 x 512 in flight; then
     # one GPU with $API API processes at 512 in the same call (issue 16's ratio).
@@ -217,6 +241,9 @@ engine)
     MODE=${CUDAGRAPH_MODE:-default}
     LEVER=()
     [ "$MODE" = default ] || LEVER=(--engine-arg "compilation_config={\"cudagraph_mode\": \"$MODE\"}")
+    # ENGINE_ARGS: more vllm.LLM arguments, KEY=VALUE;KEY=VALUE (VALUE as in --engine-arg).
+    IFS=';' read -ra EXTRA <<< "${ENGINE_ARGS:-}"
+    for arg in "${EXTRA[@]}"; do LEVER+=(--engine-arg "$arg"); done
     RUN=$MODE-${BATCHED_TOKENS:-16384}${TAG:+-$TAG}
     PROFILED=(--profile-dir "$WORK/engine/profile-$RUN")
     [ "${PROFILE:-1}" = 1 ] || PROFILED=()

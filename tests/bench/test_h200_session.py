@@ -28,11 +28,15 @@ def run_phase(phase: str, out: Path, work: Path, checkpoint: str, **env: str) ->
 
 
 def test_engine_phase_keeps_two_runs_of_one_setting_apart(tiny_checkpoint, tmp_path):
-    for tag in ("first", "again"):
-        files = run_phase("engine", tmp_path / "out", tmp_path / "work", tiny_checkpoint, TAG=tag, PROFILE="0")
+    levers = {"first": "", "again": "mm_processor_cache_gb=0;max_num_batched_tokens=2048"}
+    for tag, engine_args in levers.items():
+        files = run_phase("engine", tmp_path / "out", tmp_path / "work", tiny_checkpoint, TAG=tag, PROFILE="0",
+                          ENGINE_ARGS=engine_args)  # fmt: skip
     for tag in ("first", "again"):
         summary = json.loads(files[f"engine/default-16384-{tag}/summary.json"])
         assert summary["errors"] == []
+        expected = {"mm_processor_cache_gb": 0, "max_num_batched_tokens": 2048} if tag == "again" else {}
+        assert summary["engine_args"]["extra"] == expected
         assert [r["batch"] for r in summary["throughput"]] == [2, 2]
         (ttft,) = summary["ttft"]
         assert ttft["n"] == 1 and ttft["engine_step_median_ms"] > 0
@@ -45,3 +49,8 @@ def test_gateway_phase_serves_both_modes_and_restarts(tiny_checkpoint, tmp_path)
         assert row["ok"] == row["requests"] == 8 and row["stream"] is (mode == "stream")
     for start in ("api2", "api2-restart"):
         assert files[f"gateway/ready-{start}.txt"].startswith(b"server ready after ")
+
+
+def test_start_phase_records_the_start_under_its_label(tiny_checkpoint, tmp_path):
+    files = run_phase("start", tmp_path / "out", tmp_path / "work", tiny_checkpoint, LABEL="warm")
+    assert files["start/ready-warm.txt"].startswith(b"server ready after ")

@@ -191,6 +191,11 @@ def _offline_command(args: argparse.Namespace) -> None:
         prompt=args.prompt, seed=args.seed, profile_dir=getattr(args, "profile_dir", None),
         sample_formats=args.sample_formats,
     )  # fmt: skip
+    sequences, step_tokens = max(work.batches + [1]), args.max_num_batched_tokens
+    if step_tokens is not None and step_tokens > sequences * args.max_model_len:
+        # vLLM 0.26 only warns, then its engine fails to start on the GPU (server/settings.py).
+        sys.exit(f"--max-num-batched-tokens {step_tokens} is more than the largest batch x --max-model-len "
+                 f"({sequences} x {args.max_model_len}): lower it")  # fmt: skip
     impls = IMPLS if mode == "compare" else [args.impl]
     out_dir = run_dir(args.out, args.run_name, mode, gpu_name_without_cuda_context())
     summary = run_offline_suite(mode, impls, work, out_dir, preset=preset, time_budget_s=args.time_budget_s)

@@ -76,11 +76,24 @@ def _serve(args: argparse.Namespace) -> int:
     # time on the 2-core VM). Paused until the engine starts: re-enabled before vLLM forks its
     # engine core (api_processes.py, engine.py), which would otherwise inherit the pause.
     gc.disable()
+    try:
+        return _start_serving(args)
+    finally:
+        gc.enable()
+
+
+def _start_serving(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from mdlserve.server.serve import serve
     from mdlserve.server.settings import Settings
 
     overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # a flag or MDL_* variable out of range: say which, no traceback
+        print(f"mdl-serve serve: {error}", file=sys.stderr)
+        return 2
     if settings.model == str(DEMO_CHECKPOINT) and not (DEMO_CHECKPOINT / "config.json").exists():
         from mdlserve.model_plugin.checkpoints import make_checkpoint
 

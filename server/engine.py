@@ -138,7 +138,9 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
     in the same lease (benchmarks/results/2026-12-02-h200). vLLM also sizes the encoder's
     compute budget and cache from this number, and a clip with more audio tokens than that
     is refused, so it is at least the tokens of one clip of --max-audio-seconds; given and
-    too small, the engine refuses to start and says which limit to change."""
+    too small, the engine refuses to start and says which limit to change. As vLLM's own
+    defaults are, it is at most --max-num-seqs sequences of --max-model-len (Settings
+    refuses a larger value given)."""
     from vllm.usage.usage_lib import UsageContext
 
     from mdlserve.model_plugin.model import limit_host_threads
@@ -148,7 +150,8 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
     args._api_process_rank = api_process_rank
     needed = audio_tokens_per_clip(settings)
     if settings.max_num_batched_tokens is None:
-        args.max_num_batched_tokens = max(default_step_tokens(args), needed)
+        sequences_tokens = settings.max_num_seqs * settings.max_model_len
+        args.max_num_batched_tokens = min(max(default_step_tokens(args), needed), sequences_tokens)
     elif settings.max_num_batched_tokens < needed:
         raise ValueError(
             f"--max-num-batched-tokens {settings.max_num_batched_tokens} is below the {needed} tokens of one "

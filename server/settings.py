@@ -136,6 +136,21 @@ class Settings(BaseSettings):
             self.media_dir = self.media_dir.resolve()
         return self
 
+    @model_validator(mode="after")
+    def _check_step_budget(self) -> "Settings":
+        """vLLM 0.26 only warns when a step may hold more tokens than --max-num-seqs sequences
+        of --max-model-len, and its engine then fails on the GPU while starting (an illegal
+        memory access with 1 or 2 sequences and 16384 tokens on an H200:
+        benchmarks/results/2026-12-02-h200-gc)."""
+        limit = self.max_num_seqs * self.max_model_len
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > limit:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is more than max_num_seqs x max_model_len "
+                f"({self.max_num_seqs} x {self.max_model_len} = {limit}): a step cannot hold more tokens than "
+                "its sequences; lower --max-num-batched-tokens or raise --max-num-seqs"
+            )
+        return self
+
     @property
     def admitted_running(self) -> int:
         """Clip units the engine replicas run at once: --max-num-seqs per replica."""

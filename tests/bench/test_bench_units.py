@@ -172,6 +172,14 @@ def test_mdl_serve_bench_command_line():
     assert args.duration_s == 60
 
 
+def test_a_step_budget_beyond_the_largest_batch_is_refused_before_any_engine_starts():
+    from mdlserve.benchmarks.cli import main
+
+    with pytest.raises(SystemExit, match=r"--max-num-batched-tokens 4096 is more than the largest batch x "
+                                         r"--max-model-len \(2 x 1024\)"):  # fmt: skip
+        main(["throughput", "--smoke", "--batches", "1,2", "--max-num-batched-tokens", "4096"])
+
+
 class _FakeLLM:
     """Stands in for vllm.LLM: each call takes 0.2 s and returns the requested tokens."""
 

@@ -125,6 +125,16 @@ def test_first_serve_writes_the_demo_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / ".demo/tiny/model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_serve_with_settings_out_of_range_exits_2_naming_them(capsys):
+    from mdlserve.server import cli
+
+    assert cli.main(["serve", "--max-num-seqs", "1", "--max-model-len", "1024", "--max-num-batched-tokens", "16384"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mdl-serve serve: 1 validation error for Settings")
+    assert "max_num_batched_tokens (16384) is more than max_num_seqs x max_model_len (1 x 1024 = 1024)" in err
+    assert "Traceback" not in err
+
+
 # ---------------------------------------------------------------- bench
 
 

@@ -30,14 +30,11 @@ def small(checkpoint: str, **overrides) -> Settings:
                     kv_cache_bytes=1 << 28, port=0, **overrides)  # fmt: skip
 
 
-def test_serve_runs_with_the_collector_paused(monkeypatch):
+def test_serve_starts_with_the_collector_paused_and_leaves_it_on(monkeypatch):
     seen = []
     monkeypatch.setattr("mdlserve.server.serve.serve", lambda settings: seen.append(gc.isenabled()) or 0)
-    try:
-        assert cli.main(["serve", "--model", "/nonexistent"]) == 0
-    finally:
-        gc.enable()
-    assert seen == [False]
+    assert cli.main(["serve", "--model", "/nonexistent"]) == 0
+    assert seen == [False] and gc.isenabled()
 
 
 def test_the_gateways_engine_core_is_forked_with_the_collector_on(tiny_checkpoint, monkeypatch, collector_paused):

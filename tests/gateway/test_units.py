@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import soundfile
 
 from mdlserve.server.admission import Admission, request_weight
@@ -250,6 +251,25 @@ def test_defaults_and_derived_limits(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# comment\nfile-key\n\n")
     assert Settings(api_keys="x", api_key_file=keys).all_api_keys() == ["x", "file-key"]
+
+
+def test_a_step_budget_beyond_the_sequences_is_refused_naming_both_limits():
+    """vLLM 0.26 only warns, and its engine then fails on the GPU while starting."""
+    assert Settings(max_num_seqs=2, max_model_len=1024, max_num_batched_tokens=2048).max_num_batched_tokens == 2048
+    with pytest.raises(ValidationError, match=r"max_num_batched_tokens \(2049\) is more than max_num_seqs x "
+                                              r"max_model_len \(2 x 1024 = 2048\)"):  # fmt: skip
+        Settings(max_num_seqs=2, max_model_len=1024, max_num_batched_tokens=2049)
+
+
+def test_default_step_budget_holds_no_more_than_the_sequences(tiny_checkpoint):
+    from mdlserve.server.engine import engine_config
+
+    def budget(**limits) -> int:
+        settings = Settings(model=tiny_checkpoint, enforce_eager=True, kv_cache_bytes=1 << 30, **limits)
+        return engine_config(settings).scheduler_config.max_num_batched_tokens
+
+    assert budget(max_num_seqs=2, max_model_len=4096) == 4096  # vllm.LLM's default for one CPU worker
+    assert budget(max_num_seqs=1, max_model_len=1024) == 1024
 
 
 def test_admission_counts_clip_units():

@@ -61,7 +61,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(4096, ge=64, description="context length in tokens (prompt + audio + output)")
     max_num_seqs: int = Field(512, ge=1, description="sequences (clips) the engine batches at once")
     max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="tokens per engine step (default: vllm.LLM's for the hardware, 16384 on an H100/H200)"
+        None,
+        ge=1,
+        description="tokens per engine step (default: vllm.LLM's for the hardware, 16384 on an H100/H200; "
+        "at most max-num-seqs x max-model-len)",
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")

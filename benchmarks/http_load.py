@@ -237,7 +237,8 @@ class ChatClient:
             if chunk.get("usage"):
                 result.output_tokens = chunk["usage"].get("completion_tokens", 0)
             deltas = [c.get("delta") or {} for c in chunk.get("choices") or []]
-            if result.first_token_ms is None and any("role" not in d for d in deltas):
+            # Token chunks carry no role, or "role": null (the gateway's chunks, as pydantic writes them).
+            if result.first_token_ms is None and any(d.get("role") is None for d in deltas):
                 result.first_token_ms = (time.perf_counter() - start) * 1000
             if any(d.get("content") for d in deltas):
                 now = time.perf_counter()

@@ -284,7 +284,8 @@ def test_stream_times_the_first_token_and_the_first_text_apart():
 
     class Response:
         async def aiter_lines(self):
-            for line, pause in ((event({"role": "assistant", "content": ""}), 0.03), (event({"content": ""}), 0.03),
+            for line, pause in ((event({"role": "assistant", "content": ""}), 0.03),
+                                (event({"role": None, "content": ""}), 0.03),  # as the gateway writes token chunks
                                 (event({"content": "A"}), 0.03), (event({"content": "B"}), 0.0),
                                 (event(usage={"completion_tokens": 3}), 0.0), ("data: [DONE]", 0.0)):
                 yield line

@@ -440,11 +440,9 @@ class DashengEncoder(nn.Module):
         dtype = self.time_pos_embed.dtype
         mel = self.init_bn(self.front_end(waveforms, num_samples))  # fp32 up to here
         patches = self.patch_embed(mel.to(dtype))  # (clips, max_patches, dim)
-        # Each clip's own patches, clip-major, by an index built here: a boolean mask
-        # would need `nonzero`, which waits for the GPU to finish the front end.
-        rows = np.arange(len(num_samples)) * patches.shape[1]
-        keep = np.concatenate([row + np.arange(n) for row, n in zip(rows, layout.num_patches)])
-        x = patches.flatten(0, 1)[to_device(keep, waveforms.device)]  # (N, dim)
+        counts = to_device(layout.num_patches, waveforms.device)
+        keep = torch.arange(patches.shape[1], device=waveforms.device)[None, :] < counts[:, None]
+        x = patches[keep]  # (N, dim), clip-major
         time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)
         x = x + time_table[layout.positions] + self.freq_pos_embed.reshape(1, -1)
         out = self.graphs(x, layout) if self.graphs is not None and x.is_cuda else None

@@ -150,7 +150,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is more than max_num_seqs x max_model_len "
                 f"({self.max_num_seqs} x {self.max_model_len} = {limit}): a step cannot hold more tokens than "
-                "its sequences; lower --max-num-batched-tokens or raise --max-num-seqs"
+                "its sequences; lower --max-num-batched-tokens or raise --max-num-seqs (mdl-serve batch: "
+                "--max-in-flight)"
             )
         return self
 

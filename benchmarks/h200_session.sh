@@ -21,8 +21,8 @@
 # BATCHED_TOKENS <= that batch x 1024, or the bench refuses: vLLM's engine fails so),
 # PROFILE=0 (engine phase without the profiled batch), RESTART=1 (gateway phase: stop and
 # start the server once more at the end, the warm start), API_PROCESSES, N_REQ, BUDGET,
-# STARTUP_SPY, TAG (engine phase: a suffix
-# for its run's folder, so that two runs of one setting in a lease keep both),
+# STARTUP_SPY, TAG (engine phase: a suffix for its run's folder, so that two runs of one
+# setting in a lease keep both),
 # SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
 # float clips and with 16-bit PCM ones in turn; default float32), C1=1 (gateway phase:
 # streaming TTFT at c=1 first), ENGINE_ARGS (engine phase: more vllm.LLM arguments,

@@ -150,8 +150,7 @@ def engine_config(settings: Settings, api_process_count: int = 1, api_process_ra
     args._api_process_rank = api_process_rank
     needed = audio_tokens_per_clip(settings)
     if settings.max_num_batched_tokens is None:
-        sequences_tokens = settings.max_num_seqs * settings.max_model_len
-        args.max_num_batched_tokens = min(max(default_step_tokens(args), needed), sequences_tokens)
+        args.max_num_batched_tokens = min(max(default_step_tokens(args), needed), settings.max_step_tokens)
     elif settings.max_num_batched_tokens < needed:
         raise ValueError(
             f"--max-num-batched-tokens {settings.max_num_batched_tokens} is below the {needed} tokens of one "

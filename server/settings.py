@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         of --max-model-len, and its engine then fails on the GPU while starting (an illegal
         memory access with 1 or 2 sequences and 16384 tokens on an H200:
         benchmarks/results/2026-12-02-h200-gc)."""
-        limit = self.max_num_seqs * self.max_model_len
+        limit = self.max_step_tokens
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > limit:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is more than max_num_seqs x max_model_len "
@@ -154,6 +154,11 @@ class Settings(BaseSettings):
                 "--max-in-flight)"
             )
         return self
+
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one engine step can hold: --max-num-seqs sequences of --max-model-len."""
+        return self.max_num_seqs * self.max_model_len
 
     @property
     def admitted_running(self) -> int:

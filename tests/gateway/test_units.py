@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 import soundfile
+from pydantic import ValidationError
 
 from mdlserve.server.admission import Admission, request_weight
 from mdlserve.server.audio import decode_audio

@@ -26,7 +26,9 @@
 # SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
 # float clips and with 16-bit PCM ones in turn; default float32), C1=1 (gateway phase:
 # streaming TTFT at c=1 first), ENGINE_ARGS (engine phase: more vllm.LLM arguments,
-# KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file).
+# KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file), SERVE_ARGS (gateway
+# and start phases: more `mdl-serve serve` flags, e.g. "--cudagraph-mode FULL"), MODES
+# (gateway phases: the order of the c=512 levels, default nostream,stream).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -70,6 +72,8 @@ else
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512 --max-queue 4096
                   ${BATCHED_TOKENS:+--max-num-batched-tokens $BATCHED_TOKENS})
 fi
+# SERVE_ARGS: more `mdl-serve serve` flags for the gateway and start phases (space-separated).
+read -ra SERVE_EXTRA <<< "${SERVE_ARGS:-}"
 bench() { "$PY" -m mdlserve.benchmarks "$@"; }
 # Every trace of a profile folder, summarised next to it (the traces themselves stay behind).
 summarise_traces() {
@@ -126,10 +130,12 @@ POLL
         gzip -9 "$WORK/$PHASE/startup-stacks.txt"
     fi
     grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
-    # A short unmeasured load, so every API process has served requests before the first
-    # measured level (bench serve's own warm-up is one request: it reaches one process).
-    local users=$((BIG >= 16 ? BIG / 8 : 1))
-    serve_at $users 1 "warmup-${LABEL:-main}" --num-requests $((2 * users)) --no-stream > /dev/null
+    # One unmeasured wave at the full concurrency, as the offline bench warms up with its
+    # largest batch before it measures: every API process has served requests, and the
+    # engine has run a step of every size the measured levels bring. With only a short load
+    # (c=BIG/8), the first measured level paid for that (non-streaming, always first, was
+    # below streaming in five of six rounds of benchmarks/results/2026-12-02-h200-gc).
+    serve_at $BIG $PROCS "warmup-${LABEL:-main}" --num-requests $BIG --no-stream > /dev/null
 }
 stop_server() {
     kill $server; wait $server
@@ -143,12 +149,20 @@ serve_at() {
         --processes "$processes" --num-requests $((N_REQ * concurrency / BIG)) --metrics-interval-s 2 \
         --out "$WORK/$PHASE/$name" "$@"
 }
-# Non-streaming, then streaming, at c=$1 with $2 load processes; run names end in -$3 if given.
+# Both modes at c=$1 with $2 load processes, in the order of MODES (default nostream,stream;
+# stream,nostream swaps them); run names end in -$3 if given.
 both_modes() {
-    serve_at "$1" "$2" "c$1-nostream${3:+-$3}" --no-stream
-    pack
-    serve_at "$1" "$2" "c$1-stream${3:+-$3}"
+    local mode
+    for mode in ${MODES//,/ }; do
+        case $mode in
+        nostream) serve_at "$1" "$2" "c$1-nostream${3:+-$3}" --no-stream ;;
+        stream) serve_at "$1" "$2" "c$1-stream${3:+-$3}" ;;
+        *) echo "unknown mode $mode in MODES"; exit 2 ;;
+        esac
+        pack
+    done
 }
+MODES=${MODES:-nostream,stream}
 
 case $PHASE in
 offline)
@@ -206,21 +220,21 @@ gateway)
     # The same gateway load with $API API processes (API_PROCESSES=1: the single-process
     # gateway, the before row of the same lease).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
-    LABEL=api$API start_server --api-processes $API
+    LABEL=api$API start_server --api-processes $API "${SERVE_EXTRA[@]}"
     # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
     [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
     stop_server
     pack
     if [ "${RESTART:-0}" = 1 ]; then
-        LABEL=api$API-restart start_server --api-processes $API
+        LABEL=api$API-restart start_server --api-processes $API "${SERVE_EXTRA[@]}"
         stop_server
         pack
     fi ;;
 start)
     # The gateway's start alone (warm when an earlier phase compiled the same engine shape).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
-    LABEL=${LABEL:-api$API} start_server --api-processes $API
+    LABEL=${LABEL:-api$API} start_server --api-processes $API "${SERVE_EXTRA[@]}"
     stop_server
     pack ;;
 dp)

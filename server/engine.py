@@ -112,6 +112,7 @@ def engine_args(settings: Settings):
         quantization=settings.quantization,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
+        **({"compilation_config": {"cudagraph_mode": settings.cudagraph_mode}} if settings.cudagraph_mode else {}),
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
         # response_format: compact JSON. With whitespace allowed between tokens a model can
         # pad forever ("{\r\r\r...") and never close the object within max_tokens.

@@ -19,6 +19,9 @@ MiB = 1 << 20
 RESERVED_TEXT_TOKENS = 512
 
 
+CudaGraphMode = Literal["FULL_AND_PIECEWISE", "FULL", "PIECEWISE", "FULL_DECODE_ONLY", "NONE"]
+
+
 def default_max_audio_seconds(max_model_len: int) -> float:
     """The longest audio (per request) whose tokens leave RESERVED_TEXT_TOKENS of the
     context free: floor((max_model_len - 512) / 5) seconds, at least 1 s."""
@@ -75,6 +78,11 @@ class Settings(BaseSettings):
     load_format: str = Field("auto", description="weight loading format ('dummy' for random weights)")
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size in bytes (CPU default: 1 GiB)")
     enforce_eager: bool = Field(False, description="skip torch.compile and CUDA graphs (faster start)")
+    cudagraph_mode: CudaGraphMode | None = Field(
+        None,
+        description="vLLM's CUDA graph mode (default: vLLM's, FULL_AND_PIECEWISE); FULL also graphs steps "
+        "with prefills, attention included (GPU only)",
+    )
 
     # HTTP
     api_processes: int = Field(

@@ -42,11 +42,18 @@ def test_engine_phase_keeps_two_runs_of_one_setting_apart(tiny_checkpoint, tmp_p
         assert ttft["n"] == 1 and ttft["engine_step_median_ms"] > 0
 
 
-def test_gateway_phase_serves_both_modes_and_restarts(tiny_checkpoint, tmp_path):
-    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1")
+def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags_and_restarts(
+    tiny_checkpoint, tmp_path
+):
+    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1",
+                      MODES="stream,nostream", SERVE_ARGS="--served-model-name smoke-served --cudagraph-mode FULL")  # fmt: skip
     for mode in ("nostream", "stream"):
-        (row,) = json.loads(files[f"gateway/c2-{mode}-api2/summary.json"])["serve"]
+        summary = json.loads(files[f"gateway/c2-{mode}-api2/summary.json"])
+        (row,) = summary["serve"]
         assert row["ok"] == row["requests"] == 8 and row["stream"] is (mode == "stream")
+        assert summary["model_name"] == "smoke-served"  # SERVE_ARGS reached the server
+    log = (tmp_path / "out" / "gateway.log").read_text()
+    assert log.index("c2-stream-api2") < log.index("c2-nostream-api2")
     for start in ("api2", "api2-restart"):
         assert files[f"gateway/ready-{start}.txt"].startswith(b"server ready after ")
 

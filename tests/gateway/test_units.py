@@ -230,7 +230,7 @@ def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     expected = {
         "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-        "enforce-eager", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
+        "enforce-eager", "cudagraph-mode", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
         "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
         "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
         "log-level",
@@ -434,3 +434,18 @@ def test_a_cut_short_body_names_a_long_boundary_shortened():
     assert refused.value.detail == (
         f"the multipart/form-data body ends before its closing boundary (--{'q' * 70}...--): it was cut short"
     )
+
+
+def test_cudagraph_mode_flag_reaches_vllms_compilation_config_and_unset_leaves_vllms_default():
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from mdlserve.server.engine import engine_args
+
+    args = build_parser().parse_args(["serve", "--cudagraph-mode", "FULL"])
+    chosen = engine_args(Settings(cudagraph_mode=args.cudagraph_mode)).compilation_config
+    assert isinstance(chosen, CompilationConfig) and chosen.cudagraph_mode == CUDAGraphMode.FULL
+    assert engine_args(Settings()).compilation_config.cudagraph_mode is None  # vLLM decides per platform
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--cudagraph-mode", "full-ish"])
+    with pytest.raises(ValidationError, match="cudagraph_mode"):
+        Settings(cudagraph_mode="ALL")

@@ -308,16 +308,24 @@ class SSEResponse(StreamingResponse):
         self.close = close or run.close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Streams until the last event is sent or the client leaves, whichever is first.
+        uvicorn answers a pending `receive` with a disconnect as soon as the response's last
+        chunk is sent, and the listener can resume before the cancellation reaches it; a
+        disconnect after the stream ended is the end, not the client leaving."""
+        sent = False
         try:
             async with anyio.create_task_group() as group:
 
                 async def stream_then_stop() -> None:
+                    nonlocal sent
                     await self.stream_response(send)
+                    sent = True
                     group.cancel_scope.cancel()
 
                 group.start_soon(stream_then_stop)
                 await self.listen_for_disconnect(receive)
-                scope.setdefault("state", {})[CLIENT_CLOSED_FLAG] = True  # logged and counted as 499, not 200
+                if not sent:
+                    scope.setdefault("state", {})[CLIENT_CLOSED_FLAG] = True  # logged and counted as 499, not 200
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -335,3 +335,32 @@ def test_openai_client_transcription_upload(oai, tmp_path):
         events = list(oai.audio.transcriptions.create(model=MODEL, file=f, stream=True,
                                                       extra_body={"max_completion_tokens": 4}))
     assert events[-1].type == "transcript.text.done" and events[-1].text == result.text
+
+
+@pytest.mark.parametrize("read_to_the_end", [True, False])
+def test_a_stream_read_to_done_counts_as_200_not_as_the_client_closing_it(client, read_to_the_end):
+    """uvicorn answers the disconnect listener as soon as the last body chunk is sent, so
+    a stream that ended normally must not be taken for a client that left (499): with
+    vLLM's clients and the OpenAI SDK closing at [DONE], every stream was counted so."""
+
+    def counts() -> tuple[float, float]:
+        text = client.get("/metrics").text
+        found = []
+        for status in ("200", "499"):
+            try:
+                found.append(metric(text, "mdl_requests_total", route="/v1/chat/completions", status=status))
+            except KeyError:
+                found.append(0.0)
+        return found[0], found[1]
+
+    ok_before, closed_before = counts()
+    body = chat_body(audio_part(audio_file()), max_tokens=3, stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]" and not read_to_the_end:
+                break  # the client closes its connection at [DONE], as bench serve does
+    deadline = time.monotonic() + 60  # the count follows the response's last byte
+    while sum(counts()) < ok_before + closed_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ok_after, closed_after = counts()
+    assert (ok_after - ok_before, closed_after - closed_before) == (1, 0)

@@ -20,7 +20,8 @@
 # BATCHES (the offline batch sizes, default 512,512; with a largest batch under 16, give
 # BATCHED_TOKENS <= that batch x 1024, or the bench refuses: vLLM's engine fails so),
 # PROFILE=0 (engine phase without the profiled batch), RESTART=1 (gateway phase: stop and
-# start the server once more at the end, the warm start), API_PROCESSES, N_REQ, BUDGET,
+# start the server once more at the end, the warm start), API_PROCESSES, N_REQ (requests per
+# c=512 level, default 8192), BUDGET,
 # STARTUP_SPY, TAG (engine phase: a suffix for its run's folder, so that two runs of one
 # setting in a lease keep both),
 # SAMPLE_FORMATS (offline phases: `--sample-formats`; float32,pcm16 runs every point with
@@ -68,7 +69,10 @@ else
           --max-num-batched-tokens "${BATCHED_TOKENS:-16384}" --batches "${BATCHES:-512,512}"
           --sample-formats "${SAMPLE_FORMATS:-float32}")
     TTFT=(--ttft-clips 30 --ttft-repeats 10)
-    BIG=512; PROCS=4; N_REQ=${N_REQ:-2048}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
+    # 8192 requests at c=512: sixteen waves of 512. With four, how the first waves settled
+    # decided the result (non-streaming 0.85-0.93 of offline against 0.958 over sixteen,
+    # benchmarks/results/2026-12-02-h200-modes).
+    BIG=512; PROCS=4; N_REQ=${N_REQ:-8192}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512 --max-queue 4096
                   ${BATCHED_TOKENS:+--max-num-batched-tokens $BATCHED_TOKENS})
 fi

@@ -136,9 +136,7 @@ POLL
     grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
     # One unmeasured wave at the full concurrency, as the offline bench warms up with its
     # largest batch before it measures: every API process has served requests, and the
-    # engine has run a step of every size the measured levels bring. With only a short load
-    # (c=BIG/8), the first measured level paid for that (non-streaming, always first, was
-    # below streaming in five of six rounds of benchmarks/results/2026-12-02-h200-gc).
+    # engine has run steps of the sizes the measured levels bring, before the first of them.
     serve_at $BIG $PROCS "warmup-${LABEL:-main}" --num-requests $BIG --no-stream > /dev/null
 }
 stop_server() {

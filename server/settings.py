@@ -19,6 +19,7 @@ MiB = 1 << 20
 RESERVED_TEXT_TOKENS = 512
 
 
+# vLLM's CUDAGraphMode names (compilation_config.cudagraph_mode).
 CudaGraphMode = Literal["FULL_AND_PIECEWISE", "FULL", "PIECEWISE", "FULL_DECODE_ONLY", "NONE"]
 
 

@@ -340,8 +340,9 @@ def test_openai_client_transcription_upload(oai, tmp_path):
 @pytest.mark.parametrize("read_to_the_end", [True, False])
 def test_a_stream_read_to_done_counts_as_200_not_as_the_client_closing_it(client, read_to_the_end):
     """uvicorn answers the disconnect listener as soon as the last body chunk is sent, so
-    a stream that ended normally must not be taken for a client that left (499): with
-    vLLM's clients and the OpenAI SDK closing at [DONE], every stream was counted so."""
+    a stream that ended normally must not be taken for a client that left (499): on the
+    H200 every completed stream was counted so, whether its client read to the end or
+    closed at [DONE] (benchmarks/results/2026-12-02-h200-modes)."""
 
     def counts() -> tuple[float, float]:
         text = client.get("/metrics").text

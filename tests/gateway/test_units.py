@@ -230,8 +230,8 @@ def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     expected = {
         "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-        "enforce-eager", "cudagraph-mode", "host", "port", "api-keys", "api-key-file", "auth-health-metrics", "max-queue",
-        "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
+        "enforce-eager", "cudagraph-mode", "host", "port", "api-keys", "api-key-file", "auth-health-metrics",
+        "max-queue", "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
         "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
         "log-level",
     }  # fmt: skip

@@ -93,7 +93,7 @@ class Engine(Protocol):
 
 
 def engine_args(settings: Settings):
-    from vllm.config import StructuredOutputsConfig
+    from vllm.config import CompilationConfig, CUDAGraphMode, StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from mdlserve.server.platform import default_kv_cache_bytes
@@ -112,7 +112,9 @@ def engine_args(settings: Settings):
         quantization=settings.quantization,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
-        **({"compilation_config": {"cudagraph_mode": settings.cudagraph_mode}} if settings.cudagraph_mode else {}),
+        compilation_config=CompilationConfig()
+        if settings.cudagraph_mode is None
+        else CompilationConfig(cudagraph_mode=CUDAGraphMode[settings.cudagraph_mode]),
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
         # response_format: compact JSON. With whitespace allowed between tokens a model can
         # pad forever ("{\r\r\r...") and never close the object within max_tokens.

@@ -8,14 +8,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 from mdlserve.model_plugin.processing import AUDIO_TOKEN
 from mdlserve.server.tasks import ISO_639_1, Task
 
-# input_audio.format values we accept. The bytes are decoded by content sniffing; the
-# format only has to name something we can decode.
 # The engine seeds a torch.Generator: a signed 64-bit integer (-1: unseeded in vLLM, so 0 up).
 SEED_MIN, SEED_MAX = 0, (1 << 63) - 1
 MAX_STOP_CHARS = 256
 # OpenAI's limits: top_logprobs 0..20, logit_bias values -100..100 (we also bound the entries).
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+# input_audio.format values we accept. The bytes are decoded by content sniffing; the
+# format only has to name something we can decode.
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "oga", "webm", "m4a", "mp4", "aac", "aiff", "aif")
 
 
@@ -46,7 +46,9 @@ def _refuse_audio_placeholder(text: str | None) -> str | None:
 
 class _Body(BaseModel):
     # Unknown fields are ignored (OpenAI clients send some we do not use); wrong types fail.
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinities (JSON's NaN/Infinity, which Python's clients send) are refused as
+    # not finite, not as out of range: NaN compares false with every bound.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod

@@ -220,7 +220,7 @@ def _inside(path: str, container: str) -> bool:
     return path != container and (not container or path.startswith((f"{container}.", f"{container}[")))
 
 
-def _has_body(request: Request) -> bool:
+def has_body(request: Request) -> bool:
     length = request.headers.get("content-length", "0").strip()
     return length != "0" or "chunked" in request.headers.get("transfer-encoding", "").lower()
 
@@ -244,7 +244,7 @@ def _validation_error(request: Request, exc: RequestValidationError) -> ApiError
             return ApiError(
                 415, f"the request body must be JSON (Content-Type: application/json), not {content_type!r}"
             )
-        if not media and _has_body(request):  # FastAPI reads no JSON without the header
+        if not media and has_body(request):  # FastAPI reads no JSON without the header
             return ApiError(415, "the request body must be JSON sent with Content-Type: application/json (none given)")
         return bad_request("the request body must be a JSON object")
     inputs = {"body": exc.body, "query": request.query_params, "header": request.headers,

@@ -1,4 +1,8 @@
-"""Multipart bodies checked for their closing boundary.
+"""Multipart bodies checked for their content type and their closing boundary.
+
+A body sent with another content type (a JSON body posted to a form route) used to be read
+as an empty form and answered "file: Field required; model: Field required"; it is a 415
+naming the content type, as the JSON routes answer a form.
 
 python-multipart parses a body that stops before its closing delimiter (`--BOUNDARY--`)
 without complaint: the part it was cut in is dropped, and the request then failed as
@@ -11,9 +15,11 @@ body ends without one. A delimiter split across two received chunks is found too
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
-from starlette.datastructures import Headers
+from starlette.datastructures import FormData, Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import parse_options_header
 
+from mdlserve.server.errors import has_body
 from mdlserve.server.jsonbody import BodyRefused, route_reading_with
 
 
@@ -26,7 +32,20 @@ def close_delimiter(headers: Headers) -> bytes | None:
     return b"--" + boundary + b"--"
 
 
+# What Starlette parses as a form; any other content type it reads as an empty form.
+FORM_MEDIA_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
 class CheckedFormRequest(Request):
+    async def _get_form(self, **limits) -> FormData:
+        """Starlette's form, after refusing a body of another content type (415)."""
+        content_type = self.headers.get("content-type")
+        media, _ = parse_options_header(content_type or "")
+        if media not in FORM_MEDIA_TYPES and (content_type or has_body(self)):
+            given = f"not {content_type!r}" if content_type else "none given"
+            raise StarletteHTTPException(415, f"the request body must be multipart/form-data ({given})")
+        return await super()._get_form(**limits)
+
     async def stream(self) -> AsyncGenerator[bytes, None]:
         delimiter = close_delimiter(self.headers)
         if delimiter is None:

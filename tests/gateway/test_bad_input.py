@@ -239,6 +239,13 @@ NAMED = {
         415, "the request body must be JSON sent with Content-Type: application/json (none given)", None),
     "no body and no content type": (("POST", "/v1/chat/completions", {}),
                                     400, "the request body must be a JSON object", None),
+    # A form route read any other body as an empty form: "file: Field required; model: ...".
+    "json posted to the transcription form": (
+        ("POST", "/v1/audio/transcriptions", {"json": {"model": MODEL, "file": b64(WAV)}}),
+        415, "the request body must be multipart/form-data (not 'application/json')", None),
+    "audio analysis body without a content type": (
+        ("POST", "/v1/audio/analysis", {"content": WAV}),
+        415, "the request body must be multipart/form-data (none given)", None),
     "audio chat message without content": (
         audio_chat(messages=json.dumps([{"role": "user", "content": "x"}, {"role": "user"}])), 400,
         "invalid request: messages[1].content: Field required", "messages[1].content"),

@@ -137,7 +137,7 @@ def hostile_cases() -> list[HostileCase]:
         HostileCase("chat body sent as multipart", CHAT,
                     ("the request body must be JSON (Content-Type: application/json), not 'multipart/form-data; ",),
                     files={"file": ("a.wav", CLIP, "audio/wav")}),
-        HostileCase("transcription sent as JSON", TRANSCRIBE, ("file",), json={"model": MODEL}),
+        HostileCase("transcription sent as JSON", TRANSCRIBE, ("multipart/form-data",), json={"model": MODEL}),
         HostileCase("multipart without boundary", TRANSCRIBE, ("boundary",), content=b"--x\r\n\r\n",
                     headers={"Content-Type": "multipart/form-data"}),
         HostileCase("messages of wrong types", CHAT, ("messages",), json={"model": MODEL, "messages": [{"role": 7}]}),

@@ -48,14 +48,14 @@ class GatewayMetrics:
         )
         self.ttft = Histogram(
             "mdl_ttft_seconds",
-            "Time from request arrival at the gateway to the first generated token",
+            "Time from request arrival at the gateway (its headers) to the first generated token",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.time_to_engine = Histogram(
             "mdl_time_to_engine_seconds",
             "Time from request arrival at the gateway to its submission to the engine "
-            "(body, audio fetch and decoding, prompt building)",
+            "(body upload and parsing, audio fetch and decoding, prompt building)",
             buckets=STAGE_BUCKETS,
             registry=registry,
         )

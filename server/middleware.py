@@ -28,6 +28,7 @@ from mdlserve.server.errors import (
 )
 from mdlserve.server.metrics import GatewayMetrics
 from mdlserve.server.routes import ALL_PATHS, API_PATHS, OPS_PATHS, WORK_PATHS, is_read_path, needs_api_key
+from mdlserve.server.session import Arrival
 from mdlserve.server.state import GatewayState
 
 logger = logging.getLogger("mdlserve.server")
@@ -68,9 +69,11 @@ class LenientRoutingMiddleware:
 
 
 class RequestContextMiddleware:
-    """Assigns the request id (a sane client `X-Request-ID` or a new one), echoes it in the
-    response, records mdl_requests_total / mdl_request_duration_seconds, and turns an
-    unhandled exception into a 500 that names only the request id."""
+    """Assigns the request id (a sane client `X-Request-ID` or a new one) and the arrival
+    time (`Arrival`: what the latency metrics count from, the body's upload and parsing
+    included), echoes the id in the response, records mdl_requests_total /
+    mdl_request_duration_seconds, and turns an unhandled exception into a 500 that names
+    only the request id."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
         self.app = app
@@ -82,10 +85,11 @@ class RequestContextMiddleware:
             return
         client_id = _header(scope, b"x-request-id")
         request_id = client_id if client_id and _SANE_REQUEST_ID.match(client_id) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        arrival = Arrival(time.perf_counter(), time.time())
+        scope.setdefault("state", {}).update(request_id=request_id, arrival=arrival)
         token = request_id_var.set(request_id)
         route = scope["path"] if scope["path"] in ALL_PATHS else "other"
-        started = time.perf_counter()
+        started = arrival.monotonic
         status = 500
         response_started = False
 

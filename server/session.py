@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import anyio
 from fastapi import Request
@@ -101,7 +101,14 @@ class Session:
         admitted already, for one engine request of several that were admitted together."""
         if ticket is None:
             ticket = self.admit(request, request_weight(len(conversation.audio), fields.n))
-        run = Run(self, f"{prefix}-{uuid.uuid4().hex}", request.state.request_id, ticket, final_only=not stream)
+        run = Run(
+            self,
+            f"{prefix}-{uuid.uuid4().hex}",
+            request.state.request_id,
+            ticket,
+            final_only=not stream,
+            arrival=getattr(request.state, "arrival", None),
+        )
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:
             grant = getattr(request.state, "body_grant", None)  # BodySizeLimitMiddleware's
@@ -126,17 +133,33 @@ class Session:
             await run.close()
 
 
+class Arrival(NamedTuple):
+    """When a request's headers reached the gateway: `time.perf_counter()` for durations and
+    `time.time()` for vLLM's arrival_time and the response's `created`."""
+
+    monotonic: float
+    wall: float
+
+
 class Run:
     """One request's trip through the engine, with its deadline and latency metrics."""
 
-    def __init__(self, session: Session, request_id: str, http_id: str, ticket: Ticket, *, final_only: bool = False):
+    def __init__(
+        self,
+        session: Session,
+        request_id: str,
+        http_id: str,
+        ticket: Ticket,
+        *,
+        final_only: bool = False,
+        arrival: Arrival | None = None,
+    ):
         self.session = session
         self.final_only = final_only
         self.request_id = request_id
         self.http_id = http_id
         self.ticket = ticket
-        self.arrival = time.perf_counter()
-        self.arrival_time = time.time()
+        self.arrival, self.arrival_time = arrival or Arrival(time.perf_counter(), time.time())
         self.created = int(self.arrival_time)
         self.deadline = asyncio.get_running_loop().time() + session.request_timeout
         self.prompt_tokens = 0

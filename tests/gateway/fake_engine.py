@@ -46,6 +46,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.submitted: list[PreparedRequest] = []
+        self.arrival_times: list[float] = []  # what the gateway passed as each request's arrival
         self.dead = False
         self.started = asyncio.Event()
         self.fail_start = False
@@ -64,6 +65,7 @@ class FakeEngine:
         if self.dead:
             raise EngineDead()
         self.submitted.append(request)
+        self.arrival_times.append(arrival_time)
         self.running.add(request_id)
         finished = False
         try:

@@ -106,8 +106,8 @@ class Session:
             f"{prefix}-{uuid.uuid4().hex}",
             request.state.request_id,
             ticket,
+            request.state.arrival,
             final_only=not stream,
-            arrival=getattr(request.state, "arrival", None),
         )
         logger.info("request %s -> engine request %s (%d clips)", run.http_id, run.request_id, len(conversation.audio))
         try:
@@ -150,16 +150,16 @@ class Run:
         request_id: str,
         http_id: str,
         ticket: Ticket,
+        arrival: Arrival,
         *,
         final_only: bool = False,
-        arrival: Arrival | None = None,
     ):
         self.session = session
         self.final_only = final_only
         self.request_id = request_id
         self.http_id = http_id
         self.ticket = ticket
-        self.arrival, self.arrival_time = arrival or Arrival(time.perf_counter(), time.time())
+        self.arrival, self.arrival_time = arrival
         self.created = int(self.arrival_time)
         self.deadline = asyncio.get_running_loop().time() + session.request_timeout
         self.prompt_tokens = 0

@@ -82,6 +82,11 @@ class ChunkLayout:
                 chunk_valid = min(max(valid - start, 0), length)
                 chunk_lens.append(length)
                 chunk_keys.append(chunk_valid if chunk_valid > 0 else length)
+        return cls.from_chunks(num_patches, chunk_lens, chunk_keys)
+
+    @classmethod
+    def from_chunks(cls, num_patches: list[int], chunk_lens: list[int], chunk_keys: list[int]) -> "ChunkLayout":
+        """The layout of given chunks (queries and key prefixes), tokens end to end."""
         lens, keys = np.asarray(chunk_lens), np.asarray(chunk_keys)
         max_len = int(lens.max())
         starts = np.concatenate([[0], np.cumsum(lens)])
@@ -141,15 +146,21 @@ class LogMelFrontEnd(nn.Module):
 
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
         # waveforms: (total_samples,) float32 or int16, clips end to end -> (clips, mels, max_frames) dB
+        clips = torch.split(waveforms, num_samples)
+        rows = nn.utils.rnn.pad_sequence(list(clips), batch_first=True)
+        return self.log_mel(rows, to_device(num_samples, waveforms.device))
+
+    def log_mel(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # rows: (clips, samples) float32 or int16, clip i in rows[i, :lengths[i]], then zeros
+        # -> (clips, mels, samples // hop + 1) dB. Only a clip's first lengths // hop + 1
+        # frames are its own (later ones see its row's padding); callers drop the rest.
         pad = self.n_fft // 2
-        samples = waveforms.float() * float(PCM16_SCALE) if waveforms.dtype == torch.int16 else waveforms.float()
-        clips = torch.split(samples, num_samples)
-        lengths = to_device(num_samples, waveforms.device)
+        samples = rows.float() * float(PCM16_SCALE) if rows.dtype == torch.int16 else rows.float()
         # Buffers follow the model dtype when vLLM casts the model; the front end stays fp32.
         # Each clip sits at offset `pad` of its row; reflect-pad both of its own ends.
-        batch = F.pad(nn.utils.rnn.pad_sequence(list(clips), batch_first=True), (pad, pad))
+        batch = F.pad(samples, (pad, pad))
         batch[:, :pad] = batch[:, pad + 1 : 2 * pad + 1].flip(-1)
-        k = torch.arange(1, pad + 1, device=waveforms.device)
+        k = torch.arange(1, pad + 1, device=rows.device)
         last = (pad + lengths - 1)[:, None]
         batch.scatter_(1, last + k, batch.gather(1, last - k))
 
@@ -161,9 +172,9 @@ class LogMelFrontEnd(nn.Module):
             window=self.window.float(),
             center=False,
             return_complex=True,
-        )  # (clips, freqs, max_frames)
+        )  # (clips, freqs, frames)
         power = spec.real.square() + spec.imag.square()
-        mel = torch.matmul(self.mel_fbanks.float(), power)  # (clips, mels, max_frames)
+        mel = torch.matmul(self.mel_fbanks.float(), power)  # (clips, mels, frames)
         db = 10.0 * torch.log10(mel.clamp(min=1e-10))
         frames = lengths // self.hop + 1
         valid = torch.arange(db.shape[-1], device=db.device)[None, :] < frames[:, None]
@@ -326,6 +337,14 @@ class EncoderGraphs:
     length, so the real tokens' results are those of the eager path. One graph per
     padded size, captured on first use, all sharing one memory pool (replays are
     sequential and each output is consumed before the next replay).
+
+    A lone clip (a request's time to first token) replays one graph from its samples on:
+    before it, the log-mel front end, patch embedding and their bookkeeping were ~100
+    small launches, 2.9 ms of host time with the GPU idle (H200, 30 s clip,
+    benchmarks/results/2026-12-03-h200-ttft-split). The clip is zero-padded to whole
+    chunks; its length is a device input, so its reflect padding and top-dB floor are its
+    own, and the padded tail's patches form the padding chunk (they are not keys of the
+    clip's chunks): the real patches' results are the eager path's.
     """
 
     max_chunks = 32
@@ -336,6 +355,28 @@ class EncoderGraphs:
         self.max_tokens = max_tokens
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, ChunkLayout]] = {}
+        self.clip_graphs: dict[tuple[int, torch.dtype], ClipGraph] = {}
+        self.samples_per_chunk = self.chunk * encoder.samples_per_patch
+
+    def clip(self, waveform: torch.Tensor, num_samples: int) -> torch.Tensor | None:
+        """One clip's patch features through one graph, or None when it is too long.
+        waveform: (num_samples,) float32 or int16 -> (patches, dim)."""
+        padded = -(-num_samples // self.samples_per_chunk) * self.samples_per_chunk
+        if padded // self.encoder.samples_per_patch > self.max_tokens:
+            return None
+        key = (padded, waveform.dtype)
+        if key not in self.clip_graphs:
+            self.clip_graphs[key] = self._capture_clip(padded, waveform)
+        graph = self.clip_graphs[key]
+        layout = self.encoder.layout([num_samples])
+        tokens = layout.num_patches[0]
+        graph.samples[:num_samples].copy_(waveform)
+        graph.samples[num_samples:].zero_()
+        graph.length.fill_(num_samples)
+        pad = [graph.out.shape[0] - tokens] if graph.out.shape[0] > tokens else []
+        self._set_chunks(graph.layout, layout.chunk_lens + pad, layout.chunk_keys + pad)
+        graph.graph.replay()
+        return graph.out[:tokens]
 
     def __call__(self, x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor | None:
         """Run the blocks through a graph, or return None when the batch is too large."""
@@ -367,32 +408,59 @@ class EncoderGraphs:
         for target, values in ((static.cu_seqlens, cu), (static.cu_seqlens_k, cu_k), (key_slots, key_index)):
             target.copy_(torch.from_numpy(values).pin_memory(), non_blocking=True)
 
-    def _capture(self, padded: int, like: torch.Tensor):
-        device = like.device
-        x_in = torch.zeros(padded, like.shape[1], dtype=like.dtype, device=device)
+    def _static_layout(self, tokens: int, device: torch.device) -> ChunkLayout:
+        """Chunk buffers that a graph reads, filled with full chunks for its capture."""
         static = ChunkLayout(
             num_patches=[],
             chunk_lens=[],
             chunk_keys=[],
-            positions=torch.empty(0, dtype=torch.long, device=device),
+            positions=torch.arange(tokens, device=device) % self.chunk,
             cu_seqlens=torch.zeros(self.max_chunks + 1, dtype=torch.int32, device=device),
             cu_seqlens_k=torch.zeros(self.max_chunks + 1, dtype=torch.int32, device=device),
-            key_index=torch.zeros(padded, dtype=torch.long, device=device),
+            key_index=torch.zeros(tokens, dtype=torch.long, device=device),
             scatter_index=torch.empty(0, dtype=torch.long, device=device),
             key_mask=torch.empty(0, 0, dtype=torch.bool, device=device),
             max_len=self.chunk,
         )
-        full = [self.chunk] * (padded // self.chunk)
+        full = [self.chunk] * (tokens // self.chunk)
         self._set_chunks(static, full, full)
+        return static
+
+    def _record(self, device: torch.device, body) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """`body()` captured in a graph of the shared pool, after a warm-up run outside it."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self.encoder.run_blocks(x_in, static)  # warm-up outside the capture
+            body()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.encoder.run_blocks(x_in, static)
+            out = body()
+        return graph, out
+
+    def _capture(self, padded: int, like: torch.Tensor):
+        x_in = torch.zeros(padded, like.shape[1], dtype=like.dtype, device=like.device)
+        static = self._static_layout(padded, like.device)
+        graph, out = self._record(like.device, lambda: self.encoder.run_blocks(x_in, static))
         return graph, x_in, out, static
+
+    def _capture_clip(self, padded_samples: int, like: torch.Tensor) -> "ClipGraph":
+        samples = torch.zeros(padded_samples, dtype=like.dtype, device=like.device)
+        length = torch.full((1,), padded_samples, dtype=torch.long, device=like.device)
+        static = self._static_layout(padded_samples // self.encoder.samples_per_patch, like.device)
+        graph, out = self._record(like.device, lambda: self.encoder.embed_padded_clip(samples, length, static))
+        return ClipGraph(graph, samples, length, out, static)
+
+
+@dataclass
+class ClipGraph:
+    """A captured lone-clip encoder run and the buffers it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    samples: torch.Tensor  # (padded_samples,) the clip, then zeros
+    length: torch.Tensor  # (1,) the clip's samples
+    out: torch.Tensor  # (padded_samples // samples_per_patch, dim)
+    layout: ChunkLayout
 
 
 class DashengEncoder(nn.Module):
@@ -434,8 +502,22 @@ class DashengEncoder(nn.Module):
             x = block(x, layout)
         return self.norm(x)
 
+    def embed_padded_clip(self, samples: torch.Tensor, length: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+        # samples: (S,) one clip then zeros, S a whole number of chunks; length: (1,) its
+        # samples on the device -> (S // samples_per_patch, embed_dim); the clip's own
+        # patches first, with its chunks as `layout` gives them
+        mel = self.init_bn(self.front_end.log_mel(samples[None], length))
+        x = self.patch_embed(mel.to(self.time_pos_embed.dtype))[0]
+        time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)
+        x = x + time_table[layout.positions] + self.freq_pos_embed.reshape(1, -1)
+        return self.run_blocks(x, layout)
+
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
         # waveforms: (total_samples,) fp32 or int16 PCM -> ((N, embed_dim) patches, patches per clip)
+        if self.graphs is not None and waveforms.is_cuda and len(num_samples) == 1:
+            out = self.graphs.clip(waveforms, num_samples[0])
+            if out is not None:
+                return out, [out.shape[0]]
         layout = self.layout(num_samples).to(waveforms.device)
         dtype = self.time_pos_embed.dtype
         mel = self.init_bn(self.front_end(waveforms, num_samples))  # fp32 up to here

@@ -139,3 +139,44 @@ def test_key_mask_counts_only_valid_patches():
 def test_num_audio_tokens(num_samples, tokens):
     assert num_audio_tokens(num_samples) == tokens
     assert num_audio_tokens(num_samples) == max(1, (max(num_samples, 3200) // 160 + 1) // 4 // 5)
+
+
+def _padded_clip_features(names: list[str]):
+    """Callable for `LLM.apply_model`: per clip, its eager features and those of
+    `embed_padded_clip` (the lone-clip CUDA graph's body) over the clip zero-padded to
+    whole chunks, its tail's patches in a padding chunk of their own."""
+
+    def run(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+        encoder = model.audio_encoder
+        per_chunk = encoder.chunk_patches * encoder.samples_per_patch
+        out = {}
+        with torch.no_grad():
+            for name in names:
+                clip = torch.from_numpy(processor_ready(CLIPS[name]))
+                n = clip.shape[0]
+                eager, (tokens,) = encoder(clip, [n])
+                samples = torch.zeros(-(-n // per_chunk) * per_chunk, dtype=clip.dtype)
+                samples[:n] = clip
+                own = encoder.layout([n])
+                pad = samples.shape[0] // encoder.samples_per_patch - tokens
+                layout = ChunkLayout.from_chunks(
+                    [tokens, pad], own.chunk_lens + [pad] * (pad > 0), own.chunk_keys + [pad] * (pad > 0)
+                )
+                padded = encoder.embed_padded_clip(samples, torch.tensor([n]), layout)
+                out[name] = (eager, padded[:tokens], padded.shape[0])
+        return out
+
+    return run
+
+
+def test_a_clip_padded_to_whole_chunks_keeps_its_own_features(engine):
+    """A lone clip's CUDA graph runs the encoder over the clip zero-padded to whole
+    chunks, with its length as a tensor: its reflect padding, top-dB floor, patches and
+    chunks must stay its own, whatever the padding holds."""
+    names = ["0.1s", "1s", "10s", "10.08s", "10.1s", "30s", "trailing_patch", "under_min"]
+    results = engine.apply_model(_padded_clip_features(names))[0]
+    for name in names:
+        eager, padded, padded_tokens = results[name]
+        assert padded_tokens % 252 == 0 and padded_tokens >= eager.shape[0], name
+        assert padded.shape == eager.shape, name
+        assert (padded - eager).abs().max().item() < 2e-6 * max(eager.abs().max().item(), 1.0), name

@@ -14,7 +14,10 @@ Nesting deeper than the reader allows (200 levels) and text that is not valid Un
 
 Large bodies are also joined from their received chunks in the worker thread: joining
 25 MiB on the event loop (Starlette's `Request.body`) held it for 150 ms and more on a
-loaded 2-core VM (the hostile benchmark's worst stalls).
+loaded 2-core VM (the hostile benchmark's worst stalls). A body of a few MiB is joined and
+parsed on the loop: the parse holds the GIL in a worker thread as well, so the thread only
+added its two hand-overs, 1.4 ms of a lone 30 s clip's time to first token on the H200
+host (benchmarks/results/2026-12-03-h200-ttft-split).
 """
 
 import asyncio
@@ -27,8 +30,9 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_JSON_ELEMENTS = 100_000
-# Bodies larger than this are parsed off the event loop.
-INLINE_PARSE_BYTES = 256 << 10
+# Bodies larger than this are joined and parsed off the event loop: a 30 s clip as base64
+# 16-bit WAV (1.3 MB) stays on it; its parse takes well under a millisecond.
+INLINE_PARSE_BYTES = 2 << 20
 
 
 class BodyRefused(StarletteHTTPException):

@@ -221,8 +221,10 @@ async def test_json_with_too_many_elements_is_refused_before_parsing():
 async def test_large_json_bodies_refused_off_the_loop_are_named():
     """Bodies over INLINE_PARSE_BYTES are joined and parsed in a worker thread; its errors
     still come back as named 400s."""
+    from mdlserve.server.jsonbody import INLINE_PARSE_BYTES
+
     async with gateway() as gw:
-        pad = "a" * (400 << 10)
+        pad = "a" * (INLINE_PARSE_BYTES + (64 << 10))
         cut_short = with_model('{"model": "@MODEL@", "pad": "' + pad + '", "messages": [')
         refused(await post_json(gw, cut_short), "not valid JSON")
         lone_surrogate = with_model('{"model": "@MODEL@", "pad": "' + pad + '\\ud800", "messages": []}')

@@ -362,7 +362,8 @@ class EncoderGraphs:
         """One clip's patch features through one graph, or None when it is too long.
         waveform: (num_samples,) float32 or int16 -> (patches, dim)."""
         padded = -(-num_samples // self.samples_per_chunk) * self.samples_per_chunk
-        if padded // self.encoder.samples_per_patch > self.max_tokens:
+        padded_tokens = padded // self.encoder.samples_per_patch
+        if padded_tokens > self.max_tokens or padded_tokens // self.chunk + 1 > self.max_chunks:
             return None
         key = (padded, waveform.dtype)
         if key not in self.clip_graphs:

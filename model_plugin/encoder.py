@@ -374,8 +374,7 @@ class EncoderGraphs:
         graph.samples[:num_samples].copy_(waveform)
         graph.samples[num_samples:].zero_()
         graph.length.fill_(num_samples)
-        pad = [graph.out.shape[0] - tokens] if graph.out.shape[0] > tokens else []
-        self._set_chunks(graph.layout, layout.chunk_lens + pad, layout.chunk_keys + pad)
+        self._set_padded(graph.layout, layout, tokens, padded_tokens)
         graph.graph.replay()
         return graph.out[:tokens]
 
@@ -390,10 +389,15 @@ class EncoderGraphs:
         graph, x_in, out, static = self.graphs[padded]
         x_in[:tokens].copy_(x)
         x_in[tokens:].zero_()
-        pad = [padded - tokens] if padded > tokens else []
-        self._set_chunks(static, layout.chunk_lens + pad, layout.chunk_keys + pad)
+        self._set_padded(static, layout, tokens, padded)
         graph.replay()
         return out[:tokens]
+
+    def _set_padded(self, static: ChunkLayout, layout: ChunkLayout, tokens: int, padded: int) -> None:
+        """`layout`'s chunks into a graph's buffers, the tokens from `tokens` to `padded` as
+        a chunk of their own (they attend only to themselves)."""
+        pad = [padded - tokens] if padded > tokens else []
+        self._set_chunks(static, layout.chunk_lens + pad, layout.chunk_keys + pad)
 
     def _set_chunks(self, static: ChunkLayout, lens: list[int], keys: list[int]) -> None:
         """Write a layout into the captured buffers; unused chunk slots get length 0 and
@@ -509,9 +513,12 @@ class DashengEncoder(nn.Module):
         # patches first, with its chunks as `layout` gives them
         mel = self.init_bn(self.front_end.log_mel(samples[None], length))
         x = self.patch_embed(mel.to(self.time_pos_embed.dtype))[0]
+        return self.run_blocks(self.with_positions(x, layout.positions), layout)
+
+    def with_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: (N, dim) patches, positions: (N,) each patch's index in its chunk -> (N, dim)
         time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)
-        x = x + time_table[layout.positions] + self.freq_pos_embed.reshape(1, -1)
-        return self.run_blocks(x, layout)
+        return x + time_table[positions] + self.freq_pos_embed.reshape(1, -1)
 
     def forward(self, waveforms: torch.Tensor, num_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
         # waveforms: (total_samples,) fp32 or int16 PCM -> ((N, embed_dim) patches, patches per clip)
@@ -525,8 +532,6 @@ class DashengEncoder(nn.Module):
         patches = self.patch_embed(mel.to(dtype))  # (clips, max_patches, dim)
         counts = to_device(layout.num_patches, waveforms.device)
         keep = torch.arange(patches.shape[1], device=waveforms.device)[None, :] < counts[:, None]
-        x = patches[keep]  # (N, dim), clip-major
-        time_table = self.time_pos_embed.reshape(self.time_pos_embed.shape[1], -1).T  # (chunk, dim)
-        x = x + time_table[layout.positions] + self.freq_pos_embed.reshape(1, -1)
+        x = self.with_positions(patches[keep], layout.positions)  # (N, dim), clip-major
         out = self.graphs(x, layout) if self.graphs is not None and x.is_cuda else None
         return (self.run_blocks(x, layout) if out is None else out), layout.num_patches

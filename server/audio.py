@@ -4,11 +4,19 @@
 benchmarks write) stays int16, the form the model plugin takes without conversion (half
 the bytes of float32 for vLLM to hash, send to the engine and copy to the GPU); every
 other source is float32 in [-1, 1]. Both hold the same samples: int16 x is x / 32768.
+
+A canonical WAV of it (a plain PCM `fmt ` chunk, the samples in a `data` chunk that ends
+the file) is not decoded at all: its samples are the `data` chunk's bytes, returned as a
+numpy view of the upload (`_canonical_pcm16`), the same int16 values libsndfile reads. A
+30 s clip is 960 kB, which libsndfile's virtual IO, its blocks and their concatenation
+copied three times. Every other file, and any WAV that is odd in any way, takes the
+soundfile/PyAV path as before.
 """
 
 import asyncio
 import binascii
 import io
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,16 +47,46 @@ MAX_CHANNELS = 64
 # Samples (frames x channels) per decoded block: bounds the memory of one block.
 BLOCK_SAMPLES = 1 << 17
 
+# The `fmt ` chunk's first 16 bytes of 16 kHz mono 16-bit WAVE_FORMAT_PCM: format tag 1,
+# 1 channel, 16000 Hz, 32000 bytes a second, 2 bytes a frame, 16 bits a sample.
+_CANONICAL_FMT = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+# Chunks libsndfile skips without reading them: they may stand before `data` on the fast
+# path. Any other chunk (`fact`, `PEAK`, `bext`, `cue `...) is parsed by libsndfile, which
+# may refuse the file over it, so such a file takes libsndfile's path.
+_SKIPPED_CHUNKS = frozenset({b"JUNK", b"PAD ", b"FLLR"})
+# LIST subchunk ids libsndfile reads other than as id, size and payload (a `labl` shorter
+# than 4 bytes has it read past the subchunk's end).
+_SPECIAL_LIST_IDS = frozenset({b"INFO", b"adtl", b"exif", b"data", b"labl"})
+# First bytes of a `data` chunk that libsndfile refuses as WavPack or Ogg inside a WAV.
+_REFUSED_DATA_MARKERS = (b"wvpk", b"OggS")
+# Chunks (or LIST subchunks) walked at most before giving the file to libsndfile: real
+# files have a handful, and a file of millions of tiny chunks must not cost a Python loop.
+_MAX_CHUNKS = 64
+_U32 = struct.Struct("<I")
 
-def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
+
+def decode_audio(data: bytes | bytearray, max_seconds: float | None = None) -> np.ndarray:
     """Decode to 16 kHz mono: int16 for 16-bit PCM at 16 kHz mono, float32 otherwise.
-    soundfile (libsndfile) first, PyAV (ffmpeg) second.
+    A canonical 16 kHz mono 16-bit WAV's samples as they lie in `data`, then soundfile
+    (libsndfile), then PyAV (ffmpeg).
 
     Decoding stops as soon as the audio passes `max_seconds`, so memory is bounded by the
     limit and not by what a tiny compressed file (hours of FLAC silence) decodes to.
+
+    The result is always writable (torch.from_numpy warns on a read-only array): for a
+    canonical WAV in a bytearray it is a view of `data` itself, for one in bytes a copy of
+    its samples.
     """
     if not data:
         raise AudioDecodeError("the audio is empty (0 bytes)")
+    if (samples := _canonical_pcm16(data, max_seconds)) is not None:
+        return samples
+    return _decode_file(bytes(data), max_seconds)
+
+
+def _decode_file(data: bytes, max_seconds: float | None) -> np.ndarray:
+    """soundfile (libsndfile) first, PyAV (ffmpeg) second. Bytes, not a bytearray:
+    io.BytesIO reads bytes in place and would copy a bytearray."""
     try:
         mono = _decode_with_soundfile(data, max_seconds)
     except AudioDecodeError:
@@ -62,6 +100,94 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> np.ndarray:
     if (problem := sample_range_problem(mono)) is not None:
         raise AudioDecodeError(problem)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _canonical_pcm16(data: bytes | bytearray, max_seconds: float | None) -> np.ndarray | None:
+    """The samples of a canonical 16 kHz mono 16-bit WAV without decoding, or None for any
+    other file. Bytes cannot back a writable array, so for them the samples are copied
+    once (a view would make torch.from_numpy warn in the model plugin)."""
+    span = _canonical_data_span(data)
+    if span is None:
+        return None
+    offset, size = span
+    limit = _frame_limit(SAMPLE_RATE, max_seconds)
+    if limit is not None and size // 2 > limit:
+        raise _too_long(max_seconds)
+    samples = np.frombuffer(data, dtype="<i2", count=size // 2, offset=offset)
+    return samples if samples.flags.writeable else samples.copy()
+
+
+def _canonical_data_span(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(offset, size) of the `data` chunk of a canonical WAV, None for anything else.
+
+    Canonical means what libsndfile reads as exactly these bytes: RIFF/WAVE, chunks
+    walked from the start (each padded to an even length), a plain PCM 16 kHz mono 16-bit
+    `fmt ` chunk before `data`, before them only chunks libsndfile skips (or an INFO
+    list), and a non-empty `data` chunk of whole frames that ends the file. libsndfile
+    reads on past `data` and may refuse the file over a later chunk, and it cuts a `data`
+    chunk that runs past the end short: files like that keep its behaviour."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, has_fmt = 12, False
+    for _ in range(_MAX_CHUNKS):
+        if position + 8 > len(data):
+            return None
+        chunk_id = bytes(data[position : position + 4])
+        (size,) = _U32.unpack_from(data, position + 4)
+        body = position + 8
+        if chunk_id == b"data":
+            return (body, size) if has_fmt and _whole_samples_to_the_end(data, body, size) else None
+        end = _padded_end(data, body, size)
+        if end is None:
+            return None
+        if chunk_id == b"fmt ":
+            if has_fmt or size < 16 or data[body : body + 16] != _CANONICAL_FMT:
+                return None  # a second `fmt ` is one libsndfile ignores: not worth the care
+            has_fmt = True
+        elif chunk_id not in _SKIPPED_CHUNKS and not (chunk_id == b"LIST" and _is_plain_info_list(data, body, size)):
+            return None
+        position = end
+    return None
+
+
+def _padded_end(data: bytes | bytearray, body: int, size: int) -> int | None:
+    """Where a chunk ends with its pad byte, or None if it runs past the end of `data` or
+    its pad byte is not the zero RIFF prescribes (older libsndfile releases skip some odd
+    chunks without their pad byte and find the next chunk again only past a zero)."""
+    end = body + size + (size & 1)
+    if end > len(data) or (size & 1 and data[end - 1] != 0):
+        return None
+    return end
+
+
+def _whole_samples_to_the_end(data: bytes | bytearray, body: int, size: int) -> bool:
+    """Whether a `data` chunk holds whole 16-bit samples, at least one, up to the last
+    byte of the file, and does not start like the WavPack or Ogg stream libsndfile refuses
+    to read (those files go to PyAV)."""
+    return (
+        size > 0
+        and size % 2 == 0
+        and body + size == len(data)
+        and bytes(data[body : body + 4]) not in _REFUSED_DATA_MARKERS
+    )
+
+
+def _is_plain_info_list(data: bytes | bytearray, body: int, size: int) -> bool:
+    """Whether a LIST chunk is an INFO list (what ffmpeg writes before `data`) whose
+    subchunks fill it exactly. libsndfile reads a LIST subchunk by subchunk; only for such
+    a list does it end where the chunk ends, so anything else takes its path."""
+    end = body + size
+    if size < 4 or data[body : body + 4] != b"INFO":
+        return False
+    position = body + 4
+    for _ in range(_MAX_CHUNKS):
+        if position == end:
+            return True
+        if position + 8 > end or bytes(data[position : position + 4]) in _SPECIAL_LIST_IDS:
+            return False
+        (sub_size,) = _U32.unpack_from(data, position + 4)
+        position += 8 + sub_size + (sub_size & 1)
+    return False
 
 
 class _To16k:
@@ -182,14 +308,25 @@ def _decode_with_av(data: bytes, max_seconds: float | None) -> np.ndarray:
 def decode_input(data: bytes | str, max_seconds: float | None) -> np.ndarray:
     """`decode_audio` of a file's bytes, or of a file sent as base64 text (a `str`: an
     `input_audio` part's `data`): what a decode pool's worker runs."""
-    if isinstance(data, str):
-        try:
-            data = pybase64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            wrapped = any(ch in data for ch in "\n\r ")  # GNU base64 wraps at 76 columns unless -w0
-            hint = ": it holds line breaks or spaces; send it unwrapped (base64 -w0)" if wrapped else ""
-            raise InvalidBase64("not valid base64" + hint) from None
-    return decode_audio(data, max_seconds)
+    if not isinstance(data, str):
+        return decode_audio(data, max_seconds)
+    decoded = _from_base64(data)
+    if (samples := _canonical_pcm16(decoded, max_seconds)) is not None:
+        return samples
+    file = bytes(decoded)
+    del decoded  # one copy of the file while it decodes, as when base64 decoded to bytes
+    return decode_audio(file, max_seconds)
+
+
+def _from_base64(text: str) -> bytearray:
+    """A bytearray rather than bytes: a canonical WAV's samples are then a writable view of
+    it, not a copy (`_canonical_pcm16`)."""
+    try:
+        return pybase64.b64decode_as_bytearray(text, validate=True)
+    except (binascii.Error, ValueError):
+        wrapped = any(ch in text for ch in "\n\r ")  # GNU base64 wraps at 76 columns unless -w0
+        hint = ": it holds line breaks or spaces; send it unwrapped (base64 -w0)" if wrapped else ""
+        raise InvalidBase64("not valid base64" + hint) from None
 
 
 class DecodePool:

@@ -2,11 +2,14 @@
 from env and flags, admission arithmetic, audio decoding."""
 
 import asyncio
+import base64
 import http.server
 import io
 import ipaddress
+import struct
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import soundfile
 from pydantic import ValidationError
 
 from mdlserve.server.admission import Admission, request_weight
-from mdlserve.server.audio import decode_audio
+from mdlserve.server.audio import AudioDecodeError, _decode_with_soundfile, decode_audio, decode_input
 from mdlserve.server.cli import build_parser
 from mdlserve.server.errors import ApiError
 from mdlserve.server.fetch import AudioFetcher, FetchError, is_public_address
@@ -371,6 +374,130 @@ def test_16_bit_pcm_at_other_rates_is_resampled_to_float32():
     soundfile.write(buf, np.full(8000, 0.25), 8000, format="WAV", subtype="PCM_16")
     decoded = decode_audio(buf.getvalue())
     assert decoded.dtype == np.float32 and decoded.size == 16000
+
+
+def _wav(frames, rate=16000, channels=1, subtype="PCM_16", format="WAV", title=None, comment=None):
+    """A WAV written by soundfile (libsndfile): `title` goes into a LIST chunk before the
+    samples, `comment` into one after them."""
+    rng = np.random.default_rng(frames)
+    buf = io.BytesIO()
+    with soundfile.SoundFile(buf, "w", rate, channels, subtype, format=format) as f:
+        if title is not None:
+            f.title = title
+        f.write(rng.uniform(-1, 1, (frames, channels)))
+        if comment is not None:
+            f.comment = comment
+    return buf.getvalue()
+
+
+def _chunk(chunk_id, payload, pad=b"\0"):
+    """A RIFF chunk: id, little-endian size, payload and, after an odd payload, `pad`."""
+    return chunk_id + struct.pack("<I", len(payload)) + payload + (pad if len(payload) % 2 else b"")
+
+
+def _respliced(wav, before_fmt=b"", fmt_extra=b"", before_data=b"", data_size_delta=0):
+    """soundfile's plain WAV (RIFF, a 16-byte `fmt `, `data`) with chunks inserted before
+    `fmt ` and before `data`, bytes appended to `fmt `, or the `data` size changed; the
+    RIFF size follows."""
+    assert wav[12:16] == b"fmt " and wav[16:20] == struct.pack("<I", 16) and wav[36:40] == b"data"
+    fmt = _chunk(b"fmt ", wav[20:36] + fmt_extra)
+    (data_size,) = struct.unpack("<I", wav[40:44])
+    data = b"data" + struct.pack("<I", data_size + data_size_delta) + wav[44:]
+    body = b"WAVE" + before_fmt + fmt + before_data + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+FFMPEG_LIST = _chunk(b"LIST", b"INFO" + _chunk(b"ISFT", b"Lavf62.12.102\0"))  # what ffmpeg writes before `data`
+CANONICAL_LAYOUTS = {
+    "plain": lambda n: _wav(n),
+    "LIST before data": lambda n: _wav(n, title="a title"),
+    "odd chunk before data": lambda n: _respliced(_wav(n), before_data=_chunk(b"JUNK", b"odd")),
+    "odd chunk before fmt": lambda n: _respliced(_wav(n), before_fmt=_chunk(b"JUNK", b"x" * 7)),
+    "18-byte fmt": lambda n: _respliced(_wav(n), fmt_extra=b"\0\0"),
+    "ffmpeg's LIST": lambda n: _respliced(_wav(n), before_data=FFMPEG_LIST),
+}
+
+
+@pytest.mark.parametrize("layout", CANONICAL_LAYOUTS)
+@pytest.mark.parametrize("frames", [1, 2, 3, 1000, 150_000])
+def test_a_canonical_wav_is_its_data_chunk_as_int16_without_decoding(layout, frames):
+    """16 kHz mono 16-bit PCM in a WAV that libsndfile reads plainly: the samples are a
+    view of the upload's own bytes (not decoded, not copied), bit for bit what libsndfile
+    reads, also across its block boundary (150,000 frames). Bytes cannot back a writable
+    view: from them the samples are copied once."""
+    wav = CANONICAL_LAYOUTS[layout](frames)
+    expected = soundfile.read(io.BytesIO(wav), dtype="int16")[0]
+    assert expected.shape == (frames,)
+    upload = bytearray(wav)
+    decoded = decode_audio(upload, max_seconds=600)
+    assert decoded.dtype == np.int16 and np.array_equal(decoded, expected)
+    assert np.array_equal(decoded, _decode_with_soundfile(wav, None))  # today's path, bit for bit
+    assert np.shares_memory(decoded, upload) and decoded.flags.writeable
+    copied = decode_audio(wav, max_seconds=600)
+    assert copied.dtype == np.int16 and np.array_equal(copied, expected) and copied.flags.writeable
+
+
+NON_CANONICAL_WAVS = {
+    "44.1 kHz": lambda: _wav(4410, rate=44100),
+    "8 kHz": lambda: _wav(800, rate=8000),
+    "stereo": lambda: _wav(1000, channels=2),
+    "24-bit": lambda: _wav(1000, subtype="PCM_24"),
+    "8-bit": lambda: _wav(1000, subtype="PCM_U8"),
+    "float": lambda: _wav(1000, subtype="FLOAT"),
+    "extensible": lambda: _wav(1000, format="WAVEX"),
+    "data runs past the end": lambda: _wav(1000)[:-101],
+    "odd data size": lambda: _respliced(_wav(1000) + b"\1", data_size_delta=1),
+    "LIST after data": lambda: _wav(1000, comment="a comment"),
+    "fact before data": lambda: _respliced(_wav(1000), before_data=_chunk(b"fact", struct.pack("<I", 1000))),
+    "pad byte not zero": lambda: _respliced(_wav(1000), before_data=_chunk(b"JUNK", b"odd", pad=b"x")),
+    "bytes after data": lambda: _wav(1000) + b"\0\0",
+}
+
+
+@pytest.mark.parametrize("case", NON_CANONICAL_WAVS)
+def test_other_wavs_decode_as_libsndfile_decodes_them(case):
+    """Any other WAV, or a canonical one with anything odd about it (libsndfile cuts a
+    short data chunk, drops an odd byte, reads on past `data`), is decoded by libsndfile
+    as before: the same samples and dtype, none of them a view of the upload."""
+    wav = NON_CANONICAL_WAVS[case]()
+    upload = bytearray(wav)
+    decoded = decode_audio(upload, max_seconds=600)
+    expected = _decode_with_soundfile(wav, 600)
+    assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+    assert not np.shares_memory(decoded, upload)
+
+
+def test_a_canonical_wav_past_the_limit_is_refused_as_libsndfile_refuses_it():
+    """The limit is checked on the data chunk's size before the samples are touched, with
+    the soundfile path's message; a clip exactly at the limit passes."""
+    too_long = _wav(16_001)
+    with pytest.raises(AudioDecodeError) as fast:
+        decode_audio(bytearray(too_long), max_seconds=1)
+    with pytest.raises(AudioDecodeError) as decoded:
+        _decode_with_soundfile(too_long, 1)
+    assert str(fast.value) == str(decoded.value) == "the audio is longer than the limit of 1 s (--max-audio-seconds)"
+    at_limit = bytearray(_wav(16_000))
+    assert np.shares_memory(decode_audio(at_limit, max_seconds=1), at_limit)
+    with pytest.raises(AudioDecodeError, match="^the audio decodes to zero samples$"):
+        decode_audio(bytearray(_wav(0)))
+
+
+def test_decoded_wavs_go_to_torch_without_a_non_writable_warning():
+    """The gateway's path: base64 (an input_audio part) or bytes (a form upload, a URL)
+    through the decode pool's function into the model plugin's tensors. A read-only
+    array would make torch.from_numpy warn; torch warns once a process, so the arrays'
+    flag is checked as well."""
+    from mdlserve.model_plugin.model import MiDashengLMMultiModalProcessor
+
+    wav = _wav(20_000)
+    audio_tensors = MiDashengLMMultiModalProcessor.audio_tensors  # uses nothing of the instance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for data in (base64.b64encode(wav).decode(), wav):
+            samples = decode_input(data, 600)
+            assert samples.dtype == np.int16 and samples.flags.writeable
+            tensors = audio_tensors(None, [samples])  # type: ignore[arg-type]
+            assert tensors["input_pcm16"][0].numpy().tobytes() == wav[44:]
 
 
 def test_json_elements_are_counted_block_by_block_and_stop_past_the_limit():

@@ -63,7 +63,7 @@ def server(tiny_checkpoint, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        yield SimpleNamespace(url=url, pid=proc.pid)
+        yield SimpleNamespace(url=url, pid=proc.pid, checkpoint=tiny_checkpoint)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -296,3 +296,24 @@ def test_metrics_reader_tolerates_a_server_without_metrics():
     gone = MetricsReader("http://127.0.0.1:9", api_key=None, timeout_s=1)  # nothing listens: skipped, not fatal
     assert gone() is None and gone.available
     gone.close()
+
+
+@pytest.mark.slow  # four load runs, two of them vLLM's CLI (its imports take ~10 s each on the CPU VM)
+def test_vllm_anchor_runs_both_tools_on_the_same_server(server, tmp_path):
+    from mdlserve.benchmarks.vllm_anchor import main as anchor
+
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+    summary = anchor(["--url", server.url, "--tokenizer", server.checkpoint, "--model-name", model,
+                      "--concurrency", "2", "--num-requests", "4", "--clip-s", "1.5", "--out-tokens", "5",
+                      "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
+    assert [(r["round"], r["tool"]) for r in summary["runs"]] == [(0, "ours"), (0, "vllm"), (1, "vllm"), (1, "ours")]
+    for run in summary["runs"]:
+        assert run["requests"] == run["ok"] == 4 and run["errors"] == 0 and run["output_tokens"] == 4 * 5
+        assert run["request_throughput"] > 0 and 0 < run["ttft_median_ms"] < run["e2e_median_ms"]
+    (level,) = summary["levels"]
+    mean = {tool: np.mean([r["request_throughput"] for r in summary["runs"] if r["tool"] == tool])
+            for tool in ("ours", "vllm")}  # fmt: skip
+    assert level["ours_over_vllm"]["request_throughput"] == pytest.approx(mean["ours"] / mean["vllm"])
+    assert (tmp_path / "vllm-c2-r1.json").exists() and (tmp_path / "ours-c2-r1" / "summary.json").exists()
+    assert not list(tmp_path.glob("clips-*"))  # vLLM's WAV files are removed after its run
+    assert "ours / vLLM's" in (tmp_path / "summary.md").read_text()

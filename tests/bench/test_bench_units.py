@@ -297,3 +297,59 @@ def test_stream_times_the_first_token_and_the_first_text_apart():
     assert result.ok and result.output_tokens == 3
     assert 25 <= result.first_token_ms < result.ttft_ms - 25  # the empty token came one pause before "A"
     assert len(result.itl_ms) == 1 and result.itl_ms[0] >= 25
+
+
+def test_vllm_anchor_compares_the_tools_level_by_level():
+    from mdlserve.benchmarks.vllm_anchor import compare, markdown
+
+    def run(tool, concurrency, rps, ttft):
+        return {"tool": tool, "concurrency": concurrency, "request_throughput": rps, "in_flight": 0.9 * concurrency,
+                "ttft_median_ms": ttft, "tpot_median_ms": 2.0,
+                "e2e_median_ms": None if tool == "vllm" and concurrency == 4 else 100.0}  # fmt: skip
+
+    runs = [run("ours", 1, 4.0, 30.0), run("vllm", 1, 5.0, 40.0), run("vllm", 1, 3.0, 20.0), run("ours", 1, 4.4, 34.0),
+            run("ours", 4, 10.0, 80.0), run("vllm", 4, 12.5, 100.0)]  # fmt: skip
+    one, four = compare(runs)
+    assert one["concurrency"] == 1 and four["concurrency"] == 4
+    assert one["ours"]["request_throughput"] == pytest.approx(4.2) and one["vllm"]["request_throughput"] == 4.0
+    assert one["ours_over_vllm"]["request_throughput"] == pytest.approx(1.05)
+    assert one["ours_over_vllm"]["ttft_median_ms"] == pytest.approx(32.0 / 30.0)
+    assert four["ours_over_vllm"]["request_throughput"] == pytest.approx(0.8)
+    # A statistic one tool did not report has no mean and no ratio.
+    assert four["vllm"]["e2e_median_ms"] is None and four["ours_over_vllm"]["e2e_median_ms"] is None
+    table = markdown({"levels": [one, four], "runs": runs})
+    assert "| 1 | bench serve | 4.00, 4.40 | 4.20 | 0.90 | 32.0 | 2.00 | 100.0 |" in table
+    assert "| 1 | ours / vLLM's | | 1.050 | 1.000 | 1.067 | 1.000 | 1.000 |" in table
+    assert "| 4 | ours / vLLM's | | 0.800 | 1.000 | 0.800 | 1.000 | – |" in table
+
+
+def test_vllm_anchor_in_flight_is_littles_law_of_each_tools_figures():
+    from mdlserve.benchmarks.vllm_anchor import with_in_flight
+
+    assert with_in_flight({"request_throughput": 17.65, "e2e_mean_ms": 880.0})["in_flight"] == pytest.approx(15.532)
+
+
+def test_vllm_anchor_passes_the_same_workload_and_key_to_both_tools(tmp_path, monkeypatch):
+    from mdlserve.benchmarks import vllm_anchor
+
+    calls = []
+    monkeypatch.setattr(vllm_anchor.subprocess, "run", lambda command, **kw: calls.append((command, kw.get("env"))))
+    monkeypatch.setattr(vllm_anchor, "vllm_result", lambda path: {"file": path.name})
+    monkeypatch.setattr(vllm_anchor, "ours_result", lambda directory: {"dir": directory.name})
+    args = SimpleNamespace(url="http://h:1/", model_name="m", tokenizer="/ckpt", num_requests=8, out_tokens=7,
+                           clip_s=2.5, api_key="k3y")  # fmt: skip
+    assert vllm_anchor.run_vllm(args, tmp_path / "d.jsonl", 4, tmp_path, "vllm-c4-r0") == {"file": "vllm-c4-r0.json"}
+    assert vllm_anchor.run_ours(args, 4, 123, tmp_path, "ours-c4-r0") == {"dir": "ours-c4-r0"}
+    (vllm_cmd, vllm_env), (ours_cmd, _) = calls
+
+    def option(command, name):
+        return command[command.index(name) + 1]
+
+    assert option(vllm_cmd, "--base-url") == "http://h:1" and option(ours_cmd, "--url") == "http://h:1/"
+    assert option(vllm_cmd, "--max-concurrency") == option(ours_cmd, "--concurrency") == "4"
+    assert option(vllm_cmd, "--num-prompts") == option(ours_cmd, "--num-requests") == "8"
+    assert option(vllm_cmd, "--custom-output-len") == option(ours_cmd, "--out-tokens") == "7"
+    assert json.loads(option(vllm_cmd, "--extra-body")) == {"min_tokens": 7} and "--ignore-eos" in vllm_cmd
+    assert option(vllm_cmd, "--temperature") == "0" and option(vllm_cmd, "--dataset-name") == "custom_audio"
+    assert vllm_env["OPENAI_API_KEY"] == "k3y" and option(ours_cmd, "--api-key") == "k3y"
+    assert option(ours_cmd, "--seed") == "123" and option(ours_cmd, "--clip-s") == "2.5"

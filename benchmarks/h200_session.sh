@@ -29,7 +29,9 @@
 # streaming TTFT at c=1 first), ENGINE_ARGS (engine phase: more vllm.LLM arguments,
 # KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file), SERVE_ARGS (gateway
 # and start phases: more `mdl-serve serve` flags, e.g. "--cudagraph-mode FULL"), MODES
-# (gateway phases: the order of the c=512 levels, default nostream,stream).
+# (gateway phases: the order of the c=512 levels, default nostream,stream), ANCHOR (gateway
+# phase: after those levels, `python -m mdlserve.benchmarks.vllm_anchor` at these levels,
+# e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -59,7 +61,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     [ -f "$CK/config.json" ] || "$PY" -m mdlserve.server.cli make-checkpoint --preset tiny --out "$CK"
     SIZE=(--smoke --batches 2,2 --sample-formats "${SAMPLE_FORMATS:-float32}")
     TTFT=(--ttft-clips 2 --ttft-repeats 1)
-    BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8; API=2
+    BIG=2; PROCS=2; N_REQ=8; CLIP=4; TOKENS=8; API=2; ANCHOR_N=4
     SERVE_ENGINE=(--max-model-len 1024 --max-num-seqs 4 --enforce-eager)
     export TORCHDYNAMO_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 else
@@ -72,7 +74,7 @@ else
     # 8192 requests at c=512: sixteen waves of 512. With four, how the first waves settled
     # decided the result (non-streaming 0.85-0.93 of offline against 0.958 over sixteen,
     # benchmarks/results/2026-12-02-h200-modes).
-    BIG=512; PROCS=4; N_REQ=${N_REQ:-8192}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}
+    BIG=512; PROCS=4; N_REQ=${N_REQ:-8192}; CLIP=30; TOKENS=100; API=${API_PROCESSES:-4}; ANCHOR_N=256
     SERVE_ENGINE=(--load-format dummy --dtype bfloat16 --max-model-len 1024 --max-num-seqs 512 --max-queue 4096
                   ${BATCHED_TOKENS:+--max-num-batched-tokens $BATCHED_TOKENS})
 fi
@@ -226,6 +228,13 @@ gateway)
     # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
     [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
+    # ANCHOR=16,64: then our load generator beside vLLM's `vllm bench serve` at those levels.
+    if [ -n "${ANCHOR:-}" ]; then
+        "$PY" -m mdlserve.benchmarks.vllm_anchor --url "$URL" --tokenizer "$CK" --concurrency "$ANCHOR" \
+            --num-requests "${ANCHOR_REQUESTS:-$ANCHOR_N}" --clip-s $CLIP --out-tokens $TOKENS \
+            --rounds "${ANCHOR_ROUNDS:-2}" --out "$WORK/$PHASE/anchor-api$API"
+        pack
+    fi
     stop_server
     pack
     if [ "${RESTART:-0}" = 1 ]; then

@@ -49,6 +49,15 @@ def vllm_command() -> list[str]:
     return [script] if Path(script).exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
+def served_model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"][0]["id"]
+
+
 def write_vllm_dataset(directory: Path, keys: Sequence[tuple[int, ...]], clip_s: float) -> Path:
     """One WAV per request and the JSONL that vLLM's `custom_audio` dataset reads."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--tokenizer", required=True, help="the checkpoint directory (vLLM's tool counts prompt tokens)")
-    p.add_argument("--model-name", default="midashenglm-7b", help="the request's `model`")
+    p.add_argument("--model-name", default=None, help="the request's `model` (default: the first of /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("MDL_API_KEY"), help="bearer token (default: $MDL_API_KEY)")
     p.add_argument("--concurrency", default="1,4,16", help="closed-loop levels, comma list")
     p.add_argument("--num-requests", type=int, default=64, help="requests per run")
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="results directory")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.model_name is None:
+        args.model_name = served_model(args.url, args.api_key)
     if args.seed is None:
         args.seed = secrets.randbelow(2**20)  # fresh clips for every run against a server that caches
     out_dir = Path(args.out)

@@ -42,10 +42,10 @@ def test_engine_phase_keeps_two_runs_of_one_setting_apart(tiny_checkpoint, tmp_p
         assert ttft["n"] == 1 and ttft["engine_step_median_ms"] > 0
 
 
-def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags_and_restarts(
+def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags_the_anchor_and_restarts(
     tiny_checkpoint, tmp_path
 ):
-    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1",
+    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1", ANCHOR="2",
                       MODES="stream,nostream", SERVE_ARGS="--served-model-name smoke-served --cudagraph-mode FULL")  # fmt: skip
     for mode in ("nostream", "stream"):
         summary = json.loads(files[f"gateway/c2-{mode}-api2/summary.json"])
@@ -54,6 +54,8 @@ def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags
         assert summary["model_name"] == "smoke-served"  # SERVE_ARGS reached the server
     log = (tmp_path / "out" / "gateway.log").read_text()
     assert log.index("c2-stream-api2") < log.index("c2-nostream-api2")
+    anchor = json.loads(files["gateway/anchor-api2/summary.json"])  # ANCHOR: vLLM's load generator beside ours
+    assert [(r["tool"], r["ok"]) for r in anchor["runs"]] == [("ours", 4), ("vllm", 4), ("vllm", 4), ("ours", 4)]
     for start in ("api2", "api2-restart"):
         assert files[f"gateway/ready-{start}.txt"].startswith(b"server ready after ")
 

@@ -77,16 +77,17 @@ def decode_audio(data: bytes | bytearray, max_seconds: float | None = None) -> n
     canonical WAV in a bytearray it is a view of `data` itself, for one in bytes a copy of
     its samples.
     """
-    if not data:
-        raise AudioDecodeError("the audio is empty (0 bytes)")
     if (samples := _canonical_pcm16(data, max_seconds)) is not None:
         return samples
     return _decode_file(bytes(data), max_seconds)
 
 
 def _decode_file(data: bytes, max_seconds: float | None) -> np.ndarray:
-    """soundfile (libsndfile) first, PyAV (ffmpeg) second. Bytes, not a bytearray:
-    io.BytesIO reads bytes in place and would copy a bytearray."""
+    """soundfile (libsndfile) first, PyAV (ffmpeg) second: any file but a canonical WAV
+    (never empty). Bytes, not a bytearray: io.BytesIO reads bytes in place and would copy
+    a bytearray."""
+    if not data:
+        raise AudioDecodeError("the audio is empty (0 bytes)")
     try:
         mono = _decode_with_soundfile(data, max_seconds)
     except AudioDecodeError:
@@ -315,7 +316,7 @@ def decode_input(data: bytes | str, max_seconds: float | None) -> np.ndarray:
         return samples
     file = bytes(decoded)
     del decoded  # one copy of the file while it decodes, as when base64 decoded to bytes
-    return decode_audio(file, max_seconds)
+    return _decode_file(file, max_seconds)
 
 
 def _from_base64(text: str) -> bytearray:

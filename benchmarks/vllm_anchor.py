@@ -25,6 +25,7 @@ vLLM's benchmark needs pandas for its JSONL reader (the `bench` and `dev` extras
 """
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -36,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import make_clip, wav_bytes, write_json
+from .common import make_clip, parse_int_list, wav_bytes, write_json
+from .http_load import ChatClient
 
 ANCHOR_KEY = 47  # vLLM's clips: (seed, ANCHOR_KEY, round, level, request); ours are keyed by `bench serve`
 PROMPT = "Caption the audio."
@@ -49,13 +51,11 @@ def vllm_command() -> list[str]:
     return [script] if Path(script).exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
-def served_model(url: str, api_key: str | None) -> str:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+async def ready_model(args) -> str:
+    """Wait until the server answers a warm-up request (a clip of this run's own); the
+    model name to send, given or the first of /v1/models."""
+    async with ChatClient(args.url, args.api_key, 600.0, args.model_name, seed=args.seed) as client:
+        return client.ready_model
 
 
 def write_vllm_dataset(directory: Path, keys: Sequence[tuple[int, ...]], clip_s: float) -> Path:
@@ -208,11 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=None, help="seed of both tools' clips (default: random per run)")
     p.add_argument("--out", required=True, help="results directory")
     args = p.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if args.model_name is None:
-        args.model_name = served_model(args.url, args.api_key)
+    levels = parse_int_list(args.concurrency)
     if args.seed is None:
         args.seed = secrets.randbelow(2**20)  # fresh clips for every run against a server that caches
+    args.model_name = asyncio.run(ready_model(args))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -30,8 +30,9 @@
 # KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file), SERVE_ARGS (gateway
 # and start phases: more `mdl-serve serve` flags, e.g. "--cudagraph-mode FULL"), MODES
 # (gateway phases: the order of the c=512 levels, default nostream,stream), ANCHOR (gateway
-# phase: after those levels, `python -m mdlserve.benchmarks.vllm_anchor` at these levels,
-# e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2).
+# phase: after those levels, `python -m mdlserve.benchmarks.anchors` at these levels,
+# e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2, ANCHOR_TOOLS,
+# default vllm,locust).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape
@@ -228,9 +229,10 @@ gateway)
     # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
     [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
-    # ANCHOR=16,64: then our load generator beside vLLM's `vllm bench serve` at those levels.
+    # ANCHOR=16,64: then our load generator beside vLLM's `vllm bench serve` and locust at those levels.
     if [ -n "${ANCHOR:-}" ]; then
-        "$PY" -m mdlserve.benchmarks.vllm_anchor --url "$URL" --tokenizer "$CK" --concurrency "$ANCHOR" \
+        "$PY" -m mdlserve.benchmarks.anchors --url "$URL" --tokenizer "$CK" --concurrency "$ANCHOR" \
+            --tools "${ANCHOR_TOOLS:-vllm,locust}" \
             --num-requests "${ANCHOR_REQUESTS:-$ANCHOR_N}" --clip-s $CLIP --out-tokens $TOKENS \
             --rounds "${ANCHOR_ROUNDS:-2}" --out "$WORK/$PHASE/anchor-api$API"
         pack

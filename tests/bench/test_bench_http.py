@@ -298,22 +298,33 @@ def test_metrics_reader_tolerates_a_server_without_metrics():
     gone.close()
 
 
-@pytest.mark.slow  # four load runs, two of them vLLM's CLI (its imports take ~10 s each on the CPU VM)
-def test_vllm_anchor_runs_both_tools_on_the_same_server(server, tmp_path):
-    from mdlserve.benchmarks.vllm_anchor import main as anchor
+@pytest.mark.slow  # eight load runs, two of them vLLM's CLI (its imports take ~10 s each on the CPU VM)
+def test_anchors_run_vllms_tool_and_locust_beside_ours_on_the_same_server(server, tmp_path):
+    from mdlserve.benchmarks.anchors import main as anchors
 
     model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
-    summary = anchor(["--url", server.url, "--tokenizer", server.checkpoint, "--model-name", model,
-                      "--concurrency", "2", "--num-requests", "4", "--clip-s", "1.5", "--out-tokens", "5",
-                      "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
-    assert [(r["round"], r["tool"]) for r in summary["runs"]] == [(0, "ours"), (0, "vllm"), (1, "vllm"), (1, "ours")]
+    summary = anchors(["--url", server.url, "--tokenizer", server.checkpoint, "--model-name", model,
+                       "--tools", "vllm,locust", "--concurrency", "2", "--num-requests", "4", "--clip-s", "1.5",
+                       "--out-tokens", "5", "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
+    assert [(r["round"], r["beside"], r["tool"]) for r in summary["runs"]] == [
+        (0, "vllm", "ours"), (0, "vllm", "vllm"), (0, "locust", "ours"), (0, "locust", "locust"),
+        (1, "vllm", "vllm"), (1, "vllm", "ours"), (1, "locust", "locust"), (1, "locust", "ours"),
+    ]  # fmt: skip
     for run in summary["runs"]:
         assert run["requests"] == run["ok"] == 4 and run["errors"] == 0 and run["output_tokens"] == 4 * 5
-        assert run["request_throughput"] > 0 and 0 < run["ttft_median_ms"] < run["e2e_median_ms"]
-    (level,) = summary["levels"]
-    mean = {tool: np.mean([r["request_throughput"] for r in summary["runs"] if r["tool"] == tool])
-            for tool in ("ours", "vllm")}  # fmt: skip
-    assert level["ours_over_vllm"]["request_throughput"] == pytest.approx(mean["ours"] / mean["vllm"])
-    assert (tmp_path / "vllm-c2-r1.json").exists() and (tmp_path / "ours-c2-r1" / "summary.json").exists()
-    assert not list(tmp_path.glob("clips-*"))  # vLLM's WAV files are removed after its run
-    assert "ours / vLLM's" in (tmp_path / "summary.md").read_text()
+        assert run["request_throughput"] > 0 and 0 < run["in_flight"] and run["e2e_median_ms"] > 0
+        if run["beside"] == "vllm":  # streaming: TTFT before the end
+            assert 0 < run["ttft_median_ms"] < run["e2e_median_ms"]
+        else:
+            assert run["ttft_median_ms"] is None
+    vllm_level, locust_level = summary["levels"]
+    for level in (vllm_level, locust_level):
+        mean = {tool: np.mean([r["request_throughput"] for r in summary["runs"]
+                               if r["beside"] == level["anchor"] and r["tool"] == tool])
+                for tool in ("ours", level["anchor"])}  # fmt: skip
+        assert level["ours_over_theirs"]["request_throughput"] == pytest.approx(mean["ours"] / mean[level["anchor"]])
+    assert (tmp_path / "vllm-c2-r1.json").exists() and (tmp_path / "locust-c2-r1.json").exists()
+    assert (tmp_path / "ours-locust-c2-r1" / "summary.json").exists()
+    assert not list(tmp_path.glob("clips-*"))  # the anchors' clips are removed after their runs
+    table = (tmp_path / "summary.md").read_text()
+    assert "ours / vLLM's" in table and "ours / locust's" in table

@@ -299,57 +299,160 @@ def test_stream_times_the_first_token_and_the_first_text_apart():
     assert len(result.itl_ms) == 1 and result.itl_ms[0] >= 25
 
 
-def test_vllm_anchor_compares_the_tools_level_by_level():
-    from mdlserve.benchmarks.vllm_anchor import compare, markdown
+def test_anchors_compare_each_anchor_with_ours_beside_it_level_by_level():
+    from mdlserve.benchmarks.anchors import compare, markdown
 
-    def run(tool, concurrency, rps, ttft):
-        return {"tool": tool, "concurrency": concurrency, "request_throughput": rps, "in_flight": 0.9 * concurrency,
-                "ttft_median_ms": ttft, "tpot_median_ms": 2.0,
+    def run(tool, beside, concurrency, rps, ttft):
+        return {"tool": tool, "beside": beside, "concurrency": concurrency, "request_throughput": rps,
+                "in_flight": 0.9 * concurrency, "ttft_median_ms": ttft, "tpot_median_ms": None if ttft is None else 2.0,
                 "e2e_median_ms": None if tool == "vllm" and concurrency == 4 else 100.0}  # fmt: skip
 
-    runs = [run("ours", 1, 4.0, 30.0), run("vllm", 1, 5.0, 40.0), run("vllm", 1, 3.0, 20.0), run("ours", 1, 4.4, 34.0),
-            run("ours", 4, 10.0, 80.0), run("vllm", 4, 12.5, 100.0)]  # fmt: skip
-    one, four = compare(runs)
-    assert one["concurrency"] == 1 and four["concurrency"] == 4
-    assert one["ours"]["request_throughput"] == pytest.approx(4.2) and one["vllm"]["request_throughput"] == 4.0
-    assert one["ours_over_vllm"]["request_throughput"] == pytest.approx(1.05)
-    assert one["ours_over_vllm"]["ttft_median_ms"] == pytest.approx(32.0 / 30.0)
-    assert four["ours_over_vllm"]["request_throughput"] == pytest.approx(0.8)
-    # A statistic one tool did not report has no mean and no ratio.
-    assert four["vllm"]["e2e_median_ms"] is None and four["ours_over_vllm"]["e2e_median_ms"] is None
-    table = markdown({"levels": [one, four], "runs": runs})
-    assert "| 1 | bench serve | 4.00, 4.40 | 4.20 | 0.90 | 32.0 | 2.00 | 100.0 |" in table
+    runs = [run("ours", "vllm", 1, 4.0, 30.0), run("vllm", "vllm", 1, 5.0, 40.0),
+            run("ours", "locust", 1, 6.0, None), run("locust", "locust", 1, 5.0, None),
+            run("vllm", "vllm", 1, 3.0, 20.0), run("ours", "vllm", 1, 4.4, 34.0),
+            run("locust", "locust", 1, 7.0, None), run("ours", "locust", 1, 6.6, None),
+            run("ours", "vllm", 4, 10.0, 80.0), run("vllm", "vllm", 4, 12.5, 100.0)]  # fmt: skip
+    one_vllm, one_locust, four_vllm = compare(runs)
+    assert [(x["concurrency"], x["anchor"], x["stream"]) for x in (one_vllm, one_locust, four_vllm)] == [
+        (1, "vllm", True), (1, "locust", False), (4, "vllm", True)]  # fmt: skip
+    # Each anchor against ours' runs beside it, not against all of ours.
+    assert one_vllm["ours"]["request_throughput"] == pytest.approx(4.2)
+    assert one_vllm["theirs"]["request_throughput"] == 4.0
+    assert one_vllm["ours_over_theirs"]["request_throughput"] == pytest.approx(1.05)
+    assert one_vllm["ours_over_theirs"]["ttft_median_ms"] == pytest.approx(32.0 / 30.0)
+    assert one_locust["ours"]["request_throughput"] == pytest.approx(6.3)
+    assert one_locust["theirs"]["request_throughput"] == 6.0
+    assert one_locust["ours_over_theirs"]["request_throughput"] == pytest.approx(1.05)
+    assert four_vllm["ours_over_theirs"]["request_throughput"] == pytest.approx(0.8)
+    # A statistic a tool did not report (TTFT without streaming) has no mean and no ratio.
+    assert one_locust["theirs"]["ttft_median_ms"] is None and one_locust["ours_over_theirs"]["ttft_median_ms"] is None
+    assert four_vllm["theirs"]["e2e_median_ms"] is None and four_vllm["ours_over_theirs"]["e2e_median_ms"] is None
+    table = markdown({"levels": [one_vllm, one_locust, four_vllm], "runs": runs})
+    assert "| 1 | bench serve, streaming | 4.00, 4.40 | 4.20 | 0.90 | 32.0 | 2.00 | 100.0 |" in table
     assert "| 1 | ours / vLLM's | | 1.050 | 1.000 | 1.067 | 1.000 | 1.000 |" in table
+    assert "| 1 | bench serve, non-streaming | 6.00, 6.60 | 6.30 | 0.90 | – | – | 100.0 |" in table
+    assert "| 1 | locust | 5.00, 7.00 | 6.00 | 0.90 | – | – | 100.0 |" in table
+    assert "| 1 | ours / locust's | | 1.050 | 1.000 | – | – | 1.000 |" in table
     assert "| 4 | ours / vLLM's | | 0.800 | 1.000 | 0.800 | 1.000 | – |" in table
 
 
-def test_vllm_anchor_in_flight_is_littles_law_of_each_tools_figures():
-    from mdlserve.benchmarks.vllm_anchor import with_in_flight
+def test_anchors_in_flight_is_littles_law_of_each_tools_figures():
+    from mdlserve.benchmarks.anchors import with_in_flight
 
     assert with_in_flight({"request_throughput": 17.65, "e2e_mean_ms": 880.0})["in_flight"] == pytest.approx(15.532)
+    assert with_in_flight({"request_throughput": None, "e2e_mean_ms": 880.0})["in_flight"] is None
 
 
-def test_vllm_anchor_passes_the_same_workload_and_key_to_both_tools(tmp_path, monkeypatch):
-    from mdlserve.benchmarks import vllm_anchor
+def test_anchors_tools_are_checked():
+    from mdlserve.benchmarks.anchors import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--url", "http://h:1", "--tokenizer", "/ckpt", "--tools", "vllm,jmeter", "--out", "/nonexistent"])
+    assert refused.value.code == 2
+
+
+def test_anchors_pass_the_same_workload_to_every_tool(tmp_path, monkeypatch):
+    from mdlserve.benchmarks import anchors
 
     calls = []
-    monkeypatch.setattr(vllm_anchor.subprocess, "run", lambda command, **kw: calls.append((command, kw.get("env"))))
-    monkeypatch.setattr(vllm_anchor, "vllm_result", lambda path: {"file": path.name})
-    monkeypatch.setattr(vllm_anchor, "ours_result", lambda directory: {"dir": directory.name})
-    args = SimpleNamespace(url="http://h:1/", model_name="m", tokenizer="/ckpt", num_requests=8, out_tokens=7,
+    monkeypatch.setattr(anchors.subprocess, "run", lambda command, **kw: calls.append((command, kw.get("env"))))
+    monkeypatch.setattr(anchors, "vllm_result", lambda path: {"file": path.name})
+    monkeypatch.setattr(anchors, "locust_result", lambda path: {"record": path.name})
+    monkeypatch.setattr(anchors, "ours_result", lambda directory: {"dir": directory.name})
+    args = SimpleNamespace(url="http://h:1/v1/", model_name="m", tokenizer="/ckpt", num_requests=8, out_tokens=7,
                            clip_s=2.5, api_key="k3y")  # fmt: skip
-    assert vllm_anchor.run_vllm(args, tmp_path / "d.jsonl", 4, tmp_path, "vllm-c4-r0") == {"file": "vllm-c4-r0.json"}
-    assert vllm_anchor.run_ours(args, 4, 123, tmp_path, "ours-c4-r0") == {"dir": "ours-c4-r0"}
-    (vllm_cmd, vllm_env), (ours_cmd, _) = calls
+    assert anchors.run_vllm(args, tmp_path / "d.jsonl", 4, tmp_path, "vllm-c4-r0") == {"file": "vllm-c4-r0.json"}
+    assert anchors.run_ours(args, 4, 123, True, tmp_path, "ours-vllm-c4-r0") == {"dir": "ours-vllm-c4-r0"}
+    locust = anchors.run_locust(args, tmp_path / "b.jsonl", 4, tmp_path, "locust-c4-r0")
+    assert locust == {"record": "locust-c4-r0.json"}
+    assert anchors.run_ours(args, 4, 124, False, tmp_path, "ours-locust-c4-r0") == {"dir": "ours-locust-c4-r0"}
+    (vllm_cmd, vllm_env), (ours_cmd, _), (locust_cmd, locust_env), (ours_nostream_cmd, _) = calls
 
     def option(command, name):
         return command[command.index(name) + 1]
 
-    assert option(vllm_cmd, "--base-url") == "http://h:1" and option(ours_cmd, "--url") == "http://h:1/"
+    # The tools append /v1/chat/completions themselves (ours strips a trailing /v1 too).
+    assert option(vllm_cmd, "--base-url") == option(locust_cmd, "--host") == "http://h:1"
+    assert option(ours_cmd, "--url") == "http://h:1/v1/"
     assert option(vllm_cmd, "--max-concurrency") == option(ours_cmd, "--concurrency") == "4"
+    assert option(locust_cmd, "--users") == option(locust_cmd, "--spawn-rate") == "4"  # all users at once
     assert option(vllm_cmd, "--num-prompts") == option(ours_cmd, "--num-requests") == "8"
     assert option(vllm_cmd, "--custom-output-len") == option(ours_cmd, "--out-tokens") == "7"
     assert json.loads(option(vllm_cmd, "--extra-body")) == {"min_tokens": 7} and "--ignore-eos" in vllm_cmd
     assert option(vllm_cmd, "--temperature") == "0" and option(vllm_cmd, "--dataset-name") == "custom_audio"
     assert vllm_env["OPENAI_API_KEY"] == "k3y" and option(ours_cmd, "--api-key") == "k3y"
+    assert locust_env["ANCHOR_API_KEY"] == "k3y" and locust_env["ANCHOR_BODIES"] == str(tmp_path / "b.jsonl")
+    assert option(locust_cmd, "--exit-code-on-error") == "0"  # a failed request is counted, not fatal
     assert option(ours_cmd, "--seed") == "123" and option(ours_cmd, "--clip-s") == "2.5"
+    # Ours beside locust runs in locust's mode, non-streaming; beside vLLM's tool, streaming.
+    assert "--no-stream" in ours_nostream_cmd and "--no-stream" not in ours_cmd
+
+
+def test_locust_bodies_are_the_requests_bench_serve_sends(tmp_path):
+    from mdlserve.benchmarks.anchors import write_locust_bodies
+    from mdlserve.benchmarks.http_load import encode_body
+
+    args = SimpleNamespace(clip_s=0.5, out_tokens=6, model_name="m")
+    keys = [(1, 48, 0, 0, i) for i in range(3)]
+    lines = write_locust_bodies(tmp_path, keys, args).read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 4
+    for key, line in zip(keys, lines):
+        spec = RequestSpec(key=key, clip_s=0.5, prompt="Caption the audio.", max_tokens=6, stream=False,
+                           exact_tokens=True)  # fmt: skip
+        assert line == encode_body(spec, "m")
+        body = json.loads(line)
+        assert body["stream"] is False and body["min_tokens"] == body["max_tokens"] == 6 and body["ignore_eos"]
+    assert len(set(lines[:3])) == 3  # a fresh clip per request
+
+
+def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
+    """The locustfile in a real locust process, against a stub server that answers the third
+    request it receives with a 503: every body is sent once, by at most --users at a time, the
+    failure is counted (not fatal), tokens come from the answers' usage, and the run ends
+    when the last body is answered (no --run-time)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mdlserve.benchmarks.anchors import run_locust
+
+    received, in_flight, lock = [], [0, 0], threading.Lock()  # in_flight: now, most
+
+    class Stub(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                received.append((self.path, self.headers.get("Authorization"), body))
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+                failing = len(received) == 3
+            time.sleep(0.05)
+            answer = b'{"error": "busy"}' if failing else json.dumps({"usage": {"completion_tokens": 5}}).encode()
+            with lock:
+                in_flight[0] -= 1
+            self.send_response(503 if failing else 200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    bodies = [json.dumps({"n": i}).encode() for i in range(5)]
+    (tmp_path / "bodies.jsonl").write_bytes(b"".join(b + b"\n" for b in bodies))
+    args = SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="k3y")
+    try:
+        result = run_locust(args, tmp_path / "bodies.jsonl", 2, tmp_path, "locust-c2-r0")
+    finally:
+        httpd.shutdown()
+    assert sorted(body for _, _, body in received) == sorted(bodies)
+    assert {(path, auth) for path, auth, _ in received} == {("/v1/chat/completions", "Bearer k3y")}
+    assert in_flight[1] <= 2
+    assert (result["requests"], result["ok"], result["errors"], result["output_tokens"]) == (5, 4, 1, 20)
+    assert result["request_throughput"] > 0 and result["e2e_mean_ms"] > 0 and result["ttft_median_ms"] is None
+    assert result["in_flight"] == pytest.approx(result["request_throughput"] * result["e2e_mean_ms"] / 1000)
+    record = json.loads((tmp_path / "locust-c2-r0.json").read_text())
+    assert record["answered"] == 5 and record["first_send"] <= record["last_answer"]

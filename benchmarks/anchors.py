@@ -65,13 +65,13 @@ async def ready_model(args) -> str:
         return client.ready_model
 
 
-def write_vllm_dataset(directory: Path, keys: Sequence[tuple[int, ...]], clip_s: float) -> Path:
+def write_vllm_dataset(directory: Path, keys: Sequence[tuple[int, ...]], args) -> Path:
     """One WAV per request and the JSONL that vLLM's `custom_audio` dataset reads."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, key in enumerate(keys):
         path = directory / f"{i:05d}.wav"
-        path.write_bytes(wav_bytes(make_clip(clip_s, key)))
+        path.write_bytes(wav_bytes(make_clip(args.clip_s, key)))
         rows.append({"prompt": PROMPT, "audio": str(path)})
     dataset = directory / "dataset.jsonl"
     dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -212,10 +212,9 @@ class Anchor:
 
 
 ANCHORS = {
-    "vllm": Anchor("vllm", "vllm bench serve", "vLLM's", True, 47,
-                   lambda directory, keys, args: write_vllm_dataset(directory, keys, args.clip_s), run_vllm),
+    "vllm": Anchor("vllm", "vllm bench serve", "vLLM's", True, 47, write_vllm_dataset, run_vllm),
     "locust": Anchor("locust", "locust", "locust's", False, 48, write_locust_bodies, run_locust),
-}  # fmt: skip
+}
 
 
 def ratio(ours: float | None, anchor: float | None) -> float | None:

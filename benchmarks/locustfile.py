@@ -52,10 +52,14 @@ class ChatUser(FastHttpUser):
             _progress.first_send = time.time()
         body = BODIES[index]  # bytes, which geventhttpclient sends as they are (its stubs say str)
         with self.client.post("/v1/chat/completions", data=body, headers=HEADERS, catch_response=True) as r:  # type: ignore[arg-type]
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
-            else:
-                _progress.output_tokens += json.loads(r.content)["usage"]["completion_tokens"]
+            problem = None if r.status_code == 200 else f"HTTP {r.status_code}: {(r.text or '')[:200]}"
+            if problem is None:
+                try:
+                    _progress.output_tokens += json.loads(r.content)["usage"]["completion_tokens"]
+                except (ValueError, KeyError, TypeError) as exc:  # counted, so that the run still ends
+                    problem = f"an answer without usage: {exc!r}"
+            if problem is not None:
+                r.failure(problem)
         _progress.answered += 1
         _progress.last_answer = time.time()
         if _progress.answered == len(BODIES):

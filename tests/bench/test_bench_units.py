@@ -407,9 +407,10 @@ def test_locust_bodies_are_the_requests_bench_serve_sends(tmp_path):
 
 def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
     """The locustfile in a real locust process, against a stub server that answers the third
-    request it receives with a 503: every body is sent once, by at most --users at a time, the
-    failure is counted (not fatal), tokens come from the answers' usage, and the run ends
-    when the last body is answered (no --run-time)."""
+    request it receives with a 503 and the fourth with a 200 lacking `usage`: every body is
+    sent once, by at most --users at a time, both failures are counted (not fatal), tokens
+    come from the answers' usage, and the run ends when the last body is answered (no
+    --run-time)."""
     import threading
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -425,12 +426,12 @@ def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
                 received.append((self.path, self.headers.get("Authorization"), body))
                 in_flight[0] += 1
                 in_flight[1] = max(in_flight)
-                failing = len(received) == 3
+                nth = len(received)
             time.sleep(0.05)
-            answer = b'{"error": "busy"}' if failing else json.dumps({"usage": {"completion_tokens": 5}}).encode()
+            answer = {3: b'{"error": "busy"}', 4: b"{}"}.get(nth, json.dumps({"usage": {"completion_tokens": 5}}).encode())
             with lock:
                 in_flight[0] -= 1
-            self.send_response(503 if failing else 200)
+            self.send_response(503 if nth == 3 else 200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
@@ -451,7 +452,7 @@ def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
     assert sorted(body for _, _, body in received) == sorted(bodies)
     assert {(path, auth) for path, auth, _ in received} == {("/v1/chat/completions", "Bearer k3y")}
     assert in_flight[1] <= 2
-    assert (result["requests"], result["ok"], result["errors"], result["output_tokens"]) == (5, 4, 1, 20)
+    assert (result["requests"], result["ok"], result["errors"], result["output_tokens"]) == (5, 3, 2, 15)
     assert result["request_throughput"] > 0 and result["e2e_mean_ms"] > 0 and result["ttft_median_ms"] is None
     assert result["in_flight"] == pytest.approx(result["request_throughput"] * result["e2e_mean_ms"] / 1000)
     record = json.loads((tmp_path / "locust-c2-r0.json").read_text())

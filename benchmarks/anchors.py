@@ -58,6 +58,13 @@ def vllm_command() -> list[str]:
     return [script] if Path(script).exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
+def run_logged(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    """One tool's run, its output (both streams) in `log_path`; a tool that fails stops the
+    comparison."""
+    with open(log_path, "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 async def ready_model(args) -> str:
     """Wait until the server answers a warm-up request (a clip of this run's own); the
     model name to send, given or the first of /v1/models."""
@@ -92,8 +99,7 @@ def run_vllm(args, dataset: Path, concurrency: int, out_dir: Path, name: str) ->
         "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{name}.json",
     ]  # fmt: skip
     env = dict(os.environ, **({"OPENAI_API_KEY": args.api_key} if args.api_key else {}))  # its bearer token
-    with open(out_dir / f"{name}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    run_logged(command, out_dir / f"{name}.log", env)
     return vllm_result(out_dir / f"{name}.json")
 
 
@@ -136,8 +142,7 @@ def run_locust(args, bodies: Path, concurrency: int, out_dir: Path, name: str) -
     env = dict(os.environ, ANCHOR_BODIES=str(bodies), ANCHOR_RECORD=str(record))
     if args.api_key:
         env["ANCHOR_API_KEY"] = args.api_key
-    with open(out_dir / f"{name}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    run_logged(command, out_dir / f"{name}.log", env)
     return locust_result(record)
 
 
@@ -170,8 +175,7 @@ def run_ours(args, concurrency: int, seed: int, stream: bool, out_dir: Path, nam
         "--seed", str(seed), "--out", str(out_dir / name), *(["--api-key", args.api_key] if args.api_key else []),
         *([] if stream else ["--no-stream"]),
     ]  # fmt: skip
-    with open(out_dir / f"{name}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    run_logged(command, out_dir / f"{name}.log")
     return ours_result(out_dir / name)
 
 

@@ -93,7 +93,7 @@ class Engine(Protocol):
 
 
 def engine_args(settings: Settings):
-    from vllm.config import CompilationConfig, CUDAGraphMode, StructuredOutputsConfig
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from mdlserve.server.platform import default_kv_cache_bytes
@@ -112,15 +112,25 @@ def engine_args(settings: Settings):
         quantization=settings.quantization,
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
-        compilation_config=CompilationConfig()
-        if settings.cudagraph_mode is None
-        else CompilationConfig(cudagraph_mode=CUDAGraphMode[settings.cudagraph_mode]),
+        compilation_config=compilation_config(settings),
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
         # response_format: compact JSON. With whitespace allowed between tokens a model can
         # pad forever ("{\r\r\r...") and never close the object within max_tokens.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {}),
     )
+
+
+def compilation_config(settings: Settings):
+    """vLLM's CompilationConfig with only what the settings choose; vLLM fills in the rest."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    chosen: dict[str, Any] = {}
+    if settings.cudagraph_mode is not None:
+        chosen["cudagraph_mode"] = CUDAGraphMode[settings.cudagraph_mode]
+    if settings.cudagraph_capture_sizes is not None:
+        chosen["cudagraph_capture_sizes"] = settings.cudagraph_capture_sizes
+    return CompilationConfig(**chosen)
 
 
 def audio_tokens_per_clip(settings: Settings) -> int:

@@ -233,7 +233,7 @@ def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     expected = {
         "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-        "enforce-eager", "cudagraph-mode", "host", "port", "api-keys", "api-key-file", "auth-health-metrics",
+        "enforce-eager", "cudagraph-mode", "cudagraph-capture-sizes", "host", "port", "api-keys", "api-key-file", "auth-health-metrics",
         "max-queue", "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
         "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
         "log-level",
@@ -576,3 +576,18 @@ def test_cudagraph_mode_flag_reaches_vllms_compilation_config_and_unset_leaves_v
         build_parser().parse_args(["serve", "--cudagraph-mode", "full-ish"])
     with pytest.raises(ValidationError, match="cudagraph_mode"):
         Settings(cudagraph_mode="ALL")
+
+
+def test_capture_sizes_flag_reaches_vllms_compilation_config_sorted_and_bad_sizes_are_named():
+    from mdlserve.server.engine import engine_args
+
+    args = build_parser().parse_args(["serve", "--cudagraph-capture-sizes", "512, 1,64,2,64"])
+    settings = Settings(cudagraph_capture_sizes=args.cudagraph_capture_sizes, cudagraph_mode="FULL")
+    chosen = engine_args(settings).compilation_config
+    assert chosen.cudagraph_capture_sizes == [1, 2, 64, 512]
+    assert chosen.cudagraph_mode.name == "FULL"  # both settings reach the one config
+    assert engine_args(Settings()).compilation_config.cudagraph_capture_sizes is None  # vLLM's own sizes
+    for bad, message in (("", "at least one size"), ("0,8", "at least 1 (got 0)"), ("8,x", "valid integer")):
+        with pytest.raises(ValidationError, match="cudagraph_capture_sizes") as refused:
+            Settings(cudagraph_capture_sizes=bad)
+        assert message in str(refused.value)

@@ -137,10 +137,14 @@ POLL
         gzip -9 "$WORK/$PHASE/startup-stacks.txt"
     fi
     grep -E "took|takes|finished in|engine up|Directly load|Compiling a graph" "$log" | grep -v access | cut -c1-300 | tail -20 >> "$WORK/$PHASE/ready-${LABEL:-main}.txt"
-    # One unmeasured wave at the full concurrency, as the offline bench warms up with its
-    # largest batch before it measures: every API process has served requests, and the
-    # engine has run steps of the sizes the measured levels bring, before the first of them.
-    serve_at $BIG $PROCS "warmup-${LABEL:-main}" --num-requests $BIG --no-stream > /dev/null
+}
+# Two unmeasured waves at the full concurrency (bench serve takes no fewer than two requests
+# per user), as the offline bench warms up with its largest batch before it measures: every
+# API process has served requests, and the engine has run steps of the sizes the measured
+# levels bring, before the first of them.
+warm_up() {
+    serve_at $BIG $PROCS "warmup-${LABEL:-main}" --num-requests $((2 * BIG)) --no-stream > /dev/null ||
+        { echo "warm-up failed"; stop_server; pack; exit 4; }
 }
 stop_server() {
     kill $server; wait $server
@@ -185,6 +189,7 @@ levers)
     pack ;;
 http)
     start_server
+    warm_up
     serve_at 1 1 c1-stream --num-requests 20
     both_modes $BIG $PROCS
     stop_server
@@ -217,6 +222,7 @@ apitier)
     bench throughput --impl plugin "${SIZE[@]}" --out "$WORK/apitier/offline" --time-budget-s "${BUDGET:-240}"
     pack
     LABEL=api$API start_server --api-processes $API
+    LABEL=api$API warm_up
     serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
     stop_server
@@ -226,6 +232,7 @@ gateway)
     # gateway, the before row of the same lease).
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=api$API start_server --api-processes $API "${SERVE_EXTRA[@]}"
+    LABEL=api$API warm_up
     # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
     [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
     both_modes $BIG $PROCS api$API
@@ -255,11 +262,13 @@ dp)
     # one GPU with $API API processes at 512 in the same call (issue 16's ratio).
     export CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
     LABEL=dp2 start_server --data-parallel-size 2 --api-processes $((2 * API))
+    LABEL=dp2 BIG=$((2 * BIG)) PROCS=$((2 * PROCS)) warm_up
     both_modes $((2 * BIG)) $((2 * PROCS)) dp2
     stop_server
     pack
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=dp1 start_server --api-processes $API
+    LABEL=dp1 warm_up
     both_modes $BIG $PROCS dp1
     stop_server
     pack ;;

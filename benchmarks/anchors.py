@@ -306,6 +306,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="results directory")
     args = p.parse_args(argv)
     levels = parse_int_list(args.concurrency)
+    # Checked before any run: a tool given no request would wait for answers forever (locust
+    # quits after its last answer), and ours refuses fewer than two requests per user.
+    if not levels or min(levels) < 1:
+        p.error(f"--concurrency takes levels of at least 1; got {args.concurrency!r}")
+    if args.num_requests < 2 * max(levels):
+        p.error(f"--num-requests {args.num_requests} is less than twice --concurrency {max(levels)}: "
+                "each user needs at least two requests for a throughput window")  # fmt: skip
+    if args.rounds < 1 or args.out_tokens < 1:
+        p.error("--rounds and --out-tokens take at least 1")
     if args.seed is None:
         args.seed = secrets.randbelow(2**20)  # fresh clips for every run against a server that caches
     args.model_name = asyncio.run(ready_model(args))

@@ -351,6 +351,27 @@ def test_anchors_tools_are_checked():
     assert refused.value.code == 2
 
 
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num-requests", "0"], "--num-requests 0 is less than twice --concurrency 16"),
+        (["--concurrency", "4,32", "--num-requests", "63"], "--num-requests 63 is less than twice --concurrency 32"),
+        (["--concurrency", "0,4"], "--concurrency takes levels of at least 1; got '0,4'"),
+        (["--concurrency", ""], "--concurrency takes levels of at least 1; got ''"),
+        (["--rounds", "0"], "--rounds and --out-tokens take at least 1"),
+    ],
+)
+def test_anchors_refuse_a_workload_no_tool_could_finish_before_running_any(flags, message, capsys):
+    """Refused by argparse, before the server is asked for its model (the URL is unreachable)."""
+    from mdlserve.benchmarks.anchors import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--url", "http://127.0.0.1:9", "--tokenizer", "/ckpt", "--out", "/nonexistent", *flags])
+    assert refused.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_anchors_pass_the_same_workload_to_every_tool(tmp_path, monkeypatch):
     from mdlserve.benchmarks import anchors
 

@@ -179,6 +179,12 @@ class Settings(BaseSettings):
                 "its sequences; lower --max-num-batched-tokens or raise --max-num-seqs (mdl-serve batch: "
                 "--max-in-flight)"
             )
+        sizes, budget = self.cudagraph_capture_sizes, self.max_num_batched_tokens
+        if sizes and budget is not None and sizes[-1] > budget:
+            raise ValueError(
+                f"cudagraph_capture_sizes has {sizes[-1]}, more than max_num_batched_tokens ({budget}): no step "
+                "holds more tokens than that, so vLLM would drop the size; leave it out"
+            )
         return self
 
     @property

@@ -233,7 +233,8 @@ def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     expected = {
         "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-        "enforce-eager", "cudagraph-mode", "cudagraph-capture-sizes", "host", "port", "api-keys", "api-key-file", "auth-health-metrics",
+        "enforce-eager", "cudagraph-mode", "cudagraph-capture-sizes", "host", "port", "api-keys", "api-key-file",
+        "auth-health-metrics",
         "max-queue", "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
         "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
         "log-level",
@@ -591,3 +592,6 @@ def test_capture_sizes_flag_reaches_vllms_compilation_config_sorted_and_bad_size
         with pytest.raises(ValidationError, match="cudagraph_capture_sizes") as refused:
             Settings(cudagraph_capture_sizes=bad)
         assert message in str(refused.value)
+    with pytest.raises(ValidationError, match="cudagraph_capture_sizes has 1024, more than max_num_batched_tokens"):
+        Settings(cudagraph_capture_sizes="8,1024", max_num_batched_tokens=512)
+    assert Settings(cudagraph_capture_sizes="8,512", max_num_batched_tokens=512).cudagraph_capture_sizes == [8, 512]

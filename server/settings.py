@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     )
     cudagraph_capture_sizes: Annotated[list[int], NoDecode] | None = Field(
         None,
-        description="comma-separated batch sizes in tokens that vLLM captures CUDA graphs for at start "
-        "(default: vLLM's 51 sizes up to 512); fewer sizes start faster, a step between two sizes is padded "
-        "to the next (GPU only)",
+        description="comma-separated step sizes in tokens that vLLM captures CUDA graphs for at start "
+        "(default: vLLM's: 1, 2, 4, every 8 to 248, every 16 to 512, at most twice --max-num-seqs; 51 sizes "
+        "at 512 sequences); fewer sizes start faster, a step between two sizes is padded to the next (GPU only)",
     )
 
     # HTTP

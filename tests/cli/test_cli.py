@@ -135,14 +135,16 @@ def test_serve_with_settings_out_of_range_exits_2_naming_them(capsys):
     assert "Traceback" not in err
 
 
-def test_batch_takes_the_cudagraph_mode_flag_into_its_engine_settings():
+def test_batch_takes_the_cuda_graph_flags_into_its_engine_settings():
     from mdlserve.server.batch.cli import SETTINGS_FIELDS
     from mdlserve.server.cli import build_parser
     from mdlserve.server.settings import Settings
 
-    args = build_parser().parse_args(["batch", "clips/", "--output", "out.jsonl", "--cudagraph-mode", "PIECEWISE"])
+    args = build_parser().parse_args(["batch", "clips/", "--output", "out.jsonl", "--cudagraph-mode", "PIECEWISE",
+                                      "--cudagraph-capture-sizes", "16,1,8"])  # fmt: skip
     settings = Settings(**{k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS})
     assert settings.cudagraph_mode == "PIECEWISE"
+    assert settings.cudagraph_capture_sizes == [1, 8, 16]
 
 
 # ---------------------------------------------------------------- bench

@@ -48,7 +48,9 @@ from .common import make_clip, parse_int_list, wav_bytes, write_json
 from .http_load import ChatClient, RequestSpec, base_url, encode_body
 
 PROMPT = "Caption the audio."
-STATISTICS = ("request_throughput", "in_flight", "ttft_median_ms", "tpot_median_ms", "e2e_median_ms")
+STATISTICS = ("request_throughput", "in_flight", "ttft_median_ms", "tpot_median_ms", "e2e_median_ms", "send_burst")
+# Sends closer together than this are one burst (send_burst).
+BURST_GAP_S = 0.005
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
@@ -116,6 +118,7 @@ def vllm_result(path: Path) -> dict:
         "tpot_median_ms": result["median_tpot_ms"],
         "e2e_median_ms": result["median_e2el_ms"],
         "e2e_mean_ms": result["mean_e2el_ms"],
+        "send_burst": None,  # its result file keeps no send times
     })  # fmt: skip
 
 
@@ -163,6 +166,7 @@ def locust_result(path: Path) -> dict:
         "tpot_median_ms": None,
         "e2e_median_ms": record["median_response_time_ms"],
         "e2e_mean_ms": record["avg_response_time_ms"],
+        "send_burst": send_burst(record["send_times"]),
     })  # fmt: skip
 
 
@@ -193,7 +197,27 @@ def ours_result(directory: Path) -> dict:
         "tpot_median_ms": row["tpot_ms"]["median"],
         "e2e_median_ms": row["e2e_ms"]["median"],
         "e2e_mean_ms": row["e2e_ms"]["mean"],
+        "send_burst": send_burst([r["start_s"] for r in requests]),
     })  # fmt: skip
+
+
+def send_burst(send_times: Sequence[float]) -> float | None:
+    """With how many requests (itself included) a request was sent, on average: sends less
+    than BURST_GAP_S apart form one burst. Near the concurrency when the users re-send in
+    step (answers of equal length end in the same engine step and every user sends again at
+    once), near 1 when they drift apart. The server prefills a burst's clips together."""
+    if not send_times:
+        return None
+    times = sorted(send_times)
+    sizes, size = [], 1
+    for earlier, later in zip(times, times[1:]):
+        if later - earlier < BURST_GAP_S:
+            size += 1
+        else:
+            sizes.append(size)
+            size = 1
+    sizes.append(size)
+    return sum(size * size for size in sizes) / len(times)
 
 
 def with_in_flight(run: dict) -> dict:
@@ -255,8 +279,9 @@ def markdown(summary: dict) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| c | tool | req/s by round | req/s | in flight | TTFT p50 ms | TPOT p50 ms | E2E p50 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| c | tool | req/s by round | req/s | in flight | TTFT p50 ms | TPOT p50 ms | E2E p50 ms "
+        "| sent in bursts of |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for level in summary["levels"]:
         anchor = ANCHORS[level["anchor"]]
@@ -271,7 +296,7 @@ def markdown(summary: dict) -> str:
             lines.append(
                 f"| {level['concurrency']} | {label} | {per_round} | {cell(means['request_throughput'])} | "
                 f"{cell(means['in_flight'])} | {cell(means['ttft_median_ms'], 1)} | {cell(means['tpot_median_ms'])} | "
-                f"{cell(means['e2e_median_ms'], 1)} |"
+                f"{cell(means['e2e_median_ms'], 1)} | {cell(means['send_burst'], 1)} |"
             )
         r = level["ours_over_theirs"]
         lines.append(

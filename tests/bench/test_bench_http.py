@@ -317,6 +317,8 @@ def test_anchors_run_vllms_tool_and_locust_beside_ours_on_the_same_server(server
             assert 0 < run["ttft_median_ms"] < run["e2e_median_ms"]
         else:
             assert run["ttft_median_ms"] is None
+        # Two users: each request was sent alone or with the other one; vLLM's tool keeps no send times.
+        assert run["send_burst"] is None if run["tool"] == "vllm" else 1.0 <= run["send_burst"] <= 2.0
     vllm_level, locust_level = summary["levels"]
     for level in (vllm_level, locust_level):
         mean = {tool: np.mean([r["request_throughput"] for r in summary["runs"]

@@ -305,7 +305,8 @@ def test_anchors_compare_each_anchor_with_ours_beside_it_level_by_level():
     def run(tool, beside, concurrency, rps, ttft):
         return {"tool": tool, "beside": beside, "concurrency": concurrency, "request_throughput": rps,
                 "in_flight": 0.9 * concurrency, "ttft_median_ms": ttft, "tpot_median_ms": None if ttft is None else 2.0,
-                "e2e_median_ms": None if tool == "vllm" and concurrency == 4 else 100.0}  # fmt: skip
+                "e2e_median_ms": None if tool == "vllm" and concurrency == 4 else 100.0,
+                "send_burst": {"ours": 0.8 * concurrency, "locust": 1.6}.get(tool)}  # fmt: skip
 
     runs = [run("ours", "vllm", 1, 4.0, 30.0), run("vllm", "vllm", 1, 5.0, 40.0),
             run("ours", "locust", 1, 6.0, None), run("locust", "locust", 1, 5.0, None),
@@ -328,12 +329,23 @@ def test_anchors_compare_each_anchor_with_ours_beside_it_level_by_level():
     assert one_locust["theirs"]["ttft_median_ms"] is None and one_locust["ours_over_theirs"]["ttft_median_ms"] is None
     assert four_vllm["theirs"]["e2e_median_ms"] is None and four_vllm["ours_over_theirs"]["e2e_median_ms"] is None
     table = markdown({"levels": [one_vllm, one_locust, four_vllm], "runs": runs})
-    assert "| 1 | bench serve, streaming | 4.00, 4.40 | 4.20 | 0.90 | 32.0 | 2.00 | 100.0 |" in table
-    assert "| 1 | ours / vLLM's | | 1.050 | 1.000 | 1.067 | 1.000 | 1.000 |" in table
-    assert "| 1 | bench serve, non-streaming | 6.00, 6.60 | 6.30 | 0.90 | – | – | 100.0 |" in table
-    assert "| 1 | locust | 5.00, 7.00 | 6.00 | 0.90 | – | – | 100.0 |" in table
-    assert "| 1 | ours / locust's | | 1.050 | 1.000 | – | – | 1.000 |" in table
-    assert "| 4 | ours / vLLM's | | 0.800 | 1.000 | 0.800 | 1.000 | – |" in table
+    assert "| 1 | bench serve, streaming | 4.00, 4.40 | 4.20 | 0.90 | 32.0 | 2.00 | 100.0 | 0.8 |" in table
+    assert "| 1 | ours / vLLM's | | 1.050 | 1.000 | 1.067 | 1.000 | 1.000 | – |" in table  # vLLM's keeps no send times
+    assert "| 1 | bench serve, non-streaming | 6.00, 6.60 | 6.30 | 0.90 | – | – | 100.0 | 0.8 |" in table
+    assert "| 1 | locust | 5.00, 7.00 | 6.00 | 0.90 | – | – | 100.0 | 1.6 |" in table
+    assert "| 1 | ours / locust's | | 1.050 | 1.000 | – | – | 1.000 | 0.500 |" in table
+    assert "| 4 | ours / vLLM's | | 0.800 | 1.000 | 0.800 | 1.000 | – | – |" in table
+
+
+def test_send_burst_is_the_mean_size_of_the_burst_each_request_was_sent_in():
+    from mdlserve.benchmarks.anchors import send_burst
+
+    in_step = [wave * 0.6 + user * 0.001 for wave in range(4) for user in range(16)]  # 4 waves of 16, 1 ms apart
+    assert send_burst(in_step) == 16.0
+    assert send_burst([i * 0.04 for i in range(64)]) == 1.0  # 40 ms apart: each alone
+    assert send_burst([0.0, 0.004, 0.1, 0.3, 0.302, 0.304]) == pytest.approx((2 * 2 + 1 + 3 * 3) / 6)
+    assert send_burst(list(reversed(in_step))) == 16.0  # the order of the records does not matter
+    assert send_burst([]) is None
 
 
 def test_anchors_in_flight_is_littles_law_of_each_tools_figures():
@@ -478,3 +490,5 @@ def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
     assert result["in_flight"] == pytest.approx(result["request_throughput"] * result["e2e_mean_ms"] / 1000)
     record = json.loads((tmp_path / "locust-c2-r0.json").read_text())
     assert record["answered"] == 5 and record["first_send"] <= record["last_answer"]
+    assert len(record["send_times"]) == 5 and record["send_times"][0] == record["first_send"]
+    assert 1.0 <= result["send_burst"] <= 2.0  # two users

@@ -5,10 +5,10 @@ body per line of $ANCHOR_BODIES, encoded as `bench serve` encodes its own) to
 /v1/chat/completions and waits for the whole answer, with no pause between requests: `-u`
 users hold that many requests in flight, a closed loop. Once every body has been answered
 the run stops, and $ANCHOR_RECORD receives locust's own statistics of the requests (count,
-failures, median and mean response time), the time of the first send and of the last
-answer (the window of vLLM's req/s definition, which locust's statistics do not keep), the
-time of every send (whether the users send in step) and the answers' output tokens (their
-`usage`).
+failures, median and mean response time), the time of every send and of the last answer
+(from the first send to the last answer is the window of vLLM's req/s definition, which
+locust's statistics do not keep; the sends also show whether the users send in step) and
+the answers' output tokens (their `usage`).
 """
 
 import json
@@ -31,9 +31,8 @@ TIMEOUT_S = 600.0
 class Progress:
     answered: int = 0
     output_tokens: int = 0
-    first_send: float | None = None  # time.time()
-    last_answer: float | None = None
     send_times: list[float] = field(default_factory=list)  # time.time() of every send
+    last_answer: float | None = None
 
 
 _unsent = iter(range(len(BODIES)))
@@ -51,8 +50,6 @@ class ChatUser(FastHttpUser):
         if index is None:
             raise StopUser()
         _progress.send_times.append(time.time())
-        if _progress.first_send is None:
-            _progress.first_send = _progress.send_times[0]
         body = BODIES[index]  # bytes, which geventhttpclient sends as they are (its stubs say str)
         with self.client.post("/v1/chat/completions", data=body, headers=HEADERS, catch_response=True) as r:  # type: ignore[arg-type]
             problem = None if r.status_code == 200 else f"HTTP {r.status_code}: {(r.text or '')[:200]}"

@@ -489,6 +489,6 @@ def test_locust_sends_every_body_once_counts_failures_and_stops(tmp_path):
     assert result["request_throughput"] > 0 and result["e2e_mean_ms"] > 0 and result["ttft_median_ms"] is None
     assert result["in_flight"] == pytest.approx(result["request_throughput"] * result["e2e_mean_ms"] / 1000)
     record = json.loads((tmp_path / "locust-c2-r0.json").read_text())
-    assert record["answered"] == 5 and record["first_send"] <= record["last_answer"]
-    assert len(record["send_times"]) == 5 and record["send_times"][0] == record["first_send"]
+    assert record["answered"] == 5 and len(record["send_times"]) == 5
+    assert max(record["send_times"]) <= record["last_answer"]
     assert 1.0 <= result["send_burst"] <= 2.0  # two users

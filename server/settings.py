@@ -170,7 +170,8 @@ class Settings(BaseSettings):
         """vLLM 0.26 only warns when a step may hold more tokens than --max-num-seqs sequences
         of --max-model-len, and its engine then fails on the GPU while starting (an illegal
         memory access with 1 or 2 sequences and 16384 tokens on an H200:
-        benchmarks/results/2026-12-02-h200-gc)."""
+        benchmarks/results/2026-12-02-h200-gc). A CUDA graph size above the step's tokens
+        is refused as well: vLLM drops it with only a warning."""
         limit = self.max_step_tokens
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens > limit:
             raise ValueError(

@@ -14,9 +14,8 @@ from mdlserve.server.batch.options import BatchOptions
 # builder applies (flags as for `mdl-serve serve`, also MDL_<FLAG> variables).
 SETTINGS_FIELDS = ("model", "served_model_name", "dtype", "max_model_len", "max_num_batched_tokens",
                    "gpu_memory_utilization", "tensor_parallel_size", "quantization", "load_format",
-                   "kv_cache_bytes", "enforce_eager", "cudagraph_mode", "cudagraph_capture_sizes", "max_audio_seconds",
-                   "max_audio_parts",
-                   "fetch_timeout", "fetch_max_bytes")  # fmt: skip
+                   "kv_cache_bytes", "enforce_eager", "cudagraph_mode", "cudagraph_capture_sizes",
+                   "max_audio_seconds", "max_audio_parts", "fetch_timeout", "fetch_max_bytes")  # fmt: skip
 EXIT_USAGE = 2
 USAGE = """mdl-serve batch INPUT --output OUT.jsonl [options]
        mdl-serve batch merge INPUT SHARD_OUTPUT... --output MERGED.jsonl [options]"""

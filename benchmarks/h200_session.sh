@@ -29,9 +29,9 @@
 # streaming TTFT at c=1 first), ENGINE_ARGS (engine phase: more vllm.LLM arguments,
 # KEY=VALUE;KEY=VALUE), LABEL (start phase: the name of its ready file), SERVE_ARGS (gateway
 # and start phases: more `mdl-serve serve` flags, e.g. "--cudagraph-mode FULL"), MODES
-# (gateway phases: the order of the c=512 levels, default nostream,stream), ANCHOR (gateway
-# phase: after those levels, `python -m mdlserve.benchmarks.anchors` at these levels,
-# e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2, ANCHOR_TOOLS,
+# (gateway phases: the order of the c=512 levels, default nostream,stream; MODES= runs
+# none of them), ANCHOR (gateway phase: after those levels,
+# `python -m mdlserve.benchmarks.anchors` at these levels, e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2, ANCHOR_TOOLS,
 # default vllm,locust).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
@@ -171,7 +171,7 @@ both_modes() {
         pack
     done
 }
-MODES=${MODES:-nostream,stream}
+MODES=${MODES-nostream,stream}
 
 case $PHASE in
 offline)

@@ -64,3 +64,10 @@ def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags
 def test_start_phase_records_the_start_under_its_label(tiny_checkpoint, tmp_path):
     files = run_phase("start", tmp_path / "out", tmp_path / "work", tiny_checkpoint, LABEL="warm")
     assert files["start/ready-warm.txt"].startswith(b"server ready after ")
+
+
+def test_gateway_phase_with_modes_set_empty_runs_only_the_lone_requests(tiny_checkpoint, tmp_path):
+    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, C1="1", MODES="")
+    (row,) = json.loads(files["gateway/c1-stream-api2/summary.json"])["serve"]
+    assert row["ok"] == row["requests"] and row["stream"] is True
+    assert not [name for name in files if name.startswith("gateway/c2-")]  # no level at the full concurrency

@@ -172,6 +172,13 @@ both_modes() {
     done
 }
 MODES=${MODES-nostream,stream}
+# `python -m mdlserve.benchmarks.anchors` at the levels $1 against the running server.
+anchors() {
+    local levels=$1
+    shift
+    "$PY" -m mdlserve.benchmarks.anchors --url "$URL" --tokenizer "$CK" --concurrency "$levels" --clip-s $CLIP \
+        --out-tokens $TOKENS --rounds "${ANCHOR_ROUNDS:-2}" "$@"
+}
 
 case $PHASE in
 offline)
@@ -233,15 +240,18 @@ gateway)
     export CUDA_VISIBLE_DEVICES=${GPU:-0}
     LABEL=api$API start_server --api-processes $API "${SERVE_EXTRA[@]}"
     LABEL=api$API warm_up
-    # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it.
-    [ "${C1:-0}" = 1 ] && serve_at 1 1 c1-stream-api$API --num-requests 20
+    # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it;
+    # with ANCHOR set, also vLLM's `vllm bench serve` beside ours at c=1 (a second client's
+    # TTFT: ours is httpx, vLLM's aiohttp).
+    if [ "${C1:-0}" = 1 ]; then
+        serve_at 1 1 c1-stream-api$API --num-requests 20
+        [ -n "${ANCHOR:-}" ] && anchors 1 --num-requests 20 --tools vllm --out "$WORK/$PHASE/anchor-c1-api$API"
+    fi
     both_modes $BIG $PROCS api$API
     # ANCHOR=16,64: then our load generator beside vLLM's `vllm bench serve` and locust at those levels.
     if [ -n "${ANCHOR:-}" ]; then
-        "$PY" -m mdlserve.benchmarks.anchors --url "$URL" --tokenizer "$CK" --concurrency "$ANCHOR" \
-            --tools "${ANCHOR_TOOLS:-vllm,locust}" \
-            --num-requests "${ANCHOR_REQUESTS:-$ANCHOR_N}" --clip-s $CLIP --out-tokens $TOKENS \
-            --rounds "${ANCHOR_ROUNDS:-2}" --out "$WORK/$PHASE/anchor-api$API"
+        anchors "$ANCHOR" --tools "${ANCHOR_TOOLS:-vllm,locust}" --num-requests "${ANCHOR_REQUESTS:-$ANCHOR_N}" \
+            --out "$WORK/$PHASE/anchor-api$API"
         pack
     fi
     stop_server

@@ -42,10 +42,10 @@ def test_engine_phase_keeps_two_runs_of_one_setting_apart(tiny_checkpoint, tmp_p
         assert ttft["n"] == 1 and ttft["engine_step_median_ms"] > 0
 
 
-def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags_the_anchor_and_restarts(
+def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags_the_anchors_and_restarts(
     tiny_checkpoint, tmp_path
 ):
-    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1", ANCHOR="2",
+    files = run_phase("gateway", tmp_path / "out", tmp_path / "work", tiny_checkpoint, RESTART="1", ANCHOR="2", C1="1",
                       MODES="stream,nostream", SERVE_ARGS="--served-model-name smoke-served --cudagraph-mode FULL")  # fmt: skip
     for mode in ("nostream", "stream"):
         summary = json.loads(files[f"gateway/c2-{mode}-api2/summary.json"])
@@ -57,6 +57,9 @@ def test_gateway_phase_serves_both_modes_in_the_order_given_with_the_extra_flags
     anchor = json.loads(files["gateway/anchor-api2/summary.json"])  # ANCHOR: the anchors beside ours
     assert [(r["tool"], r["ok"]) for r in anchor["runs"]] == [
         ("ours", 4), ("vllm", 4), ("ours", 4), ("locust", 4), ("vllm", 4), ("ours", 4), ("locust", 4), ("ours", 4)]  # fmt: skip
+    lone = json.loads(files["gateway/anchor-c1-api2/summary.json"])  # C1 with ANCHOR: vLLM's client at c=1 too
+    assert [(r["tool"], r["concurrency"], r["ok"]) for r in lone["runs"]] == [
+        ("ours", 1, 20), ("vllm", 1, 20), ("vllm", 1, 20), ("ours", 1, 20)]  # fmt: skip
     for start in ("api2", "api2-restart"):
         assert files[f"gateway/ready-{start}.txt"].startswith(b"server ready after ")
 

@@ -7,6 +7,9 @@ MAX_HEADER_BYTES (else 431) and arrive within HEADER_TIMEOUT_S of the connection
 or of the request's first byte (else 408, connection closed). The body's own time limit
 is BodySizeLimitMiddleware's (server/middleware.py).
 
+While a request's app reads its body, the socket is paused only past READING_HIGH_WATER
+buffered bytes instead of uvicorn's 64 KiB (see `on_body`).
+
 The 408 waits for one more turn of the event loop after the deadline. uvloop runs due
 timers before it reads sockets, so when the loop was held up past the deadline (a long
 callback, the process descheduled on a loaded machine) headers that arrived in time were
@@ -25,6 +28,9 @@ MAX_HEADER_BYTES = 64 << 10
 HEADER_TIMEOUT_S = 10.0
 # After the deadline, the loop reads what has arrived before this timer refuses.
 LAST_READ_S = 0.05
+# Unread body bytes a connection buffers before its socket pauses, once its app reads the
+# body (before that, uvicorn's HIGH_WATER_LIMIT of 64 KiB).
+READING_HIGH_WATER = 4 << 20
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _CODES = {400: "invalid_http", 408: "headers_timeout", 431: "headers_too_large"}
 
@@ -78,6 +84,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refusal = (431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
             raise _Refused()
         super().on_headers_complete()
+        _mark_reads(self.cycle)
+
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's `on_body` pauses the socket whenever 64 KiB of body wait unread. Until
+        the app reads, that bounds what a request waiting for the body budget (server/
+        middleware.py) holds. Once the app reads, the budget has granted it the whole body,
+        and pausing every 64 KiB only costs a pause, a resume and a turn of the event loop
+        per 64 KiB: about 20 for a 30 s clip's 1.3 MB, 1 ms of the API process's CPU per
+        request on the 2-core VM (`benchmarks.gateway_cpu`). So while the app reads, the
+        socket pauses only past READING_HIGH_WATER unread bytes."""
+        cycle = self.cycle
+        if not getattr(cycle, "app_reads", False):
+            super().on_body(body)
+            return
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > READING_HIGH_WATER:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def send_400_response(self, msg: str) -> None:
         self._send_refusal(*(self._refusal or (400, "not a valid HTTP/1.1 request")))
@@ -104,3 +130,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()
+
+
+def _mark_reads(cycle) -> None:
+    """Wrap uvicorn's request cycle's `receive` so that the cycle's `app_reads` turns true at
+    the app's first read (uvicorn's task looks `receive` up only when the app starts)."""
+    read = cycle.receive
+
+    async def receive():
+        cycle.app_reads = True
+        return await read()
+
+    cycle.app_reads = False
+    cycle.receive = receive

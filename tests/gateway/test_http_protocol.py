@@ -1,14 +1,18 @@
-"""The header deadline of server/http_protocol.py, on uvicorn over uvloop (what `mdl-serve
-serve` runs) in this process, driven through raw sockets: a client whose request line never
+"""server/http_protocol.py on uvicorn over uvloop (what `mdl-serve serve` runs) in this
+process, driven through raw sockets. The header deadline: a client whose request line never
 finishes gets a 408, and one whose headers arrived in time gets its answer even when the
-event loop was held up past the deadline before it could read them."""
+event loop was held up past the deadline before it could read them. The body's flow
+control: unread bytes stay within 64 KiB until the app reads, then within
+READING_HIGH_WATER, without pausing the socket below it."""
 
+import asyncio
 import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -64,11 +68,11 @@ async def hello(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-@pytest.fixture
-def server_address(monkeypatch) -> Iterator[tuple[str, int]]:
-    monkeypatch.setattr(http_protocol, "HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
+@contextmanager
+def running(app, protocol: type[GuardedHttpToolsProtocol]) -> Iterator[tuple[str, int]]:
+    """uvicorn over uvloop serving `app` with `protocol` in a thread; yields its address."""
     listening = socket.create_server(("127.0.0.1", 0))
-    config = uvicorn.Config(hello, http=StallingProtocol, loop="uvloop", lifespan="off", log_level="critical")
+    config = uvicorn.Config(app, http=protocol, loop="uvloop", lifespan="off", log_level="critical")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
@@ -80,6 +84,13 @@ def server_address(monkeypatch) -> Iterator[tuple[str, int]]:
     server.should_exit = True
     thread.join(WAIT_S)
     listening.close()
+
+
+@pytest.fixture
+def server_address(monkeypatch) -> Iterator[tuple[str, int]]:
+    monkeypatch.setattr(http_protocol, "HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
+    with running(hello, StallingProtocol) as address:
+        yield address
 
 
 def test_headers_that_never_finish_get_a_408_and_the_connection_closes(server_address):
@@ -131,3 +142,67 @@ def test_the_deadline_starts_again_for_the_next_request_on_a_kept_alive_connecti
         connection.sendall(b"GET /hel")
         answer = read_response(connection)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+
+
+HOLD_S = 0.3  # how long the body app below waits before its first read, and after it
+BODY = bytes(1_500_000)  # a 30 s clip's JSON body is 1.3 MB
+
+
+class RecordingProtocol(GuardedHttpToolsProtocol):
+    """Records after every body chunk: whether the app reads yet, the bytes waiting unread,
+    whether reading is paused, and the chunk's size."""
+
+    events: list[tuple[bool, int, bool, int]] = []
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        RecordingProtocol.events.append((self.cycle.app_reads, len(self.cycle.body), self.flow.read_paused, len(body)))
+
+
+async def slow_reader(scope, receive, send) -> None:
+    """Waits before its first read and after it, then answers with the body bytes it got."""
+    await asyncio.sleep(HOLD_S)
+    received, more, reads = 0, True, 0
+    while more:
+        message = await receive()
+        received += len(message["body"])
+        more = message["more_body"]
+        reads += 1
+        if reads == 1:
+            await asyncio.sleep(HOLD_S)
+    answer = str(received).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(answer))]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+@pytest.fixture
+def body_server_address() -> Iterator[tuple[str, int]]:
+    RecordingProtocol.events = []
+    with running(slow_reader, RecordingProtocol) as address:
+        yield address
+
+
+def _send_body(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=WAIT_S) as connection:
+        connection.sendall(b"POST /body HTTP/1.1\r\nHost: gateway\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+        return read_response(connection)
+
+
+def test_a_body_waits_unread_within_64_kib_and_streams_unpaused_once_the_app_reads(body_server_address):
+    answer = _send_body(body_server_address)
+    assert answer.endswith(b"\r\n\r\n%d" % len(BODY)), answer  # the app got every byte
+    events = RecordingProtocol.events
+    chunk = max(size for *_, size in events)
+    before = [unread for reads, unread, _, _ in events if not reads]
+    assert before and max(before) <= 65536 + chunk  # uvicorn's bound while the app has not read
+    reading = [paused for reads, _, paused, _ in events if reads]
+    assert reading and not any(reading)  # never paused while the app reads (1.5 MB < READING_HIGH_WATER)
+
+
+def test_a_reading_app_that_falls_behind_still_pauses_the_socket_at_its_limit(body_server_address, monkeypatch):
+    monkeypatch.setattr(http_protocol, "READING_HIGH_WATER", 128 << 10)
+    answer = _send_body(body_server_address)
+    assert answer.endswith(b"\r\n\r\n%d" % len(BODY)), answer
+    events = RecordingProtocol.events
+    chunk = max(size for *_, size in events)
+    assert max(unread for reads, unread, _, _ in events if reads) <= (128 << 10) + chunk

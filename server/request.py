@@ -14,7 +14,6 @@ them on `Sampling`, check their combinations in `sampling_for`; the engine adapt
 """
 
 import asyncio
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -288,22 +287,24 @@ def _tokenize(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     text, not a turn of its own. Each text part is rendered as a marker no client can type
     (a fresh nonce), the template's pieces are tokenized as usual and the client's text with
     special tokens split; parts the template puts side by side are joined first, as the
-    template joins them. The joined text may not spell the audio placeholder either."""
-    nonce = uuid.uuid4().hex
-    marker = re.compile(f"\x00{nonce}:(\\d+)\x00")
+    template joins them. The joined text may not spell the audio placeholder either.
+    The markers are found with `str.split`: a regular expression holding the nonce was
+    compiled afresh for every request (Python's cache never sees a nonce twice), 0.06-0.08
+    ms of the event loop's time per request on the 2-core VM."""
+    opening = f"\x00{uuid.uuid4().hex}:"  # a marker: opening, the text's index, NUL
     texts: list[str] = []
     marked = []
     for message in messages:
         parts = []
         for part in message["content"]:
             if part["type"] == "text":
-                parts.append({"type": "text", "text": f"\x00{nonce}:{len(texts)}\x00"})
+                parts.append({"type": "text", "text": f"{opening}{len(texts)}\x00"})
                 texts.append(part["text"])
             else:
                 parts.append(part)
         marked.append({**message, "content": parts})
     rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-    pieces = marker.split(rendered)  # template, text index, template, ..., template
+    pieces = _split_at_markers(rendered, opening)  # template, text index, template, ..., template
     token_ids = tokenizer.encode(pieces[0], add_special_tokens=False)
     client_text = ""
     for position in range(1, len(pieces), 2):
@@ -320,3 +321,14 @@ def _tokenize(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
             token_ids += tokenizer.encode(template, add_special_tokens=False)
             client_text = ""
     return token_ids
+
+
+def _split_at_markers(rendered: str, opening: str) -> list[str]:
+    """`rendered` split at each marker (`opening`, an index, NUL) into the template's pieces
+    with each marker's index between them."""
+    first, *rest = rendered.split(opening)
+    pieces = [first]
+    for piece in rest:
+        index, _, template = piece.partition("\x00")
+        pieces += [index, template]
+    return pieces

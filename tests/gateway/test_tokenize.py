@@ -29,6 +29,7 @@ def test_ordinary_text_is_tokenized_as_the_whole_rendered_chat_would_be(tokenize
         {"role": "user", "content": [AUDIO_PLACEHOLDER, text("What is this? "), text("One word, please.")]},
         {"role": "assistant", "content": [text("A dog.")]},
         {"role": "user", "content": [text("And now?\nBe brief."), AUDIO_PLACEHOLDER]},
+        {"role": "user", "content": [text("a marker's look-alike: \x000123abcd:0\x00, then 1")]},
     ]
     assert _tokenize(tokenizer, messages) == plain_tokenization(tokenizer, messages)
 

@@ -31,8 +31,8 @@
 # and start phases: more `mdl-serve serve` flags, e.g. "--cudagraph-mode FULL"), MODES
 # (gateway phases: the order of the c=512 levels, default nostream,stream; MODES= runs
 # none of them), ANCHOR (gateway phase: after those levels,
-# `python -m mdlserve.benchmarks.anchors` at these levels, e.g. 16,64; ANCHOR_REQUESTS per run, default 256, ANCHOR_ROUNDS, default 2, ANCHOR_TOOLS,
-# default vllm,locust).
+# `python -m mdlserve.benchmarks.anchors` at these levels, e.g. 16,64; ANCHOR_REQUESTS per
+# run, default 256, ANCHOR_ROUNDS, default 2, ANCHOR_TOOLS, default vllm,locust).
 #
 # Every phase writes one archive $OUT/<phase>.tgz (summaries, logs, kernel tables; traces
 # stay behind) and a log $OUT/<phase>.log. The same 7B checkpoint and engine shape

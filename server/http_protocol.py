@@ -91,9 +91,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         the app reads, that bounds what a request waiting for the body budget (server/
         middleware.py) holds. Once the app reads, the budget has granted it the whole body,
         and pausing every 64 KiB only costs a pause, a resume and a turn of the event loop
-        per 64 KiB: about 20 for a 30 s clip's 1.3 MB, 1 ms of the API process's CPU per
-        request on the 2-core VM (`benchmarks.gateway_cpu`). So while the app reads, the
-        socket pauses only past READING_HIGH_WATER unread bytes."""
+        per 64 KiB: about 20 for a 30 s clip's 1.3 MB, 0.6 ms of the API process's CPU per
+        request on the 2-core VM (benchmarks/results/2026-12-03-cpu-body-flow). So while the
+        app reads, the socket pauses only past READING_HIGH_WATER unread bytes."""
         cycle = self.cycle
         if not getattr(cycle, "app_reads", False):
             super().on_body(body)

@@ -242,7 +242,7 @@ gateway)
     LABEL=api$API warm_up
     # C1=1: first the streaming TTFT of lone requests (c=1), as the http phase measures it;
     # with ANCHOR set, also vLLM's `vllm bench serve` beside ours at c=1 (a second client's
-    # TTFT: ours is httpx, vLLM's aiohttp).
+    # TTFT; both use aiohttp since 2026-12-03, ours used httpx before).
     if [ "${C1:-0}" = 1 ]; then
         serve_at 1 1 c1-stream-api$API --num-requests 20
         [ -n "${ANCHOR:-}" ] && anchors 1 --num-requests 20 --tools vllm --out "$WORK/$PHASE/anchor-c1-api$API"

@@ -136,18 +136,29 @@ def base_url(url: str) -> str:
 
 
 class ChatClient:
+    """The load generator's HTTP client, on aiohttp: a 1.3 MB body costs it about 0.5 ms of
+    CPU per request where httpx spent 5.5 ms (the 2-core VM, benchmarks/results/
+    2026-12-03-cpu-load-client). At 512 in flight the H200 host's load processes spent 4.4-7.5
+    ms per request with httpx, so a wave of 128 completions kept each of them busy for most
+    of a second before its last new request left, on the cores the gateway needed too.
+    vLLM's `bench serve` uses aiohttp as well. Create it inside a running event loop."""
+
     def __init__(self, url: str, api_key: str | None, timeout_s: float, model: str | None = None,
                  ready_timeout_s: float = 600.0, seed: int = 0):  # fmt: skip
-        import httpx
+        import aiohttp
 
         self.url = base_url(url)
         self.model = model
         self.ready_timeout_s = ready_timeout_s
         self.seed = seed  # of the warm-up clips, so that a new run's differ too
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # Every connection kept alive: at 512 in flight, closing and reopening them would be load.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
+        # Every connection kept alive (limit=0: no cap): at 512 in flight, closing and
+        # reopening them would be load.
+        self.http = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=30.0),
+            connector=aiohttp.TCPConnector(limit=0),
+        )
 
     async def __aenter__(self) -> "ChatClient":
         await self.wait_ready(self.ready_timeout_s)
@@ -158,31 +169,38 @@ class ChatClient:
         server still starting refuses connections or answers 503; any other failure (401,
         422, ...) means the load test would only measure errors, so it stops the run with
         the server's answer."""
-        import httpx
+        import aiohttp
 
         deadline = time.perf_counter() + timeout_s
         for attempt in range(1_000_000):
             spec = RequestSpec(key=(self.seed, WARMUP_KEY, attempt), clip_s=1.0, prompt="Caption the audio.",
                                max_tokens=2, stream=False, exact_tokens=False)  # fmt: skip
             try:
+                status, text = 0, ""
                 if self.model is None:
-                    resp = await self.http.get(f"{self.url}/v1/models")
-                    if resp.status_code == 200:
-                        self.model = resp.json()["data"][0]["id"]
+                    async with self.http.get(f"{self.url}/v1/models") as resp:
+                        status, text = resp.status, await resp.text()
+                    if status == 200:
+                        self.model = json.loads(text)["data"][0]["id"]
                 if self.model is not None:
-                    resp = await self.http.post(f"{self.url}/v1/chat/completions", json=request_body(spec, self.model))
-                    if resp.status_code == 200:
+                    warm_up = request_body(spec, self.model)
+                    async with self.http.post(f"{self.url}/v1/chat/completions", json=warm_up) as resp:
+                        status, text = resp.status, await resp.text()
+                    if status == 200:
                         return
-                if resp.status_code not in (200, 503):
-                    raise SystemExit(f"warm-up request failed with {resp.status_code}: {resp.text[:500]}")
-            except httpx.TransportError:
+                if status not in (200, 503):
+                    raise SystemExit(f"warm-up request failed with {status}: {text[:500]}")
+            except aiohttp.ClientConnectionError:
                 pass
             if time.perf_counter() > deadline:
                 raise SystemExit(f"{self.url} was not ready after {timeout_s:g} s")
             await asyncio.sleep(2.0)
 
     async def __aexit__(self, *exc) -> None:
-        await self.http.aclose()
+        await self.close()
+
+    async def close(self) -> None:
+        await self.http.close()
 
     @property
     def ready_model(self) -> str:
@@ -192,28 +210,28 @@ class ChatClient:
         return self.model
 
     async def send(self, spec: RequestSpec, run_start: float) -> RequestResult:
-        import httpx
+        import aiohttp
 
         body = spec.body or await asyncio.to_thread(encode_body, spec, self.ready_model)
         start = time.perf_counter()
         result = RequestResult(start_s=start - run_start, key=spec.key, status="", ok=False, clip_s=spec.clip_s,
                                stream=spec.stream, prompt_kind=spec.prompt_kind)  # fmt: skip
         try:
-            async with self.http.stream(
-                "POST", f"{self.url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            async with self.http.post(
+                f"{self.url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
             ) as resp:
-                result.status = str(resp.status_code)
-                if resp.status_code != 200:
-                    result.error = (await resp.aread()).decode(errors="replace")[:300]
+                result.status = str(resp.status)
+                if resp.status != 200:
+                    result.error = (await resp.read()).decode(errors="replace")[:300]
                 elif spec.stream:
-                    await self._read_stream(resp, start, result)
+                    await self._read_stream(_lines(resp.content), start, result)
                 else:
-                    data = json.loads(await resp.aread())
+                    data = json.loads(await resp.read())
                     result.output_tokens = (data.get("usage") or {}).get("completion_tokens", 0)
                     result.ok = True
-        except httpx.TimeoutException:
+        except TimeoutError:
             result.status, result.error = "timeout", "timed out"
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             result.status, result.error = type(exc).__name__, str(exc)[:300]
         end = time.perf_counter()
         result.e2e_ms = (end - start) * 1000
@@ -221,10 +239,11 @@ class ChatClient:
         return result
 
     @staticmethod
-    async def _read_stream(resp, start: float, result: RequestResult) -> None:
+    async def _read_stream(lines, start: float, result: RequestResult) -> None:
+        """Reads an SSE body from `lines` (an async iterator of its lines as text)."""
         last = None
         chunks = 0
-        async for line in resp.aiter_lines():
+        async for line in lines:
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -250,6 +269,12 @@ class ChatClient:
                 chunks += 1
         result.output_tokens = result.output_tokens or chunks
         result.ok = True
+
+
+async def _lines(content):
+    """An aiohttp body's lines as text, as they arrive."""
+    async for raw in content:
+        yield raw.decode().rstrip("\r\n")
 
 
 def summarize(results: list[RequestResult], duration_s: float) -> dict:

@@ -139,7 +139,7 @@ async def drive(share: Share, target: Target, start_at: float, hooks: ProgressHo
         else:
             results, sent_last_s = await open_loop(client, share.specs, share.arrivals_s, origin, hooks)
     finally:
-        await client.http.aclose()
+        await client.close()
     return WorkerOutcome(share.index, results, sent_last_s)
 
 

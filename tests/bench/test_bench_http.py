@@ -330,3 +330,61 @@ def test_anchors_run_vllms_tool_and_locust_beside_ours_on_the_same_server(server
     assert not list(tmp_path.glob("clips-*"))  # the anchors' clips are removed after their runs
     table = (tmp_path / "summary.md").read_text()
     assert "ours / vLLM's" in table and "ours / locust's" in table
+
+
+def test_load_client_records_each_failure_and_refuses_a_server_it_cannot_use():
+    """The load generator's client (aiohttp) against a real server: a non-200 answer keeps
+    its status and body, a dropped connection its exception, a server slower than the
+    timeout reads "timeout"; a warm-up answered 401 stops the run with the server's words."""
+    import asyncio
+    import http.server
+    import threading
+
+    from mdlserve.benchmarks.http_load import ChatClient
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            key = self.path.split("/")[1]  # /KEY/v1/chat/completions
+            if key == "drop":
+                self.connection.shutdown(socket.SHUT_RDWR)
+            elif key == "slow":
+                time.sleep(3)
+            else:
+                body = b"no key given" if key == "warm" else b"engine fell over"
+                self.send_response(401 if key == "warm" else 500)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    async def send(path: str) -> RequestResult:
+        client = ChatClient(f"{origin}/{path}", api_key=None, timeout_s=1.0, model="m")
+        try:
+            spec = RequestSpec(key=(1, 2, 3), clip_s=1.0, prompt="p", max_tokens=2, stream=False, exact_tokens=False)
+            spec.body = b"{}"
+            return await client.send(spec, time.perf_counter())
+        finally:
+            await client.close()
+
+    async def warm() -> None:
+        async with ChatClient(f"{origin}/warm", api_key=None, timeout_s=5.0, model="m", ready_timeout_s=5):
+            pass
+
+    try:
+        failed = asyncio.run(send("fail"))
+        assert (failed.status, failed.error, failed.ok) == ("500", "engine fell over", False)
+        dropped = asyncio.run(send("drop"))
+        assert dropped.status in ("ServerDisconnectedError", "ClientOSError") and not dropped.ok
+        slow = asyncio.run(send("slow"))
+        assert (slow.status, slow.error, slow.ok) == ("timeout", "timed out", False)
+        with pytest.raises(SystemExit, match="warm-up request failed with 401: no key given"):
+            asyncio.run(warm())
+    finally:
+        httpd.shutdown()

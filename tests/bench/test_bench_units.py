@@ -282,18 +282,17 @@ def test_stream_times_the_first_token_and_the_first_text_apart():
         choices = [] if delta is None else [{"index": 0, "delta": delta}]
         return "data: " + json.dumps({"choices": choices, **({"usage": usage} if usage else {})})
 
-    class Response:
-        async def aiter_lines(self):
-            for line, pause in ((event({"role": "assistant", "content": ""}), 0.03),
-                                (event({"role": None, "content": ""}), 0.03),  # as the gateway writes token chunks
-                                (event({"content": "A"}), 0.03), (event({"content": "B"}), 0.0),
-                                (event(usage={"completion_tokens": 3}), 0.0), ("data: [DONE]", 0.0)):
-                yield line
-                yield ""
-                await asyncio.sleep(pause)  # fmt: skip
+    async def lines():
+        for line, pause in ((event({"role": "assistant", "content": ""}), 0.03),
+                            (event({"role": None, "content": ""}), 0.03),  # as the gateway writes token chunks
+                            (event({"content": "A"}), 0.03), (event({"content": "B"}), 0.0),
+                            (event(usage={"completion_tokens": 3}), 0.0), ("data: [DONE]", 0.0)):
+            yield line
+            yield ""
+            await asyncio.sleep(pause)  # fmt: skip
 
     result = RequestResult(start_s=0.0, status="200", ok=False, clip_s=1, stream=True, prompt_kind="caption")
-    asyncio.run(ChatClient._read_stream(Response(), time.perf_counter(), result))
+    asyncio.run(ChatClient._read_stream(lines(), time.perf_counter(), result))
     assert result.ok and result.output_tokens == 3
     assert 25 <= result.first_token_ms < result.ttft_ms - 25  # the empty token came one pause before "A"
     assert len(result.itl_ms) == 1 and result.itl_ms[0] >= 25

@@ -114,6 +114,13 @@ def engine_args(settings: Settings):
         enforce_eager=settings.enforce_eager,
         compilation_config=compilation_config(settings),
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
+        # No multimodal processor cache. With it, the frontend marks a clip as sent to the
+        # engine core once it has processed it, and later requests with the same clip send
+        # only its hash; a request refused after processing (a JSON schema the grammar
+        # backend cannot compile) or cancelled before reaching the engine core never sent it,
+        # and every later request with that clip failed (a 500) while the mark lasted. Audio
+        # is rarely sent twice; when it is, prefix caching still skips the repeated prefill.
+        mm_processor_cache_gb=0,
         # response_format: compact JSON. With whitespace allowed between tokens a model can
         # pad forever ("{\r\r\r...") and never close the object within max_tokens.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),

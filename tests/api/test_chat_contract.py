@@ -7,9 +7,11 @@ import json
 import jsonschema
 import openai
 import pytest
+from clips import SR, make_clip
 from gateway.helpers import MODEL, audio_file, audio_part
 from transformers import AutoTokenizer
 
+from mdlserve.benchmarks.decode_pool import encode
 from mdlserve.server.engine import TokenBytes
 
 QUESTION = "Caption the audio."
@@ -183,6 +185,24 @@ def test_a_schema_the_grammar_backend_cannot_compile_is_a_400_saying_why(oai):
     message = err.value.body["message"]
     assert message.startswith("response_format.json_schema.schema is not supported by the structured-output backend: ")
     assert "#/$defs/gone" in message and ".cc:" not in message and "[" not in message, message
+
+
+def test_a_request_refused_after_its_audio_was_processed_leaves_that_audio_usable(oai):
+    """The grammar backend refuses a schema only after vLLM has processed the request's
+    audio. The same clip, never sent before, is then answered, twice: with vLLM's multimodal
+    processor cache on, the first refusal marked the clip as held by the engine core, which
+    never got it, and every later request with it was a 500."""
+    clip = encode(make_clip(SR, seed=20261203), SR, "wav")
+    messages = [{"role": "user", "content": [audio_part(clip), {"type": "text", "text": QUESTION}]}]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/gone"}}},
+        )  # fmt: skip
+    assert err.value.body["param"] == "response_format.json_schema.schema"
+    for _ in range(2):
+        answer = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize(("schema", "words"), [

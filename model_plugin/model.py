@@ -33,7 +33,6 @@ from vllm.multimodal.processing import (
     BaseProcessingInfo,
     PromptReplacement,
     PromptUpdate,
-    PromptUpdateDetails,
 )
 from vllm.sequence import IntermediateTensors
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
@@ -266,12 +265,13 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
     ) -> Sequence[PromptUpdate]:
         audio_token_id = self.info.audio_token_id()
         lengths = cast(torch.Tensor | None, out_mm_kwargs.get_data().get("audio_length"))
-        counts = [] if lengths is None else [num_audio_tokens(int(n)) for n in lengths]
+        counts = [] if lengths is None else [num_audio_tokens(n) for n in lengths.tolist()]
 
-        def replacement(item_idx: int):
-            return PromptUpdateDetails.select_token_id(
-                [audio_token_id] * counts[item_idx], embed_token_id=audio_token_id
-            )
+        def replacement(item_idx: int) -> list[int]:
+            # Every token of the replacement takes an audio embedding, so no embedding mask
+            # (`PromptUpdateDetails.select_token_id`): with one, vLLM builds, sends and sums a
+            # mask of all True for every clip in the frontend, the scheduler and the runner.
+            return [audio_token_id] * counts[item_idx]
 
         return [PromptReplacement(modality="audio", target=[audio_token_id], replacement=replacement)]
 

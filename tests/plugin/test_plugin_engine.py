@@ -53,6 +53,22 @@ def test_prompt_expands_each_audio_to_its_token_count(alone_outputs, tokenizer, 
     assert counts == [1, 5, 50, 50, 101, 150]
 
 
+def test_each_clip_reaches_the_engine_as_one_placeholder_without_an_embedding_mask(
+    engine, greedy, clips, audio_token_id
+):
+    """Every token of a clip's placeholder takes an audio embedding, so the request carries
+    no `is_embed` mask, which vLLM would otherwise build, send to the engine core and sum
+    in its scheduler and model runner for every clip."""
+    for n, clip in zip(ENGINE_LENGTHS, clips):
+        request = engine.input_processor.process_inputs("probe", audio_prompt(clip), greedy, ("generate",))
+        (feature,) = request.mm_features
+        position = feature.mm_position
+        assert position.is_embed is None
+        assert position.length == position.get_num_embeds() == num_audio_tokens(n)
+        ids = list(request.prompt_token_ids)
+        assert ids[position.offset : position.offset + position.length] == [audio_token_id] * position.length
+
+
 def test_generate_batch_matches_one_clip_per_call(engine, greedy, clips, alone_outputs):
     """Several clips of different lengths in one generate() call, same tokens as alone."""
     batched = engine.generate([audio_prompt(c) for c in clips], greedy, use_tqdm=False)

@@ -53,19 +53,21 @@ def test_prompt_expands_each_audio_to_its_token_count(alone_outputs, tokenizer, 
     assert counts == [1, 5, 50, 50, 101, 150]
 
 
-def test_each_clip_reaches_the_engine_as_one_placeholder_without_an_embedding_mask(
-    engine, greedy, clips, audio_token_id
-):
-    """Every token of a clip's placeholder takes an audio embedding, so the request carries
-    no `is_embed` mask, which vLLM would otherwise build, send to the engine core and sum
-    in its scheduler and model runner for every clip."""
-    for n, clip in zip(ENGINE_LENGTHS, clips):
-        request = engine.input_processor.process_inputs("probe", audio_prompt(clip), greedy, ("generate",))
-        (feature,) = request.mm_features
-        position = feature.mm_position
+def test_each_clip_reaches_the_engine_as_one_placeholder_without_an_embedding_mask(engine, tokenizer, audio_token_id):
+    """Every token of a clip's placeholder takes an audio embedding, so the engine input
+    carries no `is_embed` mask, which vLLM would otherwise build, send to the engine core
+    and sum in its scheduler and model runner for every clip. The clips are this test's
+    own: the renderer records what it processed, and they never reach the engine."""
+    prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    for i, n in enumerate(ENGINE_LENGTHS):
+        clip = make_clip(n, seed=200 + i)
+        processed = engine.renderer.process_for_engine(
+            {"prompt_token_ids": prompt_ids, "multi_modal_data": {"audio": [clip]}}, arrival_time=0.0
+        )
+        (position,) = processed["mm_placeholders"]["audio"]
         assert position.is_embed is None
         assert position.length == position.get_num_embeds() == num_audio_tokens(n)
-        ids = list(request.prompt_token_ids)
+        ids = processed["prompt_token_ids"]
         assert ids[position.offset : position.offset + position.length] == [audio_token_id] * position.length
 
 

@@ -40,9 +40,16 @@ class _AudioTensorsProcessorHooks(BaseMultiModalProcessor[_I]):
         """The model's tensors for the request's clips (never called with no clips)."""
         raise NotImplementedError
 
-    def check_prompt(self, mm_items: MultiModalDataItems, prompt_ids: list[int]) -> None:
-        """Raise ValueError, naming the problem, for a prompt that does not fit its audio;
-        runs on the prompt ids before vLLM expands the placeholders."""
+    def check_prompt(self, mm_items: MultiModalDataItems, prompt: str | list[int]) -> None:
+        """Raise ValueError, naming the problem, for a prompt (text, or token ids) that does
+        not fit its audio."""
+
+    def apply(self, inputs, timing_ctx):  # (ProcessorInputs, TimingContext) in both APIs
+        """Checks the prompt before vLLM processes the clips: processing puts them in vLLM's
+        multimodal processor cache, marked as sent to the engine core, and a request refused
+        after that never sends them, so every later request with those clips failed."""
+        self.check_prompt(inputs.mm_data_items, inputs.prompt)
+        return super().apply(inputs, timing_ctx)
 
 
 if PROCESSOR_TOKENIZES_PROMPT:
@@ -64,13 +71,6 @@ if PROCESSOR_TOKENIZES_PROMPT:
         def _hf_processor_applies_updates(self, *args, **kwargs) -> bool:
             return False
 
-        def _maybe_apply_prompt_updates(self, mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied):
-            if not is_update_applied:
-                self.check_prompt(mm_items, prompt_ids)
-            return super()._maybe_apply_prompt_updates(
-                mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied
-            )
-
 else:
     # mypy checks against the installed vLLM (0.26 in `make lint`), hence the ignores here.
     class AudioTensorsProcessor(_AudioTensorsProcessorHooks[_I]):  # type: ignore[no-redef]
@@ -81,7 +81,3 @@ else:
         ) -> BatchFeature:
             audios = cast(Sequence[Any], hf_data.get("audio") or hf_data.get("audios") or [])
             return BatchFeature(self.audio_tensors(audios) if audios else {})
-
-        def _maybe_apply_prompt_updates(self, mm_items, mm_res):
-            self.check_prompt(mm_items, mm_res.prompt_ids)
-            return super()._maybe_apply_prompt_updates(mm_items, mm_res)

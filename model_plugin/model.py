@@ -235,11 +235,13 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         key = "input_pcm16" if pcm16 else "input_values"
         return {key: clips, "audio_length": torch.tensor([c.shape[0] for c in clips])}
 
-    def check_prompt(self, mm_items: MultiModalDataItems, prompt_ids: list[int]) -> None:
+    def check_prompt(self, mm_items: MultiModalDataItems, prompt: str | list[int]) -> None:
         # vLLM would fail an assert on extra clips and leave a surplus <|AUDIO|> token as
-        # plain text (no audio behind it); both are the caller's error, so say so.
+        # plain text (no audio behind it); both are the caller's error, so say so. In text
+        # each <|AUDIO|> is one token: the tokenizer splits its special tokens out first.
         clips = mm_items.get_all_counts().get("audio", 0)
-        placeholders = prompt_ids.count(self.info.audio_token_id())
+        placeholder = AUDIO_TOKEN if isinstance(prompt, str) else self.info.audio_token_id()
+        placeholders = prompt.count(placeholder)  # type: ignore[arg-type]
         if placeholders != clips:
             raise ValueError(
                 f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) but {clips} audio clip(s) were given"

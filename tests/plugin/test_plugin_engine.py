@@ -62,7 +62,7 @@ def test_each_clip_reaches_the_engine_as_one_placeholder_without_an_embedding_ma
     for i, n in enumerate(ENGINE_LENGTHS):
         clip = make_clip(n, seed=200 + i)
         processed = engine.renderer.process_for_engine(
-            {"prompt_token_ids": prompt_ids, "multi_modal_data": {"audio": [clip]}}, arrival_time=0.0
+            {"prompt_token_ids": prompt_ids, "multi_modal_data": {"audio": [clip]}}, 0.0
         )
         (position,) = processed["mm_placeholders"]["audio"]
         assert position.is_embed is None
@@ -192,6 +192,18 @@ def test_bad_audio_is_rejected_with_a_clear_message(name, engine, greedy):
         engine.generate({"prompt": prompt, "multi_modal_data": {"audio": audio}}, greedy, use_tqdm=False)
     assert message in str(excinfo.value)
     (out,) = engine.generate(audio_prompt(GOOD), greedy, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 8
+
+
+def test_a_prompt_refused_for_its_clip_count_leaves_the_clips_usable(engine, greedy):
+    """The count check runs before vLLM processes the clips. After it, vLLM's processor cache
+    (on by default in `vllm.LLM` and `vllm serve`) would hold them as sent to the engine core,
+    which never got them, and every later request with them would fail."""
+    fresh = make_clip(SR, seed=300)
+    with pytest.raises(ValueError) as excinfo:
+        engine.generate({"prompt": PROMPT, "multi_modal_data": {"audio": [fresh, fresh]}}, greedy, use_tqdm=False)
+    assert "the prompt has 1 <|AUDIO|> placeholder(s) but 2 audio clip(s) were given" in str(excinfo.value)
+    (out,) = engine.generate(audio_prompt(fresh), greedy, use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 8
 
 

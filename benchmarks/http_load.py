@@ -137,8 +137,8 @@ def base_url(url: str) -> str:
 
 class ChatClient:
     """The load generator's HTTP client, on aiohttp: a 1.3 MB body costs it about 0.5 ms of
-    CPU per request where httpx spent 5.5 ms (the 2-core VM, benchmarks/results/
-    2026-12-03-cpu-load-client). At 512 in flight the H200 host's load processes spent 4.4-7.5
+    CPU per request where httpx spent about 5 ms (the 2-core VM, benchmarks/results/
+    2026-12-03-cpu-load-client). At 512 in flight the H200 hosts' load processes spent 4.4-8.8
     ms per request with httpx, so a wave of 128 completions kept each of them busy for most
     of a second before its last new request left, on the cores the gateway needed too.
     vLLM's `bench serve` uses aiohttp as well. Create it inside a running event loop."""

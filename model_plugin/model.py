@@ -240,8 +240,10 @@ class MiDashengLMMultiModalProcessor(AudioTensorsProcessor[MiDashengLMProcessing
         # plain text (no audio behind it); both are the caller's error, so say so. In text
         # each <|AUDIO|> is one token: the tokenizer splits its special tokens out first.
         clips = mm_items.get_all_counts().get("audio", 0)
-        placeholder = AUDIO_TOKEN if isinstance(prompt, str) else self.info.audio_token_id()
-        placeholders = prompt.count(placeholder)  # type: ignore[arg-type]
+        if isinstance(prompt, str):
+            placeholders = prompt.count(AUDIO_TOKEN)
+        else:
+            placeholders = prompt.count(self.info.audio_token_id())
         if placeholders != clips:
             raise ValueError(
                 f"the prompt has {placeholders} {AUDIO_TOKEN} placeholder(s) but {clips} audio clip(s) were given"

@@ -6,7 +6,7 @@ everything that can fail for a client reason fails before a response (or SSE str
 starts. The returned `Run` yields the remaining outputs until the deadline
 (--request-timeout, covering fetch, decode and generation). However a request ends
 (answered, failed, timed out, client gone), `Run.close` aborts its engine request and
-releases its admission units.
+releases its admission units; a request whose every choice finished has released them already.
 
 A client that goes away must not leave work in the engine: non-streaming work races the
 `http.disconnect` message (`unless_disconnected`); SSE responses listen for it and close
@@ -242,6 +242,10 @@ class Run:
             deltas.append(Delta(completion.index, completion.text, completion.finish_reason, completion.logprobs))
         if self.finished:
             self._observe_decode()
+            # The units bound what is in the engine, and this request's part there is over:
+            # freed before its last delta goes out, so a client that sends its next request
+            # on this one's end never finds this one still counted.
+            self.ticket.release()
         return deltas
 
     def _observe_decode(self) -> None:

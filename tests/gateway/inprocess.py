@@ -62,7 +62,8 @@ class RawExchange:
     """One request sent straight into the ASGI app: `disconnect()` makes the next receive()
     say http.disconnect; `body_reads` counts how often the app asked for the body, which is
     withheld until `body_ready` is set (when given). `leave_at_headers`: the client leaves as
-    the response's headers go out, and the send of them never completes."""
+    the response's headers go out, and the send of them never completes. `on_chunk` sees
+    each body chunk as the app sends it."""
 
     app: FastAPI
     path: str
@@ -74,6 +75,7 @@ class RawExchange:
     content_type: bytes = b"application/json"
     body_ready: asyncio.Event | None = None
     leave_at_headers: bool = False
+    on_chunk: Callable[[bytes], None] | None = None
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def disconnect(self) -> None:
@@ -108,6 +110,8 @@ class RawExchange:
                     await asyncio.Event().wait()  # until the app, told of the disconnect, cancels the send
             elif message.get("body"):
                 self.chunks.append(message["body"])
+                if self.on_chunk is not None:
+                    self.on_chunk(message["body"])
 
         await self.app(scope, receive, send)
 

@@ -121,6 +121,28 @@ async def test_client_leaving_a_streamed_transcript_aborts_every_window():
         assert gw.state.admission.in_flight == 0
 
 
+@pytest.mark.parametrize("kind", ["chat", "chat stream", "transcript stream"])
+async def test_a_request_frees_its_slots_before_its_client_sees_its_end(kind):
+    """A closed-loop client sends its next request as soon as one ends. By then the slots of
+    the one that ended are free: from the body chunk that carries the last finish (the
+    chat's finish_reason, the transcript's done event; every window of a 100 s transcript)
+    on, no unit is in use, so a full server does not refuse that next request and the
+    in-flight gauge never shows more requests than clients have in flight."""
+    async with running_gateway() as gw:
+        if kind == "transcript stream":
+            audio = audio_file("flac", seconds=100)
+            exchange, last = raw_upload(gw.app, "/v1/audio/transcriptions", audio, stream="true"), b"transcript.text.done"
+        else:
+            exchange, last = raw_chat(gw.app, stream=kind == "chat stream", n=2), b'"finish_reason":"length"'
+        in_use: list[tuple[bytes, int]] = []
+        exchange.on_chunk = lambda chunk: in_use.append((chunk, gw.state.admission.units.value))
+        await exchange.run()
+        assert exchange.status == 200
+        end = next(i for i, (chunk, _) in enumerate(in_use) if last in chunk)
+        assert [units for _, units in in_use[end:]] == [0] * (len(in_use) - end)
+        assert gw.state.admission.units.value == gw.state.admission.in_flight == 0
+
+
 @pytest.mark.parametrize("kind", ["chat", "transcript"])
 async def test_a_stream_whose_client_left_as_its_headers_went_out_is_aborted(kind):
     """The SSE body never starts (the client left first): every engine request is aborted

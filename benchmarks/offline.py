@@ -109,6 +109,30 @@ def worker_env(impl: str, base: dict | None = None) -> dict:
     return env
 
 
+class PinnedHostProbe:
+    """Mixed into vLLM's worker (`worker_extension_cls`), so that the bench reads the engine
+    process's pinned host allocator by name through `LLM.collective_rpc`. Each time that
+    cache grows (cudaHostAlloc), the engine's host thread waits and the GPU can idle."""
+
+    def pinned_host_stats(self) -> dict[str, float]:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        stats = torch.cuda.host_memory_stats()
+        return {"allocs": stats.get("num_host_alloc", 0), "alloc_ms": stats.get("host_alloc_time.total", 0) / 1000,
+                "bytes": stats.get("allocated_bytes.current", 0)}  # fmt: skip
+
+
+def pinned_host_growth(before: dict, after: dict) -> dict:
+    """What the engine's pinned host cache grew by between two PinnedHostProbe readings."""
+    if not before or not after:
+        return {}
+    return {"pinned_host_allocs": after["allocs"] - before["allocs"],
+            "pinned_host_alloc_ms": after["alloc_ms"] - before["alloc_ms"],
+            "pinned_host_bytes": after["bytes"]}  # fmt: skip
+
+
 def llm_kwargs(work: OfflineWorkload) -> dict:
     kwargs = {
         "model": work.model,
@@ -116,6 +140,7 @@ def llm_kwargs(work: OfflineWorkload) -> dict:
         "max_num_seqs": max(work.batches + [1]),
         "seed": work.seed,
         "disable_log_stats": False,  # populates RequestOutput.metrics (TTFT)
+        "worker_extension_cls": f"{__name__}.{PinnedHostProbe.__name__}",
     }
     if work.impl == "builtin":
         kwargs["trust_remote_code"] = True  # the built-in loads the checkpoint's processor module
@@ -207,6 +232,7 @@ class OfflineRunner:
         self.result["model_class"] = loaded_model_class()
         self.result["engine_effective"] = effective_engine_config(llm)
         self.result["engine_effective"]["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+        self.result["pinned_host_after_start"] = self.pinned_host_stats(llm)
         if not self.result["model_class"].startswith(EXPECTED_MODULE_PREFIX[self.work.impl]):
             raise RuntimeError(f"{self.work.impl} run resolved {ARCHITECTURE} to {self.result['model_class']}; "
                                f"check VLLM_PLUGINS and that midashenglm-serve is installed")  # fmt: skip
@@ -238,6 +264,11 @@ class OfflineRunner:
 
         return SamplingParams(max_tokens=out_tokens, min_tokens=out_tokens, ignore_eos=True, temperature=0.0)
 
+    @staticmethod
+    def pinned_host_stats(llm) -> dict:
+        (stats,) = llm.collective_rpc(PinnedHostProbe.pinned_host_stats.__name__)
+        return stats
+
     # ------------------------------------------------------------ measurements
 
     def warm_up(self, llm) -> None:
@@ -253,6 +284,7 @@ class OfflineRunner:
             llm.generate(self.prompts(seconds, [(WARMUP_KEY, batch, i) for i in range(batch)]),
                          self.sampling(min(self.work.out_tokens, 16)), use_tqdm=False)  # fmt: skip
         self.result["warmup_s"] = time.perf_counter() - start
+        self.result["pinned_host_after_warmup"] = self.pinned_host_stats(llm)
 
     def measure_ttft(self, llm) -> None:
         for seconds, (form, sample_format) in itertools.product(
@@ -293,6 +325,7 @@ class OfflineRunner:
     def measure_throughput(self, llm) -> None:
         clip_s, out_tokens = self.work.clip_s, self.work.out_tokens
         samples_per_s = None
+        pinned_before = self.pinned_host_stats(llm)
         points = itertools.product(enumerate(self.work.batches), enumerate(self.work.sample_formats))
         for (point, batch), (form, sample_format) in points:
             estimate = batch / samples_per_s if samples_per_s else 0.0
@@ -315,14 +348,17 @@ class OfflineRunner:
                     "prompt_tokens": len(o.prompt_token_ids), "output_tokens": n,
                     "ttft_ms": first * 1000 if first else None,
                 })  # fmt: skip
+            pinned = pinned_host_growth(pinned_before, pinned_before := self.pinned_host_stats(llm))
             self.result["throughput"].append({
                 "impl": self.work.impl, "sample_format": sample_format, "via": "engine", "batch": batch,
                 "clip_s": clip_s,
                 "out_tokens_per_clip": out_tokens, "samples_per_s": samples_per_s, "wall_s": wall,
                 "output_tokens": sum(produced), "output_tokens_per_s": sum(produced) / wall,
                 "prompt_tokens_per_clip": sum(len(o.prompt_token_ids) for o in outs) / batch,
+                **pinned,
             })  # fmt: skip
-            self.log(f"batch {batch} {sample_format}: {samples_per_s:.2f} samples/s ({wall:.1f} s)")
+            grown = f", pinned host cache +{pinned['pinned_host_allocs']} blocks" if pinned else ""
+            self.log(f"batch {batch} {sample_format}: {samples_per_s:.2f} samples/s ({wall:.1f} s){grown}")
             self.save()
 
     def profile(self, llm) -> None:

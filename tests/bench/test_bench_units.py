@@ -191,6 +191,10 @@ class _FakeLLM:
         return [SimpleNamespace(prompt_token_ids=[0] * 10, outputs=[SimpleNamespace(token_ids=[1] * params.max_tokens)],
                                 metrics=SimpleNamespace(first_token_latency=0.01)) for _ in prompts]  # fmt: skip
 
+    def collective_rpc(self, method):
+        assert method == "pinned_host_stats"
+        return [{}]  # what the probe reads without CUDA
+
 
 def test_time_budget_skips_points_that_would_not_fit(tmp_path):
     import time
@@ -206,6 +210,7 @@ def test_time_budget_skips_points_that_would_not_fit(tmp_path):
     runner.measure_throughput(_FakeLLM())  # batch 1 at ~5/s: 512 clips would need ~100 s
     assert [r["batch"] for r in runner.result["throughput"]] == [1]
     assert runner.result["throughput"][0]["output_tokens"] == 3
+    assert "pinned_host_allocs" not in runner.result["throughput"][0]  # no CUDA: nothing to read
     assert runner.result["errors"] == [{"impl": "plugin", "stage": "throughput", "batch": 512,
                                         "sample_format": "float32", "error": "skipped: time budget"}]  # fmt: skip
     (row,) = runner.result["ttft"]
@@ -249,6 +254,35 @@ def test_each_point_runs_once_per_sample_format_with_fresh_clips(tmp_path, impl)
     tables = offline_tables({"throughput": runner.result["throughput"], "ttft": runner.result["ttft"]})
     assert f"{impl} samples/s" in tables and f"{impl} pcm16 samples/s" in tables
     assert f"{impl} median ms" in tables and f"{impl} pcm16 median ms" in tables
+
+
+def test_each_batch_records_what_the_engines_pinned_host_cache_grew_by(tmp_path):
+    from mdlserve.benchmarks.offline import OfflineRunner, PinnedHostProbe
+
+    class GrowingLLM(_FakeLLM):
+        """The engine's pinned cache grows by one block of 8 MiB (12.5 ms) per clip generated."""
+
+        clips = 0
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.clips += len(prompts)
+            return super().generate(prompts, params, use_tqdm)
+
+        def collective_rpc(self, method):
+            assert hasattr(PinnedHostProbe, method)  # vLLM calls it on the worker by this name
+            return [{"allocs": self.clips, "alloc_ms": 12.5 * self.clips, "bytes": (8 << 20) * self.clips}]
+
+    work = OfflineWorkload(impl="plugin", model="m", load_format="auto", engine=EngineOptions(), batches=[2, 3],
+                           clip_s=0.5, out_tokens=3, ttft_clip_s=[0.5], ttft_repeats=1, prompt="p", seed=0)  # fmt: skip
+    runner = OfflineRunner(work, tmp_path / "result.json")
+    runner.prompt_text = "p"
+    llm = GrowingLLM()
+    runner.warm_up(llm)  # 1 + 3 clips
+    assert runner.result["pinned_host_after_warmup"] == {"allocs": 4, "alloc_ms": 50.0, "bytes": 4 * (8 << 20)}
+    runner.measure_throughput(llm)
+    grown = [(r["batch"], r["pinned_host_allocs"], r["pinned_host_alloc_ms"], r["pinned_host_bytes"])
+             for r in runner.result["throughput"]]  # fmt: skip
+    assert grown == [(2, 2, 25.0, 6 * (8 << 20)), (3, 3, 37.5, 9 * (8 << 20))]
 
 
 def test_warm_up_runs_one_clip_a_small_batch_and_the_largest_batch(tmp_path):

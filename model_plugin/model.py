@@ -147,43 +147,6 @@ def limit_host_threads(device_type: str, environ: MutableMapping[str, str] = os.
     return True
 
 
-SAMPLES_PER_AUDIO_TOKEN = HOP_LENGTH * PATCH_FRAMES * SUBSAMPLE_FACTOR  # 3200: 0.2 s per decoder token
-PINNED_WARMUP_ENV = "MIDASHENGLM_PINNED_WARMUP"
-SMALLEST_PINNED_WARMUP_BLOCK = 1 << 20
-
-
-def pinned_warmup_sizes(max_audio_tokens_per_step: int) -> list[int]:
-    """The pinned host blocks that a step's stacked waveforms can need: torch's pinned
-    allocator rounds every request up to a power of two, and one step carries at most
-    `max_audio_tokens_per_step` tokens of audio, as float32 (the larger sample form).
-    One block per size from 1 MiB up to the largest."""
-    largest = max_audio_tokens_per_step * SAMPLES_PER_AUDIO_TOKEN * 4
-    sizes, size = [], SMALLEST_PINNED_WARMUP_BLOCK
-    while size < largest * 2:
-        sizes.append(size)
-        size *= 2
-    return sizes
-
-
-def warm_pinned_host_cache(vllm_config: VllmConfig, environ: Mapping[str, str] = os.environ) -> int:
-    """Fill torch's pinned host cache at start with a block of every size a step's audio
-    batch can need; returns the bytes pinned (0 when off: CPU, or MIDASHENGLM_PINNED_WARMUP=0).
-
-    vLLM stacks a step's new clips into one pinned tensor before copying it to the GPU.
-    Each first use of a block size grows torch's pinned cache with cudaHostAlloc, slow for
-    large blocks, while the engine's host thread waits and the GPU idles: a profiled
-    512-clip batch on an H200 idled 262 ms of its 4.25 s in it, 165 ms in one step
-    (benchmarks/results/2026-12-02-h200-rounds, engine-full-graphs). Freed blocks stay
-    cached, so pinning them once here moves that cost to the start (about 512 MB of host
-    memory at 16384 tokens per step)."""
-    if vllm_config.device_config.device_type != "cuda" or environ.get(PINNED_WARMUP_ENV) == "0":
-        return 0
-    scheduler = vllm_config.scheduler_config
-    tokens = max(scheduler.max_num_encoder_input_tokens, vllm_config.model_config.max_model_len)
-    blocks = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for size in pinned_warmup_sizes(tokens)]
-    return sum(block.numel() for block in blocks)
-
-
 def is_online_quantization(quant_config: QuantizationConfig | None) -> bool:
     """Whether the weights are quantized while loading a bf16/fp16 checkpoint: vLLM 0.26's
     `--quantization fp8` (an Fp8Config over an unquantized checkpoint) or, from the vLLM
@@ -371,7 +334,6 @@ class MiDashengLMModel(nn.Module, SupportsMultiModal, SupportsPP):
         self.config = config
         _check_token_framing(config)
         limit_host_threads(vllm_config.device_config.device_type)
-        warm_pinned_host_cache(vllm_config)
 
         # Encoder CUDA graphs follow vLLM's --enforce-eager; single GPU only.
         graphs = not vllm_config.model_config.enforce_eager and vllm_config.parallel_config.world_size == 1

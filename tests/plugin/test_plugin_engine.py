@@ -2,7 +2,6 @@
 
 import base64
 import io
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,12 +9,7 @@ import soundfile as sf
 import torch
 
 from mdlserve.model_plugin.checkpoints import DEFAULT_SYSTEM_PROMPT
-from mdlserve.model_plugin.model import (
-    audio_tower_quant_config,
-    limit_host_threads,
-    pinned_warmup_sizes,
-    warm_pinned_host_cache,
-)
+from mdlserve.model_plugin.model import audio_tower_quant_config, limit_host_threads
 from mdlserve.model_plugin.processing import num_audio_tokens
 
 from .conftest import PROMPT, SR, TRAILING_PATCH_SAMPLES, audio_prompt, make_clip
@@ -230,35 +224,6 @@ def test_host_threads_limited_on_a_gpu_only_for_this_process_and_its_children_ne
     assert limit_host_threads("cuda", environ)
     assert environ == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}  # what the spawned processes inherit
     assert calls == [1]
-
-
-def engine_config(device: str, encoder_tokens: int, max_model_len: int) -> SimpleNamespace:
-    return SimpleNamespace(device_config=SimpleNamespace(device_type=device),
-                           scheduler_config=SimpleNamespace(max_num_encoder_input_tokens=encoder_tokens),
-                           model_config=SimpleNamespace(max_model_len=max_model_len))  # fmt: skip
-
-
-def test_the_engine_pins_a_host_block_of_every_size_a_steps_audio_can_need(monkeypatch):
-    # 16384 audio tokens a step = 52.4 M float32 samples = 210 MB: blocks of 1 MiB .. 256 MiB
-    assert pinned_warmup_sizes(16384) == [1 << k for k in range(20, 29)]
-    assert pinned_warmup_sizes(8192) == [1 << k for k in range(20, 28)]  # 105 MB: up to 128 MiB
-    assert pinned_warmup_sizes(80) == [1 << 20]  # 1 MB: one block of 1 MiB
-    pinned = []
-
-    def fake_empty(size, dtype, pin_memory):
-        pinned.append((size, dtype, pin_memory))
-        return SimpleNamespace(numel=lambda: size)
-
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    assert warm_pinned_host_cache(engine_config("cuda", 16384, 1024), {}) == (1 << 29) - (1 << 20)
-    assert pinned == [(1 << k, torch.uint8, True) for k in range(20, 29)]
-    pinned.clear()
-    # a clip may be as long as the context when that exceeds the step's encoder budget
-    assert warm_pinned_host_cache(engine_config("cuda", 2048, 32768), {}) == (1 << 30) - (1 << 20)
-    pinned.clear()
-    assert warm_pinned_host_cache(engine_config("cuda", 16384, 1024), {"MIDASHENGLM_PINNED_WARMUP": "0"}) == 0
-    assert warm_pinned_host_cache(engine_config("cpu", 16384, 1024), {}) == 0
-    assert pinned == []
 
 
 def online_fp8_config():

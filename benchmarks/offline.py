@@ -121,15 +121,17 @@ class PinnedHostProbe:
             return {}
         stats = torch.cuda.host_memory_stats()
         return {"allocs": stats.get("num_host_alloc", 0), "alloc_ms": stats.get("host_alloc_time.total", 0) / 1000,
-                "bytes": stats.get("allocated_bytes.current", 0)}  # fmt: skip
+                "frees": stats.get("num_host_free", 0), "bytes": stats.get("allocated_bytes.current", 0)}  # fmt: skip
 
 
 def pinned_host_growth(before: dict, after: dict) -> dict:
-    """What the engine's pinned host cache grew by between two PinnedHostProbe readings."""
+    """What the engine's pinned host cache grew by between two PinnedHostProbe readings
+    (`frees`: cached blocks handed back to CUDA, to be pinned again when next needed)."""
     if not before or not after:
         return {}
     return {"pinned_host_allocs": after["allocs"] - before["allocs"],
             "pinned_host_alloc_ms": after["alloc_ms"] - before["alloc_ms"],
+            "pinned_host_frees": after["frees"] - before["frees"],
             "pinned_host_bytes": after["bytes"]}  # fmt: skip
 
 

@@ -432,15 +432,25 @@ class EncoderGraphs:
         return static
 
     def _record(self, device: torch.device, body) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """`body()` captured in a graph of the shared pool, after a warm-up run outside it."""
+        """`body()` captured in a graph of the shared pool, after a warm-up run outside it.
+
+        Captured with `capture_begin`/`capture_end`, not `torch.cuda.graph`: entering that
+        synchronises the device and empties torch's device and pinned host caches, and
+        these graphs are captured on first use, while the engine serves. After a lone
+        clip's capture, the next 512-clip batch re-pinned the blocks vLLM stacks each
+        step's clips into: 28-40 cudaHostAlloc calls, 71-113 ms with the host thread
+        blocked (H200, benchmarks/results/2026-12-04-h200-pinned-warmup)."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             body()
+            graph.capture_begin(pool=self.pool)
+            try:
+                out = body()
+            finally:
+                graph.capture_end()
         torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = body()
         return graph, out
 
     def _capture(self, padded: int, like: torch.Tensor):

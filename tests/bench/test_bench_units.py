@@ -270,7 +270,8 @@ def test_each_batch_records_what_the_engines_pinned_host_cache_grew_by(tmp_path)
 
         def collective_rpc(self, method):
             assert hasattr(PinnedHostProbe, method)  # vLLM calls it on the worker by this name
-            return [{"allocs": self.clips, "alloc_ms": 12.5 * self.clips, "bytes": (8 << 20) * self.clips}]
+            return [{"allocs": self.clips, "alloc_ms": 12.5 * self.clips, "frees": self.clips // 3,
+                     "bytes": (8 << 20) * self.clips}]  # fmt: skip
 
     work = OfflineWorkload(impl="plugin", model="m", load_format="auto", engine=EngineOptions(), batches=[2, 3],
                            clip_s=0.5, out_tokens=3, ttft_clip_s=[0.5], ttft_repeats=1, prompt="p", seed=0)  # fmt: skip
@@ -278,11 +279,12 @@ def test_each_batch_records_what_the_engines_pinned_host_cache_grew_by(tmp_path)
     runner.prompt_text = "p"
     llm = GrowingLLM()
     runner.warm_up(llm)  # 1 + 3 clips
-    assert runner.result["pinned_host_after_warmup"] == {"allocs": 4, "alloc_ms": 50.0, "bytes": 4 * (8 << 20)}
+    assert runner.result["pinned_host_after_warmup"] == {"allocs": 4, "alloc_ms": 50.0, "frees": 1,
+                                                         "bytes": 4 * (8 << 20)}  # fmt: skip
     runner.measure_throughput(llm)
-    grown = [(r["batch"], r["pinned_host_allocs"], r["pinned_host_alloc_ms"], r["pinned_host_bytes"])
-             for r in runner.result["throughput"]]  # fmt: skip
-    assert grown == [(2, 2, 25.0, 6 * (8 << 20)), (3, 3, 37.5, 9 * (8 << 20))]
+    grown = [(r["batch"], r["pinned_host_allocs"], r["pinned_host_alloc_ms"], r["pinned_host_frees"],
+              r["pinned_host_bytes"]) for r in runner.result["throughput"]]  # fmt: skip
+    assert grown == [(2, 2, 25.0, 1, 6 * (8 << 20)), (3, 3, 37.5, 1, 9 * (8 << 20))]
 
 
 def test_warm_up_runs_one_clip_a_small_batch_and_the_largest_batch(tmp_path):

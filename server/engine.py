@@ -113,6 +113,7 @@ def engine_args(settings: Settings):
         load_format=settings.load_format,
         enforce_eager=settings.enforce_eager,
         compilation_config=compilation_config(settings),
+        stream_interval=settings.stream_interval,
         limit_mm_per_prompt={"audio": settings.max_audio_parts},
         # No multimodal processor cache. With it, the frontend marks a clip as sent to the
         # engine core once it has processed it, and later requests with the same clip send

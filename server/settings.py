@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         "at 512 sequences); fewer sizes start faster, a step between two sizes is padded to the next (GPU only)",
     )
 
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="streamed responses carry the tokens of up to N engine steps per event (vLLM's "
+        "stream-interval); 1: every token as it comes. The first token always goes at once; larger values "
+        "cut the gateway's CPU per streamed request",
+    )
+
     # HTTP
     api_processes: int = Field(
         1, ge=1, le=64, description="gateway processes sharing the port over one engine (vLLM's api-server-count)"

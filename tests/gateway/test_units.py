@@ -233,7 +233,7 @@ def test_every_contract_flag_exists_and_no_flag_turns_the_ssrf_guard_off():
     expected = {
         "model", "served-model-name", "dtype", "max-model-len", "max-num-seqs", "max-num-batched-tokens",
         "gpu-memory-utilization", "tensor-parallel-size", "quantization", "load-format", "kv-cache-bytes",
-        "enforce-eager", "cudagraph-mode", "cudagraph-capture-sizes", "host", "port", "api-keys", "api-key-file",
+        "enforce-eager", "cudagraph-mode", "cudagraph-capture-sizes", "stream-interval", "host", "port", "api-keys", "api-key-file",
         "auth-health-metrics",
         "max-queue", "request-timeout", "drain-timeout", "max-upload-bytes", "max-audio-seconds", "max-audio-parts",
         "fetch-timeout", "fetch-max-bytes", "allowed-domains", "allowed-networks", "media-dir", "decode-workers",
@@ -562,6 +562,18 @@ def test_a_cut_short_body_names_a_long_boundary_shortened():
     assert refused.value.detail == (
         f"the multipart/form-data body ends before its closing boundary (--{'q' * 70}...--): it was cut short"
     )
+
+
+def test_stream_interval_reaches_vllms_engine_args_and_defaults_to_every_token(monkeypatch):
+    from mdlserve.server.engine import engine_args
+
+    assert engine_args(Settings()).stream_interval == 1
+    args = build_parser().parse_args(["serve", "--stream-interval", "8"])
+    assert engine_args(Settings(stream_interval=args.stream_interval)).stream_interval == 8
+    monkeypatch.setenv("MDL_STREAM_INTERVAL", "3")
+    assert engine_args(Settings()).stream_interval == 3
+    with pytest.raises(ValidationError, match="stream_interval"):
+        Settings(stream_interval=0)
 
 
 def test_cudagraph_mode_flag_reaches_vllms_compilation_config_and_unset_leaves_vllms_default():

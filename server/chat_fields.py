@@ -108,7 +108,7 @@ REFUSED = {
     "repetition_detection": _ENGINE_INTERNAL,
     # vLLM 0.32 extras
     "routed_experts_prompt_start": _ENGINE_INTERNAL,
-    "stream_interval": "the server's --stream-interval sets it for every stream",
+    "stream_interval": "the server's `--stream-interval` sets it for every stream",
     "return_mm_kwargs": _ENGINE_INTERNAL,
     "session_id": _ENGINE_INTERNAL,
     "mm_payload": "audio comes as `input_audio` or `audio_url` parts",

@@ -12,6 +12,10 @@ one defines are refused as unknown unless --accept-unknown-fields, which also le
 `IGNORABLE` ones through: bookkeeping fields that do not change the answer.
 """
 
+from collections.abc import Iterator
+
+from pydantic import BaseModel
+
 from mdlserve.server.errors import bad_request
 
 HONOURED = {
@@ -119,17 +123,56 @@ REFUSED = {
 IGNORABLE = frozenset({"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
-def check_extra_fields(extra: dict[str, object] | None, *, accept_unknown: bool) -> None:
-    """Raise a 400 naming the first field the gateway does not honour."""
-    for name, value in (extra or {}).items():
-        if value is None:
-            continue
-        if name in REFUSED and not (accept_unknown and name in IGNORABLE):
-            raise bad_request(f"{name} is not supported: {REFUSED[name]}", param=name, code="unsupported_field")
-        if name not in REFUSED and not accept_unknown:
+# Fields OpenAI or vLLM define inside the request's objects, refused by name like the top
+# level's: by the object they are in (the last named step of their path) and their name.
+NESTED_REFUSED = {
+    "messages": {
+        "name": "the checkpoint's chat template has no place for participant names",
+        "tool_calls": _NO_TOOLS,
+        "tool_call_id": _NO_TOOLS,
+        "function_call": _NO_TOOLS,
+        "audio": _NO_AUDIO_OUT,
+        "refusal": "an assistant turn is its `content`",
+        "reasoning_content": "the model has no reasoning mode",
+    },
+    "stream_options": {
+        "continuous_usage_stats": "usage comes once, in the last chunk (`include_usage`)",
+        "include_obfuscation": "stream events carry no obfuscation padding",
+    },
+}
+# Let through by --accept-unknown-fields as well: they do not change the answer.
+NESTED_IGNORABLE = frozenset({("messages", "name"), ("stream_options", "include_obfuscation")})
+
+
+def extra_fields(model: BaseModel, path: str = "") -> Iterator[tuple[str, str, str]]:
+    """(object, name, path) of every key the request sent that no model declares, nested
+    ones included: `messages[0].content[1].foo` is `foo` in object `content` ("" for the
+    top level). A null counts as absent (OpenAI's meaning of null)."""
+    container = path.rsplit(".", 1)[-1].split("[")[0]
+    for name, value in (model.model_extra or {}).items():
+        if value is not None:
+            yield container, name, f"{path}.{name}" if path else name
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        step = f"{path}.{field.alias or name}" if path else field.alias or name
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, BaseModel):
+                yield from extra_fields(item, step if index is None else f"{step}[{index}]")
+
+
+def check_extra_fields(body: BaseModel, *, accept_unknown: bool, path: str = "") -> None:
+    """Raise a 400 naming the first field the gateway does not honour, at any depth
+    (`path`: where `body` is in the request, for an object below its top level)."""
+    for container, name, where in extra_fields(body, path):
+        refused = REFUSED if not container else NESTED_REFUSED.get(container, {})
+        ignorable = name in IGNORABLE if not container else (container, name) in NESTED_IGNORABLE
+        if name in refused and not (accept_unknown and ignorable):
+            raise bad_request(f"{where} is not supported: {refused[name]}", param=where, code="unsupported_field")
+        if name not in refused and not accept_unknown:
             raise bad_request(
-                f"unknown field {name!r} (the server refuses fields it does not know; --accept-unknown-fields "
+                f"unknown field {where!r} (the server refuses fields it does not know; --accept-unknown-fields "
                 "ignores them)",
-                param=name,
+                param=where,
                 code="unknown_field",
             )

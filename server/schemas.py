@@ -56,14 +56,22 @@ class _Body(BaseModel):
         return _refuse_lone_surrogates(value)
 
 
-class TextPart(_Body):
+class _JsonBody(_Body):
+    """An object inside a JSON request: strict as the request is (`"include_usage": "yes"`
+    is a 400, not a guess), and keys it does not declare land in `model_extra`, where
+    chat_fields.check_extra_fields refuses them by their path, as it does the top level's."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class TextPart(_JsonBody):
     type: Literal["text"]
     text: str
 
     _no_audio_placeholder = field_validator("text")(_refuse_audio_placeholder)
 
 
-class InputAudio(_Body):
+class InputAudio(_JsonBody):
     data: str = Field(description="base64-encoded audio file")
     format: str | None = Field(None, description="container/codec name, e.g. wav or mp3")
 
@@ -75,16 +83,16 @@ class InputAudio(_Body):
         return value
 
 
-class InputAudioPart(_Body):
+class InputAudioPart(_JsonBody):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-class AudioUrl(_Body):
+class AudioUrl(_JsonBody):
     url: str = Field(description="https/http URL, data: URL, or file:// under --media-dir")
 
 
-class AudioUrlPart(_Body):
+class AudioUrlPart(_JsonBody):
     type: Literal["audio_url"]
     audio_url: AudioUrl
 
@@ -92,7 +100,7 @@ class AudioUrlPart(_Body):
 ContentPart = Annotated[TextPart | InputAudioPart | AudioUrlPart, Field(discriminator="type")]
 
 
-class ChatMessage(_Body):
+class ChatMessage(_JsonBody):
     """`developer` is OpenAI's newer name for `system`; the chat template sees `system`."""
 
     role: Literal["system", "developer", "user", "assistant"]
@@ -109,7 +117,7 @@ class ChatMessage(_Body):
 ChatMessages = TypeAdapter(list[ChatMessage])
 
 
-class StreamOptions(_Body):
+class StreamOptions(_JsonBody):
     include_usage: bool = False
 
 
@@ -154,7 +162,7 @@ class GenerationFields(_Body):
         return self.max_completion_tokens or self.max_tokens
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(_JsonBody):
     """The schema itself is checked by the request builder (response_schema.py), off the
     event loop: at the size limits, jsonschema's metaschema check alone takes up to 0.8 s."""
 
@@ -164,7 +172,7 @@ class JsonSchemaFormat(_Body):
     strict: bool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(_JsonBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -224,6 +232,14 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256, description="end-user id, written to the access log")
 
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        """OpenAI's rule: options of a stream that will not be sent are a mistake, not a no-op."""
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
+
 
 class SpeechForm(_Body):
     """multipart/form-data of POST /v1/audio/translations, and the base of transcriptions'
@@ -279,6 +295,15 @@ class AudioChatForm(GenerationFields):
     prompt: str | None = Field(None, description="the question; with task qa or multiple_choice, fills its slot")
     stream: bool = False
     include_usage: bool = False
+
+    @field_validator("include_usage")
+    @classmethod
+    def _usage_needs_stream(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("stream"):
+            raise ValueError(
+                "include_usage is only allowed with stream: true (an answer that is not streamed has usage)"
+            )
+        return value
 
     _no_audio_placeholder = field_validator("prompt")(_refuse_audio_placeholder)
 

@@ -307,7 +307,7 @@ def _openai_item(spec: InputSpec, request: BatchRequestLine, line: dict) -> Batc
         )
     chat = validated(ChatCompletionRequest, request.body, "body")
     try:  # the gateway's rule: a field we do not honour is refused by name, never ignored
-        check_extra_fields(chat.model_extra, accept_unknown=False)
+        check_extra_fields(chat, accept_unknown=False)
     except ApiError as exc:
         raise RowError("invalid_row", f"body.{exc.message}") from None
     if chat.stream:

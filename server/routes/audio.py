@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from pydantic import ValidationError
 
+from mdlserve.server.chat_fields import check_extra_fields
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request, problems_message, validation_problems
 from mdlserve.server.formbody import CheckedFormRoute
@@ -20,8 +21,9 @@ from mdlserve.server.tasks import TaskPromptError, task_instruction
 router = APIRouter(route_class=CheckedFormRoute, dependencies=[Depends(single_valued_form)])
 
 
-def form_messages(raw: str) -> list[ChatMessage]:
-    """The `messages` form field of /v1/audio/chat: a JSON list of chat messages."""
+def form_messages(raw: str, *, accept_unknown: bool) -> list[ChatMessage]:
+    """The `messages` form field of /v1/audio/chat: a JSON list of chat messages, whose
+    fields are honoured or refused as in a chat completions request."""
     try:
         value = loads_bounded(raw, "messages")
     except json.JSONDecodeError as exc:
@@ -33,6 +35,8 @@ def form_messages(raw: str) -> list[ChatMessage]:
         raise bad_request(problems_message(problems), param=problems[0][0]) from None
     if not messages:
         raise bad_request("messages must not be empty", param="messages")
+    for index, message in enumerate(messages):
+        check_extra_fields(message, accept_unknown=accept_unknown, path=f"messages[{index}]")
     return messages
 
 
@@ -43,12 +47,12 @@ def uploaded(form: SpeechForm | AudioChatForm) -> AudioSource:
     return AudioSource("file", read)
 
 
-def form_conversation(form: AudioChatForm) -> list[ChatMessage]:
+def form_conversation(form: AudioChatForm, *, accept_unknown: bool) -> list[ChatMessage]:
     """`messages`, or one user turn from `task` and/or `prompt`."""
     if form.messages is not None:
         if form.task is not None or form.prompt is not None:
             raise bad_request("send either 'messages', or 'task' and/or 'prompt', not both", param="messages")
-        return form_messages(form.messages)
+        return form_messages(form.messages, accept_unknown=accept_unknown)
     if form.task is None and form.prompt is None:
         raise bad_request("send 'task' (a preset), 'prompt' (a question) or 'messages' (a conversation)", param="task")
     try:
@@ -70,7 +74,9 @@ def form_conversation(form: AudioChatForm) -> list[ChatMessage]:
 )
 async def create_audio_analysis(form: Annotated[AudioChatForm, Form()], request: Request, state: State):
     model = check_model(state, form.model)
-    conversation = state.builder.conversation(form_conversation(form), leading_audio=uploaded(form))
+    conversation = state.builder.conversation(
+        form_conversation(form, accept_unknown=state.settings.accept_unknown_fields), leading_audio=uploaded(form)
+    )
     return await answer_chat(
         request, state, conversation, form.sampling(), model=model, stream=form.stream, include_usage=form.include_usage
     )

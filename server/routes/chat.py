@@ -53,7 +53,7 @@ def check_model(state: GatewayState, model: str | None) -> str:
 @router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=CHAT_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
-    check_extra_fields(body.model_extra, accept_unknown=state.settings.accept_unknown_fields)
+    check_extra_fields(body, accept_unknown=state.settings.accept_unknown_fields)
     if body.user is not None:
         logger.info("request %s from user %r", request.state.request_id, body.user)
     conversation = state.builder.conversation(body.messages)

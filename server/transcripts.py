@@ -37,8 +37,55 @@ def windows(samples: np.ndarray, seconds: float = WINDOW_SECONDS) -> list[Window
     return [Window(s / SAMPLE_RATE, min(s + size, samples.size) / SAMPLE_RATE, samples[s : s + size]) for s in starts]
 
 
+SEPARATOR = " "
+
+
 def joined(segments: list[Segment]) -> str:
-    return " ".join(s.text.strip() for s in segments if s.text.strip())
+    """A transcript's text: one window's text as it is; several windows' texts stripped,
+    the empty ones left out, the others joined with SEPARATOR."""
+    if len(segments) == 1:
+        return segments[0].text
+    return SEPARATOR.join(s.text.strip() for s in segments if s.text.strip())
+
+
+class StreamedJoin:
+    """`joined` sent piece by piece, for a stream's text deltas: the pieces `piece` returns,
+    window after window, concatenate to exactly `joined` of the windows' texts, whichever
+    windows are empty (or whitespace only) and however their texts are split into pieces.
+
+    With several windows, a window's leading whitespace is dropped, its trailing whitespace
+    held back until more text of the same window shows it was inside the text, and
+    SEPARATOR goes out just before the first text of a window that follows one with text:
+    never after the last window with text. One window's pieces pass unchanged."""
+
+    def __init__(self, windows: int):
+        self.whole = windows == 1
+        self._any_text = False  # some window has sent text
+        self._in_text = False  # the current window has sent text
+        self._held = ""  # the current window's trailing whitespace so far
+
+    def next_window(self) -> None:
+        self._in_text = False
+        self._held = ""
+
+    def piece(self, text: str) -> str:
+        """What to send for the current window's next piece of text ("" for nothing)."""
+        if self.whole:
+            return text
+        if not self._in_text:
+            text = text.lstrip()
+            if not text:
+                return ""
+        body = text.rstrip()
+        if not body:
+            self._held += text
+            return ""
+        lead = self._held
+        if not self._in_text:
+            lead = SEPARATOR if self._any_text else ""
+            self._in_text = self._any_text = True
+        self._held = text[len(body) :]
+        return lead + body
 
 
 def _timestamp(seconds: float, decimal: str) -> str:

@@ -42,7 +42,16 @@ from mdlserve.server.schemas import (
 )  # fmt: skip
 from mdlserve.server.session import Run, SSEResponse, sse_event
 from mdlserve.server.tasks import TRANSLATION_PROMPT, asr_instruction
-from mdlserve.server.transcripts import WINDOW_SECONDS, Segment, Window, joined, srt, vtt, windows
+from mdlserve.server.transcripts import (
+    WINDOW_SECONDS,
+    Segment,
+    StreamedJoin,
+    Window,
+    joined,
+    srt,
+    vtt,
+    windows,
+)
 
 router = APIRouter(route_class=CheckedFormRoute, dependencies=[Depends(single_valued_form)])
 
@@ -107,25 +116,25 @@ class Transcript:
                     await start.result().close()
 
     async def events(self) -> AsyncIterator[str]:
-        """Each window's text deltas in order (a space between windows), each window's as soon
-        as it has them, then the done event. SSEResponse closes the transcript (`close`)."""
-        previous: Run | None = None
+        """Each window's text deltas in order, each window's as soon as it has them, then the
+        done event; the deltas concatenate to exactly the done event's text (StreamedJoin:
+        the windows' texts stripped, a space between windows with text, none after the last
+        one). SSEResponse closes the transcript (`close`)."""
+        join = StreamedJoin(len(self.starts))
         for start in self.starts:
             run = await start
-            if previous is not None and previous.text().strip():
-                yield sse_event(TranscriptDelta(delta=" "))
+            join.next_window()
             for d in run.first:
-                if d.text:
-                    yield sse_event(TranscriptDelta(delta=d.text))
+                if piece := join.piece(d.text):
+                    yield sse_event(TranscriptDelta(delta=piece))
             async for deltas in run.rest():
                 for d in deltas:
-                    if d.text:
-                        yield sse_event(TranscriptDelta(delta=d.text))
-            previous = run
+                    if piece := join.piece(d.text):
+                        yield sse_event(TranscriptDelta(delta=piece))
         yield sse_event(TranscriptDone(text=self.text(), usage=self.usage()))
 
     def text(self) -> str:
-        return joined(self.segments()) if len(self.starts) > 1 else self.first.text()
+        return joined(self.segments())
 
 
 async def _start(request: Request, state: State, form: SpeechForm, instruction: str) -> Transcript:

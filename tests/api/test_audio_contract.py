@@ -6,9 +6,13 @@ translations, and the analysis endpoint's task presets with its old path as an a
 The model is tiny and random, so "uses prompt X" is checked as "answers exactly what a
 greedy chat completion with prompt X answers"."""
 
+import re
+
+import numpy as np
 import openai
 import pytest
-from gateway.helpers import MODEL, audio_file, audio_part
+from clips import make_clip
+from gateway.helpers import MODEL, audio_file, audio_part, wav_bytes
 
 from mdlserve.server.tasks import TASK_PROMPTS, TRANSLATION_PROMPT, Task
 
@@ -89,6 +93,69 @@ def test_streamed_transcript_events(oai):
     done = events[-1]
     assert "".join(e.delta for e in deltas) == done.text == whole.text
     assert done.usage.output_tokens == whole.usage.output_tokens
+
+
+# Windows the tiny model (2 tokens a window, no language) transcribes as some text or as
+# nothing (asserted by the test that uses them): silence gives text ("H!~39", and " m
+# happening" for 5 s of it), the clip of seed 10 and a quiet 5 s tone give "".
+WINDOW_PARTS = {
+    "text": np.zeros(30 * 16000, np.float32),
+    "empty": make_clip(30 * 16000, seed=10),
+    "short text": np.zeros(5 * 16000, np.float32),
+    "short empty": (0.01 * np.sin(2 * np.pi * 440 * np.arange(5 * 16000) / 16000)).astype(np.float32),
+}
+WINDOW_CASES = {
+    "65 s of silence": ("text", "text", "short text"),
+    "empty last": ("text", "text", "short empty"),
+    "empty first": ("empty", "text"),
+    "empty middle": ("text", "empty", "short text"),
+    "all empty": ("empty", "empty", "short empty"),
+}
+
+
+def windows_of(case: str) -> bytes:
+    return wav_bytes(np.concatenate([WINDOW_PARTS[part] for part in WINDOW_CASES[case]]), 16000)
+
+
+def transcribe_windows(oai, audio: bytes, **fields):
+    return oai.audio.transcriptions.create(model=MODEL, file=("windows.wav", audio),
+                                           extra_body={"max_completion_tokens": 2}, **fields)  # fmt: skip
+
+
+def stripped_texts(oai, audio: bytes) -> tuple[str, list[str]]:
+    """verbose_json's text and its segments' texts, stripped."""
+    verbose = transcribe_windows(oai, audio, response_format="verbose_json")
+    return verbose.text, [s.text.strip() for s in verbose.segments]
+
+
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_streamed_transcript_deltas_are_its_text_whichever_windows_are_empty(oai, case):
+    """Before, a window after one with text was preceded by a " " delta even when it had none
+    of its own (the deltas of "empty last" ended with a space), and the deltas kept each
+    window's leading and trailing whitespace, which the done event's text strips (65 s of
+    silence: two spaces before "m happening")."""
+    audio = windows_of(case)
+    text, texts = stripped_texts(oai, audio)
+    assert [bool(t) for t in texts] == [not part.endswith("empty") for part in WINDOW_CASES[case]], texts
+    assert text == " ".join(t for t in texts if t)
+    events = list(transcribe_windows(oai, audio, stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert [e.type for e in events[len(deltas) :]] == ["transcript.text.done"]
+    assert "".join(deltas) == events[-1].text == text
+    assert all(deltas)
+
+
+def test_every_format_of_a_transcript_with_an_empty_last_window(oai):
+    """json and text answer verbose_json's text (the stream's, above); srt and vtt hold a cue
+    per window, each the window's stripped text, empty for the empty window."""
+    audio = windows_of("empty last")
+    text, texts = stripped_texts(oai, audio)
+    assert transcribe_windows(oai, audio).text == text
+    assert transcribe_windows(oai, audio, response_format="text") == text
+    srt = transcribe_windows(oai, audio, response_format="srt")
+    assert re.findall(r"^\d+\n\S+ --> \S+\n(.*)$", srt, re.MULTILINE) == texts
+    vtt = transcribe_windows(oai, audio, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n") and re.findall(r"^\S+ --> \S+\n(.*)$", vtt, re.MULTILINE) == texts
 
 
 def test_stream_needs_a_streamable_format(oai):

@@ -1,10 +1,13 @@
-"""Windows and subtitle timestamps (transcripts.py) and the task prompts (tasks.py), engine-free."""
+"""Windows, the joined text and its stream, and subtitle timestamps (transcripts.py) and the
+task prompts (tasks.py), engine-free."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mdlserve.server.tasks import Task, TaskPromptError, asr_instruction, task_instruction
-from mdlserve.server.transcripts import SAMPLE_RATE, Segment, srt, vtt, windows
+from mdlserve.server.transcripts import SAMPLE_RATE, Segment, StreamedJoin, joined, srt, vtt, windows
 
 
 @pytest.mark.parametrize(
@@ -21,6 +24,49 @@ def test_windows_cover_the_audio(seconds, bounds):
     parts = windows(samples)
     assert [(w.start, w.end) for w in parts] == bounds
     assert sum(w.samples.size for w in parts) == samples.size
+
+
+def streamed(windows_pieces: list[list[str]]) -> list[str]:
+    """The deltas StreamedJoin sends for each window's text pieces, in order (none empty)."""
+    join, sent = StreamedJoin(len(windows_pieces)), []
+    for pieces in windows_pieces:
+        join.next_window()
+        sent += [piece for text in pieces if (piece := join.piece(text))]
+    return sent
+
+
+def text_of(windows_pieces: list[list[str]]) -> str:
+    return joined([Segment(30.0 * i, 30.0 * (i + 1), "".join(p)) for i, p in enumerate(windows_pieces)])
+
+
+@pytest.mark.parametrize(
+    ("windows_pieces", "text"),
+    [
+        ([["a", " b"], []], "a b"),  # the empty last window of a 65 s silence: no trailing space
+        ([[], ["a"], ["b"]], "a b"),  # empty first
+        ([["a"], [], ["b"]], "a b"),  # empty middle
+        ([["a"], ["b"], []], "a b"),  # empty last
+        ([[], [], []], ""),  # all empty
+        ([["a"], [" ", "\n"], ["b"]], "a b"),  # a window of whitespace only is empty too
+        ([[" a", " "], ["  b ", "c "], [" "]], "a b c"),  # each window's text stripped, inner spaces kept
+        ([[" x ", " "]], " x  "),  # one window: its text as it is, in json/text as in the stream
+    ],
+)
+def test_streamed_text_is_the_joined_text(windows_pieces, text):
+    """Before, a window after one with text was preceded by a " " delta even when it had no
+    text of its own, so the deltas of [text, empty] ended with a space that the done event's
+    text (`joined`) had not; and the deltas kept the whitespace `joined` strips."""
+    assert text_of(windows_pieces) == text
+    assert "".join(streamed(windows_pieces)) == text
+
+
+PIECE = st.text(st.sampled_from(["a", "b", " ", "\n", "\u3000", "é"]), max_size=4)
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(st.lists(st.lists(PIECE, max_size=4), min_size=1, max_size=5))
+def test_streamed_text_is_the_joined_text_for_any_windows_and_pieces(windows_pieces):
+    assert "".join(streamed(windows_pieces)) == text_of(windows_pieces)
 
 
 def test_timestamps_past_an_hour_and_rounding():

@@ -209,11 +209,21 @@ class _To16k:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
 
 
-def _check_rate(rate: int) -> None:
+def _rate_problem(rate: int) -> str | None:
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise AudioDecodeError(
-            f"sample rate {rate} Hz is outside the supported range {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
-        )
+        return f"sample rate {rate} Hz is outside the supported range {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+    return None
+
+
+def _channels_problem(channels: int) -> str | None:
+    if not 1 <= channels <= MAX_CHANNELS:
+        return f"{channels} channels is outside the supported range 1-{MAX_CHANNELS}"
+    return None
+
+
+def _check_rate(rate: int) -> None:
+    if (problem := _rate_problem(rate)) is not None:
+        raise AudioDecodeError(problem)
 
 
 def _frame_limit(rate: int, max_seconds: float | None) -> int | None:
@@ -221,8 +231,8 @@ def _frame_limit(rate: int, max_seconds: float | None) -> int | None:
 
 
 def _check_channels(channels: int) -> None:
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise AudioDecodeError(f"{channels} channels is outside the supported range 1-{MAX_CHANNELS}")
+    if (problem := _channels_problem(channels)) is not None:
+        raise AudioDecodeError(problem)
 
 
 def _too_long(max_seconds: float | None) -> AudioDecodeError:
@@ -300,10 +310,65 @@ def _decode_with_av(data: bytes, max_seconds: float | None) -> np.ndarray:
     except AudioDecodeError:
         raise
     except Exception as exc:  # PyAV raises many unrelated types for corrupt input
-        raise AudioDecodeError(f"unrecognised or corrupt audio ({type(exc).__name__})") from None
+        raise AudioDecodeError(_wav_header_problem(data) or _undecodable(exc)) from None
     if collected is None:
         raise AudioDecodeError("the audio decodes to zero samples")
     return collected.result()
+
+
+def _undecodable(exc: Exception) -> str:
+    """Why neither decoder read a file, in FFmpeg's words where it gave some: never a Python
+    exception's class name (PyAV fails on some nonsense with AttributeError)."""
+    import av
+
+    if isinstance(exc, av.FFmpegError) and exc.strerror:
+        return f"unrecognised or corrupt audio ({exc.strerror})"
+    return "unrecognised or corrupt audio"
+
+
+# WAV format tags (the `fmt ` chunk's first field) whose samples are plain numbers of
+# `bits per sample` bits, and those sizes the decoders read.
+_WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT, _WAVE_FORMAT_EXTENSIBLE = 1, 3, 0xFFFE
+_PCM_BITS, _FLOAT_BITS = (8, 16, 24, 32), (32, 64)
+
+
+def _wav_header_problem(data: bytes) -> str | None:
+    """What is wrong with a WAV's `fmt ` chunk (0 channels, a sample rate of 0 Hz, 0 bits
+    per sample...), for a file that neither decoder could read; None when the file is no
+    RIFF/RF64 WAV, has no readable `fmt ` chunk or nothing in it explains the failure."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        return None
+    position = 12
+    for _ in range(_MAX_CHUNKS):
+        if position + 8 > len(data):
+            return None
+        chunk_id = data[position : position + 4]
+        (size,) = _U32.unpack_from(data, position + 4)
+        if chunk_id == b"fmt ":
+            return _fmt_problem(data[position + 8 : position + 8 + size])
+        if chunk_id == b"data":
+            return None
+        position += 8 + size + (size & 1)
+    return None
+
+
+def _fmt_problem(fmt: bytes) -> str | None:
+    if len(fmt) < 16:
+        return f"corrupt WAV: its fmt chunk holds {len(fmt)} bytes, fewer than the 16 every WAV has"
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
+    if (problem := _channels_problem(channels) or _rate_problem(rate)) is not None:
+        return f"unsupported WAV: {problem}"
+    if tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 26:
+        (tag,) = struct.unpack_from("<H", fmt, 24)  # the first two bytes of the SubFormat GUID
+    if tag == _WAVE_FORMAT_PCM and bits not in _PCM_BITS:
+        return f"unsupported WAV: {bits} bits per sample (PCM: 8, 16, 24 or 32)"
+    if tag == _WAVE_FORMAT_FLOAT and bits not in _FLOAT_BITS:
+        return f"unsupported WAV: {bits} bits per sample (float: 32 or 64)"
+    if tag == 0:
+        return "unsupported WAV: format tag 0 (WAVE_FORMAT_UNKNOWN)"
+    if tag not in (_WAVE_FORMAT_PCM, _WAVE_FORMAT_FLOAT):
+        return f"unsupported or corrupt WAV (format tag 0x{tag:04X})"
+    return None
 
 
 def decode_input(data: bytes | str, max_seconds: float | None) -> np.ndarray:

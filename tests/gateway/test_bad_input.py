@@ -3,6 +3,8 @@ problem, and the server still healthy (a real request succeeds) afterwards."""
 
 import gzip
 import json
+import re
+import struct
 
 import httpx
 import numpy as np
@@ -39,6 +41,16 @@ FORM = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.e
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
         b"Content-Type: audio/wav\r\n\r\n" + WAV + b"\r\n--b--\r\n")  # fmt: skip
 CUT_SHORT = "the multipart/form-data body ends before its closing boundary (--b--): it was cut short"
+
+
+def wav_with_fmt(**fields: int) -> bytes:
+    """WAV with fields of its `fmt ` chunk replaced: tag, channels, rate, byte_rate, align, bits."""
+    data = bytearray(WAV)
+    at = data.index(b"fmt ") + 8
+    names = ("tag", "channels", "rate", "byte_rate", "align", "bits")
+    values = dict(zip(names, struct.unpack_from("<HHIIHH", data, at), strict=True))
+    struct.pack_into("<HHIIHH", data, at, *{**values, **fields}.values())
+    return bytes(data)
 
 
 def audio_chat(**form):
@@ -113,6 +125,19 @@ CASES = {
     "file url outside media dir": (chat_parts(URL_PART("file:///etc/passwd")), 400, "outside the media directory"),
     "malformed data url": (chat_parts(URL_PART("data:audio/wav;base64")), 400, "malformed data: URL"),
     "bad base64 data url": (chat_parts(URL_PART("data:audio/wav;base64,%%%")), 400, "data: URL is not valid base64"),
+    # WAV headers that say nonsense: before, PyAV failed on them with "corrupt audio (AttributeError)".
+    "wav of 0 bits per sample": (chat_parts(audio_part(wav_with_fmt(bits=0))), 400,
+                                 "could not decode audio: unsupported WAV: 0 bits per sample"),
+    "uploaded wav of 0 bits per sample": (transcribe(data=wav_with_fmt(bits=0)), 400,
+                                          "file: could not decode audio: unsupported WAV: 0 bits per sample"),
+    "wav of 65535 bits per sample": (chat_parts(audio_part(wav_with_fmt(bits=65535))), 400,
+                                     "unsupported WAV: 65535 bits per sample"),
+    "wav of 0 channels": (chat_parts(audio_part(wav_with_fmt(channels=0))), 400,
+                          "unsupported WAV: 0 channels is outside the supported range 1-64"),
+    "wav of 0 Hz": (chat_parts(audio_part(wav_with_fmt(rate=0))), 400,
+                    "unsupported WAV: sample rate 0 Hz is outside the supported range 1000-768000 Hz"),
+    "wav of format tag 0": (chat_parts(audio_part(wav_with_fmt(tag=0))), 400,
+                            "unsupported WAV: format tag 0 (WAVE_FORMAT_UNKNOWN)"),
     # Multipart endpoints
     "transcription without file": (transcribe(files=False), 400, "file: Field required"),
     "transcription with the file sent as a text field": (
@@ -267,6 +292,7 @@ def test_bad_input_is_a_named_4xx(client, case):
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"], error
     assert "Traceback" not in response.text and "/site-packages/" not in response.text
+    assert not re.search(r"\w(Error|Exception)\b", error["message"]), error  # no exception class as the reason
 
 
 def test_the_hand_written_form_is_answered_whole(client):

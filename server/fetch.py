@@ -83,11 +83,12 @@ def parse_url(url: str) -> ParsedUrl:
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """RFC 2397 `data:[<mediatype>][;base64],<data>`."""
+    """RFC 2397 `data:[<mediatype>][;base64],<data>`; `;base64` in any case (`;BASE64`), as
+    the media type and its parameters are case-insensitive."""
     header, sep, payload = url[5:].partition(",")
     if not sep:
         raise FetchError("malformed data: URL (no comma)")
-    if header.endswith(";base64"):
+    if header.lower().endswith(";base64"):
         if len(payload) * 3 // 4 > max_bytes:
             raise FetchError(f"data: URL payload exceeds {max_bytes} bytes")
         try:

@@ -125,6 +125,9 @@ CASES = {
     "file url outside media dir": (chat_parts(URL_PART("file:///etc/passwd")), 400, "outside the media directory"),
     "malformed data url": (chat_parts(URL_PART("data:audio/wav;base64")), 400, "malformed data: URL"),
     "bad base64 data url": (chat_parts(URL_PART("data:audio/wav;base64,%%%")), 400, "data: URL is not valid base64"),
+    # `;BASE64` was read as a percent-encoded payload: its base64 text was decoded as audio.
+    "bad base64 data url in capitals": (chat_parts(URL_PART("data:audio/wav;BASE64,%%%")), 400,
+                                        "data: URL is not valid base64"),
     # WAV headers that say nonsense: before, PyAV failed on them with "corrupt audio (AttributeError)".
     "wav of 0 bits per sample": (chat_parts(audio_part(wav_with_fmt(bits=0))), 400,
                                  "could not decode audio: unsupported WAV: 0 bits per sample"),
@@ -301,6 +304,16 @@ def test_the_hand_written_form_is_answered_whole(client):
     response = client.request(method, path, **kwargs)
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["text"], str)
+
+
+def test_data_url_base64_marker_in_any_case(client):
+    """RFC 2397's `;base64` is matched without regard to case, as media type parameters are."""
+    answers = [client.post("/v1/chat/completions", json=chat_body(URL_PART(f"data:audio/wav;{marker},{b64(WAV)}"),
+                                                                  max_tokens=2, temperature=0))
+               for marker in ("base64", "BASE64", "Base64")]  # fmt: skip
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+    assert len({answer.json()["choices"][0]["message"]["content"] for answer in answers}) == 1
 
 
 def test_form_fields_that_are_lists_may_repeat(client):

@@ -220,6 +220,27 @@ def _inside(path: str, container: str) -> bool:
     return path != container and (not container or path.startswith((f"{container}.", f"{container}[")))
 
 
+# Characters of a client's header value quoted in an error message, at most.
+QUOTED_HEADER_CHARS = 100
+
+
+def quoted_header(value: str) -> str:
+    """A client's header value for an error message: repr-quoted (control characters
+    escaped), cut after QUOTED_HEADER_CHARS characters with the full length said."""
+    if len(value) <= QUOTED_HEADER_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_HEADER_CHARS]!r}... ({len(value)} characters)"
+
+
+def unsupported_encoding(request: Request) -> str | None:
+    """The 415's message for a body sent with a Content-Encoding (gzip, br, ...): the server
+    reads bodies as sent and decodes none. None without one (or with `identity`)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    return f"request bodies are read uncompressed: Content-Encoding {quoted_header(encoding)} is not supported"
+
+
 def has_body(request: Request) -> bool:
     length = request.headers.get("content-length", "0").strip()
     return length != "0" or "chunked" in request.headers.get("transfer-encoding", "").lower()
@@ -229,20 +250,18 @@ def _validation_error(request: Request, exc: RequestValidationError) -> ApiError
     errors = exc.errors()
     invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if invalid_json is not None:
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":  # compressed bodies are read as sent, so they fail to parse
-            return ApiError(
-                415, f"request bodies are read uncompressed: Content-Encoding {encoding!r} is not supported"
-            )
+        if (refusal := unsupported_encoding(request)) is not None:  # read as sent, they fail to parse
+            return ApiError(415, refusal)
         reason = (invalid_json.get("ctx") or {}).get("error")
         return bad_request("the request body is not valid JSON" + (f" ({reason})" if reason else ""))
     not_an_object = {"missing", "model_attributes_type", "dict_type", "model_type"}
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in not_an_object for e in errors):
         content_type = request.headers.get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
-        if media and media != "application/json" and not media.endswith("+json"):
+        if content_type.strip() and media != "application/json" and not media.endswith("+json"):
             return ApiError(
-                415, f"the request body must be JSON (Content-Type: application/json), not {content_type!r}"
+                415,
+                f"the request body must be JSON (Content-Type: application/json), not {quoted_header(content_type)}",
             )
         if not media and has_body(request):  # FastAPI reads no JSON without the header
             return ApiError(415, "the request body must be JSON sent with Content-Type: application/json (none given)")
@@ -276,7 +295,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> ApiError:
     elif exc.status_code == 405:
         detail = f"method {request.method} is not allowed on {request.url.path}"
     reason = "by-status" if exc.status_code < 500 else None
-    return ApiError(exc.status_code, detail, reason=reason, headers=getattr(exc, "headers", None))
+    return ApiError(
+        exc.status_code, detail, param=getattr(exc, "param", None), reason=reason, headers=getattr(exc, "headers", None)
+    )
 
 
 def count_rejection(request: Request, exc: ApiError) -> None:

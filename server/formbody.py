@@ -12,14 +12,16 @@ request watches the body go by for the closing delimiter and refuses it by name 
 body ends without one. A delimiter split across two received chunks is found too.
 """
 
+import codecs
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 from fastapi import Request
 from starlette.datastructures import FormData, Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import parse_options_header
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
-from mdlserve.server.errors import has_body
+from mdlserve.server.errors import has_body, quoted_header, unsupported_encoding
 from mdlserve.server.jsonbody import BodyRefused, route_reading_with
 
 
@@ -36,14 +38,69 @@ def close_delimiter(headers: Headers) -> bytes | None:
 FORM_MEDIA_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
+class FormFieldRefused(StarletteHTTPException):
+    """A 400 about one form field (`param`), raised while the form is parsed: an
+    HTTPException passes through FastAPI's body parsing (server/errors.py keeps `param`)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(400, message)
+        self.param = param
+
+
+class TextFieldsDecodedStrictly(MultiPartParser):
+    """Starlette's multipart parser, except for how text fields are decoded: in the charset
+    their part declares (`Content-Type: text/plain; charset=shift_jis`), else the form's
+    (UTF-8 unless the request's Content-Type names another), and a field whose bytes are not
+    valid in it is refused by name. Starlette ignores a part's charset and reads bytes that
+    are not valid in the form's as Latin-1: `prompt` bytes b"\xff\xfe" reached the model
+    as "ÿþ" and a 200 came back."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            super().on_part_end()
+            return
+        charset = _text_encoding(self._charset) or "utf-8"
+        for name, value in part.item_headers:
+            if name == b"content-type" and (declared := parse_options_header(value)[1].get(b"charset")):
+                charset = _text_encoding(declared.decode("latin-1")) or charset
+        try:
+            text = part.data.decode(charset)
+        except ValueError:  # UnicodeDecodeError, or a UnicodeError of codecs such as idna
+            shown = "UTF-8" if charset == "utf-8" else charset
+            raise FormFieldRefused(
+                f"form field {part.field_name!r} is not valid {shown}", param=part.field_name
+            ) from None
+        self.items.append((part.field_name, text))
+
+
+def _text_encoding(name: str) -> str | None:
+    """The codec's name for a charset, None for one Python does not know or one that is no
+    text encoding (`base64`, `zlib`: bytes.decode refuses those with a LookupError)."""
+    try:
+        b"".decode(name)
+        return codecs.lookup(name).name
+    except LookupError:
+        return None
+
+
 class CheckedFormRequest(Request):
     async def _get_form(self, **limits) -> FormData:
-        """Starlette's form, after refusing a body of another content type (415)."""
+        """Starlette's form, after refusing a body of another content type or a compressed
+        one (415), with text fields decoded strictly (TextFieldsDecodedStrictly)."""
         content_type = self.headers.get("content-type")
         media, _ = parse_options_header(content_type or "")
         if media not in FORM_MEDIA_TYPES and (content_type or has_body(self)):
-            given = f"not {content_type!r}" if content_type else "none given"
+            given = f"not {quoted_header(content_type)}" if content_type else "none given"
             raise StarletteHTTPException(415, f"the request body must be multipart/form-data ({given})")
+        if (refusal := unsupported_encoding(self)) is not None:
+            raise StarletteHTTPException(415, refusal)
+        if self._form is None and media == b"multipart/form-data":
+            try:
+                async with aclosing(self.stream()) as stream:
+                    self._form = await TextFieldsDecodedStrictly(self.headers, stream, **limits).parse()
+            except MultiPartException as exc:  # as Starlette's own form parsing answers it
+                raise StarletteHTTPException(400, exc.message) from None
         return await super()._get_form(**limits)
 
     async def stream(self) -> AsyncGenerator[bytes, None]:

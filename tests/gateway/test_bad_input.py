@@ -43,6 +43,18 @@ FORM = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.e
 CUT_SHORT = "the multipart/form-data body ends before its closing boundary (--b--): it was cut short"
 
 
+def hand_form(**fields: bytes | tuple[bytes, bytes]) -> bytes:
+    """A transcription form written out by hand: `fields` as text parts (a value, or a value
+    and the part's Content-Type), then the file and the closing boundary."""
+    parts = []
+    for name, field in {"model": MODEL.encode(), **fields}.items():
+        value, content_type = field if isinstance(field, tuple) else (field, None)
+        head = f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n'.encode()
+        head += b"Content-Type: " + content_type + b"\r\n" if content_type else b""
+        parts.append(head + b"\r\n" + value + b"\r\n")
+    return b"".join(parts) + FORM[FORM.index(b'--b\r\nContent-Disposition: form-data; name="file"') :]
+
+
 def wav_with_fmt(**fields: int) -> bytes:
     """WAV with fields of its `fmt ` chunk replaced: tag, channels, rate, byte_rate, align, bits."""
     data = bytearray(WAV)
@@ -274,6 +286,31 @@ NAMED = {
     "audio analysis body without a content type": (
         ("POST", "/v1/audio/analysis", {"content": WAV}),
         415, "the request body must be multipart/form-data (none given)", None),
+    "gzip-compressed form": (
+        ("POST", "/v1/audio/transcriptions", {"content": gzip.compress(FORM),
+                                              "headers": {"content-type": "multipart/form-data; boundary=b",
+                                                          "content-encoding": "gzip"}}),
+        415, "request bodies are read uncompressed: Content-Encoding 'gzip' is not supported", None),
+    "json with a content type of parameters only": (
+        ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode(),
+                                          "headers": {"content-type": ";;;="}}),
+        415, "the request body must be JSON (Content-Type: application/json), not ';;;='", None),
+    "json with a content type of 5000 characters": (
+        ("POST", "/v1/chat/completions", {"content": json.dumps(chat_body()).encode(),
+                                          "headers": {"content-type": "application/" + "x" * 5000}}),
+        415, "the request body must be JSON (Content-Type: application/json), not "
+        f"{'application/' + 'x' * 88!r}... (5012 characters)", None),
+    "form with a content type of parameters only": (
+        ("POST", "/v1/audio/transcriptions", {"content": FORM, "headers": {"content-type": ";;;="}}),
+        415, "the request body must be multipart/form-data (not ';;;=')", None),
+    # Text fields that are not valid UTF-8 were read as Latin-1 and answered.
+    "prompt field not UTF-8": (raw_form(hand_form(prompt=b"\xff\xfe")), 400,
+                               "form field 'prompt' is not valid UTF-8", "prompt"),
+    "model field not UTF-8": (raw_form(hand_form(model=b"midashenglm-7b\xff")), 400,
+                              "form field 'model' is not valid UTF-8", "model"),
+    "prompt field not valid in the charset its part declares": (
+        raw_form(hand_form(prompt=(b"\x00", b"text/plain; charset=utf-16"))), 400,
+        "form field 'prompt' is not valid utf-16", "prompt"),
     "audio chat message without content": (
         audio_chat(messages=json.dumps([{"role": "user", "content": "x"}, {"role": "user"}])), 400,
         "invalid request: messages[1].content: Field required", "messages[1].content"),
@@ -314,6 +351,15 @@ def test_data_url_base64_marker_in_any_case(client):
     for answer in answers:
         assert answer.status_code == 200, answer.text
     assert len({answer.json()["choices"][0]["message"]["content"] for answer in answers}) == 1
+
+
+def test_form_text_fields_in_utf8_and_declared_charsets_are_answered(client):
+    """The control for the UTF-8 cases: a prompt in UTF-8, and one in the charset its part declares."""
+    latin1 = ("\u00e9?".encode("latin-1"), b"text/plain; charset=latin-1")
+    for prompt in ("Qu'est-ce que c'est ? \u00e9".encode(), latin1):
+        method, path, kwargs = raw_form(hand_form(prompt=prompt, max_completion_tokens=b"2"))
+        response = client.request(method, path, **kwargs)
+        assert response.status_code == 200, response.text
 
 
 def test_form_fields_that_are_lists_may_repeat(client):

@@ -14,6 +14,32 @@ schemas these limits admit compile in 0.9 s or less there. jsonschema's metasche
 is slow too (about 1 ms per subschema, draft 2020-12: up to 0.8 s at the limits), so it
 runs after the limits and, like the rest, in a worker thread (the request builder's call).
 
+A `pattern` is compiled into an automaton with each counted repeat (`{n}`, `{m,}`,
+`{m,n}`) written out copy by copy (measured as above, one or two fresh compiles each; the
+151936-token vocabulary is `mdl-serve make-checkpoint --preset 7b`'s). xgrammar cannot compile a repeat of more than 128
+copies: `a{129}`, `a{2,500}`, `[ab]{300}`, `(ab){200}` fail ("Check failed:
+per_rule_fsm_hashes"), after a time that grows with the square of the count: `a{1000}`
+0.15 s, `a{5000}` 2.4 s, `a{30000}` about 100 s (the hostile probe), in the engine's one
+compile thread. So such a repeat is refused. Nested repeats multiply and do compile
+(`(a{128}){128}` 0.7-1.2 s, `((a{2}){128}){128}` 2.8-3.2 s, `(.{64}){128}` 6.8 s), as
+does a long pattern, so patterns are bounded by their size with the repeats written out,
+1000 in all. A `.` costs most: 1000 of them compiled in 0.2-0.5 s (1.1 s once, at load
+10), eight `[^"]{124}` in 0.9 s, ten `.{99}` patterns in 0.8 s; 2000 took 1.1-1.8 s.
+With a 151936-token vocabulary each `.` or negated-class position costs far more
+(`.{128}` 3.2-5.8 s, `[^@]{1,128}@[^@]{1,128}` 10 s; `a{128}` 0.02 s; load 4-12).
+String, array and object lengths (`maxLength`, `minItems`, `maxProperties`, ...) are not
+written out: xgrammar keeps them as counted grammar repeats, and with the tiny tokenizer
+their compile time stays flat from 128 to 10**9 (0.05-0.13 s). With the 151936-token
+vocabulary a `maxLength` costs like a `.` pattern (16: 3.6 s, 40: 11 s, 128: 45 s, 10**5:
+60 s, load 4-12); ordinary schemas use it, so it is not bounded here.
+
+Numbers: vLLM's msgpack encoder raises on an integer outside [-2**63, 2**64 - 1] (our
+500), and xgrammar's JSON reader holds integers in 64 bits: 9223372036854775807 is exact,
+2**63 and more become floats (an enum of 18446744073709551615 was answered
+1.8446744073709552e+19), a bound past 64 bits fails its compile. The schema is JSON, so
+infinity and NaN (the gateway's reader makes 1e400 infinity) reach xgrammar as
+`Infinity`, which it cannot parse. Both are refused wherever they are in the schema.
+
 xgrammar 0.2.8 silently ignores some keywords (tried one by one: an answer breaking them
 is accepted): `not`, `if`/`then`/`else`, `allOf` of more than one schema, the
 `dependent*` keywords, `contains`, `uniqueItems`, `$dynamicRef`, keywords beside a `$ref`,
@@ -22,12 +48,19 @@ a `$ref` outside the document, a `required` name missing from `properties`, and
 using them is refused by name, rather than answered with JSON that does not validate.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
-request with finish reason "error", so such schemas are refused here too.
+request with finish reason "error", so such schemas are refused here too. So is one whose
+`const` or `enum` values all break its own type, bounds or counts: xgrammar emits those
+values as they are, reading no keyword beside them, so `{"type": "integer", "const": "a"}`
+was answered "a" with a 200.
 """
 
+import json
+import math
+import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import unquote
 
 from mdlserve.server.errors import ApiError, bad_request
@@ -41,6 +74,10 @@ MAX_OPTIONAL_PROPERTIES = 100  # properties not in their object's `required`, in
 MAX_STRING_PATTERNS = 100  # `pattern` and `format` strings, and patternProperties keys
 MAX_ENUM_VALUES = 1000  # in all (OpenAI: 1000)
 MAX_LITERAL_CHARS = 30000  # property names, enum and const values, in all (OpenAI: 120000)
+MAX_PATTERN_REPEAT = 128  # copies one counted repeat (`{n}`, `{m,}`, `{m,n}`) of a pattern makes (xgrammar's own)
+MAX_PATTERN_SIZE = 1000  # pattern characters in all, each repeated part once per copy (`_pattern_size`)
+MAX_PATTERN_CHARS = 10000  # pattern characters in all as written (bounds the check's own scan)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the integers xgrammar's JSON reader holds exactly
 
 # Schema-valued keywords: one schema, a name -> schema map, a list of schemas.
 _ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
@@ -67,6 +104,7 @@ def check_response_schema(schema: dict[str, Any]) -> None:
     walk.schema(schema, "#", 0)
     walk.ref_targets()
     walk.check_limits()
+    _check_numbers(schema)
     _check_metaschema(schema)
     if walk.ignored:
         keyword, pointer, why = walk.ignored[0]
@@ -94,6 +132,193 @@ def _limit(what: str, found: int | str, limit: int, hint: str = "") -> ApiError:
     return bad_request(
         f"{WHERE} has {found} {what}; the limit is {limit}{hint} (docs/gateway.md, response_format)", param=PARAM
     )
+
+
+def _escape(token: str) -> str:
+    """`token` as one JSON pointer step."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _check_numbers(schema: dict[str, Any]) -> None:
+    """Refuse integers beyond 64 bits and non-finite numbers anywhere in the schema (enum,
+    const, bounds, examples, unknown keywords alike: all of it travels to the engine).
+    vLLM's msgpack encoder raises on integers outside [-2**63, 2**64 - 1] (our 500), and
+    xgrammar's JSON reader turns one outside [-2**63, 2**63 - 1] into a float (an enum of
+    18446744073709551615 was answered 1.8446744073709552e+19); a number past 1.8e308
+    reads as infinity, which json.dumps writes as `Infinity`, not JSON."""
+    pending: list[tuple[dict | list, tuple]] = [(schema, ())]
+    while pending:
+        container, path = pending.pop()
+        for step, value in container.items() if isinstance(container, dict) else enumerate(container):
+            kind = type(value)  # not isinstance: a bool is an int to Python, and never too large
+            if kind is dict or kind is list:
+                pending.append((value, (path, step)))
+            elif kind is int and not INT64_MIN <= value <= INT64_MAX:
+                shown = str(value) if value.bit_length() < 1000 else f"an integer of {value.bit_length()} bits"
+                raise bad_request(
+                    f"{WHERE} has {shown} at {_pointer_of((path, step))}: integers must lie within 64 bits "
+                    "(-2**63 to 2**63 - 1), which the structured-output backend reads exactly",
+                    param=PARAM,
+                )
+            elif kind is float and not math.isfinite(value):
+                raise bad_request(
+                    f"{WHERE} has {value} at {_pointer_of((path, step))}: numbers must be finite (a JSON number "
+                    "beyond 1.8e308 reads as infinity; NaN and Infinity are not JSON)",
+                    param=PARAM,
+                )
+
+
+def _pointer_of(path: tuple) -> str:
+    """The JSON pointer of a nested (parent path, key or index) tuple."""
+    steps: list[str] = []
+    while path:
+        path, step = path
+        steps.append(_escape(step) if isinstance(step, str) else str(step))
+    return "/".join(["#", *reversed(steps)])
+
+
+# One token of a `pattern` (ECMA-262 syntax, as xgrammar reads it), matched where the last
+# one ended: a character class (to its `]`, or to the end when unterminated), an escape, a
+# counted repeat, a group's opening, or any other character. Every loop is possessive and
+# no token is retried, so a scan stays linear in the pattern's length however it is built.
+_PATTERN_TOKEN = re.compile(
+    r"(?P<charclass>\[(?:\\[\s\S]|[^\]\\])*+(?:\]|\\?\Z))"
+    r"|(?P<escape>\\(?:u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|c[A-Za-z]|[\s\S])?)"
+    r"|(?P<repeat>\{(?P<least>[0-9]++)(?:,(?P<most>[0-9]*+))?\})"
+    r"|(?P<open>\((?:\?(?:[:=!]|<[=!]|P?<\w{1,64}>))?)"
+    r"|[\s\S]"
+)
+
+
+def _copies(digits: str) -> int:
+    """A repeat count; past 10**9 (int() refuses more than 4300 digits) as 10**9."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 9 else 10**9
+
+
+def _repeat_copies(repeat: re.Match) -> int:
+    """The copies a counted repeat makes at most: n of `{n}` and `{m,n}`, m of `{m,}`
+    (xgrammar writes m copies and a loop)."""
+    least = _copies(repeat["least"])
+    return max(least, _copies(repeat["most"])) if repeat["most"] else least
+
+
+def _pattern_size(pattern: str, budget: int) -> tuple[int, re.Match | None]:
+    """The size of `pattern` as xgrammar's automaton grows with it, counted up to just past
+    `budget`: each character, class, escape, group and operator one, times the copies of
+    every counted repeat it is under; and the first counted repeat of more than
+    MAX_PATTERN_REPEAT copies, which xgrammar cannot compile, or None."""
+    groups = [[0, 0]]  # per open group: its size so far, and the size of its last part
+    size = position = 0
+    while position < len(pattern) and size <= budget:
+        token = _PATTERN_TOKEN.match(pattern, position)
+        assert token is not None  # its last alternative matches any character
+        position = token.end()
+        group = groups[-1]
+        if token["repeat"]:
+            copies = _repeat_copies(token)
+            if copies > MAX_PATTERN_REPEAT:
+                return size, token
+            added = group[1] * (max(copies, 1) - 1)
+            group[0] += added
+            group[1] += added
+            size += added
+        elif token["open"]:
+            groups.append([1, 0])
+            size += 1
+        elif token.group() == ")" and len(groups) > 1:
+            inner = groups.pop()[0]
+            groups[-1][0] += inner
+            groups[-1][1] = inner
+        else:
+            group[0] += 1
+            group[1] = 0 if token.group() == "|" else 1
+            size += 1
+    return size, None
+
+
+# The JSON type of each Python type the JSON reader makes.
+_JSON_TYPES = {type(None): "null", bool: "boolean", str: "string", list: "array", dict: "object",
+               int: "number", float: "number"}  # fmt: skip
+# (keyword, how a number breaks it, the words for that)
+_NUMBER_BOUNDS = (("minimum", operator.lt, "below"), ("exclusiveMinimum", operator.le, "not above"),
+                  ("maximum", operator.gt, "above"), ("exclusiveMaximum", operator.ge, "not below"))  # fmt: skip
+# (keyword, the JSON type it bounds, how a size breaks it, the words for that)
+_SIZE_BOUNDS = (("minLength", str, operator.lt, "shorter than"), ("maxLength", str, operator.gt, "longer than"),
+                ("minItems", list, operator.lt, "fewer items than"), ("maxItems", list, operator.gt, "more items than"),
+                ("minProperties", dict, operator.lt, "fewer properties than"),
+                ("maxProperties", dict, operator.gt, "more properties than"))  # fmt: skip
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _of_type(value: object, name: str) -> bool:
+    """Whether `value` is of the JSON Schema type `name`: an integer is any number with a
+    zero fraction (1.0 is one, true is not); a name that is no type (the metaschema check
+    refused it) matches anything."""
+    if name == "integer":
+        return _is_number(value) and (isinstance(value, int) or float(value).is_integer())
+    return name not in _JSON_TYPES.values() or _JSON_TYPES.get(type(value)) == name
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _broken_keyword(value: object, node: dict[str, Any]) -> str | None:
+    """How `value`, an enum or const value of `node`, breaks one of `node`'s own type,
+    bounds, lengths, counts or required names, or None. Only keywords whose meaning is
+    plain are read (no pattern, format or multipleOf), each only where it is well-formed,
+    so what this finds is certain."""
+    kind = node.get("type")
+    kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else None
+    if kinds is not None and not any(_of_type(value, name) for name in kinds if isinstance(name, str)):
+        return f"is not of its `type` {_shown(kind)}"
+    if _is_number(value):
+        for keyword, breaks, words in _NUMBER_BOUNDS:
+            bound = node.get(keyword)
+            if _is_number(bound) and breaks(value, bound):
+                return f"is {words} its `{keyword}` {_shown(bound)}"
+    for keyword, json_type, breaks, words in _SIZE_BOUNDS:
+        bound = node.get(keyword)
+        if isinstance(value, json_type) and _is_number(bound) and breaks(len(value), bound):
+            return f"is {words} its `{keyword}` {_shown(bound)}"
+    required = node.get("required")
+    if isinstance(value, dict) and isinstance(required, list):
+        for name in required:
+            if isinstance(name, str) and name not in value:
+                return f"lacks its `required` property {_shown(name)}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Contradiction:
+    """Why a subschema's enum or const values all break its other keywords: the end of a
+    chain that `_why` follows."""
+
+    reason: str
+
+
+def _unmatched_values(node: dict[str, Any]) -> tuple[str, _Contradiction] | None:
+    """Where `node` admits no value because of its `const` or `enum`, as `_failure` says
+    it. xgrammar emits a subschema's const (or failing that its enum values) as they are
+    and reads no keyword beside them, so one whose values all break its own type or
+    bounds ({"type": "integer", "const": "a"}) was answered with JSON that breaks it."""
+    if "const" in node:
+        reason = _broken_keyword(node["const"], node)
+        return None if reason is None else (f"`const` {_shown(node['const'])}", _Contradiction(reason))
+    values = node.get("enum")
+    if not isinstance(values, list):
+        return None
+    if not values:
+        return "`enum`", _Contradiction("is empty")
+    first = _broken_keyword(values[0], node)
+    if first is None or any(_broken_keyword(value, node) is None for value in values[1:]):
+        return None
+    return "every `enum` value", _Contradiction(f"breaks a keyword beside it (the first, {_shown(values[0])}, {first})")
 
 
 def _literal_chars(value: object, budget: int) -> int:
@@ -142,6 +367,9 @@ class _Walk:
     refs: list[str] = field(default_factory=list)
     optional: int = 0
     patterns: int = 0
+    pattern_chars: int = 0
+    pattern_size: int = 0
+    pattern_refusal: ApiError | None = None
     enum_values: int = 0
     literal_chars: int = 0
     ignored: list[tuple[str, str, str]] = field(default_factory=list)
@@ -156,6 +384,7 @@ class _Walk:
             raise _limit("levels of nested subschemas", f"more than {MAX_DEPTH}", MAX_DEPTH, f" (at {pointer})")
         self.nodes[id(node)] = (node, pointer)
         self._count(node)
+        self._check_patterns(node, pointer)
         self._note_ignored(node, pointer)
         for key, child in self._children(node, pointer):
             self.schema(child, key, depth + 1)
@@ -168,7 +397,7 @@ class _Walk:
         for key in _MAP:
             if isinstance(node.get(key), dict):
                 for name, child in node[key].items():
-                    yield f"{pointer}/{key}/{name.replace('~', '~0').replace('/', '~1')}", child
+                    yield f"{pointer}/{key}/{_escape(name)}", child
         for key in _LIST:
             if isinstance(node.get(key), list):
                 for i, child in enumerate(node[key]):
@@ -191,6 +420,42 @@ class _Walk:
             self.literal_chars += _literal_chars(node["const"], MAX_LITERAL_CHARS - self.literal_chars)
         if isinstance(node.get("$ref"), str):
             self.refs.append(node["$ref"])
+
+    def _check_patterns(self, node: dict[str, Any], pointer: str) -> None:
+        """Note the first counted repeat xgrammar cannot compile, or the pattern where the
+        patterns pass MAX_PATTERN_CHARS or MAX_PATTERN_SIZE in all, for `check_limits`
+        (after the subschema limits, which the walk raises itself). Compile time grows with
+        the size (a nested repeat multiplies it), and one repeat of 30000 copies held the
+        engine's compile thread for 100 s before it failed. Scanning stops at the first
+        refusal, so its work is bounded too."""
+        regexes = [(f"`pattern` at {pointer}", node["pattern"])] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            where = f"`patternProperties` key at {pointer}/patternProperties"
+            regexes += [(f"{where}/{_escape(key)}", key) for key in node["patternProperties"]]
+        for where, regex in regexes:
+            if self.pattern_refusal is not None:
+                return
+            self.pattern_chars += len(regex)
+            if self.pattern_chars > MAX_PATTERN_CHARS:
+                self.pattern_refusal = _limit("characters of pattern strings in all", f"more than {MAX_PATTERN_CHARS}",
+                                              MAX_PATTERN_CHARS, f" (passed at the {where})")  # fmt: skip
+                return
+            size, repeat = _pattern_size(regex, MAX_PATTERN_SIZE - self.pattern_size)
+            self.pattern_size += size
+            if repeat is not None:
+                copies = _repeat_copies(repeat)
+                how = "at least" if repeat["most"] == "" else "up to"
+                how = f"{how} {copies}" if copies < 10**9 else "a billion or more"
+                shown = repeat.group() if len(repeat.group()) <= 24 else repeat.group()[:20] + "...}"
+                self.pattern_refusal = bad_request(
+                    f"{WHERE} has a {where} that repeats a part {how} times (`{shown}`); "
+                    f"at most {MAX_PATTERN_REPEAT} is allowed (docs/gateway.md, response_format)",
+                    param=PARAM,
+                )
+            elif self.pattern_size > MAX_PATTERN_SIZE:
+                what = "pattern characters in all, each repeated part counted once per copy"
+                self.pattern_refusal = _limit(what, f"more than {MAX_PATTERN_SIZE}", MAX_PATTERN_SIZE,
+                                              f" (passed at the {where})")  # fmt: skip
 
     def _note_ignored(self, node: dict[str, Any], pointer: str) -> None:
         def ignored(keyword: str, why: str) -> None:
@@ -242,15 +507,19 @@ class _Walk:
                          MAX_OPTIONAL_PROPERTIES, "; list more of them in required")  # fmt: skip
         if self.patterns > MAX_STRING_PATTERNS:
             raise _limit("pattern and format strings in all", self.patterns, MAX_STRING_PATTERNS)
+        if self.pattern_refusal is not None:
+            raise self.pattern_refusal
 
     def no_value(self) -> str | None:
         """Why the root admits no finite JSON value as xgrammar reads it, or None.
 
         A least fixpoint: a subschema admits a value once its $ref target does, one of its
         anyOf/oneOf branches and all of its allOf do, and, where it must be an object or a
-        non-empty array, its required properties or first items do. Everything else (a
-        type that contradicts an enum, say) counts as admitting a value: only what is
-        proven is refused, and the engine's finish reason covers the rest."""
+        non-empty array, its required properties or first items do; one with a const or
+        enum only when a value of it keeps the subschema's own type, bounds and counts
+        (`_unmatched_values`). Everything else (a pattern no string matches, say) counts
+        as admitting a value: only what is proven is refused, and the engine's finish
+        reason covers the rest."""
         ok: set[int] = set()
         dependents: dict[int, set[int]] = {}
         for key, (node, _) in self.nodes.items():
@@ -283,6 +552,9 @@ class _Walk:
         def admits(child: object) -> bool:
             return child is not False and (not isinstance(child, dict) or id(child) in ok)
 
+        unmatched = _unmatched_values(node)
+        if unmatched is not None:
+            return unmatched
         ref = node.get("$ref")
         if isinstance(ref, str):
             target = _resolve(self.root, ref)
@@ -326,6 +598,9 @@ class _Walk:
                 break
             if child is False:
                 steps[-1] += " is `false`, which no value matches"
+                break
+            if isinstance(child, _Contradiction):
+                steps[-1] += f" {child.reason}"
                 break
             node = child
         return " -> ".join(steps)

@@ -1,15 +1,18 @@
 """response_format JSON schemas (server/response_schema.py), engine-free: the size limits,
-keywords the structured-output backend would ignore, schemas that admit no value, and
-the schemas real clients send; through the gateway with the fake engine, the check's 400
-and that it runs off the event loop."""
+pattern repeats xgrammar cannot compile, numbers it cannot hold, keywords the
+structured-output backend would ignore, schemas that admit no value, and the schemas real
+clients send; through the gateway with the fake engine, the check's 400 and that it runs
+off the event loop."""
 
 import enum
+import math
 import threading
 from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
 
 from mdlserve.server import request as request_module
@@ -21,6 +24,9 @@ from mdlserve.server.response_schema import (
     MAX_ENUM_VALUES,
     MAX_LITERAL_CHARS,
     MAX_OPTIONAL_PROPERTIES,
+    MAX_PATTERN_CHARS,
+    MAX_PATTERN_REPEAT,
+    MAX_PATTERN_SIZE,
     MAX_STRING_PATTERNS,
     MAX_SUBSCHEMAS,
     check_response_schema,
@@ -73,6 +79,10 @@ def patterns(count: int) -> dict:
     return required_object({f"k{i}": {"type": "string", "format": "date-time"} for i in range(count)})
 
 
+def pattern(regex: str) -> dict:
+    return required_object({"code": {"type": "string", "pattern": regex}})
+
+
 def literal_chars(count: int) -> dict:
     """Property names and enum values of `count` characters in all."""
     return required_object({"name": {"enum": ["x" * (count - len("name"))]}})
@@ -90,6 +100,12 @@ LIMITS = {
                             f"{MAX_OPTIONAL_PROPERTIES + 1} optional properties"),
     "patterns": (patterns(MAX_STRING_PATTERNS), patterns(MAX_STRING_PATTERNS + 1),
                  f"{MAX_STRING_PATTERNS + 1} pattern and format strings"),
+    # `.` written out 1000 times: the costliest pattern of that size (xgrammar, tiny: 0.2-0.5 s)
+    "pattern size": (pattern(".{125}" * 8), pattern(".{125}" * 8 + "."),
+                     f"more than {MAX_PATTERN_SIZE} pattern characters in all"),
+    "pattern characters": (pattern("[" + "a" * (MAX_PATTERN_CHARS - 2) + "]"),
+                           pattern("[" + "a" * (MAX_PATTERN_CHARS - 1) + "]"),
+                           f"more than {MAX_PATTERN_CHARS} characters of pattern strings"),
 }  # fmt: skip
 
 
@@ -112,6 +128,89 @@ def test_the_hostile_probes_schemas_are_refused():
              "required": [f"k{i}"]} for i in range(count)
         ]  # fmt: skip
         assert f"more than {MAX_SUBSCHEMAS} subschemas" in refusal({"anyOf": branches})
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    # 100 s in xgrammar's compile (the engine's only compile thread), then a failure
+    (pattern("a{30000}"), "`pattern` at #/properties/code that repeats a part up to 30000 times (`{30000}`)"),
+    # from 129 copies on, xgrammar's compile fails: the client saw "no JSON value matches"
+    (pattern(f"a{{{MAX_PATTERN_REPEAT + 1}}}"), f"up to {MAX_PATTERN_REPEAT + 1} times"),
+    (pattern("a{2,500}"), "up to 500 times (`{2,500}`)"),
+    (pattern("[ab]{300}"), "up to 300 times"),
+    (pattern("(ab){200}"), "up to 200 times"),
+    (pattern("^a{129,}$"), "at least 129 times (`{129,}`)"),
+    (pattern("a{99999999999999999999999}"), "a billion or more times (`{999"),
+    ({"type": "object", "patternProperties": {"^k{200}$": {"type": "integer"}}},
+     "`patternProperties` key at #/patternProperties/^k{200}$ that repeats a part up to 200 times"),
+    ({"propertyNames": {"pattern": "x{1000}"}}, "`pattern` at #/propertyNames that repeats"),
+])  # fmt: skip
+def test_a_pattern_repeat_past_what_xgrammar_compiles_is_refused_naming_it(schema, named):
+    message = refusal(schema)
+    assert named in message and f"at most {MAX_PATTERN_REPEAT} is allowed" in message, message
+    assert message.startswith("response_format.json_schema.schema has a "), message
+
+
+@pytest.mark.parametrize("regex", ["(a{100}){100}", "((a{2}){20}){30}", "a{100}{100}", "(.{64}){128}", "[a-z]+" * 1001])
+def test_patterns_are_bounded_by_their_size_with_nested_repeats_multiplied(regex):
+    """Nested repeats compile (xgrammar, tiny: `(a{128}){128}` 0.7-1.2 s, `(.{64}){128}`
+    6.8 s), so they are bounded by the size they write out, as is a long pattern."""
+    message = refusal(pattern(regex))
+    assert f"more than {MAX_PATTERN_SIZE} pattern characters" in message, message
+    assert "passed at the `pattern` at #/properties/code" in message, message
+
+
+@pytest.mark.parametrize("regex", [
+    f"a{{{MAX_PATTERN_REPEAT}}}", "a{0,128}", "a{128,}", "(a{2}){64}", "[a{300}]", "a\\{300}", "x{ 300}", "a{,300}",
+    "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", "^\\d{4}-\\d{2}-\\d{2}$",
+    "[^@]{1,128}@[^@]{1,128}", "(?:ab|c){3}",
+])  # fmt: skip
+def test_patterns_xgrammar_compiles_pass(regex):
+    check_response_schema(pattern(regex))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # re.compile's, in jsonschema's format check: "nested set"
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet="ab.[]^-{}(),?:<>=!|*+\\0123456789", max_size=60))
+def test_any_pattern_is_either_accepted_or_a_400(regex):
+    """Any text: the pattern scan answers a 400 or nothing, never our 500."""
+    try:
+        check_response_schema({"type": "string", "pattern": regex})
+    except ApiError as exc:
+        assert exc.status == 400 and exc.param == "response_format"
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    # vLLM's msgpack encoder raised OverflowError: our 500
+    ({"enum": [123456789012345678901234567890]}, "has 123456789012345678901234567890 at #/enum/0"),
+    ({"type": "integer", "const": -(2**63) - 1}, "has -9223372036854775809 at #/const"),
+    # encoded, but xgrammar read it as a float: the model answered 1.8446744073709552e+19
+    ({"enum": [18446744073709551615]}, "has 18446744073709551615 at #/enum/0"),
+    ({"type": "integer", "default": 2**63}, "at #/default"),
+    ({"type": "integer", "maximum": 2**64}, "at #/maximum"),
+    (required_object({"n": {"type": "integer", "examples": [{"big": [1, 2**70]}]}}),
+     "at #/properties/n/examples/0/big/1"),
+    ({"type": "object", "x-limit/max~": 2**100}, "at #/x-limit~1max~0"),
+])  # fmt: skip
+def test_integers_beyond_64_bits_anywhere_are_refused_saying_where(schema, named):
+    message = refusal(schema)
+    assert named in message and "integers must lie within 64 bits" in message, message
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    ({"type": "number", "maximum": math.inf}, "has inf at #/maximum"),
+    ({"enum": ["a", -math.inf]}, "has -inf at #/enum/1"),
+    ({"type": "number", "examples": [math.nan]}, "has nan at #/examples/0"),
+])  # fmt: skip
+def test_numbers_that_are_not_finite_are_refused(schema, named):
+    """The gateway's JSON reader turns 1e400 into infinity and accepts NaN and Infinity,
+    which json.dumps writes for the backend as text it cannot parse."""
+    message = refusal(schema)
+    assert named in message and "numbers must be finite" in message, message
+
+
+def test_the_64_bit_edges_pass():
+    check_response_schema({"enum": [2**63 - 1, -(2**63), 2**53 + 1]})
+    check_response_schema({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1, "default": 0})
 
 
 @pytest.mark.parametrize(("schema", "named"), [
@@ -145,10 +244,60 @@ def test_keywords_the_backend_does_not_enforce_are_refused_by_name(schema, named
     ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}, "$ref": "#/$defs/n"},
      "item 0 (minItems 1)"),
     ({"anyOf": [{"$ref": "#"}, {"$ref": "#/anyOf/0"}]}, "every `anyOf` branch"),
+    # xgrammar emits enum and const values as they are, reading nothing beside them: these
+    # were answered with JSON that breaks the schema
+    ({"type": "integer", "const": "a"}, '`const` "a" at # is not of its `type` "integer"'),
+    ({"type": "string", "enum": [1, 2]},
+     'every `enum` value at # breaks a keyword beside it (the first, 1, is not of its `type` "string")'),
+    ({"type": "integer", "enum": [True, 1.5]}, 'the first, true, is not of its `type` "integer"'),
+    ({"type": "number", "const": False}, "`const` false at # is not of its `type`"),
+    ({"type": ["integer", "null"], "enum": ["1"]}, 'is not of its `type` ["integer", "null"]'),
+    ({"type": "number", "minimum": 5, "enum": [1, 4.5]}, "is below its `minimum` 5"),
+    ({"type": "number", "exclusiveMaximum": 1, "const": 1}, "`const` 1 at # is not below its `exclusiveMaximum` 1"),
+    ({"type": "string", "maxLength": 2, "enum": ["abc", "abcd"]}, 'the first, "abc", is longer than its `maxLength` 2'),
+    ({"type": "array", "minItems": 2, "const": [1]}, "is fewer items than its `minItems` 2"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a"], "const": {"b": 1}},
+     'lacks its `required` property "a"'),
+    ({"enum": []}, "`enum` at # is empty"),
+    (required_object({"n": {"type": "integer", "const": "a"}}),
+     "required property 'n' at # -> `const` \"a\" at #/properties/n is not of its `type`"),
 ])  # fmt: skip
 def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
     message = refusal(schema)
     assert "admits no JSON value" in message and named in message, message
+
+
+CONSTRAINED = ["null", "boolean", "integer", "number", "string", "array", "object"]
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, 1.0, 1.5, -2.5]),
+    st.sampled_from(["", "a", "abc"]), st.lists(st.integers(0, 1), max_size=3),
+    st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 1), max_size=2),
+)  # fmt: skip
+BOUNDS = st.fixed_dictionaries({}, optional={
+    "type": st.one_of(st.sampled_from(CONSTRAINED), st.lists(st.sampled_from(CONSTRAINED), min_size=1, max_size=3,
+                                                             unique=True)),
+    "minimum": st.integers(-2, 2), "exclusiveMaximum": st.sampled_from([0, 1, 1.5]), "maxLength": st.integers(0, 2),
+    "minItems": st.integers(0, 2), "maxProperties": st.integers(0, 1),
+    "required": st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=2, unique=True),
+})  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(BOUNDS, st.lists(VALUES, min_size=1, max_size=3), st.booleans())
+def test_enum_and_const_values_are_refused_exactly_when_none_validates(bounds, values, as_const):
+    """Against jsonschema: the check refuses a schema for its enum or const exactly when no
+    value of them validates (integer takes 1.0, not true; number takes no boolean)."""
+    candidates = values[:1] if as_const else values
+    schema = {**bounds, **({"const": candidates[0]} if as_const else {"enum": candidates})}
+    if "required" in schema:
+        schema["properties"] = {"a": {}, "b": {}}
+    some_value_validates = any(Draft202012Validator(schema).is_valid(value) for value in candidates)
+    try:
+        check_response_schema(schema)
+    except ApiError as exc:
+        assert "admits no JSON value" in exc.message and not some_value_validates, exc.message
+    else:
+        assert some_value_validates
 
 
 def test_an_invalid_json_schema_is_refused():
@@ -223,6 +372,9 @@ class Sounds(BaseModel):
     {"oneOf": [{"type": "integer"}, {"type": "string"}]},
     {"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 1},
     {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]+$"}}, "uniqueItems": False},
+    {"type": "integer", "enum": [1.0, 2], "minimum": 1},
+    {"type": ["string", "null"], "enum": ["a", None], "maxLength": 1},
+    {"type": "array", "const": [1, 2], "minItems": 2, "maxItems": 2},
 ])  # fmt: skip
 def test_schemas_real_clients_send_pass(schema):
     check_response_schema(schema)
@@ -269,3 +421,22 @@ async def test_the_gateway_refuses_a_schema_past_a_limit_before_the_engine_and_o
         assert answered.status_code == 200, answered.text
         assert gw.engine.submitted[-1].sampling.json_schema == LABEL_SCHEMA
         assert len(threads) == 2 and loop_thread not in threads
+
+
+@pytest.mark.anyio
+async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_the_engine():
+    """A repeat that stalled the engine's compile for 100 s, an integer that made vLLM's
+    encoder raise (a 500), and a const its own type contradicts (a 200 breaking it)."""
+    schemas = {
+        "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
+        "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
+        'admits no JSON value: `const` "a" at # is not of its `type` "integer"': {"type": "integer", "const": "a"},
+    }
+    async with running_gateway() as gw:
+        for named, schema in schemas.items():
+            response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            refused = await gw.client.post("/v1/chat/completions", json=chat_body(response_format=response_format))
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "response_format" and named in error["message"], error
+        assert not gw.engine.submitted

@@ -14,6 +14,7 @@ MAX_STOP_CHARS = 256
 # OpenAI's limits: top_logprobs 0..20, logit_bias values -100..100 (we also bound the entries).
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_TOKEN_ID_DIGITS = 9  # vocabularies hold hundreds of thousands of tokens
 # input_audio.format values we accept. The bytes are decoded by content sniffing; the
 # format only has to name something we can decode.
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "oga", "webm", "m4a", "mp4", "aac", "aiff", "aif")
@@ -201,6 +202,10 @@ class SamplingFields(GenerationFields):
         for key, bias in value.items():
             if not key.isascii() or not key.isdigit():
                 raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if len(key) > MAX_TOKEN_ID_DIGITS:  # before int(): Python refuses to parse past 4300 digits
+                raise ValueError(
+                    f"keys must be token ids of at most {MAX_TOKEN_ID_DIGITS} digits, got {len(key)} digits"
+                )
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return value

@@ -66,6 +66,15 @@ def test_logit_bias_outside_the_vocabulary_is_a_400(oai, tokenizer):
     assert err.value.body["param"] == "logit_bias" and "outside the vocabulary" in err.value.body["message"]
 
 
+@pytest.mark.parametrize("digits", [10, 4301, 100_000])
+def test_logit_bias_token_id_of_many_digits_is_a_400(oai, digits):
+    """Python's int() refuses more than 4300 digits: such a key was a 500."""
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, messages=[user()], max_tokens=2, logit_bias={"7" * digits: 5})
+    assert err.value.body["param"] == "logit_bias"
+    assert f"at most 9 digits, got {digits} digits" in err.value.body["message"]
+
+
 def _check_logprobs(content: list, text: str, top: int) -> None:
     # A token holding part of a UTF-8 character has no text of its own (vLLM's `token` is
     # "", U+FFFD or the character it completes), but its own bytes: together they spell the

@@ -184,7 +184,7 @@ def test_chat_streaming_with_usage(client):
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 5
     # Same text as the non-streaming answer.
-    plain = client.post("/v1/chat/completions", json={**body, "stream": False}).json()
+    plain = client.post("/v1/chat/completions", json={**body, "stream": False, "stream_options": None}).json()
     assert text == plain["choices"][0]["message"]["content"]
 
 

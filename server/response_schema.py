@@ -43,15 +43,29 @@ infinity and NaN (the gateway's reader makes 1e400 infinity) reach xgrammar as
 xgrammar 0.2.8 silently ignores some keywords (tried one by one: an answer breaking them
 is accepted): `not`, `if`/`then`/`else`, `allOf` of more than one schema, the
 `dependent*` keywords, `contains`, `uniqueItems`, `$dynamicRef`, keywords beside a `$ref`,
-a `$ref` outside the document, a `required` name missing from `properties`, and
-`minLength`/`maxLength` beside a `pattern` or `format`. A schema
-using them is refused by name, rather than answered with JSON that does not validate.
+a `$ref` outside the document, a `required` name missing from `properties`,
+`minLength`/`maxLength` beside a `pattern` or `format`, and the keywords that bound one
+type of value (`pattern`, `minLength`, `minItems`, `minimum`, `multipleOf`,
+`patternProperties`, `propertyNames`, `minProperties`, ...) in a subschema without a
+`type`: lacking `type`, `const`, `enum`, `anyOf`/`oneOf`/`allOf`, `$ref` and the keywords
+it infers a type from (`properties`, `additionalProperties`, `items`, `prefixItems`, the
+`unevaluated*` ones), xgrammar reads a subschema as any JSON value ({"minLength": 3} took
+"a", {"patternProperties": {"^a$": {"type": "integer"}}} took {"a": "x"}). A `type` list
+is read type by type, each with its keywords, and a `propertyNames` subschema as a
+string's. A schema using them is refused by name, rather than answered with JSON that
+does not validate. So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside
+a numeric `type` xgrammar fails to compile it ("Value must be a number"), without one it
+ignores it.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
 request with finish reason "error", so such schemas are refused here too. So is one whose
 `const` or `enum` values all break its own type, bounds or counts: xgrammar emits those
 values as they are, reading no keyword beside them, so `{"type": "integer", "const": "a"}`
-was answered "a" with a 200.
+was answered "a" with a 200. It emits each enum value so, and a `const` beside an `enum`
+without reading the enum ({"const": "c", "enum": ["a", "b"]} took "c"), so a schema where
+any value it emits breaks a keyword beside it is refused too, naming the value: where some
+enum values are fine ({"type": "string", "enum": ["a", 1]} took 1), or where the value is
+an optional property's (the schema admits a value without it, but the answer may have it).
 """
 
 import json
@@ -87,6 +101,25 @@ _LIST = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _IGNORED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
             "contains", "minContains", "maxContains", "$dynamicRef", "$recursiveRef")  # fmt: skip
 _BROKEN = "an answer that breaks it would be accepted"
+# What xgrammar reads a subschema by: the first of these it has ($ref, then const, enum,
+# anyOf or oneOf, allOf, type; without those, an object where a properties keyword is and
+# an array where an items keyword is). A subschema with none of them is any JSON value.
+_SHAPING = ("$ref", "const", "enum", "anyOf", "oneOf", "allOf", "type", "properties", "additionalProperties",
+            "unevaluatedProperties", "items", "prefixItems", "unevaluatedItems")  # fmt: skip
+# Keywords that bound values of one type, and the type: on a subschema xgrammar reads as
+# any JSON value, it ignores them (tried one by one: {"minLength": 3} accepted "a").
+_TYPED = {"patternProperties": "object", "propertyNames": "object", "minProperties": "object",
+          "maxProperties": "object", "minItems": "array", "maxItems": "array", "pattern": "string", "format": "string",
+          "minLength": "string", "maxLength": "string", "minimum": "number", "maximum": "number",
+          "exclusiveMinimum": "number", "exclusiveMaximum": "number", "multipleOf": "number"}  # fmt: skip
+# Of those, the ones vLLM refuses for xgrammar beside their type ("features not supported
+# by xgrammar"), and what to write instead.
+_REFUSED_TYPED = {"patternProperties": "name the keys in `properties`, or give every value's schema in "
+                                       "`additionalProperties`",
+                  "propertyNames": "name the keys in `properties`",
+                  "multipleOf": "leave it out, or list the values in an `enum`"}  # fmt: skip
+_UNTYPED = "it reads a subschema with no `type` (nor `properties`, `items` or another keyword it takes one from) "
+_UNTYPED += "as any JSON value"
 # Keywords that constrain a value: beside a $ref, xgrammar ignores them (annotations such
 # as description, and $defs, are fine there).
 _VALIDATION = ("type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
@@ -105,6 +138,8 @@ def check_response_schema(schema: dict[str, Any]) -> None:
     walk.ref_targets()
     walk.check_limits()
     _check_numbers(schema)
+    if walk.draft04_bound is not None:  # before the metaschema check, whose words would not say what to write
+        raise walk.draft04_bound
     _check_metaschema(schema)
     if walk.ignored:
         keyword, pointer, why = walk.ignored[0]
@@ -115,6 +150,9 @@ def check_response_schema(schema: dict[str, Any]) -> None:
     reason = walk.no_value()
     if reason is not None:
         raise bad_request(f"{WHERE} admits no JSON value: {reason}", param=PARAM)
+    broken = walk.broken_value()  # after no_value: where no value is left, that says more
+    if broken is not None:
+        raise broken
 
 
 def _check_metaschema(schema: dict[str, Any]) -> None:
@@ -294,6 +332,50 @@ def _broken_keyword(value: object, node: dict[str, Any]) -> str | None:
     return None
 
 
+def _json_equal(first: object, second: object) -> bool:
+    """JSON equality as JSON Schema's `const` and `enum` use it: 1 equals 1.0, true equals
+    no number, object keys in any order. Iterative: a value may nest as deep as the JSON
+    reader allows."""
+    pending: list[tuple[object, object]] = [(first, second)]
+    while pending:
+        one, other = pending.pop()
+        if _JSON_TYPES.get(type(one)) != _JSON_TYPES.get(type(other)):
+            return False
+        if isinstance(one, list) and isinstance(other, list):
+            if len(one) != len(other):
+                return False
+            pending.extend(zip(one, other, strict=True))
+        elif isinstance(one, dict) and isinstance(other, dict):
+            if one.keys() != other.keys():
+                return False
+            pending.extend((one[key], other[key]) for key in one)
+        elif one != other:
+            return False
+    return True
+
+
+def _broken_const(node: dict[str, Any]) -> str | None:
+    """How `node`'s const breaks a keyword beside it, as `_broken_keyword` says it, or
+    breaks its `enum`: xgrammar emits the const and reads no enum beside it
+    ({"const": "c", "enum": ["a", "b"]} was answered "c")."""
+    const = node["const"]
+    reason = _broken_keyword(const, node)
+    values = node.get("enum")
+    if reason is None and isinstance(values, list) and not any(_json_equal(const, value) for value in values):
+        reason = "is not among its `enum` values"
+    return reason
+
+
+def _emitted_values(node: dict[str, Any], pointer: str) -> Iterator[tuple[str, str, object]]:
+    """(what, pointer, value) of each value xgrammar emits for `node` as it is: its const,
+    or failing that its enum values (beside a const, the enum is never emitted)."""
+    if "const" in node:
+        yield "`const`", f"{pointer}/const", node["const"]
+    elif isinstance(node.get("enum"), list):
+        for i, value in enumerate(node["enum"]):
+            yield "`enum` value", f"{pointer}/enum/{i}", value
+
+
 @dataclass(frozen=True)
 class _Contradiction:
     """Why a subschema's enum or const values all break its other keywords: the end of a
@@ -306,9 +388,10 @@ def _unmatched_values(node: dict[str, Any]) -> tuple[str, _Contradiction] | None
     """Where `node` admits no value because of its `const` or `enum`, as `_failure` says
     it. xgrammar emits a subschema's const (or failing that its enum values) as they are
     and reads no keyword beside them, so one whose values all break its own type or
-    bounds ({"type": "integer", "const": "a"}) was answered with JSON that breaks it."""
+    bounds ({"type": "integer", "const": "a"}), or a const not among the enum beside it,
+    was answered with JSON that breaks it."""
     if "const" in node:
-        reason = _broken_keyword(node["const"], node)
+        reason = _broken_const(node)
         return None if reason is None else (f"`const` {_shown(node['const'])}", _Contradiction(reason))
     values = node.get("enum")
     if not isinstance(values, list):
@@ -373,6 +456,8 @@ class _Walk:
     enum_values: int = 0
     literal_chars: int = 0
     ignored: list[tuple[str, str, str]] = field(default_factory=list)
+    draft04_bound: ApiError | None = None  # the first boolean exclusiveMinimum or exclusiveMaximum
+    key_schemas: set[int] = field(default_factory=set)  # propertyNames subschemas, which xgrammar reads as strings
 
     def schema(self, node: object, pointer: str, depth: int) -> None:
         if not isinstance(node, dict) or id(node) in self.nodes:
@@ -383,9 +468,12 @@ class _Walk:
         if depth > MAX_DEPTH:
             raise _limit("levels of nested subschemas", f"more than {MAX_DEPTH}", MAX_DEPTH, f" (at {pointer})")
         self.nodes[id(node)] = (node, pointer)
+        if isinstance(node.get("propertyNames"), dict):
+            self.key_schemas.add(id(node["propertyNames"]))
         self._count(node)
         self._check_patterns(node, pointer)
         self._note_ignored(node, pointer)
+        self._check_draft04(node, pointer)
         for key, child in self._children(node, pointer):
             self.schema(child, key, depth + 1)
 
@@ -457,10 +545,41 @@ class _Walk:
                 self.pattern_refusal = _limit(what, f"more than {MAX_PATTERN_SIZE}", MAX_PATTERN_SIZE,
                                               f" (passed at the {where})")  # fmt: skip
 
+    def _check_draft04(self, node: dict[str, Any], pointer: str) -> None:
+        """Note the first draft-04 boolean `exclusiveMinimum`/`exclusiveMaximum`. xgrammar
+        reads only draft 2020-12's number: beside a numeric `type` its compile fails
+        ("Value must be a number"), without one it reads any JSON value; jsonschema's
+        default draft refuses it too, in words that do not say what to write."""
+        for exclusive, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            flag = node.get(exclusive)
+            if self.draft04_bound is not None or not isinstance(flag, bool):
+                continue
+            bound = node.get(inclusive)
+            shown, example = (_shown(bound), "") if _is_number(bound) else ("5", "e.g. ")
+            if flag:
+                fix = (f"write the bound itself, draft 2020-12's number form: {example}\"{exclusive}\": {shown} in "
+                       f'place of "{inclusive}": {shown}, "{exclusive}": true')  # fmt: skip
+            else:
+                fix = f"leave it out: false is draft-04's default, and `{inclusive}` alone is the same bound"
+            self.draft04_bound = bad_request(
+                f"{WHERE} has `{exclusive}` {_shown(flag)} at {pointer}, draft-04's boolean form, which the "
+                f"structured-output backend does not read (it takes only a number); {fix}",
+                param=PARAM,
+            )
+
     def _note_ignored(self, node: dict[str, Any], pointer: str) -> None:
         def ignored(keyword: str, why: str) -> None:
             self.ignored.append((keyword, pointer, why))
 
+        if id(node) not in self.key_schemas and not any(keyword in node for keyword in _SHAPING):
+            for keyword, kind in _TYPED.items():
+                if keyword in node:
+                    instead = _REFUSED_TYPED.get(keyword)
+                    if instead is None:
+                        ignored(f"`{keyword}` without `type`", f'{_UNTYPED}; add "type": "{kind}"')
+                    else:
+                        why = f'{_UNTYPED}, and beside "type": "{kind}" vLLM refuses it for this backend; {instead}'
+                        ignored(f"`{keyword}` without `type`", why)
         for keyword in _IGNORED:
             if keyword in node:
                 ignored(f"`{keyword}`", _BROKEN)
@@ -509,6 +628,24 @@ class _Walk:
             raise _limit("pattern and format strings in all", self.patterns, MAX_STRING_PATTERNS)
         if self.pattern_refusal is not None:
             raise self.pattern_refusal
+
+    def broken_value(self) -> ApiError | None:
+        """The 400 for the first enum or const value, in walk order, that breaks a keyword
+        beside it, or None. xgrammar emits each as it is, so {"type": "string", "enum":
+        ["a", 1]} could be answered 1, and so could a property whose values all break its
+        type where it is optional (the schema admits a value: one without it). Runs after
+        the limits, which bound the values it reads."""
+        for node, pointer in self.nodes.values():
+            for what, where, value in _emitted_values(node, pointer):
+                reason = _broken_const(node) if what == "`const`" else _broken_keyword(value, node)
+                if reason is not None:
+                    return bad_request(
+                        f"{WHERE} allows an answer that does not validate: {what} {_shown(value)} at {where} "
+                        f"{reason}; the structured-output backend would answer it (it emits enum and const values "
+                        "as they are, reading no keyword beside them): remove the value or change the keyword",
+                        param=PARAM,
+                    )
+        return None
 
     def no_value(self) -> str | None:
         """Why the root admits no finite JSON value as xgrammar reads it, or None.

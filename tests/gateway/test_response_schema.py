@@ -267,6 +267,139 @@ def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
     assert "admits no JSON value" in message and named in message, message
 
 
+@pytest.mark.parametrize(("schema", "named"), [
+    # xgrammar emits every enum value as it is: this one took 1
+    ({"type": "string", "enum": ["a", 1]}, '`enum` value 1 at #/enum/1 is not of its `type` "string"'),
+    ({"type": "integer", "minimum": 5, "enum": [6, 1]}, "`enum` value 1 at #/enum/1 is below its `minimum` 5"),
+    ({"type": "string", "maxLength": 2, "enum": ["ab", "abc"]}, '`enum` value "abc" at #/enum/1 is longer than'),
+    ({"type": "array", "minItems": 2, "enum": [[1, 2], [1]]}, "`enum` value [1] at #/enum/1 is fewer items than"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["a"], "enum": [{"a": 1}, {"b": 1}]},
+     '`enum` value {"b": 1} at #/enum/1 lacks its `required` property "a"'),
+    # optional properties: the schema admits {} too, but xgrammar took {"x": 1}
+    ({"type": "object", "properties": {"x": {"type": "string", "enum": ["a", 1]}}},
+     '`enum` value 1 at #/properties/x/enum/1 is not of its `type` "string"'),
+    ({"type": "object", "properties": {"x": {"type": "string", "enum": [1, 2]}}},
+     '`enum` value 1 at #/properties/x/enum/0 is not of its `type` "string"'),
+    ({"type": "object", "properties": {"x": {"type": "integer", "const": "a"}}},
+     '`const` "a" at #/properties/x/const is not of its `type` "integer"'),
+    # a const beside an enum is emitted without the enum: xgrammar took {"x": "c"}
+    ({"type": "object", "properties": {"x": {"const": "c", "enum": ["a", "b"]}}},
+     '`const` "c" at #/properties/x/const is not among its `enum` values'),
+    ({"$defs": {"d": {"type": "boolean", "enum": [True, "no"]}}, "$ref": "#/$defs/d"},
+     '`enum` value "no" at #/$defs/d/enum/1 is not of its `type` "boolean"'),
+])  # fmt: skip
+def test_an_enum_or_const_value_breaking_a_keyword_beside_it_is_refused_naming_it(schema, named):
+    message = refusal(schema)
+    assert named in message and "the structured-output backend would answer it" in message, message
+    assert "admits no JSON value" not in message, message
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    ({"const": "c", "enum": ["a", "b"]}, '`const` "c" at # is not among its `enum` values'),
+    ({"const": True, "enum": [1, 2]}, "`const` true at # is not among its `enum` values"),
+    ({"const": {"a": [1]}, "enum": [{"a": [1, 2]}]}, "is not among its `enum` values"),
+    (required_object({"k": {"type": "integer", "const": 1.5, "enum": [1.5]}}),
+     "required property 'k' at # -> `const` 1.5 at #/properties/k is not of its `type` \"integer\""),
+])  # fmt: skip
+def test_a_const_not_among_the_enum_beside_it_admits_no_value(schema, named):
+    """xgrammar emits the const and reads no enum beside it ({"const": "c", "enum": ["a",
+    "b"]} took "c"), so a const the enum lacks leaves no value that validates."""
+    message = refusal(schema)
+    assert "admits no JSON value" in message and named in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    {"const": "a", "enum": ["a", "b"]},
+    {"const": 1, "enum": [1.0, 2]},
+    {"const": {"a": 1, "b": [True]}, "enum": [{"b": [True], "a": 1}]},
+    # the enum beside a const is never emitted, so its other values cannot be answered
+    {"type": "string", "const": "a", "enum": ["a", 1]},
+])  # fmt: skip
+def test_a_const_among_the_enum_beside_it_passes(schema):
+    check_response_schema(schema)
+
+
+@pytest.mark.parametrize(("schema", "named", "instead"), [
+    # xgrammar reads each as any JSON value: it took every answer in the comment
+    ({"minLength": 3}, "`minLength` without `type` at #", 'add "type": "string"'),  # "a"
+    ({"maxLength": 1}, "`maxLength` without `type`", 'add "type": "string"'),  # "abc"
+    ({"pattern": "^a$"}, "`pattern` without `type`", 'add "type": "string"'),  # "b"
+    ({"format": "email"}, "`format` without `type`", 'add "type": "string"'),  # "a"
+    ({"minItems": 2}, "`minItems` without `type`", 'add "type": "array"'),  # [1]
+    ({"maxItems": 1}, "`maxItems` without `type`", 'add "type": "array"'),  # [1, 2]
+    ({"minimum": 5}, "`minimum` without `type`", 'add "type": "number"'),  # 3
+    ({"exclusiveMinimum": 5}, "`exclusiveMinimum` without `type`", 'add "type": "number"'),  # 5
+    ({"maximum": 5}, "`maximum` without `type`", 'add "type": "number"'),  # 6
+    ({"minProperties": 1}, "`minProperties` without `type`", 'add "type": "object"'),  # {}
+    ({"maxProperties": 0}, "`maxProperties` without `type`", 'add "type": "object"'),  # {"a": 1}
+    # beside "type": "object" (or "number") vLLM refuses these for xgrammar
+    ({"patternProperties": {"^a$": {"type": "integer"}}}, "`patternProperties` without `type`",
+     "vLLM refuses it for this backend; name the keys in `properties`"),  # {"a": "x"}
+    ({"propertyNames": {"pattern": "^a$"}}, "`propertyNames` without `type`",
+     "vLLM refuses it for this backend; name the keys in `properties`"),  # {"b": 1}
+    ({"multipleOf": 5}, "`multipleOf` without `type`", "vLLM refuses it for this backend"),  # 3
+    (required_object({"n": {"description": "a count", "minimum": 0}}), "`minimum` without `type` at #/properties/n",
+     'add "type": "number"'),
+    # through a $ref or an anyOf branch a key schema is any JSON value too: {"b": 1} was taken
+    ({"type": ["object"], "propertyNames": {"$ref": "#/$defs/k"}, "$defs": {"k": {"pattern": "^a$"}}},
+     "`pattern` without `type` at #/$defs/k", 'add "type": "string"'),
+])  # fmt: skip
+def test_keywords_of_one_type_in_a_subschema_without_a_type_are_refused_by_name(schema, named, instead):
+    message = refusal(schema)
+    assert named in message and "does not enforce" in message and "as any JSON value" in message, message
+    assert instead in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    # xgrammar infers the type from these, or reads a type list type by type: all enforced
+    {"properties": {"a": {"type": "integer"}}, "minProperties": 1},
+    {"additionalProperties": {"type": "integer"}, "maxProperties": 2},
+    {"properties": {"a": {"type": "integer"}}, "patternProperties": {"^b$": {"type": "integer"}}},
+    {"items": {"type": "integer"}, "minItems": 2},
+    {"prefixItems": [{"type": "integer"}], "items": False, "maxItems": 1},
+    {"type": ["string", "null"], "minLength": 3},
+    {"type": ["string", "null"], "pattern": "^a$"},
+    {"type": ["integer", "null"], "minimum": 5},
+    {"type": ["object", "null"], "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+    # a propertyNames subschema is read as a string's
+    {"type": ["object"], "propertyNames": {"pattern": "^a$"}},
+    # beside an enum or const the values are checked against them instead
+    {"enum": ["abc", "abcd"], "minLength": 3},
+    {"const": 7, "minimum": 5},
+])  # fmt: skip
+def test_keywords_of_one_type_where_xgrammar_knows_the_type_pass(schema):
+    check_response_schema(schema)
+
+
+DRAFT_04 = "http://json-schema.org/draft-04/schema#"
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    # without $schema the metaschema check refused it too, saying only "True is not of type 'number'"
+    ({"type": "number", "maximum": 5, "exclusiveMaximum": True},
+     '`exclusiveMaximum` true at #, draft-04\'s boolean form, which the structured-output backend does not read '
+     '(it takes only a number); write the bound itself, draft 2020-12\'s number form: "exclusiveMaximum": 5 in '
+     'place of "maximum": 5, "exclusiveMaximum": true'),
+    # valid draft-04: with a type xgrammar's compile failed ("Value must be a number")
+    ({"$schema": DRAFT_04, "type": "integer", "minimum": 0, "exclusiveMinimum": True},
+     '`exclusiveMinimum` true at #, draft-04\'s boolean form'),
+    # without one it read any JSON value
+    (required_object({"n": {"$schema": DRAFT_04, "maximum": 1.5, "exclusiveMaximum": True}}),
+     '`exclusiveMaximum` true at #/properties/n, draft-04\'s boolean form'),
+    ({"$schema": DRAFT_04, "type": "number", "maximum": 5, "exclusiveMaximum": False},
+     "`exclusiveMaximum` false at #, draft-04's boolean form, which the structured-output backend does not read "
+     "(it takes only a number); leave it out: false is draft-04's default, and `maximum` alone is the same bound"),
+])  # fmt: skip
+def test_draft_04_boolean_exclusive_bounds_are_refused_naming_the_number_form(schema, named):
+    message = refusal(schema)
+    assert named in message, message
+
+
+def test_draft_04_number_bounds_pass():
+    check_response_schema({"$schema": DRAFT_04, "type": "number", "minimum": 0, "maximum": 5})
+    check_response_schema({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 5})
+
+
 CONSTRAINED = ["null", "boolean", "integer", "number", "string", "array", "object"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, 1.0, 1.5, -2.5]),
@@ -283,21 +416,34 @@ BOUNDS = st.fixed_dictionaries({}, optional={
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(BOUNDS, st.lists(VALUES, min_size=1, max_size=3), st.booleans())
-def test_enum_and_const_values_are_refused_exactly_when_none_validates(bounds, values, as_const):
-    """Against jsonschema: the check refuses a schema for its enum or const exactly when no
-    value of them validates (integer takes 1.0, not true; number takes no boolean)."""
-    candidates = values[:1] if as_const else values
-    schema = {**bounds, **({"const": candidates[0]} if as_const else {"enum": candidates})}
+@given(BOUNDS, st.lists(VALUES, min_size=1, max_size=3), st.sampled_from(["enum", "const", "const and enum"]),
+       st.booleans())  # fmt: skip
+def test_enum_and_const_values_are_refused_unless_every_value_emitted_validates(bounds, values, form, optional):
+    """Against jsonschema: xgrammar emits the const (reading no enum beside it) or else
+    every enum value, so the check accepts a schema exactly when every value it emits
+    validates; it says "admits no JSON value" when none does (at the root), and names the
+    value when the schema still admits one (some values do, or it is an optional
+    property's, which the answer may hold all the same). integer takes 1.0, not true;
+    number takes no boolean; a const is among an enum by JSON equality (1 is 1.0, not true)."""
+    if form == "enum":
+        schema, emitted = {**bounds, "enum": values}, values
+    elif form == "const":
+        schema, emitted = {**bounds, "const": values[0]}, values[:1]
+    else:
+        schema, emitted = {**bounds, "const": values[0], "enum": values[1:] or values}, values[:1]
     if "required" in schema:
         schema["properties"] = {"a": {}, "b": {}}
-    some_value_validates = any(Draft202012Validator(schema).is_valid(value) for value in candidates)
+    valid = [Draft202012Validator(schema).is_valid(value) for value in emitted]
     try:
-        check_response_schema(schema)
+        check_response_schema({"type": "object", "properties": {"p": schema}} if optional else schema)
     except ApiError as exc:
-        assert "admits no JSON value" in exc.message and not some_value_validates, exc.message
+        if "admits no JSON value" in exc.message:
+            assert not optional and not any(valid), exc.message
+        else:
+            assert "the structured-output backend would answer it" in exc.message and not all(valid), exc.message
+            assert optional or any(valid), exc.message
     else:
-        assert some_value_validates
+        assert all(valid)
 
 
 def test_an_invalid_json_schema_is_refused():
@@ -375,6 +521,7 @@ class Sounds(BaseModel):
     {"type": "integer", "enum": [1.0, 2], "minimum": 1},
     {"type": ["string", "null"], "enum": ["a", None], "maxLength": 1},
     {"type": "array", "const": [1, 2], "minItems": 2, "maxItems": 2},
+    {"type": "object", "properties": {"x": {"type": "string", "enum": ["a", "b"]}}},
 ])  # fmt: skip
 def test_schemas_real_clients_send_pass(schema):
     check_response_schema(schema)
@@ -426,11 +573,14 @@ async def test_the_gateway_refuses_a_schema_past_a_limit_before_the_engine_and_o
 @pytest.mark.anyio
 async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_the_engine():
     """A repeat that stalled the engine's compile for 100 s, an integer that made vLLM's
-    encoder raise (a 500), and a const its own type contradicts (a 200 breaking it)."""
+    encoder raise (a 500), a const its own type contradicts, an enum value its type
+    contradicts and a length bound without a type (each a 200 breaking it)."""
     schemas = {
         "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
         "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
         'admits no JSON value: `const` "a" at # is not of its `type` "integer"': {"type": "integer", "const": "a"},
+        '`enum` value 1 at #/enum/1 is not of its `type` "string"': {"type": "string", "enum": ["a", 1]},
+        "uses `minLength` without `type` at #/properties/a": required_object({"a": {"minLength": 3}}),
     }
     async with running_gateway() as gw:
         for named, schema in schemas.items():

@@ -72,7 +72,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 from urllib.parse import unquote
@@ -127,6 +127,11 @@ _VALIDATION = ("type", "enum", "const", "properties", "required", "additionalPro
                "minItems", "maxItems", "unevaluatedItems", "unevaluatedProperties", "minLength", "maxLength",
                "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
                "anyOf", "oneOf", "allOf")  # fmt: skip
+_APPLICATORS = ("anyOf", "oneOf", "allOf")  # in the order xgrammar looks for them: it reads the first it finds
+
+
+def _into(applicator: str) -> str:
+    return "the `allOf` schema" if applicator == "allOf" else f"each `{applicator}` branch"
 
 
 def check_response_schema(schema: dict[str, Any]) -> None:
@@ -594,6 +599,8 @@ class _Walk:
             beside = [keyword for keyword in _VALIDATION if keyword in node]
             if beside:
                 ignored(f"`{beside[0]}` beside `$ref`", "it ignores keywords beside a $ref; move them into its target")
+        else:
+            self._note_beside_applicator(node, ignored)
         shaped = [keyword for keyword in ("pattern", "format") if keyword in node]
         lengths = [keyword for keyword in ("minLength", "maxLength") if keyword in node]
         if shaped and lengths:
@@ -605,6 +612,26 @@ class _Walk:
             missing = [name for name in required if isinstance(name, str) and name not in names]
             if missing:
                 ignored(f"`required` name {missing[0]!r}", "it enforces required only for names defined in properties")
+
+    @staticmethod
+    def _note_beside_applicator(node: dict[str, Any], ignored: Callable[[str, str], None]) -> None:
+        """Keywords xgrammar ignores beside the anyOf, oneOf or allOf it reads (not beside a
+        $ref, whose own rule names them): it reads the first of const, enum, anyOf, oneOf,
+        allOf a subschema has, and nothing else of it ({"allOf": [{"type": "integer"}],
+        "minimum": 3} took 1; {"anyOf": [{"type": "integer"}], "const": "a"} took "a")."""
+        read = next((keyword for keyword in ("const", "enum", *_APPLICATORS) if keyword in node), None)
+        if read in ("const", "enum"):
+            beside = [keyword for keyword in _APPLICATORS if keyword in node]
+            if beside:
+                why = (f"it emits the {read} as it is and ignores an `{beside[0]}` beside it; move the `{read}` into "
+                       f"{_into(beside[0])}, or leave the `{beside[0]}` out")  # fmt: skip
+                ignored(f"`{beside[0]}` beside `{read}`", why)
+        elif read is not None:
+            beside = [keyword for keyword in _VALIDATION if keyword in node and keyword != read]
+            if beside:
+                why = f"it reads only the `{read}` and ignores keywords beside it; move `{beside[0]}` into "
+                why += _into(read)
+                ignored(f"`{beside[0]}` beside `{read}`", why)
 
     def ref_targets(self) -> None:
         """Walk the targets of local refs that no subschema position reached (a pointer

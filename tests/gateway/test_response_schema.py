@@ -371,6 +371,126 @@ def test_keywords_of_one_type_where_xgrammar_knows_the_type_pass(schema):
     check_response_schema(schema)
 
 
+@pytest.mark.parametrize(("schema", "named", "instead"), [
+    # xgrammar 0.2.8 reads only the anyOf/oneOf/allOf and ignores every keyword beside it:
+    # each took the answer in the comment
+    ({"type": "string", "anyOf": [{"type": "string"}, {"type": "integer"}]}, "`type` beside `anyOf` at #",
+     "move `type` into each `anyOf` branch"),  # 1
+    ({"anyOf": [{"type": "integer"}, {"type": "number"}], "minimum": 3}, "`minimum` beside `anyOf`",
+     "move `minimum` into each `anyOf` branch"),  # 1
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "maxLength": 1}, "`maxLength` beside `anyOf`",
+     "each `anyOf` branch"),  # "abc"
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "pattern": "^a+$"}, "`pattern` beside `anyOf`",
+     "each `anyOf` branch"),  # "b"
+    ({"anyOf": [{"type": "array"}, {"type": "null"}], "items": {"type": "integer"}}, "`items` beside `anyOf`",
+     "each `anyOf` branch"),  # ["a"]
+    ({"anyOf": [{"type": "object"}, {"type": "null"}], "minProperties": 1}, "`minProperties` beside `anyOf`",
+     "each `anyOf` branch"),  # {}
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}, "`type` beside `anyOf`", "each `anyOf` branch"),  # {}
+    ({"anyOf": [{"type": "object"}, {"type": "null"}], "required": ["a"]}, "`required` beside `anyOf`",
+     "each `anyOf` branch"),  # {}
+    ({"anyOf": [{"type": "integer"}, {"type": "string"}], "oneOf": [{"type": "integer"}]},
+     "`oneOf` beside `anyOf`", "each `anyOf` branch"),  # "a"
+    ({"anyOf": [{"type": "string"}, {"type": "integer"}], "allOf": [{"type": "string"}]},
+     "`allOf` beside `anyOf`", "each `anyOf` branch"),  # 1
+    ({"type": "string", "oneOf": [{"type": "string"}, {"type": "integer"}]}, "`type` beside `oneOf`",
+     "move `type` into each `oneOf` branch"),  # 1
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}], "exclusiveMinimum": 3},
+     "`exclusiveMinimum` beside `oneOf`", "each `oneOf` branch"),  # 1
+    ({"oneOf": [{"type": "object"}, {"type": "null"}], "additionalProperties": False},
+     "`additionalProperties` beside `oneOf`", "each `oneOf` branch"),  # {"b": 1}
+    # a one-schema allOf too
+    ({"allOf": [{"type": "integer"}], "minimum": 3}, "`minimum` beside `allOf` at #",
+     "move `minimum` into the `allOf` schema"),  # 1
+    ({"allOf": [{"type": "integer"}], "type": "string"}, "`type` beside `allOf`", "the `allOf` schema"),  # 1
+    ({"allOf": [{"type": "string"}], "maxLength": 1}, "`maxLength` beside `allOf`", "the `allOf` schema"),  # "abc"
+    ({"allOf": [{"type": "array", "items": {}}], "minItems": 2}, "`minItems` beside `allOf`",
+     "the `allOf` schema"),  # [1]
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}], "required": ["a"]},
+     "`required` beside `allOf`", "the `allOf` schema"),  # {}
+    ({"allOf": [{"type": "integer"}], "oneOf": [{"type": "string"}]}, "`allOf` beside `oneOf`",
+     "each `oneOf` branch"),  # "a": oneOf read, allOf ignored
+    # a const or enum is emitted as it is, the anyOf/oneOf/allOf beside it never read
+    ({"anyOf": [{"type": "integer"}], "const": "a"}, "`anyOf` beside `const`",
+     "move the `const` into each `anyOf` branch, or leave the `anyOf` out"),  # "a"
+    ({"oneOf": [{"type": "integer"}], "enum": ["a", 1]}, "`oneOf` beside `enum`",
+     "move the `enum` into each `oneOf` branch"),  # "a"
+    ({"allOf": [{"type": "integer"}], "const": "a"}, "`allOf` beside `const`", "the `allOf` schema"),  # "a"
+    (required_object({"n": {"description": "a count", "anyOf": [{"type": "integer"}, {"type": "null"}],
+                            "minimum": 0}}), "`minimum` beside `anyOf` at #/properties/n", "each `anyOf` branch"),
+])  # fmt: skip
+def test_validation_keywords_beside_anyof_oneof_or_allof_are_refused_by_name(schema, named, instead):
+    message = refusal(schema)
+    assert named in message and "does not enforce" in message and instead in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    # annotations beside them are fine (xgrammar took only what the branches allow)
+    {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "X", "description": "d",
+     "examples": ["a"], "$comment": "c", "deprecated": True, "$defs": {"Y": {"type": "integer"}}},
+    {"oneOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}], "discriminator": {"propertyName": "k"},
+     "$defs": {"A": required_object({"k": {"const": "a"}}), "B": required_object({"k": {"const": "b"}})}},
+    {"allOf": [{"$ref": "#/$defs/A"}], "description": "x", "default": {"a": 1}, "title": "T",
+     "$defs": {"A": required_object({"a": {"type": "integer"}})}},
+    # the keywords inside the branches are enforced
+    {"anyOf": [{"type": "integer", "minimum": 3}, {"type": "number", "minimum": 3}]},
+])  # fmt: skip
+def test_annotations_beside_anyof_oneof_or_allof_pass(schema):
+    check_response_schema(schema)
+
+
+class Shade(enum.Enum):
+    LIGHT = "light"
+    DARK = "dark"
+
+
+class Point(BaseModel):
+    x: int
+    y: int = 0
+
+
+class Cat(BaseModel):
+    kind: Literal["cat"]
+    lives: int = Field(ge=0, le=9)
+
+
+class Dog(BaseModel):
+    kind: Literal["dog"]
+    bark: str = Field(min_length=1)
+
+
+class Optionals(BaseModel):
+    """pydantic writes an Optional field as {"anyOf": [..., {"type": "null"}], "default":
+    null, "title": ...}, with its constraints inside the branch."""
+
+    count: int | None = Field(None, ge=1, description="how many")
+    name: str | None = Field(None, min_length=2, max_length=20)
+    values: list[float] | None = Field(None, max_length=3)
+    point: Point | None = Field(None, description="where")
+    shade: Shade | None = None
+    either: int | str = 0
+
+
+class Nested(BaseModel):
+    title: str
+    points: list[Point]
+    shade: Shade = Field(Shade.LIGHT, description="annotations beside a $ref")
+    origin: Point = Field(description="a nested model", title="Origin")
+    labels: list[Literal["a", "b"]] = []
+    mode: Literal["fast"] = "fast"
+    pet: Cat | Dog = Field(discriminator="kind")
+    pets: list[Cat | Dog] = []
+    scores: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("model", [Point, Optionals, Nested, Cat])
+def test_pydantic_schemas_with_optional_fields_nested_models_enums_lists_and_literals_pass(model):
+    schema = model.model_json_schema()
+    assert "anyOf" in str(schema) or model in (Point, Cat)
+    check_response_schema(schema)
+
+
 DRAFT_04 = "http://json-schema.org/draft-04/schema#"
 
 

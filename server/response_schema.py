@@ -52,10 +52,15 @@ it infers a type from (`properties`, `additionalProperties`, `items`, `prefixIte
 `unevaluated*` ones), xgrammar reads a subschema as any JSON value ({"minLength": 3} took
 "a", {"patternProperties": {"^a$": {"type": "integer"}}} took {"a": "x"}). A `type` list
 is read type by type, each with its keywords, and a `propertyNames` subschema as a
-string's. A schema using them is refused by name, rather than answered with JSON that
-does not validate. So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside
-a numeric `type` xgrammar fails to compile it ("Value must be a number"), without one it
-ignores it.
+string's. xgrammar reads a subschema by the first of `$ref`, `const`, `enum`, `anyOf`,
+`oneOf`, `allOf` it has and nothing else of it, so it ignores every validation keyword
+beside an `anyOf`, `oneOf` or `allOf` of any length ({"type": "string", "anyOf":
+[string, integer]} took 1, {"allOf": [integer], "minimum": 3} took 1), and the
+applicator beside a `const` or `enum` ({"anyOf": [integer], "const": "a"} took "a");
+annotations (title, description, default, $defs) beside them are harmless. A schema
+using them is refused by name, rather than answered with JSON that does not validate.
+So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside a numeric `type`
+xgrammar fails to compile it ("Value must be a number"), without one it ignores it.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
 request with finish reason "error", so such schemas are refused here too. So is one whose
@@ -623,7 +628,8 @@ class _Walk:
         if read in ("const", "enum"):
             beside = [keyword for keyword in _APPLICATORS if keyword in node]
             if beside:
-                why = (f"it emits the {read} as it is and ignores an `{beside[0]}` beside it; move the `{read}` into "
+                emits = "the const as it is" if read == "const" else "the enum values as they are"
+                why = (f"it emits {emits} and ignores an `{beside[0]}` beside them; move the `{read}` into "
                        f"{_into(beside[0])}, or leave the `{beside[0]}` out")  # fmt: skip
                 ignored(f"`{beside[0]}` beside `{read}`", why)
         elif read is not None:

@@ -41,10 +41,9 @@ SEPARATOR = " "
 
 
 def joined(segments: list[Segment]) -> str:
-    """A transcript's text: one window's text as it is; several windows' texts stripped,
-    the empty ones left out, the others joined with SEPARATOR."""
-    if len(segments) == 1:
-        return segments[0].text
+    """A transcript's text: the windows' texts stripped, the empty ones left out, the others
+    joined with SEPARATOR. One window is stripped too, so a transcript's text never depends
+    on whether the audio was longer than a window."""
     return SEPARATOR.join(s.text.strip() for s in segments if s.text.strip())
 
 
@@ -53,13 +52,12 @@ class StreamedJoin:
     window after window, concatenate to exactly `joined` of the windows' texts, whichever
     windows are empty (or whitespace only) and however their texts are split into pieces.
 
-    With several windows, a window's leading whitespace is dropped, its trailing whitespace
-    held back until more text of the same window shows it was inside the text, and
-    SEPARATOR goes out just before the first text of a window that follows one with text:
-    never after the last window with text. One window's pieces pass unchanged."""
+    A window's leading whitespace is dropped, its trailing whitespace held back until more
+    text of the same window shows it was inside the text, and SEPARATOR goes out just
+    before the first text of a window that follows one with text: never after the last
+    window with text."""
 
-    def __init__(self, windows: int):
-        self.whole = windows == 1
+    def __init__(self) -> None:
         self._any_text = False  # some window has sent text
         self._in_text = False  # the current window has sent text
         self._held = ""  # the current window's trailing whitespace so far
@@ -70,8 +68,6 @@ class StreamedJoin:
 
     def piece(self, text: str) -> str:
         """What to send for the current window's next piece of text ("" for nothing)."""
-        if self.whole:
-            return text
         if not self._in_text:
             text = text.lstrip()
             if not text:
@@ -96,16 +92,23 @@ def _timestamp(seconds: float, decimal: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
 
 
+def _cues(segments: list[Segment]) -> list[Segment]:
+    """The segments with text, stripped: a cue without text is not a cue (SubRip readers
+    take the blank line after its timing line for the end of the cue, or of the file)."""
+    return [Segment(s.start, s.end, s.text.strip()) for s in segments if s.text.strip()]
+
+
 def srt(segments: list[Segment]) -> str:
-    """SubRip: numbered cues, `HH:MM:SS,mmm --> HH:MM:SS,mmm`."""
+    """SubRip: numbered cues, `HH:MM:SS,mmm --> HH:MM:SS,mmm`; windows without text have none."""
     cues = [
-        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text.strip()}\n"
-        for i, s in enumerate(segments, 1)
+        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n"
+        for i, s in enumerate(_cues(segments), 1)
     ]
     return "\n".join(cues)
 
 
 def vtt(segments: list[Segment]) -> str:
-    """WebVTT: the header, then cues with `HH:MM:SS.mmm --> HH:MM:SS.mmm`."""
-    cues = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text.strip()}\n" for s in segments]
+    """WebVTT: the header, then cues with `HH:MM:SS.mmm --> HH:MM:SS.mmm`; windows without
+    text have none."""
+    cues = [f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n" for s in _cues(segments)]
     return "\n".join(["WEBVTT\n", *cues])

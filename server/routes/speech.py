@@ -120,7 +120,7 @@ class Transcript:
         done event; the deltas concatenate to exactly the done event's text (StreamedJoin:
         the windows' texts stripped, a space between windows with text, none after the last
         one). SSEResponse closes the transcript (`close`)."""
-        join = StreamedJoin(len(self.starts))
+        join = StreamedJoin()
         for start in self.starts:
             run = await start
             join.next_window()

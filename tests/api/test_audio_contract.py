@@ -33,12 +33,13 @@ def transcribe(oai, audio: bytes = SHORT, **fields):
 
 
 def test_transcription_uses_the_asr_prompt_and_language_tag(oai):
+    """A transcript's text is the answer stripped, as every window of a longer file is."""
     english = transcribe(oai, language="en")
-    assert english.text == chat_answer(oai, "Transcribe the speech into text <|en|>")
+    assert english.text == chat_answer(oai, "Transcribe the speech into text <|en|>").strip()
     chinese = transcribe(oai, language="zh")
-    assert chinese.text == chat_answer(oai, "Transcribe the speech into text <|zh|>")
+    assert chinese.text == chat_answer(oai, "Transcribe the speech into text <|zh|>").strip()
     untagged = transcribe(oai)
-    assert untagged.text == chat_answer(oai, "Transcribe the speech into text")
+    assert untagged.text == chat_answer(oai, "Transcribe the speech into text").strip()
     assert english.usage.output_tokens <= 6 and english.usage.input_tokens > 10
 
 
@@ -46,7 +47,7 @@ def test_transcription_prompt_is_context(oai):
     with_context = transcribe(oai, language="en", prompt="Speakers: Ada, Grace.")
     assert with_context.text == chat_answer(
         oai, "Transcribe the speech into text <|en|>", system="Speakers: Ada, Grace."
-    )
+    ).strip()
 
 
 def test_transcription_temperature_and_seed_are_honoured(oai):
@@ -79,6 +80,7 @@ def test_text_srt_vtt_and_verbose_json_of_a_long_file(oai):
     assert first == chat_answer(oai, "Transcribe the speech into text <|en|>", audio_file(seconds=30.0)).strip()
     assert verbose.text == " ".join(t for t in (first, second) if t)
     assert transcribe(oai, LONG, language="en", response_format="text") == verbose.text
+    assert first and second, "the cues below need text in both windows"
     srt = transcribe(oai, LONG, language="en", response_format="srt")
     assert srt == f"1\n00:00:00,000 --> 00:00:30,000\n{first}\n\n2\n00:00:30,000 --> 00:00:40,000\n{second}\n"
     vtt = transcribe(oai, LONG, language="en", response_format="vtt")
@@ -147,15 +149,18 @@ def test_streamed_transcript_deltas_are_its_text_whichever_windows_are_empty(oai
 
 def test_every_format_of_a_transcript_with_an_empty_last_window(oai):
     """json and text answer verbose_json's text (the stream's, above); srt and vtt hold a cue
-    per window, each the window's stripped text, empty for the empty window."""
+    per window with text, its stripped text, and none for the empty window (an empty cue
+    ended the file for SubRip readers)."""
     audio = windows_of("empty last")
     text, texts = stripped_texts(oai, audio)
     assert transcribe_windows(oai, audio).text == text
     assert transcribe_windows(oai, audio, response_format="text") == text
+    assert texts[-1] == "" and all(texts[:-1])
     srt = transcribe_windows(oai, audio, response_format="srt")
-    assert re.findall(r"^\d+\n\S+ --> \S+\n(.*)$", srt, re.MULTILINE) == texts
+    assert re.findall(r"^(\d+)\n\S+ --> \S+\n(.*)$", srt, re.MULTILINE) == [("1", texts[0]), ("2", texts[1])]
+    assert "00:01:00,000 --> 00:01:05,000" not in srt
     vtt = transcribe_windows(oai, audio, response_format="vtt")
-    assert vtt.startswith("WEBVTT\n") and re.findall(r"^\S+ --> \S+\n(.*)$", vtt, re.MULTILINE) == texts
+    assert vtt.startswith("WEBVTT\n") and re.findall(r"^\S+ --> \S+\n(.*)$", vtt, re.MULTILINE) == texts[:-1]
 
 
 def test_stream_needs_a_streamable_format(oai):

@@ -28,7 +28,7 @@ def test_windows_cover_the_audio(seconds, bounds):
 
 def streamed(windows_pieces: list[list[str]]) -> list[str]:
     """The deltas StreamedJoin sends for each window's text pieces, in order (none empty)."""
-    join, sent = StreamedJoin(len(windows_pieces)), []
+    join, sent = StreamedJoin(), []
     for pieces in windows_pieces:
         join.next_window()
         sent += [piece for text in pieces if (piece := join.piece(text))]
@@ -49,7 +49,8 @@ def text_of(windows_pieces: list[list[str]]) -> str:
         ([[], [], []], ""),  # all empty
         ([["a"], [" ", "\n"], ["b"]], "a b"),  # a window of whitespace only is empty too
         ([[" a", " "], ["  b ", "c "], [" "]], "a b c"),  # each window's text stripped, inner spaces kept
-        ([[" x ", " "]], " x  "),  # one window: its text as it is, in json/text as in the stream
+        ([[" x ", " "]], "x"),  # one window stripped too, as a longer file's windows are
+        ([[" ", "x", " y", "\n"]], "x y"),
     ],
 )
 def test_streamed_text_is_the_joined_text(windows_pieces, text):
@@ -70,9 +71,18 @@ def test_streamed_text_is_the_joined_text_for_any_windows_and_pieces(windows_pie
 
 
 def test_timestamps_past_an_hour_and_rounding():
-    segments = [Segment(3725.0004, 3726.9996, " hello "), Segment(3727.0, 3730.5, "")]
-    assert srt(segments) == "1\n01:02:05,000 --> 01:02:07,000\nhello\n\n2\n01:02:07,000 --> 01:02:10,500\n\n"
-    assert vtt(segments) == "WEBVTT\n\n01:02:05.000 --> 01:02:07.000\nhello\n\n01:02:07.000 --> 01:02:10.500\n\n"
+    segments = [Segment(3725.0004, 3726.9996, " hello "), Segment(3727.0, 3730.5, "bye")]
+    assert srt(segments) == "1\n01:02:05,000 --> 01:02:07,000\nhello\n\n2\n01:02:07,000 --> 01:02:10,500\nbye\n"
+    assert vtt(segments) == "WEBVTT\n\n01:02:05.000 --> 01:02:07.000\nhello\n\n01:02:07.000 --> 01:02:10.500\nbye\n"
+
+
+def test_windows_without_text_have_no_cue():
+    """An empty cue ended a SubRip file for its readers (the blank line after the timing
+    line closes the cue); the cues that follow are numbered on."""
+    segments = [Segment(0.0, 30.0, " \n"), Segment(30.0, 60.0, "a"), Segment(60.0, 90.0, ""), Segment(90.0, 95.0, "b")]
+    assert srt(segments) == "1\n00:00:30,000 --> 00:01:00,000\na\n\n2\n00:01:30,000 --> 00:01:35,000\nb\n"
+    assert vtt(segments) == "WEBVTT\n\n00:00:30.000 --> 00:01:00.000\na\n\n00:01:30.000 --> 00:01:35.000\nb\n"
+    assert srt(segments[:1]) == "" and vtt(segments[:1]) == "WEBVTT\n"
 
 
 def test_task_prompts():

@@ -71,14 +71,26 @@ without reading the enum ({"const": "c", "enum": ["a", "b"]} took "c"), so a sch
 any value it emits breaks a keyword beside it is refused too, naming the value: where some
 enum values are fine ({"type": "string", "enum": ["a", 1]} took 1), or where the value is
 an optional property's (the schema admits a value without it, but the answer may have it).
+A `pattern`, `format` or `multipleOf` beside them counts too ({"type": "string", "pattern":
+"^a+$", "enum": ["b"]} took "b", {"multipleOf": 3, "const": 4} took 4, {"type": "string",
+"format": "email", "const": "x"} took "x"; vLLM refuses multipleOf only beside a numeric
+`type` string), where the break is certain: a pattern is searched unanchored, as JSON
+Schema does, in Python's syntax (the regex module, under a deadline of 0.2 s a schema:
+Python's re backtracks for hours on `^(a|a)*$`, holding the GIL), a value refused only
+if it misses with Unicode and with ASCII classes (ECMA-262's digits are ASCII, its spaces
+Unicode); multipleOf in exact decimals (0.3 is a multiple of 0.1, though not in floats)
+and in floats; a format xgrammar enforces by jsonschema's format checker (date, email,
+ipv4, ipv6 and uuid with the packages installed).
 """
 
 import json
 import math
 import operator
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, TypeGuard
 from urllib.parse import unquote
 
@@ -97,6 +109,7 @@ MAX_PATTERN_REPEAT = 128  # copies one counted repeat (`{n}`, `{m,}`, `{m,n}`) o
 MAX_PATTERN_SIZE = 1000  # pattern characters in all, each repeated part once per copy (`_pattern_size`)
 MAX_PATTERN_CHARS = 10000  # pattern characters in all as written (bounds the check's own scan)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the integers xgrammar's JSON reader holds exactly
+PATTERN_SEARCH_SECONDS = 0.2  # enum and const values matched against their `pattern`, in all, per schema
 
 # Schema-valued keywords: one schema, a name -> schema map, a list of schemas.
 _ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
@@ -316,11 +329,11 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _broken_keyword(value: object, node: dict[str, Any]) -> str | None:
+def _broken_keyword(value: object, node: dict[str, Any], search: "_PatternSearch") -> str | None:
     """How `value`, an enum or const value of `node`, breaks one of `node`'s own type,
-    bounds, lengths, counts or required names, or None. Only keywords whose meaning is
-    plain are read (no pattern, format or multipleOf), each only where it is well-formed,
-    so what this finds is certain."""
+    bounds, lengths, counts, required names, `multipleOf`, `format` or `pattern`, or None.
+    Each keyword is read only where it is well-formed, and only where the break is certain
+    (`_not_multiple`, `_breaks_format`, `_PatternSearch.misses`)."""
     kind = node.get("type")
     kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else None
     if kinds is not None and not any(_of_type(value, name) for name in kinds if isinstance(name, str)):
@@ -330,6 +343,9 @@ def _broken_keyword(value: object, node: dict[str, Any]) -> str | None:
             bound = node.get(keyword)
             if _is_number(bound) and breaks(value, bound):
                 return f"is {words} its `{keyword}` {_shown(bound)}"
+        step = node.get("multipleOf")
+        if _is_number(step) and step > 0 and _not_multiple(value, step):
+            return f"is not a multiple of its `multipleOf` {_shown(step)}"
     for keyword, json_type, breaks, words in _SIZE_BOUNDS:
         bound = node.get(keyword)
         if isinstance(value, json_type) and _is_number(bound) and breaks(len(value), bound):
@@ -339,7 +355,94 @@ def _broken_keyword(value: object, node: dict[str, Any]) -> str | None:
         for name in required:
             if isinstance(name, str) and name not in value:
                 return f"lacks its `required` property {_shown(name)}"
+    if isinstance(value, str):
+        form, pattern = node.get("format"), node.get("pattern")
+        if isinstance(form, str) and _breaks_format(value, form):
+            return f"is not of its `format` {_shown(form)}"
+        if isinstance(pattern, str) and search.misses(pattern, value):
+            return f"does not match its `pattern` {_shown(pattern)}"
     return None
+
+
+def _not_multiple(value: int | float, step: int | float) -> bool:
+    """Whether `value` is certainly no multiple of `step` (> 0). Integers exactly; where a
+    float is involved, both in the decimals the numbers print as (0.3 is a multiple of 0.1,
+    though 0.3 / 0.1 is 2.9999999999999996 in floats) and in floats, as jsonschema divides
+    (a value written with more digits than a float keeps is given the benefit)."""
+    if isinstance(value, int) and isinstance(step, int):
+        return value % step != 0
+    if (Fraction(repr(value)) / Fraction(repr(step))).denominator == 1:
+        return False
+    quotient = value / step
+    return math.isfinite(quotient) and not quotient.is_integer()
+
+
+# The formats xgrammar enforces: vLLM passes these on and refuses any other beside "type":
+# "string" (xgrammar 0.2.8 refused "nope nope" for each). A value is checked against those
+# of them jsonschema's format checker knows with the packages installed (here date, email,
+# ipv4, ipv6, uuid), in its words: date-time, hostname, ... go unchecked without theirs.
+_ENFORCED_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname",
+                               "uuid", "uri", "uri-reference", "uri-template", "json-pointer",
+                               "relative-json-pointer"})  # fmt: skip
+
+
+def _breaks_format(value: str, form: str) -> bool:
+    """Whether `value` is certainly not of the `format` `form` (one xgrammar enforces)."""
+    if form not in _ENFORCED_FORMATS:
+        return False
+    import jsonschema
+
+    try:
+        return not jsonschema.Draft202012Validator.FORMAT_CHECKER.conforms(value, form)
+    except Exception:  # a checker's own failure proves nothing
+        return False
+
+
+# Pattern text Python's regular expressions read otherwise than ECMA-262 (JSON Schema's
+# dialect) does: the escapes \a (bell), \A and \Z (anchors), \U and \N (characters), which
+# ECMA-262 reads as the letter; `[:`, a POSIX class to the regex module; a brace that is no
+# counted repeat (`{,3}` is {0,3} to Python, a literal to ECMA-262). A pattern with any of
+# them goes unchecked (over-matching: a `\{` is taken for a bare brace, which only skips).
+_NOT_ECMA = re.compile(r"(?<!\\)(?:\\\\)*\\[aAZUN]|\[:|\{(?![0-9]+(?:,[0-9]*)?\})")
+
+
+@dataclass
+class _PatternSearch:
+    r"""Whether an enum or const value certainly does not match its `pattern`, searched as
+    JSON Schema does (unanchored). Python's search backtracks, and a hostile pattern and
+    value could take hours holding the GIL, so it runs in the regex module (re's syntax,
+    the GIL released) under a deadline shared by every search of one schema: a search cut
+    short, or a pattern Python reads otherwise (`_NOT_ECMA`), proves nothing (one Python
+    cannot compile, the metaschema check has refused: "is not a 'regex'"). A value is
+    refused only when it misses both with Unicode classes and with ASCII ones: ECMA-262's
+    \d, \w and \b are ASCII (Python's \D, \W would refuse "٣"), its \s takes the Unicode
+    spaces (Python's ASCII \s would refuse a no-break space)."""
+
+    deadline: float = 0.0
+    seen: dict[tuple[str, str], bool] = field(default_factory=dict)
+
+    def misses(self, pattern: str, value: str) -> bool:
+        if (pattern, value) not in self.seen:
+            self.seen[pattern, value] = self._misses(pattern, value)
+        return self.seen[pattern, value]
+
+    def _misses(self, pattern: str, value: str) -> bool:
+        import regex
+
+        if _NOT_ECMA.search(pattern) is not None:
+            return False
+        if not self.deadline:
+            self.deadline = time.monotonic() + PATTERN_SEARCH_SECONDS
+        for flags in (0, regex.ASCII):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                if regex.search(pattern, value, flags=flags, concurrent=True, timeout=left) is not None:
+                    return False
+            except (regex.error, TimeoutError, OverflowError, RecursionError, ValueError):
+                return False
+        return True
 
 
 def _json_equal(first: object, second: object) -> bool:
@@ -364,12 +467,12 @@ def _json_equal(first: object, second: object) -> bool:
     return True
 
 
-def _broken_const(node: dict[str, Any]) -> str | None:
+def _broken_const(node: dict[str, Any], search: _PatternSearch) -> str | None:
     """How `node`'s const breaks a keyword beside it, as `_broken_keyword` says it, or
     breaks its `enum`: xgrammar emits the const and reads no enum beside it
     ({"const": "c", "enum": ["a", "b"]} was answered "c")."""
     const = node["const"]
-    reason = _broken_keyword(const, node)
+    reason = _broken_keyword(const, node, search)
     values = node.get("enum")
     if reason is None and isinstance(values, list) and not any(_json_equal(const, value) for value in values):
         reason = "is not among its `enum` values"
@@ -394,22 +497,22 @@ class _Contradiction:
     reason: str
 
 
-def _unmatched_values(node: dict[str, Any]) -> tuple[str, _Contradiction] | None:
+def _unmatched_values(node: dict[str, Any], search: _PatternSearch) -> tuple[str, _Contradiction] | None:
     """Where `node` admits no value because of its `const` or `enum`, as `_failure` says
     it. xgrammar emits a subschema's const (or failing that its enum values) as they are
     and reads no keyword beside them, so one whose values all break its own type or
     bounds ({"type": "integer", "const": "a"}), or a const not among the enum beside it,
     was answered with JSON that breaks it."""
     if "const" in node:
-        reason = _broken_const(node)
+        reason = _broken_const(node, search)
         return None if reason is None else (f"`const` {_shown(node['const'])}", _Contradiction(reason))
     values = node.get("enum")
     if not isinstance(values, list):
         return None
     if not values:
         return "`enum`", _Contradiction("is empty")
-    first = _broken_keyword(values[0], node)
-    if first is None or any(_broken_keyword(value, node) is None for value in values[1:]):
+    first = _broken_keyword(values[0], node, search)
+    if first is None or any(_broken_keyword(value, node, search) is None for value in values[1:]):
         return None
     return "every `enum` value", _Contradiction(f"breaks a keyword beside it (the first, {_shown(values[0])}, {first})")
 
@@ -468,6 +571,8 @@ class _Walk:
     ignored: list[tuple[str, str, str]] = field(default_factory=list)
     draft04_bound: ApiError | None = None  # the first boolean exclusiveMinimum or exclusiveMaximum
     key_schemas: set[int] = field(default_factory=set)  # propertyNames subschemas, which xgrammar reads as strings
+    search: _PatternSearch = field(default_factory=_PatternSearch)  # enum and const values against their pattern
+    unmatched: dict[int, tuple[str, _Contradiction] | None] = field(default_factory=dict)  # `_unmatched_values`'s
 
     def schema(self, node: object, pointer: str, depth: int) -> None:
         if not isinstance(node, dict) or id(node) in self.nodes:
@@ -670,7 +775,10 @@ class _Walk:
         the limits, which bound the values it reads."""
         for node, pointer in self.nodes.values():
             for what, where, value in _emitted_values(node, pointer):
-                reason = _broken_const(node) if what == "`const`" else _broken_keyword(value, node)
+                if what == "`const`":
+                    reason = _broken_const(node, self.search)
+                else:
+                    reason = _broken_keyword(value, node, self.search)
                 if reason is not None:
                     return bad_request(
                         f"{WHERE} allows an answer that does not validate: {what} {_shown(value)} at {where} "
@@ -722,7 +830,9 @@ class _Walk:
         def admits(child: object) -> bool:
             return child is not False and (not isinstance(child, dict) or id(child) in ok)
 
-        unmatched = _unmatched_values(node)
+        if id(node) not in self.unmatched:  # _failure runs again each time a subschema it needs admits a value
+            self.unmatched[id(node)] = _unmatched_values(node, self.search)
+        unmatched = self.unmatched[id(node)]
         if unmatched is not None:
             return unmatched
         ref = node.get("$ref")

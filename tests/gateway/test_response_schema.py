@@ -5,12 +5,14 @@ clients send; through the gateway with the fake engine, the check's 400 and that
 off the event loop."""
 
 import enum
+import json
 import math
 import threading
+import time
 from typing import Literal
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, Field
@@ -261,6 +263,15 @@ def test_keywords_the_backend_does_not_enforce_are_refused_by_name(schema, named
     ({"enum": []}, "`enum` at # is empty"),
     (required_object({"n": {"type": "integer", "const": "a"}}),
      "required property 'n' at # -> `const` \"a\" at #/properties/n is not of its `type`"),
+    # nor pattern, format or multipleOf beside them: each was answered as written
+    ({"type": "string", "pattern": "^a+$", "enum": ["b"]},
+     'every `enum` value at # breaks a keyword beside it (the first, "b", does not match its `pattern` "^a+$")'),
+    ({"pattern": "^a+$", "const": "b"}, '`const` "b" at # does not match its `pattern` "^a+$"'),
+    ({"type": "integer", "multipleOf": 3, "const": 4}, "`const` 4 at # is not a multiple of its `multipleOf` 3"),
+    ({"multipleOf": 3, "const": 4}, "`const` 4 at # is not a multiple of its `multipleOf` 3"),
+    ({"multipleOf": 0.1, "const": 0.35}, "`const` 0.35 at # is not a multiple of its `multipleOf` 0.1"),
+    ({"type": "string", "format": "email", "const": "x"}, '`const` "x" at # is not of its `format` "email"'),
+    ({"format": "date", "const": "2024-13-45"}, '`const` "2024-13-45" at # is not of its `format` "date"'),
 ])  # fmt: skip
 def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
     message = refusal(schema)
@@ -287,11 +298,61 @@ def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
      '`const` "c" at #/properties/x/const is not among its `enum` values'),
     ({"$defs": {"d": {"type": "boolean", "enum": [True, "no"]}}, "$ref": "#/$defs/d"},
      '`enum` value "no" at #/$defs/d/enum/1 is not of its `type` "boolean"'),
+    # xgrammar 0.2.8 emitted each of these too: "b", 4, "x", "999.1.1.1", {"x": "b"}
+    ({"type": "string", "pattern": "^a+$", "enum": ["a", "b"]},
+     '`enum` value "b" at #/enum/1 does not match its `pattern` "^a+$"'),
+    ({"type": ["integer", "null"], "multipleOf": 3, "enum": [3, None, 4]},
+     "`enum` value 4 at #/enum/2 is not a multiple of its `multipleOf` 3"),
+    ({"multipleOf": 0.1, "enum": [0.7, 1.1, 0.35]}, "`enum` value 0.35 at #/enum/2 is not a multiple of"),
+    ({"type": "string", "format": "email", "enum": ["a@b.co", "x"]},
+     '`enum` value "x" at #/enum/1 is not of its `format` "email"'),
+    ({"type": "string", "format": "ipv4", "enum": ["1.2.3.4", "999.1.1.1"]},
+     '`enum` value "999.1.1.1" at #/enum/1 is not of its `format` "ipv4"'),
+    ({"type": "object", "properties": {"x": {"type": "string", "pattern": "^a", "const": "b"}}},
+     '`const` "b" at #/properties/x/const does not match its `pattern` "^a"'),
 ])  # fmt: skip
 def test_an_enum_or_const_value_breaking_a_keyword_beside_it_is_refused_naming_it(schema, named):
     message = refusal(schema)
     assert named in message and "the structured-output backend would answer it" in message, message
     assert "admits no JSON value" not in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    # JSON Schema's pattern is an unanchored search
+    {"type": "string", "pattern": "a", "const": "bab"},
+    {"type": "string", "pattern": "^[a-z]+-\\d{2}$", "enum": ["ab-12", "x-00"]},
+    # exact in decimals: 0.3 / 0.1 is 2.9999999999999996 in floats, 0.7 / 0.1 6.999999999999999
+    {"multipleOf": 0.1, "enum": [0.3, 0.7, 1.1, 2, 0]},
+    {"type": ["number", "null"], "multipleOf": 0.01, "const": 19.99},
+    {"type": ["integer", "null"], "multipleOf": 3, "enum": [-3, 0, 6, 9223372036854775806, None]},
+    {"multipleOf": 0.5, "const": 1e300},
+    {"type": "string", "format": "email", "enum": ["a@b.co", "x.y@example.org"]},
+    {"type": "string", "format": "date", "const": "2024-02-29"},
+    {"type": "string", "format": "uuid", "const": "123e4567-e89b-12d3-a456-426614174000"},
+    # formats xgrammar does not enforce (vLLM refuses them beside "type": "string") are not read
+    {"format": "x-custom", "const": "anything"},
+    # ECMA-262 (JSON Schema's dialect) matches these; Python alone would not: \D and \s are
+    # ASCII to one of its modes and Unicode to the other, `{,2}` and `\Z` are literals to ECMA
+    {"type": "string", "pattern": "^\\D$", "const": "\u0663"},
+    {"type": "string", "pattern": "^a\\sb$", "const": "a\u00a0b"},
+    {"type": "string", "pattern": "^a{,2}$", "const": "a{,2}"},
+    {"type": "string", "pattern": "^a\\Z", "const": "aZ"},
+])  # fmt: skip
+def test_an_enum_or_const_value_matching_its_pattern_format_and_multipleof_passes(schema):
+    check_response_schema(schema)
+
+
+@pytest.mark.parametrize("regex", ["^(a|a)*$", "^(a+)+$", "^" + "a*" * 12 + "$"])
+def test_a_pattern_search_that_backtracks_for_hours_ends(regex):
+    """Python's re searches these for hours (holding the GIL: the whole gateway). The
+    check's searches share a deadline of a fraction of a second, and one cut short refuses
+    nothing; one the regex module finishes (it sees through `(a+)+`) refuses rightly."""
+    started = time.monotonic()
+    try:
+        check_response_schema({"type": "string", "pattern": regex, "enum": ["a" * 3000 + "!", "a" * 60 + "?"]})
+    except ApiError as exc:
+        assert f"does not match its `pattern` {json.dumps(regex)}" in exc.message, exc.message
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize(("schema", "named"), [
@@ -523,7 +584,7 @@ def test_draft_04_number_bounds_pass():
 CONSTRAINED = ["null", "boolean", "integer", "number", "string", "array", "object"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, 1.0, 1.5, -2.5]),
-    st.sampled_from(["", "a", "abc"]), st.lists(st.integers(0, 1), max_size=3),
+    st.sampled_from(["", "a", "abc", "a@b", "2024-01-02"]), st.lists(st.integers(0, 1), max_size=3),
     st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 1), max_size=2),
 )  # fmt: skip
 BOUNDS = st.fixed_dictionaries({}, optional={
@@ -532,6 +593,8 @@ BOUNDS = st.fixed_dictionaries({}, optional={
     "minimum": st.integers(-2, 2), "exclusiveMaximum": st.sampled_from([0, 1, 1.5]), "maxLength": st.integers(0, 2),
     "minItems": st.integers(0, 2), "maxProperties": st.integers(0, 1),
     "required": st.lists(st.sampled_from(["a", "b"]), min_size=1, max_size=2, unique=True),
+    "multipleOf": st.sampled_from([2, 0.5]), "pattern": st.sampled_from(["^a", "b", "^$"]),
+    "format": st.sampled_from(["email", "date"]),
 })  # fmt: skip
 
 
@@ -544,7 +607,9 @@ def test_enum_and_const_values_are_refused_unless_every_value_emitted_validates(
     validates; it says "admits no JSON value" when none does (at the root), and names the
     value when the schema still admits one (some values do, or it is an optional
     property's, which the answer may hold all the same). integer takes 1.0, not true;
-    number takes no boolean; a const is among an enum by JSON equality (1 is 1.0, not true)."""
+    number takes no boolean; a const is among an enum by JSON equality (1 is 1.0, not true);
+    formats are asserted, as xgrammar enforces them."""
+    assume("maxLength" not in bounds or not {"pattern", "format"} & bounds.keys())  # refused: xgrammar ignores it
     if form == "enum":
         schema, emitted = {**bounds, "enum": values}, values
     elif form == "const":
@@ -553,7 +618,8 @@ def test_enum_and_const_values_are_refused_unless_every_value_emitted_validates(
         schema, emitted = {**bounds, "const": values[0], "enum": values[1:] or values}, values[:1]
     if "required" in schema:
         schema["properties"] = {"a": {}, "b": {}}
-    valid = [Draft202012Validator(schema).is_valid(value) for value in emitted]
+    checker = Draft202012Validator.FORMAT_CHECKER
+    valid = [Draft202012Validator(schema, format_checker=checker).is_valid(value) for value in emitted]
     try:
         check_response_schema({"type": "object", "properties": {"p": schema}} if optional else schema)
     except ApiError as exc:

@@ -176,6 +176,15 @@ class ResultWriter:
         self.done = IdSet()
         self.torn_bytes = 0
         self.errors_dropped = 0
+        self._file: TextIO | None = None
+        try:
+            self._open(retry_errors, read_only)
+        except OSError as exc:  # a folder, a path under a file, no permission
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+            raise OutputFileError(f"cannot write the output {path}: {exc.strerror or exc}{where}") from None
+
+    def _open(self, retry_errors: bool, read_only: bool) -> None:
+        path, fmt = self.path, self.format
         if path.exists():
             if not read_only:
                 self.torn_bytes = cut_torn_line(path)
@@ -186,7 +195,6 @@ class ResultWriter:
                 if row_id is None:
                     raise OutputFileError(f"{path}:{number} has no row id; is this the output of this input kind?")
                 self.done.add(id_hash(str(row_id)))
-        self._file: TextIO | None = None
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())

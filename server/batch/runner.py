@@ -11,6 +11,7 @@ the input's size. Input rows are read in a worker thread, one at a time, so a sl
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -95,6 +96,8 @@ class BatchJob:
             self.kind = self.spec.resolved_format()
             self.format: OutputFormat = output_format(self.kind, options.model_name)
             self.output = output_path(options, self.shard)
+            self.summary_path = shard_path(options.summary, self.shard) if options.summary is not None else None
+            self._check_paths()
             # Before the writer, which may cut a torn line or drop error rows for a retry:
             # settings that fail leave the output file as it was.
             self.settings = settings() if callable(settings) else settings
@@ -111,6 +114,13 @@ class BatchJob:
         self.counts = Counts()
         self.startup_s = 0.0
         self.run_s = 0.0
+
+    def _check_paths(self) -> None:
+        problem = output_path_problem("--output", self.output, self.options.input)
+        if self.summary_path is not None:
+            problem = problem or output_path_problem("--summary", self.summary_path, self.options.input, self.output)
+        if problem:
+            raise UsageError(problem)
 
     def rows(self) -> Iterator[Row]:
         return read_rows(self.spec)
@@ -285,6 +295,26 @@ class BatchJob:
         }  # fmt: skip
 
 
+def output_path_problem(flag: str, path: Path, input: str, output: Path | None = None) -> str | None:
+    """The output and the summary must not be the input file (its rows would count as done,
+    the torn-line repair could cut its last line, the summary would overwrite it), and the
+    summary must not be the output or a folder."""
+    if input != STDIN and _same_file(path, Path(input)):
+        return f"{flag} {path} is the input file; write to another file"
+    if output is not None and _same_file(path, output):
+        return f"{flag} {path} is the --output file"
+    if output is not None and path.is_dir():
+        return f"{flag} {path} is a folder"
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
 def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]) -> int:
     """Runs the job, prints the summary as one JSON line on stdout (and to --summary)."""
     job = None
@@ -297,7 +327,13 @@ def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]
     text = json.dumps(summary, ensure_ascii=False)
     print(text, flush=True)
     if options.summary is not None:
-        path = shard_path(options.summary, job.shard) if job is not None else options.summary
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        path = job.summary_path if job is not None and job.summary_path else options.summary
+        if job is None and output_path_problem("--summary", path, options.input, options.output):
+            return summary["exit_code"]  # the error above may be this path's: it is not written
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+        except OSError as exc:
+            logger.error("cannot write the summary to %s: %s", path, exc.strerror or exc)
+            return summary["exit_code"] or EXIT_USAGE
     return summary["exit_code"]

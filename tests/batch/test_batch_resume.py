@@ -141,6 +141,49 @@ def test_input_or_output_that_cannot_be_used_exit_2(clips_dir, tmp_path):
     assert foreign.read_text() == "hello\n"
 
 
+def _run_batch(capsys, input, output, **options) -> tuple[int, dict, str]:
+    """`run_batch` in this process (a usage error comes before any settings or engine)."""
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import run_batch
+
+    code = run_batch(BatchOptions(input=str(input), output=output, progress="none", **options), lambda: None)
+    captured = capsys.readouterr()
+    return code, last_json_line(captured.out), captured.err
+
+
+def test_an_output_that_is_the_input_a_folder_or_under_a_file_exits_2_and_changes_nothing(clips_dir, tmp_path, capsys):
+    """The input as --output would count its own rows as done (and lose its unterminated last
+    line to the torn-line repair); as --summary it would be overwritten. A folder or a path
+    under a file is named, not a traceback."""
+    manifest = tmp_path / "m.jsonl"
+    text = json.dumps({"id": "a", "audio": "a.wav"}) + "\n" + json.dumps({"id": "b", "audio": "b.wav"})
+    manifest.write_text(text)
+    for options in ({"output": manifest}, {"output": tmp_path / "o.jsonl", "summary": manifest},
+                    {"output": manifest, "dry_run": True}):  # fmt: skip
+        code, summary, err = _run_batch(capsys, manifest, **options)
+        flag = "--summary" if "summary" in options else "--output"
+        assert (code, summary["error"]) == (2, f"{flag} {manifest} is the input file; write to another file")
+        assert manifest.read_text() == text and "Traceback" not in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+    output = tmp_path / "o.jsonl"
+    code, summary, _ = _run_batch(capsys, manifest, output, summary=output)
+    assert (code, summary["error"]) == (2, f"--summary {output} is the --output file")
+    code, summary, _ = _run_batch(capsys, manifest, output, summary=tmp_path)
+    assert (code, summary["error"]) == (2, f"--summary {tmp_path} is a folder")
+
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    code, summary, err = _run_batch(capsys, clips_dir / "a", folder)
+    assert (code, summary["error"]) == (2, f"cannot write the output {folder}: Is a directory")
+    code, summary, err = _run_batch(capsys, clips_dir / "a", folder, dry_run=True)
+    assert (code, summary["error"]) == (2, f"cannot write the output {folder}: Is a directory")
+    under_a_file = manifest / "o.jsonl"
+    code, summary, err = _run_batch(capsys, clips_dir / "a", under_a_file)
+    assert code == 2 and summary["error"].startswith(f"cannot write the output {under_a_file}: ")
+    assert "Traceback" not in err
+
+
 def _peak_rss_mb(args: list[str]) -> tuple[float, dict]:
     process = subprocess.Popen(batch_command(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     output = process.stdout.read()

@@ -89,7 +89,7 @@ def detect_format(path: str) -> str:
         first = next((line for line in f if line.strip()), "")
     try:
         keys = set(json.loads(first)) if first.strip().startswith("{") else set()
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not a JSON object: that line becomes an error row
         keys = set()
     if {"custom_id", "body"} <= keys:
         return "openai"
@@ -99,10 +99,13 @@ def detect_format(path: str) -> str:
 
 
 def open_text(path: str):
+    """UTF-8 with or without a byte order mark. Bytes that are not UTF-8 are read as lone
+    surrogates (surrogateescape), so that the line or row holding them fails by name
+    (`not_utf8`) and the rest of the input is read."""
     if path == STDIN:
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
-        return open(path, encoding="utf-8", newline="")
+        return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
     except OSError as exc:
         raise InputError(f"cannot read the input {path}: {exc.strerror or exc}") from None
 
@@ -156,10 +159,38 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
 # ---------------------------------------------------------------- manifests
 
 
+def not_utf8(text: str) -> str | None:
+    """Where text read by open_text holds bytes that are not UTF-8 (surrogateescape made each
+    one a lone surrogate U+DC80..U+DCFF), in words; None if it holds none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 (byte 0x{ord(text[exc.start]) - 0xDC00:02x})"
+    return None
+
+
 def _csv_rows(spec: InputSpec) -> Iterator[Row]:
     with open_text(spec.input) as f:
-        for number, row in enumerate(csv.DictReader(f), start=1):
-            yield _manifest_row(spec, number, {k: v for k, v in row.items() if k is not None and v not in ("", None)})
+        reader = csv.DictReader(f)
+        number = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # a field over csv's size limit: this row only
+                number += 1
+                error = RowError("invalid_csv", f"row {number}: {exc}")
+                yield BadRow(f"row-{number}", {"id": f"row-{number}"}, error)
+                continue
+            number += 1
+            fields = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
+            problem = next((p for p in map(not_utf8, (*fields, *fields.values())) if p), None)
+            if problem:
+                error = RowError("invalid_csv", f"row {number} (line {reader.line_num}) {problem}")
+                yield BadRow(f"row-{number}", {"id": f"row-{number}"}, error)
+                continue
+            yield _manifest_row(spec, number, fields)
 
 
 def _manifest_rows(spec: InputSpec) -> Iterator[Row]:
@@ -172,15 +203,19 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict | BadRow]]:
     for number, line in enumerate(text_lines(path), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield (
-                number,
-                BadRow(
-                    f"line-{number}", {"id": f"line-{number}"}, RowError("invalid_json", f"line {number}: {exc.msg}")
-                ),
-            )
+        problem = not_utf8(line)
+        message = f"line {number} {problem}" if problem else None
+        if message is None:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                message = f"line {number}: {exc.msg}"
+            except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+                message = f"line {number}: a number has too many digits"
+            except RecursionError:
+                message = f"line {number}: nested too deeply"
+        if message is not None:
+            yield number, BadRow(f"line-{number}", {"id": f"line-{number}"}, RowError("invalid_json", message))
             continue
         if not isinstance(value, dict):
             yield (

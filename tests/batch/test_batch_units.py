@@ -162,3 +162,43 @@ def test_an_audio_placeholder_typed_into_a_prompt_is_a_bad_row_not_a_dead_job(tm
     folder.mkdir()
     with pytest.raises(InputError, match=r"^--prompt: Value error, text must not contain <\|AUDIO\|>"):
         list(read_rows(InputSpec(str(folder), prompt="<|AUDIO|>")))
+
+
+def test_hostile_manifest_lines_are_error_rows_and_the_rest_is_read(tmp_path):
+    """A byte order mark is read past (and the kind still detected by the first row's keys);
+    a line or CSV row that is not UTF-8, a number too long for int(), JSON nested too deep
+    for the parser, or a CSV field over csv's limit fails by name; the rows around it run."""
+    from mdlserve.server.batch.inputs import InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    def rows(name: str, data: bytes) -> dict:
+        path = tmp_path / name
+        path.write_bytes(data)
+        spec = InputSpec(str(path))
+        read = list(read_rows(spec))
+        assert len({row.id for row in read}) == len(read)
+        return {"format": spec.resolved_format(), **{row.id: row.error.message if isinstance(row, BadRow) else None
+                                                     for row in read}}  # fmt: skip
+
+    def line(row_id: str) -> bytes:
+        return json.dumps({"id": row_id, "audio": f"{row_id}.wav"}).encode() + b"\r\n"
+
+    assert rows("bom.jsonl", b"\xef\xbb\xbf" + line("a") + line("b")) == {"format": "jsonl", "a": None, "b": None}
+    openai = {"custom_id": "c", "method": "POST", "url": "/v1/audio/transcriptions",
+              "body": {"model": "m", "file_url": "c.wav"}}  # fmt: skip
+    assert rows("bom-openai.jsonl", b"\xef\xbb\xbf" + json.dumps(openai).encode() + b"\n") == {"format": "openai",
+                                                                                                "c": None}  # fmt: skip
+    hostile = [b'{"id": "x\xff", "audio": "x.wav"}\n', b'{"id": "n", "audio": "n.wav", "seed": ' + b"9" * 5000 + b"}\n",
+               b"[" * 100_000 + b"]" * 100_000 + b"\n"]  # fmt: skip
+    assert rows("hostile.jsonl", line("a") + b"".join(hostile) + line("b")) == {
+        "format": "jsonl", "a": None, "b": None,
+        "line-2": "line 2 is not valid UTF-8 (byte 0xff)",
+        "line-3": "line 3: a number has too many digits",
+        "line-4": "line 4: nested too deeply",
+    }  # fmt: skip
+    csv_text = b"id,audio,text\na,a.wav,\xef\xbb\xbf\nb,b\xff.wav,\nc,c.wav," + b"x" * 200_000 + b"\nd,d.wav,\n"
+    assert rows("hostile.csv", csv_text) == {
+        "format": "csv", "a": None, "d": None,
+        "row-2": "row 2 (line 3) is not valid UTF-8 (byte 0xff)",
+        "row-3": "row 3: field larger than field limit (131072)",
+    }  # fmt: skip

@@ -10,6 +10,8 @@ compete for the GIL with the decoders' Python glue.
 
 import asyncio
 import multiprocessing
+import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -51,15 +53,26 @@ def batch_fetcher(timeout: float, max_bytes: int) -> AudioFetcher:
 
 
 def read_file(path: str, max_bytes: int) -> bytes:
+    """A regular file's bytes: a folder, device or pipe is refused before it is opened (reading
+    /dev/zero would never end, opening a FIFO would wait for a writer)."""
     try:
-        size = Path(path).stat().st_size
-        if size > max_bytes:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise RowError("unreadable_file", f"cannot read {path}: it is a folder")
+        if not stat.S_ISREG(info.st_mode):
+            raise RowError("unreadable_file", f"cannot read {path}: not a regular file (a device, pipe or socket)")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # at most one byte over: the file may have grown since stat
+        if len(data) > max_bytes:
+            size = max(info.st_size, len(data))
             raise RowError("file_too_large", f"{path} is {size} bytes (the limit is {max_bytes}, --fetch-max-bytes)")
-        return Path(path).read_bytes()
+        return data
     except FileNotFoundError:
         raise RowError("file_not_found", f"no such file: {path}") from None
     except OSError as exc:
         raise RowError("unreadable_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL character in the path
+        raise RowError("unreadable_file", f"cannot read {path!r}: {exc}") from None
 
 
 def audio_source(ref: AudioRef, fetcher: AudioFetcher) -> AudioSource:
@@ -71,8 +84,12 @@ def audio_source(ref: AudioRef, fetcher: AudioFetcher) -> AudioSource:
         return AudioSource(ref.param, load_path)
 
     async def load_url() -> bytes:
-        if urlsplit(ref.value).scheme.lower() == "file":
-            return await asyncio.to_thread(read_file, unquote(urlsplit(ref.value).path), fetcher.max_bytes)
+        try:
+            url = urlsplit(ref.value)
+        except ValueError as exc:  # urllib's message names the problem (port, IPv6 literal)
+            raise RowError("invalid_audio_url", f"{ref.param}: malformed URL: {exc}") from None
+        if url.scheme.lower() == "file":
+            return await asyncio.to_thread(read_file, unquote(url.path), fetcher.max_bytes)
         try:
             return await fetcher.fetch(ref.value)
         except FetchError as exc:

@@ -2,6 +2,7 @@
 repair, task presets, input-kind detection, progress output."""
 
 import json
+import os
 import random
 
 import pytest
@@ -202,3 +203,43 @@ def test_hostile_manifest_lines_are_error_rows_and_the_rest_is_read(tmp_path):
         "row-2": "row 2 (line 3) is not valid UTF-8 (byte 0xff)",
         "row-3": "row 3: field larger than field limit (131072)",
     }  # fmt: skip
+
+
+def test_audio_that_is_not_a_regular_file_or_a_url_that_does_not_parse_is_a_row_error(tmp_path):
+    """/dev/zero was read until memory ran out (the job OOM-killed), a FIFO's open waited for a
+    writer forever, /dev/null read as an empty clip; a NUL in a path and a malformed URL were
+    internal errors (ValueError)."""
+    import asyncio
+
+    from mdlserve.server.batch.items import AudioRef, RowError
+    from mdlserve.server.batch.loading import audio_source, batch_fetcher, read_file
+
+    def error(path: str) -> tuple[str, str]:
+        with pytest.raises(RowError) as caught:
+            read_file(path, 1 << 20)
+        return caught.value.code, caught.value.message
+
+    os.mkfifo(tmp_path / "fifo.wav")
+    device = "cannot read {}: not a regular file (a device, pipe or socket)"
+    assert error("/dev/null") == ("unreadable_file", device.format("/dev/null"))
+    assert error("/dev/zero") == ("unreadable_file", device.format("/dev/zero"))
+    assert error(str(tmp_path / "fifo.wav")) == ("unreadable_file", device.format(tmp_path / "fifo.wav"))
+    assert error(str(tmp_path)) == ("unreadable_file", f"cannot read {tmp_path}: it is a folder")
+    assert error("clips/a\0.wav") == ("unreadable_file", "cannot read 'clips/a\\x00.wav': embedded null byte")
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * 2000)
+    with pytest.raises(RowError, match=r"big.wav is 2000 bytes \(the limit is 1000, --fetch-max-bytes\)"):
+        read_file(str(big), 1000)
+
+    async def load(url: str) -> bytes:
+        fetcher = batch_fetcher(5.0, 1 << 20)
+        try:
+            return await audio_source(AudioRef("url", url), fetcher).load()
+        finally:
+            await fetcher.aclose()
+
+    with pytest.raises(RowError) as caught:
+        asyncio.run(load("http://[::1/x.wav"))
+    assert (caught.value.code, caught.value.message) == ("invalid_audio_url", "audio: malformed URL: Invalid IPv6 URL")
+    with pytest.raises(RowError, match="^unreadable_file: cannot read /dev/zero: not a regular file"):
+        asyncio.run(load("file:///dev/zero"))

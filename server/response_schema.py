@@ -61,6 +61,17 @@ annotations (title, description, default, $defs) beside them are harmless. A sch
 using them is refused by name, rather than answered with JSON that does not validate.
 So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside a numeric `type`
 xgrammar fails to compile it ("Value must be a number"), without one it ignores it.
+A one-schema `allOf` reads as its schema in place (19 schemas tried: objects with and
+without properties, strings, bounded integers, arrays with items, type lists, enums,
+anyOf) but for a bare `{"type": "object"}` or `{"type": "array"}` (with annotations at
+most), which xgrammar takes as any object or array in place (the root, a property, items,
+an anyOf branch) and as `{}` or `[]` alone through an allOf or a $ref: {"allOf": [{"type":
+"object"}]} refused {"a": 1}. Such a schema is refused, naming the fix that xgrammar reads
+as any object (array) everywhere, `"additionalProperties": true` (`"items": true`); a
+rewrite would need the request builder to submit what the check returns. With any other
+keyword beside the type (`required: []`, `maxItems: 3`, even `x-foo`), an object without
+properties or additionalProperties is `{}` alone everywhere (an array without items `[]`):
+narrower than the schema, but valid, so not refused.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
 request with finish reason "error", so such schemas are refused here too. So is one whose
@@ -146,6 +157,12 @@ _VALIDATION = ("type", "enum", "const", "properties", "required", "additionalPro
                "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
                "anyOf", "oneOf", "allOf")  # fmt: skip
 _APPLICATORS = ("anyOf", "oneOf", "allOf")  # in the order xgrammar looks for them: it reads the first it finds
+# A bare object or array schema: its type and these annotations alone. xgrammar reads one
+# as any object (array) in place, as `{}` (`[]`) alone through an allOf or a $ref; with any
+# other keyword beside the type (even `x-foo` or `minItems: 0`) as `{}` (`[]`) everywhere.
+_BARE_KEYS = frozenset({"type", "title", "description", "default", "examples", "$comment", "deprecated",
+                        "readOnly", "writeOnly", "$schema"})  # fmt: skip
+_BARE_FIXES = {"object": ("`{}`", '"additionalProperties": true'), "array": ("`[]`", '"items": true')}
 
 
 def _into(applicator: str) -> str:
@@ -170,6 +187,8 @@ def check_response_schema(schema: dict[str, Any]) -> None:
             f"{WHERE} uses {keyword} at {pointer}, which the structured-output backend does not enforce: {why}",
             param=PARAM,
         )
+    if walk.narrowed is not None:
+        raise walk.narrowed
     reason = walk.no_value()
     if reason is not None:
         raise bad_request(f"{WHERE} admits no JSON value: {reason}", param=PARAM)
@@ -570,6 +589,7 @@ class _Walk:
     literal_chars: int = 0
     ignored: list[tuple[str, str, str]] = field(default_factory=list)
     draft04_bound: ApiError | None = None  # the first boolean exclusiveMinimum or exclusiveMaximum
+    narrowed: ApiError | None = None  # the first bare object or array schema read through an allOf or a $ref
     key_schemas: set[int] = field(default_factory=set)  # propertyNames subschemas, which xgrammar reads as strings
     search: _PatternSearch = field(default_factory=_PatternSearch)  # enum and const values against their pattern
     unmatched: dict[int, tuple[str, _Contradiction] | None] = field(default_factory=dict)  # `_unmatched_values`'s
@@ -588,6 +608,7 @@ class _Walk:
         self._count(node)
         self._check_patterns(node, pointer)
         self._note_ignored(node, pointer)
+        self._check_narrowed(node, pointer)
         self._check_draft04(node, pointer)
         for key, child in self._children(node, pointer):
             self.schema(child, key, depth + 1)
@@ -681,6 +702,33 @@ class _Walk:
                 f"structured-output backend does not read (it takes only a number); {fix}",
                 param=PARAM,
             )
+
+    def _check_narrowed(self, node: dict[str, Any], pointer: str) -> None:
+        """Note the first bare `{"type": "object"}` or `{"type": "array"}` (annotations
+        aside) that `node` reads through an allOf or a $ref. xgrammar 0.2.8, as vLLM runs it,
+        takes any object (array) for one in place, but only `{}` (`[]`) for one it reaches
+        through either: {"allOf": [{"type": "object"}]} refused {"a": 1}. With
+        additionalProperties (items) true it takes any in both, as JSON Schema reads the
+        bare one."""
+        if self.narrowed is not None:
+            return
+        reached = []
+        if isinstance(node.get("allOf"), list):
+            reached += [(f"{pointer}/allOf/{i}", child, f"the `allOf` at {pointer}")
+                        for i, child in enumerate(node["allOf"])]  # fmt: skip
+        if isinstance(node.get("$ref"), str):
+            reached.append((node["$ref"], _resolve(self.root, node["$ref"]), f"the `$ref` at {pointer}"))
+        for where, target, through in reached:
+            kind = target.get("type") if isinstance(target, dict) else None
+            if isinstance(target, dict) and kind in ("object", "array") and target.keys() <= _BARE_KEYS:
+                empty, fix = _BARE_FIXES[kind]
+                self.narrowed = bad_request(
+                    f'{WHERE} has a bare `"type": "{kind}"` schema at {where}, read through {through}, which the '
+                    f"structured-output backend reads there as {empty} alone (though as any {kind} in place): add "
+                    f"{fix} to it (docs/gateway.md, response_format)",
+                    param=PARAM,
+                )
+                return
 
     def _note_ignored(self, node: dict[str, Any], pointer: str) -> None:
         def ignored(keyword: str, why: str) -> None:

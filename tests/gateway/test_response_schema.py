@@ -501,6 +501,86 @@ def test_annotations_beside_anyof_oneof_or_allof_pass(schema):
     check_response_schema(schema)
 
 
+# A bare object or array schema (its type and annotations alone) read through an allOf or a
+# $ref: xgrammar 0.2.8 took any object or array for it in place, only {} or [] there.
+BARE_OBJECT, BARE_ARRAY = {"type": "object"}, {"type": "array", "description": "a list"}
+# (the schema around it, the answer around its value)
+THROUGH = {
+    "allOf": (lambda bare: {"allOf": [bare]}, lambda value: value),
+    "$ref": (lambda bare: {"$defs": {"d": bare}, "$ref": "#/$defs/d"}, lambda value: value),
+    "allOf to $ref": (lambda bare: {"$defs": {"d": bare}, "allOf": [{"$ref": "#/$defs/d"}]}, lambda value: value),
+    "a property's $ref": (lambda bare: required_object({"x": {"$ref": "#/$defs/d"}}) | {"$defs": {"d": bare}},
+                          lambda value: f'{{"x": {value}}}'),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("through", THROUGH)
+@pytest.mark.parametrize(("bare", "empty", "fix"), [
+    (BARE_OBJECT, "`{}`", '"additionalProperties": true'), (BARE_ARRAY, "`[]`", '"items": true'),
+])  # fmt: skip
+def test_a_bare_object_or_array_read_through_allof_or_ref_is_refused_naming_the_fix(through, bare, empty, fix):
+    message = refusal(THROUGH[through][0](bare))
+    kind = bare["type"]
+    assert f'has a bare `"type": "{kind}"` schema at ' in message, message
+    assert f"reads there as {empty} alone (though as any {kind} in place): add {fix} to it" in message, message
+    where, via = {"allOf": ("#/allOf/0", "the `allOf` at #"), "$ref": ("#/$defs/d", "the `$ref` at #"),
+                  "allOf to $ref": ("#/$defs/d", "the `$ref` at #/allOf/0"),
+                  "a property's $ref": ("#/$defs/d", "the `$ref` at #/properties/x")}[through]  # fmt: skip
+    assert f"at {where}, read through {via}," in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    # in place xgrammar took any object or array for them
+    {"type": "object"}, required_object({"x": BARE_OBJECT}), {"type": "array", "items": BARE_OBJECT},
+    {"anyOf": [BARE_OBJECT, BARE_ARRAY]},
+    # with what the message asks for, or anything beyond annotations, it reads them alike everywhere
+    {"allOf": [{"type": "object", "additionalProperties": True}]},
+    {"$defs": {"d": {"type": "array", "items": True}}, "$ref": "#/$defs/d"},
+    {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}]},
+    {"allOf": [{"type": ["object", "null"]}]},
+    {"allOf": [{"type": "integer", "minimum": 3}]},
+    {"allOf": [{"anyOf": [BARE_OBJECT, {"type": "null"}]}]},
+])  # fmt: skip
+def test_bare_objects_in_place_and_filled_ones_through_allof_or_ref_pass(schema):
+    check_response_schema(schema)
+
+
+@pytest.fixture(scope="module")
+def grammar_compiler(tiny_checkpoint):
+    xgr = pytest.importorskip("xgrammar")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer)))
+
+
+def xgrammar_accepts(compiler, schema: dict, answer: str) -> bool:
+    """Whether xgrammar, compiling `schema` as vLLM does for us, takes `answer` whole."""
+    import xgrammar as xgr
+
+    grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+    matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
+    return matcher.accept_string(answer) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("through", THROUGH)
+@pytest.mark.parametrize(("bare", "filled", "answer"), [
+    (BARE_OBJECT, {"type": "object", "additionalProperties": True}, '{"a": 1}'),
+    (BARE_ARRAY, {"type": "array", "items": True, "description": "a list"}, "[1]"),
+])  # fmt: skip
+def test_xgrammar_narrows_a_bare_schema_through_allof_or_ref_and_not_the_filled_one(
+    grammar_compiler, through, bare, filled, answer
+):
+    """What the refusal rests on, and what its fix gives: should an xgrammar upgrade take
+    `answer` through an allOf or a $ref, this fails and the refusal can go."""
+    wrap, around = THROUGH[through]
+    assert xgrammar_accepts(grammar_compiler, bare, answer)
+    assert not xgrammar_accepts(grammar_compiler, wrap(bare), around(answer))
+    assert xgrammar_accepts(grammar_compiler, wrap(bare), around("{}" if bare is BARE_OBJECT else "[]"))
+    assert xgrammar_accepts(grammar_compiler, wrap(filled), around(answer))
+    check_response_schema(wrap(filled))
+
+
 class Shade(enum.Enum):
     LIGHT = "light"
     DARK = "dark"

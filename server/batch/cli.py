@@ -53,10 +53,11 @@ def _batch(args: argparse.Namespace) -> int:
                                               for e in exc.errors()))  # fmt: skip
     if merging:
         from mdlserve.server.batch.merge import merge
+        from mdlserve.server.batch.outputs import json_line
         from mdlserve.server.batch.runner import input_spec
 
         summary = merge(input_spec(options), Path(options.output), paths[1:], options.model_name)
-        print(json.dumps(summary, ensure_ascii=False), flush=True)
+        print(json_line(summary), flush=True)
         return 0 if summary["ok"] else 1
 
     from mdlserve.server.batch.runner import run_batch

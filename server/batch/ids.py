@@ -15,8 +15,9 @@ import numpy as np
 
 def id_hash(row_id: str) -> int:
     """blake2b of the id, 8 bytes, never 0 (0 marks an empty slot). Stable across runs and
-    machines, unlike hash(), so shards and resumes agree everywhere."""
-    value = int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little")
+    machines, unlike hash(), so shards and resumes agree everywhere. surrogatepass: an id may
+    hold lone surrogates (a file name that is not UTF-8, a \\ud800 escape in a JSON row)."""
+    value = int.from_bytes(hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
     return value or 1
 
 

@@ -2,13 +2,12 @@
 once, then concatenates them. Streams every file; holds two 64-bit hashes per row."""
 
 import glob
-import json
 import os
 from pathlib import Path
 
 from mdlserve.server.batch.ids import IdSet, id_hash
 from mdlserve.server.batch.inputs import read_rows
-from mdlserve.server.batch.outputs import output_format, output_rows
+from mdlserve.server.batch.outputs import json_line, output_format, output_rows
 
 LISTED = 20
 
@@ -88,5 +87,5 @@ def _concatenate(files: list[Path], output: Path) -> None:
     with open(partial, "w", encoding="utf-8") as out:
         for path in files:
             for _, row in output_rows(path):
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.write(json_line(row) + "\n")
     os.replace(partial, output)

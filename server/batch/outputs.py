@@ -126,6 +126,18 @@ def output_format(input_format: str, model_name: str = DEFAULT_MODEL_NAME) -> Ou
     return kind(model_name)
 
 
+def json_line(value: dict) -> str:
+    """One JSON line, UTF-8 as it is, or with \\u escapes where a string holds a lone surrogate
+    (a file name that is not UTF-8, a \\ud800 escape in a JSON row), which UTF-8 cannot hold;
+    json.loads reads either back to the same value, so resume and merge see the same ids."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value)
+    return text
+
+
 class OutputFileError(ValueError):
     """The output file holds something that is not one of our rows: exit code 2."""
 
@@ -208,14 +220,14 @@ class ResultWriter:
                 if self.format.is_error(row):
                     dropped += 1
                 else:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    out.write(json_line(row) + "\n")
         os.replace(kept, self.path)
         return dropped
 
     def write(self, row: dict) -> None:
         if self._file is None:
             raise RuntimeError(f"{self.path} was opened read-only")
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.write(json_line(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:

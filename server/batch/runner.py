@@ -9,7 +9,6 @@ the input's size. Input rows are read in a worker thread, one at a time, so a sl
 """
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ from mdlserve.server.batch.ids import Shard
 from mdlserve.server.batch.inputs import STDIN, InputError, InputSpec, Row, read_rows
 from mdlserve.server.batch.items import BadRow, BatchItem, Completion, Result, RowError
 from mdlserve.server.batch.options import BatchOptions
-from mdlserve.server.batch.outputs import OutputFileError, OutputFormat, ResultWriter, output_format
+from mdlserve.server.batch.outputs import OutputFileError, OutputFormat, ResultWriter, json_line, output_format
 from mdlserve.server.batch.presets import PresetError
 from mdlserve.server.batch.progress import Progress
 from mdlserve.server.batch.selection import Counts, select
@@ -324,7 +323,7 @@ def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]
     except (UsageError, InputError) as exc:
         logger.error("%s", exc)
         summary = {"input": options.input, "error": str(exc), "exit_code": EXIT_USAGE}
-    text = json.dumps(summary, ensure_ascii=False)
+    text = json_line(summary)
     print(text, flush=True)
     if options.summary is not None:
         path = job.summary_path if job is not None and job.summary_path else options.summary

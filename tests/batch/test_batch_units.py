@@ -243,3 +243,30 @@ def test_audio_that_is_not_a_regular_file_or_a_url_that_does_not_parse_is_a_row_
     assert (caught.value.code, caught.value.message) == ("invalid_audio_url", "audio: malformed URL: Invalid IPv6 URL")
     with pytest.raises(RowError, match="^unreadable_file: cannot read /dev/zero: not a regular file"):
         asyncio.run(load("file:///dev/zero"))
+
+
+def test_ids_and_rows_with_lone_surrogates_are_written_and_resumed(tmp_path):
+    """A file name that is not UTF-8 (os.walk gives U+DC80..U+DCFF for its bytes) or a \\ud800
+    escape in a JSON row: hashing the id and writing the row raised UnicodeEncodeError (the
+    job died); now the row is written with \\u escapes and a rerun finds it done."""
+    from mdlserve.server.batch.ids import IdSet, Shard
+    from mdlserve.server.batch.inputs import InputSpec, read_rows
+    from mdlserve.server.batch.outputs import OutputFormat, ResultWriter
+    from mdlserve.server.batch.selection import Counts, select
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / os.fsdecode(b"bad\xff.wav")).write_bytes(b"RIFF")
+    rows = list(select(read_rows(InputSpec(str(folder))), Shard(), IdSet(), Counts()))
+    assert [row.id for row in rows] == ["bad\udcff.wav"]
+
+    output = tmp_path / "out.jsonl"
+    writer = ResultWriter(output, OutputFormat())
+    writer.write({**rows[0].source, "output": "a dog", "error": None})
+    writer.write({"id": "s\ud800", "ref": "x", "output": None, "error": {"code": "invalid_row", "message": "?"}})
+    writer.close()
+    text = output.read_bytes().decode("utf-8")  # valid UTF-8: the surrogates are \u escapes
+    assert '"id": "bad\\udcff.wav"' in text and '"id": "s\\ud800"' in text
+    counts = Counts()
+    again = list(select(read_rows(InputSpec(str(folder))), Shard(), ResultWriter(output, OutputFormat()).done, counts))
+    assert again == [] and counts.done_before == 1

@@ -270,3 +270,18 @@ def test_ids_and_rows_with_lone_surrogates_are_written_and_resumed(tmp_path):
     counts = Counts()
     again = list(select(read_rows(InputSpec(str(folder))), Shard(), ResultWriter(output, OutputFormat()).done, counts))
     assert again == [] and counts.done_before == 1
+
+
+def test_a_lang_that_is_not_a_string_is_an_invalid_task_row(tmp_path):
+    """{"task": "asr", "lang": 5} raised AttributeError ('int' object has no attribute 'lower')
+    in the reader thread, which ended the job."""
+    from mdlserve.server.batch.inputs import InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "n", "audio": "n.wav", "task": "asr", "lang": 5}) + "\n"
+                        + json.dumps({"id": "ok", "audio": "ok.wav", "task": "asr", "lang": "zh"}) + "\n")  # fmt: skip
+    rows = {row.id: row for row in read_rows(InputSpec(str(manifest)))}
+    assert isinstance(rows["n"], BadRow) and rows["n"].error.code == "invalid_task"
+    assert rows["n"].error.message == "unknown asr language 5; an ISO-639-1 code such as en or zh"
+    assert not isinstance(rows["ok"], BadRow)

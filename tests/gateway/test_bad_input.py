@@ -36,8 +36,11 @@ def raw_form(body: bytes, path: str = "/v1/audio/transcriptions"):
     return ("POST", path, {"content": body, "headers": {"content-type": "multipart/form-data; boundary=b"}})
 
 
-# A transcription form written out by hand: the model field, the file, the closing boundary.
+# A transcription form written out by hand: the model field, an output limit (without one the
+# random model may write to the end of its context, longer than the request timeout on a busy
+# machine), the file, the closing boundary.
 FORM = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + MODEL.encode() + b"\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="max_completion_tokens"\r\n\r\n2\r\n'
         b'--b\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
         b"Content-Type: audio/wav\r\n\r\n" + WAV + b"\r\n--b--\r\n")  # fmt: skip
 CUT_SHORT = "the multipart/form-data body ends before its closing boundary (--b--): it was cut short"

@@ -61,6 +61,13 @@ annotations (title, description, default, $defs) beside them are harmless. A sch
 using them is refused by name, rather than answered with JSON that does not validate.
 So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside a numeric `type`
 xgrammar fails to compile it ("Value must be a number"), without one it ignores it.
+So is a `multipleOf` xgrammar ignores where it reads the subschema by its `type` (logging
+"ignoring multipleOf"): beside "number" ({"type": ["number", "null"], "multipleOf": 0.5}
+took 0.3), and beside "integer" unless whole and 1024 at most ({"type": ["integer",
+"null"], "multipleOf": 1.5} took 4) and beside no bound or both bounds at most 10000
+integers apart (multipleOf 3 with "minimum": 0 alone took 4); one every integer meets
+(0.5) changes nothing there. vLLM refuses any multipleOf beside a numeric `type` string,
+in words that do not say why; a `type` list reaches xgrammar.
 A one-schema `allOf` reads as its schema in place (19 schemas tried: objects with and
 without properties, strings, bounded integers, arrays with items, type lists, enums,
 anyOf) but for a bare `{"type": "object"}` or `{"type": "array"}` (with annotations at
@@ -163,6 +170,9 @@ _APPLICATORS = ("anyOf", "oneOf", "allOf")  # in the order xgrammar looks for th
 _BARE_KEYS = frozenset({"type", "title", "description", "default", "examples", "$comment", "deprecated",
                         "readOnly", "writeOnly", "$schema"})  # fmt: skip
 _BARE_FIXES = {"object": ("`{}`", '"additionalProperties": true'), "array": ("`[]`", '"items": true')}
+# An integer `multipleOf` xgrammar enforces: a whole number up to this, and where a bound is
+# given, both bounds, this many integers apart at most (its kIntegerMultipleOf*Max).
+MULTIPLE_OF_MAX, MULTIPLE_OF_RANGE_MAX = 1024, 10000
 
 
 def _into(applicator: str) -> str:
@@ -570,6 +580,53 @@ def _resolve(root: object, ref: str) -> object | None:
     return node
 
 
+def _note_multiple_of(node: dict[str, Any], ignored: Callable[[str, str], None]) -> None:
+    """Note a `multipleOf` xgrammar 0.2.8 ignores in a subschema it reads by its `type` (one
+    with a const, enum, applicator or $ref is read otherwise): beside "number", and beside
+    "integer" unless it is a whole number up to 1024 with no bound or a lower and an upper
+    one at most 10000 integers apart (it logs "ignoring multipleOf": {"type": ["number",
+    "null"], "multipleOf": 0.5} took 0.3, {"type": ["integer", "null"], "multipleOf": 1.5}
+    took 4, and so did multipleOf 3 with only "minimum": 0). One every integer meets (1,
+    0.5) changes nothing beside "integer". vLLM refuses any multipleOf beside a numeric
+    `type` string in words that do not say why; a `type` list reaches xgrammar."""
+    step, kind = node.get("multipleOf"), node.get("type")
+    kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else []
+    if not _is_number(step) or step <= 0 or any(key in node for key in ("$ref", "const", "enum", *_APPLICATORS)):
+        return
+    instead = "or list the values in an `enum`"
+    if "number" in kinds:
+        why = 'it enforces `multipleOf` for integers only; use "integer" if the values are whole, ' + instead
+        ignored('`multipleOf` beside type "number"', why)
+        return
+    if "integer" not in kinds or not _not_multiple(1, step):
+        return
+    if not float(step).is_integer() or step > MULTIPLE_OF_MAX:
+        whole = Fraction(repr(step)).numerator  # the integers that are multiples of p/q are those of p
+        fix = f"on integers it means `multipleOf` {whole}: write that, {instead}" if whole <= MULTIPLE_OF_MAX else ""
+        why = f'beside "integer" it enforces only a whole `multipleOf` up to {MULTIPLE_OF_MAX}; '
+        why += fix or "list the values in an `enum`, or leave it out"
+        ignored(f'`multipleOf` {_shown(step)} beside type "integer"', why)
+        return
+    bounds = {key: node[key] for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+              if _is_number(node.get(key))}  # fmt: skip
+    lower = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+    lower += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+    upper = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+    upper += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+    if not lower and not upper:
+        return
+    if not lower or not upper:
+        what = "a lower bound alone" if lower else "an upper bound alone"
+    elif min(upper) - max(lower) + 1 > MULTIPLE_OF_RANGE_MAX:
+        what = f"a range of more than {MULTIPLE_OF_RANGE_MAX} integers"
+    else:
+        return
+    why = (f"it ignores an integer `multipleOf` beside one bound alone or a range of more than "
+           f"{MULTIPLE_OF_RANGE_MAX} integers; give both bounds, at most {MULTIPLE_OF_RANGE_MAX} integers apart, "
+           f"{instead}")  # fmt: skip
+    ignored(f"`multipleOf` beside {what}", why)
+
+
 @dataclass
 class _Walk:
     """One pass over every subschema (and every local $ref target), counting what the
@@ -759,6 +816,8 @@ class _Walk:
                 ignored(f"`{beside[0]}` beside `$ref`", "it ignores keywords beside a $ref; move them into its target")
         else:
             self._note_beside_applicator(node, ignored)
+        if id(node) not in self.key_schemas:
+            _note_multiple_of(node, ignored)
         shaped = [keyword for keyword in ("pattern", "format") if keyword in node]
         lengths = [keyword for keyword in ("minLength", "maxLength") if keyword in node]
         if shaped and lengths:

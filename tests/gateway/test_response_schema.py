@@ -9,6 +9,7 @@ import json
 import math
 import threading
 import time
+from fractions import Fraction
 from typing import Literal
 
 import pytest
@@ -579,6 +580,83 @@ def test_xgrammar_narrows_a_bare_schema_through_allof_or_ref_and_not_the_filled_
     assert xgrammar_accepts(grammar_compiler, wrap(bare), around("{}" if bare is BARE_OBJECT else "[]"))
     assert xgrammar_accepts(grammar_compiler, wrap(filled), around(answer))
     check_response_schema(wrap(filled))
+
+
+# multipleOf in a subschema xgrammar 0.2.8 reads by its type: it ignores it (logging
+# "ignoring multipleOf") beside "number", and beside "integer" unless whole, 1024 at most,
+# and with no bound or both bounds at most 10000 integers apart. Each took the answer in
+# the comment. vLLM refuses a multipleOf beside a numeric type string ("features not
+# supported by xgrammar"); a type list reaches xgrammar.
+MULTIPLE_OF_IGNORED = [
+    ({"type": ["number", "null"], "multipleOf": 0.5}, '`multipleOf` beside type "number" at #',
+     'it enforces `multipleOf` for integers only; use "integer" if the values are whole'),  # 0.3
+    ({"type": ["number"], "multipleOf": 2}, '`multipleOf` beside type "number"', "integers only"),  # 3
+    ({"type": ["integer", "number"], "multipleOf": 3}, '`multipleOf` beside type "number"', "integers only"),  # 4
+    ({"type": "number", "multipleOf": 0.5}, '`multipleOf` beside type "number"', "integers only"),  # 0.3
+    ({"type": ["integer", "null"], "multipleOf": 1.5}, '`multipleOf` 1.5 beside type "integer" at #',
+     "only a whole `multipleOf` up to 1024; on integers it means `multipleOf` 3: write that"),  # 4
+    ({"type": ["integer"], "multipleOf": 2.5, "minimum": 0, "maximum": 9}, '`multipleOf` 2.5 beside type "integer"',
+     "on integers it means `multipleOf` 5"),  # 4
+    ({"type": ["integer", "null"], "multipleOf": 1025}, '`multipleOf` 1025 beside type "integer"',
+     "only a whole `multipleOf` up to 1024; list the values in an `enum`, or leave it out"),  # 1026
+    ({"type": ["integer", "null"], "multipleOf": 3, "minimum": 0}, "`multipleOf` beside a lower bound alone at #",
+     "give both bounds, at most 10000 integers apart"),  # 4
+    ({"type": ["integer", "null"], "multipleOf": 3, "exclusiveMaximum": 100},
+     "`multipleOf` beside an upper bound alone", "give both bounds"),  # 4
+    ({"type": ["integer", "null"], "multipleOf": 3, "minimum": 0, "maximum": 10000},
+     "`multipleOf` beside a range of more than 10000 integers", "give both bounds"),  # 4
+    ({"type": ["integer", "null"], "multipleOf": 3, "exclusiveMinimum": -2, "exclusiveMaximum": 10000},
+     "`multipleOf` beside a range of more than 10000 integers", "give both bounds"),  # 4
+    (required_object({"n": {"type": ["integer", "null"], "multipleOf": 2, "maximum": 8}}),
+     "`multipleOf` beside an upper bound alone at #/properties/n", "give both bounds"),  # {"n": 3}
+]  # fmt: skip
+MULTIPLE_OF_ENFORCED = [
+    {"type": ["integer", "null"], "multipleOf": 3},
+    {"type": ["integer"], "multipleOf": 1024},
+    {"type": ["integer", "null"], "multipleOf": 2.0},
+    {"type": ["integer", "null"], "multipleOf": 3, "minimum": 1, "maximum": 10000},
+    {"type": ["integer", "null"], "multipleOf": 3, "exclusiveMinimum": -1, "exclusiveMaximum": 10000},
+    {"type": ["integer", "null"], "multipleOf": 3, "minimum": 0, "maximum": 20, "exclusiveMaximum": 50000},
+]
+
+
+@pytest.mark.parametrize(("schema", "named", "instead"), MULTIPLE_OF_IGNORED)
+def test_a_multipleof_the_backend_ignores_is_refused_naming_it_and_where(schema, named, instead):
+    message = refusal(schema)
+    assert named in message and "which the structured-output backend does not enforce" in message, message
+    assert instead in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    *MULTIPLE_OF_ENFORCED,
+    # every integer is a multiple of these: ignoring them changes nothing
+    {"type": ["integer", "null"], "multipleOf": 0.5}, {"type": ["integer"], "multipleOf": 1, "minimum": 0},
+    # beside a const or enum the values are checked against it instead (xgrammar emits them)
+    {"type": ["number", "null"], "multipleOf": 0.01, "const": 19.99},
+    {"type": ["integer", "null"], "multipleOf": 3, "minimum": 0, "enum": [3, 6, None]},
+    # a type without numbers: multipleOf bounds nothing there
+    {"type": ["string", "null"], "multipleOf": 3},
+])  # fmt: skip
+def test_a_multipleof_the_backend_enforces_or_that_changes_nothing_passes(schema):
+    check_response_schema(schema)
+
+
+def _non_multiple(schema: dict) -> str:
+    """A number the schema's bounds admit that is no multiple of its multipleOf."""
+    step, low = Fraction(repr(schema["multipleOf"])), schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1)
+    if "number" in schema["type"]:
+        return "0.3"
+    return str(next(n for n in range(max(low, 0), 10**5) if (n / step).denominator != 1))
+
+
+@pytest.mark.parametrize("schema", [schema for schema, _, _ in MULTIPLE_OF_IGNORED if "properties" not in schema])
+def test_xgrammar_ignores_the_refused_multipleofs_and_enforces_the_others(grammar_compiler, schema):
+    """What the refusal rests on: should an xgrammar upgrade enforce one of these, the
+    refusal of it can go."""
+    assert xgrammar_accepts(grammar_compiler, schema, _non_multiple(schema))
+    assert not xgrammar_accepts(grammar_compiler, MULTIPLE_OF_ENFORCED[0], "4")
+    for enforced in MULTIPLE_OF_ENFORCED[1:]:
+        assert not xgrammar_accepts(grammar_compiler, enforced, _non_multiple(enforced)), enforced
 
 
 class Shade(enum.Enum):

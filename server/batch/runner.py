@@ -11,6 +11,7 @@ the input's size. Input rows are read in a worker thread, one at a time, so a sl
 import asyncio
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -110,6 +111,7 @@ class BatchJob:
                 "cut a torn last line (%d bytes) from %s: that row runs again", self.writer.torn_bytes, self.output
             )
         self.tally = Tally()
+        self.interrupted: signal.Signals | None = None  # SIGINT or SIGTERM stopped the run
         self.counts = Counts()
         self.startup_s = 0.0
         self.run_s = 0.0
@@ -140,6 +142,11 @@ class BatchJob:
             return self.summary()
         from mdlserve.server.batch.loading import ProcessDecodePool
 
+        # SIGTERM (kill, a pod evicted) stops the run as Ctrl-C does (asyncio.run cancels it on
+        # SIGINT): the engine and the decode processes are shut down, not left running.
+        run = asyncio.current_task()
+        if run is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate, run)
         total = None if self.options.input == STDIN else self.count().todo
         started = time.monotonic()
         decoder = ProcessDecodePool(self.options.decode_workers or default_decode_workers())
@@ -152,6 +159,20 @@ class BatchJob:
         finally:
             engine.shutdown()
             decoder.shutdown()
+
+    def _terminate(self, run: asyncio.Task) -> None:
+        if self.interrupted is not None:  # a second one: the first waits on a stalled input (stdin)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.interrupted = signal.SIGTERM
+        run.cancel()
+
+    def stop(self, sig: signal.Signals) -> dict:
+        """The summary of a run that a signal stopped: the rows written so far stay (each is
+        whole), the rows in flight are not written; a rerun resumes."""
+        self.interrupted = sig
+        self.tally.stopped = f"interrupted by {sig.name}; rerun the same command to resume"
+        return self.summary()
 
     async def execute(self, engine, decoder, total: int | None = None) -> dict:
         """The run itself, on an engine and decode pool that are up (tests share theirs)."""
@@ -183,19 +204,25 @@ class BatchJob:
         in_flight = asyncio.Semaphore(self.options.max_in_flight)
         tasks: set[asyncio.Task] = set()
         rows = iter(select(self.rows(), self.shard, self.writer.done, self.counts))
-        while self.tally.stopped is None:
-            row = await asyncio.to_thread(next, rows, END)
-            if row is END:
-                break
-            if isinstance(row, BadRow):
-                self._write_failure(row, row.error)
-                continue
-            await read_ahead.acquire()
-            task = asyncio.create_task(self._process(row, read_ahead, in_flight))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+        try:
+            while self.tally.stopped is None:
+                row = await asyncio.to_thread(next, rows, END)
+                if row is END:
+                    break
+                if isinstance(row, BadRow):
+                    self._write_failure(row, row.error)
+                    continue
+                await read_ahead.acquire()
+                task = asyncio.create_task(self._process(row, read_ahead, in_flight))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:  # cancelled (a signal) or failed: the rows in flight stop before the file closes
+            pending = [task for task in tasks if not task.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _process(self, item: BatchItem, read_ahead: asyncio.Semaphore, in_flight: asyncio.Semaphore) -> None:
         holds_read_ahead = True
@@ -270,6 +297,8 @@ class BatchJob:
     # ------------------------------------------------------------ the summary
 
     def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return 128 + self.interrupted
         if self.tally.stopped:
             return EXIT_STOPPED
         return EXIT_ROWS_FAILED if self.tally.failed or self.counts.duplicates else EXIT_OK
@@ -323,6 +352,16 @@ def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]
     except (UsageError, InputError) as exc:
         logger.error("%s", exc)
         summary = {"input": options.input, "error": str(exc), "exit_code": EXIT_USAGE}
+    except KeyboardInterrupt:  # Ctrl-C: asyncio.run cancelled the run, which shut the engine down
+        if job is None:
+            raise
+        summary = job.stop(signal.SIGINT)
+    except asyncio.CancelledError:  # SIGTERM (BatchJob._terminate)
+        if job is None or job.interrupted is None:
+            raise
+        summary = job.stop(job.interrupted)
+    if job is not None and job.interrupted is not None:
+        logger.error("batch: %s", summary["stopped"])
     text = json_line(summary)
     print(text, flush=True)
     if options.summary is not None:

@@ -69,6 +69,57 @@ def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(tiny_checkpoint,
                      second.stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_mid_run_stops_the_engine_keeps_the_rows_and_prints_the_summary(
+    sig, tiny_checkpoint, clips_dir, tmp_path
+):
+    """SIGTERM killed the job and left its engine core and decode processes running (holding
+    a GPU); Ctrl-C printed a KeyboardInterrupt traceback. Now both cancel the run: the engine
+    and decode pool are shut down, the rows written are whole, the summary says so, the exit
+    code is 128 + the signal, and a rerun resumes."""
+    clips = good_clips(clips_dir)
+    lines = [json.dumps({"id": clip, "audio": str(clips_dir / clip)}) + "\n" for clip in clips]
+    out = tmp_path / "out.jsonl"
+    flags = ["--format", "jsonl", "--output", str(out), "--model", tiny_checkpoint, *FAST_FLAGS, "--max-tokens", "8",
+             "--max-in-flight", "2", "--decode-workers", "2", "--progress", "none"]  # fmt: skip
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(batch_command("-", *flags), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=log, start_new_session=True)  # fmt: skip
+        first.stdin.write("".join(lines[:20]).encode())  # 20 of 98 rows: it cannot finish
+        first.stdin.flush()
+        deadline = time.monotonic() + DEADLINE_S
+        while complete_lines(out) < 3:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run wrote fewer than 3 rows in time"
+            time.sleep(0.2)
+        os.kill(first.pid, sig)  # the job alone, as `kill PID` does
+        first.stdin.close()  # the input's end, as a pipeline's writer gives it
+        stdout = first.stdout.read().decode()
+        first.wait(timeout=DEADLINE_S)
+    log_text = (tmp_path / "first.log").read_text()
+    assert first.returncode == 128 + sig, log_text[-3000:]
+    assert "Traceback" not in log_text
+    summary = last_json_line(stdout)
+    assert summary["stopped"] == f"interrupted by {sig.name}; rerun the same command to resume"
+    assert summary["exit_code"] == 128 + sig and summary["ok"] == complete_lines(out) >= 3
+    while time.monotonic() < deadline:  # the engine core and decode workers end with the job
+        try:
+            os.killpg(first.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("processes of the job's group outlived it")
+    assert all(row["error"] is None for row in read_rows(out))  # whole rows; none for the rows in flight
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(lines[:20]))
+    second = run_cli(str(manifest), *flags, timeout=DEADLINE_S)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(row["id"] for row in read_rows(out)) == sorted(clips[:20])  # each once
+
+
 def test_shards_split_the_input_and_merge_checks_every_row(runtime, clips_dir, tmp_path):
     folder = clips_dir / "a"
     shard_rows = []

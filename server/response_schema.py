@@ -98,7 +98,15 @@ Python's re backtracks for hours on `^(a|a)*$`, holding the GIL), a value refuse
 if it misses with Unicode and with ASCII classes (ECMA-262's digits are ASCII, its spaces
 Unicode); multipleOf in exact decimals (0.3 is a multiple of 0.1, though not in floats)
 and in floats; a format xgrammar enforces by jsonschema's format checker (date, email,
-ipv4, ipv6 and uuid with the packages installed).
+ipv4, ipv6 and uuid with the packages installed). An object or array value is validated
+against every keyword beside it, down through its items and properties ({"type":
+"object", "properties": {"a": {"type": "integer"}}, "const": {"a": "x"}} was answered
+{"a":"x"}, an `items` or `additionalProperties` beside an enum alike), by jsonschema for
+the schema's draft with draft 2020-12's types (xgrammar writes 1.0 as 1), a `$ref`
+resolved in the whole schema as xgrammar reads it, and pattern, format and multipleOf as
+above; where the break is not certain it counts as none: `oneOf` is read as `anyOf`,
+`patternProperties` keys go unchecked, and so does everything once a schema's checks have
+run 0.5 s (branches multiply) or recursed past Python's limit (a `$ref` cycle).
 """
 
 import json
@@ -128,6 +136,7 @@ MAX_PATTERN_SIZE = 1000  # pattern characters in all, each repeated part once pe
 MAX_PATTERN_CHARS = 10000  # pattern characters in all as written (bounds the check's own scan)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the integers xgrammar's JSON reader holds exactly
 PATTERN_SEARCH_SECONDS = 0.2  # enum and const values matched against their `pattern`, in all, per schema
+VALUE_CHECK_SECONDS = 0.5  # enum and const objects and arrays validated against the keywords beside them, per schema
 
 # Schema-valued keywords: one schema, a name -> schema map, a list of schemas.
 _ONE = ("additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
@@ -358,10 +367,12 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _broken_keyword(value: object, node: dict[str, Any], search: "_PatternSearch") -> str | None:
+def _broken_keyword(value: object, node: dict[str, Any], check: "_ValueCheck") -> str | None:
     """How `value`, an enum or const value of `node`, breaks one of `node`'s own type,
-    bounds, lengths, counts, required names, `multipleOf`, `format` or `pattern`, or None.
-    Each keyword is read only where it is well-formed, and only where the break is certain
+    bounds, lengths, counts, required names, `multipleOf`, `format` or `pattern`, or, for
+    an object or array, any keyword beside it (`_ValueCheck.nested`: `properties`, `items`,
+    `additionalProperties`, ... and the subschemas they lead to), or None. Each keyword is
+    read only where it is well-formed, and only where the break is certain
     (`_not_multiple`, `_breaks_format`, `_PatternSearch.misses`)."""
     kind = node.get("type")
     kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else None
@@ -388,8 +399,10 @@ def _broken_keyword(value: object, node: dict[str, Any], search: "_PatternSearch
         form, pattern = node.get("format"), node.get("pattern")
         if isinstance(form, str) and _breaks_format(value, form):
             return f"is not of its `format` {_shown(form)}"
-        if isinstance(pattern, str) and search.misses(pattern, value):
+        if isinstance(pattern, str) and check.search.misses(pattern, value):
             return f"does not match its `pattern` {_shown(pattern)}"
+    if isinstance(value, dict | list):
+        return check.nested(value, node)
     return None
 
 
@@ -474,6 +487,108 @@ class _PatternSearch:
         return True
 
 
+class _OutOfTime(Exception):
+    """`_ValueCheck.nested` ran past its deadline."""
+
+
+@dataclass
+class _ValueCheck:
+    """How enum and const values are checked against the keywords beside them: strings
+    against their `pattern` (`_PatternSearch`), objects and arrays against every keyword
+    beside them (`nested`). xgrammar emits an object or array value as it is, reading no
+    keyword beside it: {"type": "object", "properties": {"a": {"type": "integer"}},
+    "const": {"a": "x"}} was answered {"a":"x"}, {"type": "array", "items": {"type":
+    "integer"}, "enum": [[1], ["a"]]} ["a"]."""
+
+    root: dict[str, Any]
+    search: _PatternSearch = field(default_factory=_PatternSearch)
+    deadline: float = 0.0
+    validator: Any = None  # jsonschema's, for the root's draft, built on first use (`_value_validator`)
+
+    def nested(self, value: dict | list, node: dict[str, Any]) -> str | None:
+        """How the object or array `value`, an enum or const value of `node`, certainly
+        breaks the keywords beside it, or None: jsonschema validates it against `node`
+        less its own const and enum (a const beside an enum is `_broken_const`'s), with a
+        `$ref` resolved in the whole schema as `_resolve` reads it (and as xgrammar does),
+        and a `pattern`, `format` or `multipleOf` read as for a string or number value
+        (`_broken_keyword`). Only a certain break counts: `oneOf` is read as `anyOf` (a
+        branch whose pattern search was cut short counts as taking the value), keys under
+        `patternProperties` go unchecked, and so does every value once the checks of one
+        schema have run VALUE_CHECK_SECONDS (an anyOf of anyOfs can take exponential
+        time) or recursed past Python's limit (a $ref cycle)."""
+        if not self.deadline:
+            self.deadline = time.monotonic() + VALUE_CHECK_SECONDS
+        if self.validator is None:
+            self.validator = _value_validator(self)
+        beside = {key: item for key, item in node.items() if key not in ("const", "enum")}
+        try:
+            error = next(iter(self.validator.evolve(schema=beside).iter_errors(value)), None)
+        except Exception:  # _OutOfTime, RecursionError: a check that did not end proves nothing
+            return None
+        if error is None:
+            return None
+        where = "".join(f"/{_escape(str(step))}" for step in error.absolute_path)
+        message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
+        return f"does not validate against the keywords beside it ({f'at {where}: ' if where else ''}{message})"
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
+
+
+def _value_validator(check: _ValueCheck) -> Any:
+    """A jsonschema validator for `check.root`'s draft, with the keywords `nested` reads
+    otherwise: `$ref` through `_resolve`, `pattern`, `format` and `multipleOf` as
+    `_broken_keyword` reads them (certain breaks only), `oneOf` as `anyOf`, and no
+    `patternProperties` (nor `additionalProperties` or `unevaluatedProperties` beside it:
+    which keys it matches is uncertain, and re would search them without a deadline).
+    Types as draft 2020-12 has them (1.0 is an integer: xgrammar emits it as 1)."""
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(check.root, default=jsonschema.Draft202012Validator)
+    error = jsonschema.ValidationError
+
+    def ref(validator: Any, ref: object, instance: object, schema: dict) -> Iterator[Any]:
+        check.tick()
+        target = _resolve(check.root, ref) if isinstance(ref, str) else None
+        if isinstance(target, dict | bool):
+            yield from validator.descend(instance, target)
+
+    def pattern(validator: Any, pattern: object, instance: object, schema: dict) -> Iterator[Any]:
+        if isinstance(pattern, str) and isinstance(instance, str) and check.search.misses(pattern, instance):
+            yield error(f"{_shown(instance)} does not match its `pattern` {_shown(pattern)}")
+
+    def format_(validator: Any, form: object, instance: object, schema: dict) -> Iterator[Any]:
+        if isinstance(form, str) and isinstance(instance, str) and _breaks_format(instance, form):
+            yield error(f"{_shown(instance)} is not of its `format` {_shown(form)}")
+
+    def multiple_of(validator: Any, step: object, instance: object, schema: dict) -> Iterator[Any]:
+        if _is_number(step) and step > 0 and _is_number(instance) and _not_multiple(instance, step):
+            yield error(f"{_shown(instance)} is not a multiple of its `multipleOf` {_shown(step)}")
+
+    def any_of(validator: Any, branches: object, instance: object, schema: dict) -> Iterator[Any]:
+        check.tick()
+        yield from base.VALIDATORS["anyOf"](validator, branches, instance, schema)
+
+    def unless_patterns(keyword: str) -> Callable[..., Iterator[Any]]:
+        def read(validator: Any, value: object, instance: object, schema: dict) -> Iterator[Any]:
+            if "patternProperties" not in schema:
+                yield from base.VALIDATORS[keyword](validator, value, instance, schema)
+
+        return read
+
+    def unchecked(validator: Any, value: object, instance: object, schema: dict) -> Iterator[Any]:
+        return iter(())
+
+    keywords = {"$ref": ref, "pattern": pattern, "format": format_, "multipleOf": multiple_of, "anyOf": any_of,
+                "oneOf": any_of, "patternProperties": unchecked}  # fmt: skip
+    for keyword in ("additionalProperties", "unevaluatedProperties"):
+        if keyword in base.VALIDATORS:
+            keywords[keyword] = unless_patterns(keyword)
+    kind = jsonschema.validators.extend(base, keywords, type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER)
+    return kind(check.root)
+
+
 def _json_equal(first: object, second: object) -> bool:
     """JSON equality as JSON Schema's `const` and `enum` use it: 1 equals 1.0, true equals
     no number, object keys in any order. Iterative: a value may nest as deep as the JSON
@@ -496,12 +611,12 @@ def _json_equal(first: object, second: object) -> bool:
     return True
 
 
-def _broken_const(node: dict[str, Any], search: _PatternSearch) -> str | None:
+def _broken_const(node: dict[str, Any], check: "_ValueCheck") -> str | None:
     """How `node`'s const breaks a keyword beside it, as `_broken_keyword` says it, or
     breaks its `enum`: xgrammar emits the const and reads no enum beside it
     ({"const": "c", "enum": ["a", "b"]} was answered "c")."""
     const = node["const"]
-    reason = _broken_keyword(const, node, search)
+    reason = _broken_keyword(const, node, check)
     values = node.get("enum")
     if reason is None and isinstance(values, list) and not any(_json_equal(const, value) for value in values):
         reason = "is not among its `enum` values"
@@ -526,22 +641,22 @@ class _Contradiction:
     reason: str
 
 
-def _unmatched_values(node: dict[str, Any], search: _PatternSearch) -> tuple[str, _Contradiction] | None:
+def _unmatched_values(node: dict[str, Any], check: "_ValueCheck") -> tuple[str, _Contradiction] | None:
     """Where `node` admits no value because of its `const` or `enum`, as `_failure` says
     it. xgrammar emits a subschema's const (or failing that its enum values) as they are
     and reads no keyword beside them, so one whose values all break its own type or
     bounds ({"type": "integer", "const": "a"}), or a const not among the enum beside it,
     was answered with JSON that breaks it."""
     if "const" in node:
-        reason = _broken_const(node, search)
+        reason = _broken_const(node, check)
         return None if reason is None else (f"`const` {_shown(node['const'])}", _Contradiction(reason))
     values = node.get("enum")
     if not isinstance(values, list):
         return None
     if not values:
         return "`enum`", _Contradiction("is empty")
-    first = _broken_keyword(values[0], node, search)
-    if first is None or any(_broken_keyword(value, node, search) is None for value in values[1:]):
+    first = _broken_keyword(values[0], node, check)
+    if first is None or any(_broken_keyword(value, node, check) is None for value in values[1:]):
         return None
     return "every `enum` value", _Contradiction(f"breaks a keyword beside it (the first, {_shown(values[0])}, {first})")
 
@@ -648,8 +763,11 @@ class _Walk:
     draft04_bound: ApiError | None = None  # the first boolean exclusiveMinimum or exclusiveMaximum
     narrowed: ApiError | None = None  # the first bare object or array schema read through an allOf or a $ref
     key_schemas: set[int] = field(default_factory=set)  # propertyNames subschemas, which xgrammar reads as strings
-    search: _PatternSearch = field(default_factory=_PatternSearch)  # enum and const values against their pattern
+    values: "_ValueCheck" = field(init=False)  # enum and const values against the keywords beside them
     unmatched: dict[int, tuple[str, _Contradiction] | None] = field(default_factory=dict)  # `_unmatched_values`'s
+
+    def __post_init__(self) -> None:
+        self.values = _ValueCheck(self.root)
 
     def schema(self, node: object, pointer: str, depth: int) -> None:
         if not isinstance(node, dict) or id(node) in self.nodes:
@@ -883,9 +1001,9 @@ class _Walk:
         for node, pointer in self.nodes.values():
             for what, where, value in _emitted_values(node, pointer):
                 if what == "`const`":
-                    reason = _broken_const(node, self.search)
+                    reason = _broken_const(node, self.values)
                 else:
-                    reason = _broken_keyword(value, node, self.search)
+                    reason = _broken_keyword(value, node, self.values)
                 if reason is not None:
                     return bad_request(
                         f"{WHERE} allows an answer that does not validate: {what} {_shown(value)} at {where} "
@@ -938,7 +1056,7 @@ class _Walk:
             return child is not False and (not isinstance(child, dict) or id(child) in ok)
 
         if id(node) not in self.unmatched:  # _failure runs again each time a subschema it needs admits a value
-            self.unmatched[id(node)] = _unmatched_values(node, self.search)
+            self.unmatched[id(node)] = _unmatched_values(node, self.values)
         unmatched = self.unmatched[id(node)]
         if unmatched is not None:
             return unmatched

@@ -318,6 +318,112 @@ def test_an_enum_or_const_value_breaking_a_keyword_beside_it_is_refused_naming_i
     assert "admits no JSON value" not in message, message
 
 
+@pytest.mark.parametrize(("schema", "named"), [
+    # xgrammar 0.2.8 emits object and array values as written (compactly), reading no keyword
+    # beside them: it took {"a":"x"}, ["a"], {"b":1}, [1] and {"p":{"a":"x"}} for these
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "const": {"a": "x"}},
+     "admits no JSON value: `const` {\"a\": \"x\"} at # does not validate against the keywords beside it "
+     "(at /a: 'x' is not of type 'integer')"),
+    ({"type": "array", "items": {"type": "integer"}, "enum": [[1], ["a"]]},
+     "`enum` value [\"a\"] at #/enum/1 does not validate against the keywords beside it (at /0: "),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": False, "enum": [{"a": 1}, {"b": 1}]},
+     "`enum` value {\"b\": 1} at #/enum/1 does not validate against the keywords beside it (Additional properties"),
+    ({"type": "array", "prefixItems": [{"type": "string"}], "items": False, "enum": [["a"], [1]]},
+     "`enum` value [1] at #/enum/1 does not validate against the keywords beside it (at /0: 1 is not of type"),
+    ({"type": "object", "properties": {"p": {"type": "object", "properties": {"a": {"$ref": "#/$defs/i"}},
+                                             "const": {"a": "x"}}}, "$defs": {"i": {"type": "integer"}}},
+     "`const` {\"a\": \"x\"} at #/properties/p/const does not validate against the keywords beside it (at /a: "),
+    # a pattern, format or multipleOf deep in the value counts as beside a string or number value
+    ({"type": "object", "additionalProperties": {"type": "string", "pattern": "^a"}, "enum": [{"k": "a"}, {"k": "b"}]},
+     '(at /k: "b" does not match its `pattern` "^a")'),
+    ({"type": "array", "items": {"type": "string", "format": "email"}, "enum": [["a@b.co"], ["a@b.co", "x"]]},
+     '(at /1: "x" is not of its `format` "email")'),
+    ({"type": "array", "items": {"type": ["integer"], "multipleOf": 3}, "enum": [[3], [3, 4]]},
+     "(at /1: 4 is not a multiple of its `multipleOf` 3)"),
+])  # fmt: skip
+def test_an_object_or_array_enum_or_const_value_breaking_the_keywords_beside_it_is_refused_naming_it(schema, named):
+    message = refusal(schema)
+    assert named in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "const": {"a": 1}},
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/i"}}, "$defs": {"i": {"type": "integer"}},
+     "enum": [{"a": 1}, {"a": 2.0}, {}]},
+    {"type": "array", "items": {"type": "string", "pattern": "^a"}, "const": ["ab", "a"]},
+    # oneOf as xgrammar reads it: 1 is taken by both branches, which JSON Schema's oneOf refuses
+    {"type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "const": {"a": 1.5}},
+    # which keys patternProperties match goes unchecked, and so does additionalProperties beside it
+    {"type": ["object"], "patternProperties": {"^a": {"type": "integer"}}, "additionalProperties": False,
+     "const": {"ab": 1}},
+    # draft-07 reads 1.0 as no integer, but xgrammar emits it as 1
+    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {"a": {"type": "integer"}},
+     "const": {"a": 1.0}},
+    # a $ref cycle the value never leaves proves nothing either way
+    {"$defs": {"x": {"anyOf": [{"$ref": "#/$defs/x"}, {"type": "integer"}]}}, "type": "object",
+     "properties": {"p": {"$ref": "#/$defs/x"}}, "const": {"p": 1}},
+])  # fmt: skip
+def test_an_object_or_array_enum_or_const_value_that_validates_passes(schema):
+    check_response_schema(schema)
+
+
+@pytest.mark.parametrize("regex", ["^(a|a)*$", "^(a+)+$"])
+def test_a_nested_value_check_that_backtracks_or_branches_for_hours_ends(regex):
+    """A pattern deep in a value is searched as a string value's is (re would backtrack for
+    hours), and anyOf branches through a $ref, which multiply, run under a deadline."""
+    deep: object = 0
+    for _ in range(60):
+        deep = [deep]
+    branching = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}}] * 2 + [{"type": "string"}]}
+    started = time.monotonic()
+    try:  # a search cut short refuses nothing; one the regex module finishes refuses rightly
+        check_response_schema({"type": "array", "items": {"type": "string", "pattern": regex},
+                               "const": ["a" * 3000 + "b"]})  # fmt: skip
+    except ApiError as exc:
+        assert f"does not match its `pattern` {json.dumps(regex)}" in exc.message, exc.message
+    check_response_schema({"$defs": {"x": branching}, "type": "object", "properties": {"p": {"$ref": "#/$defs/x"}},
+                           "const": {"p": deep}})  # fmt: skip
+    assert time.monotonic() - started < 3
+
+
+OBJECT_SCHEMAS = st.one_of(
+    st.fixed_dictionaries({"type": st.just("object")}, optional={
+        "properties": st.fixed_dictionaries({}, optional={"a": st.sampled_from([{"type": "integer"}, {"type": "string"},
+                                                                                  {"const": 1}, {"type": "array"}]),
+                                                           "b": st.sampled_from([{}, {"type": "integer"}, False])}),
+        "additionalProperties": st.sampled_from([False, True, {"type": "integer"}, {"type": "string"}]),
+        "minProperties": st.integers(0, 2),
+    }),
+    st.fixed_dictionaries({"type": st.just("array")}, optional={
+        "items": st.sampled_from([False, True, {"type": "integer"}, {"type": "string", "pattern": "^a"}]),
+        "prefixItems": st.lists(st.sampled_from([{"type": "integer"}, {"type": "string"}, {"enum": [0, "a"]}]),
+                                min_size=1, max_size=2),
+        "maxItems": st.integers(0, 2),
+    }),
+)  # fmt: skip
+NESTED_VALUES = st.one_of(
+    st.dictionaries(st.sampled_from(["a", "b", "c"]), st.one_of(st.integers(0, 1), st.sampled_from(["a", "b"]),
+                                                                  st.just([])), max_size=3),
+    st.lists(st.one_of(st.integers(0, 1), st.sampled_from(["a", "ab", "b"])), max_size=3),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OBJECT_SCHEMAS, st.lists(NESTED_VALUES, min_size=1, max_size=3), st.booleans())
+def test_object_and_array_values_are_refused_exactly_when_one_emitted_does_not_validate(schema, values, optional):
+    """Against jsonschema: an object or array enum value is refused (naming it) exactly
+    when it breaks the keywords beside it, down to its items and properties."""
+    schema = {**schema, "enum": values}
+    valid = [Draft202012Validator(schema).is_valid(value) for value in values]
+    try:
+        check_response_schema({"type": "object", "properties": {"p": schema}} if optional else schema)
+    except ApiError as exc:
+        assert not all(valid), exc.message
+        assert "the structured-output backend would answer it" in exc.message or "admits no JSON value" in exc.message
+    else:
+        assert all(valid)
+
+
 @pytest.mark.parametrize("schema", [
     # JSON Schema's pattern is an unanchored search
     {"type": "string", "pattern": "a", "const": "bab"},
@@ -657,6 +763,19 @@ def test_xgrammar_ignores_the_refused_multipleofs_and_enforces_the_others(gramma
     assert not xgrammar_accepts(grammar_compiler, MULTIPLE_OF_ENFORCED[0], "4")
     for enforced in MULTIPLE_OF_ENFORCED[1:]:
         assert not xgrammar_accepts(grammar_compiler, enforced, _non_multiple(enforced)), enforced
+
+
+@pytest.mark.parametrize(("schema", "answer"), [
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "const": {"a": "x"}}, '{"a":"x"}'),
+    ({"type": "array", "items": {"type": "integer"}, "enum": [[1], ["a"]]}, '["a"]'),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": False, "const": {"b": 1}}, '{"b":1}'),
+    (required_object({"p": {"type": "array", "prefixItems": [{"type": "string"}], "items": False, "const": [1]}}),
+     '{"p": [1]}'),
+])  # fmt: skip
+def test_xgrammar_emits_object_and_array_values_reading_no_keyword_beside_them(grammar_compiler, schema, answer):
+    """What the refusal of such values rests on."""
+    assert xgrammar_accepts(grammar_compiler, schema, answer)
+    assert not Draft202012Validator(schema).is_valid(json.loads(answer))
 
 
 class Shade(enum.Enum):

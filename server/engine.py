@@ -123,7 +123,8 @@ def engine_args(settings: Settings):
         # is rarely sent twice; when it is, prefix caching still skips the repeated prefill.
         mm_processor_cache_gb=0,
         # response_format: no optional whitespace (xgrammar still puts one space after each
-        # `,` and `:`). With whitespace allowed between tokens a model can
+        # `,` and `:`, and none inside an object or array a const or enum gives, which it
+        # writes compactly). With whitespace allowed between tokens a model can
         # pad forever ("{\r\r\r...") and never close the object within max_tokens.
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         **({"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {}),

@@ -778,6 +778,19 @@ def test_xgrammar_emits_object_and_array_values_reading_no_keyword_beside_them(g
     assert not Draft202012Validator(schema).is_valid(json.loads(answer))
 
 
+def test_xgrammar_writes_const_and_enum_objects_and_arrays_compactly(grammar_compiler):
+    """docs/gateway.md's word on whitespace: one space after each `,` and `:`, none inside
+    an object or array a const or enum gives (re-serialized, 17 significant digits)."""
+    schema = required_object({"p": {"const": {"a": 1, "b": [1, 2]}}, "q": {"type": "array", "items": {}}})
+    assert xgrammar_accepts(grammar_compiler, schema, '{"p": {"a":1,"b":[1,2]}, "q": [1, 2]}')
+    assert not xgrammar_accepts(grammar_compiler, schema, '{"p": {"a": 1, "b": [1, 2]}, "q": [1, 2]}')
+    numbers = {"enum": [0.1, 100.0, {"x": 1.5}]}
+    for answer in ["0.10000000000000001", "100", '{"x":1.5}']:
+        assert xgrammar_accepts(grammar_compiler, numbers, answer), answer
+    for answer in ["0.1", "100.0", '{"x": 1.5}']:
+        assert not xgrammar_accepts(grammar_compiler, numbers, answer), answer
+
+
 class Shade(enum.Enum):
     LIGHT = "light"
     DARK = "dark"

@@ -30,8 +30,10 @@ With a 151936-token vocabulary each `.` or negated-class position costs far more
 String, array and object lengths (`maxLength`, `minItems`, `maxProperties`, ...) are not
 written out: xgrammar keeps them as counted grammar repeats, and with the tiny tokenizer
 their compile time stays flat from 128 to 10**9 (0.05-0.13 s). With the 151936-token
-vocabulary a `maxLength` costs like a `.` pattern (16: 3.6 s, 40: 11 s, 128: 45 s, 10**5:
-60 s, load 4-12); ordinary schemas use it, so it is not bounded here.
+vocabulary a `maxLength` costs like a `.` pattern there (16: 3.6 s, 40: 11 s, 128: 45 s,
+10**5: 60 s, load 4-12), but on an H200 serving host (16 cores, vLLM's 8 compile threads)
+16: 0.14 s, 128: 1.2 s, 1000 and 10**5: 1.9 s (benchmarks/results/2026-12-04-h200-lease-f):
+bounded in practice, and ordinary schemas use it, so it is not bounded here.
 
 Numbers: vLLM's msgpack encoder raises on an integer outside [-2**63, 2**64 - 1] (our
 500), and xgrammar's JSON reader holds integers in 64 bits: 9223372036854775807 is exact,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mdlserve.server.batch.items import AudioRef, BadRow, BatchItem, RowError, question
 from mdlserve.server.batch.presets import PresetError, instruction
@@ -190,7 +190,7 @@ def _csv_rows(spec: InputSpec) -> Iterator[Row]:
                 error = RowError("invalid_csv", f"row {number} (line {reader.line_num}) {problem}")
                 yield BadRow(f"row-{number}", {"id": f"row-{number}"}, error)
                 continue
-            yield _manifest_row(spec, number, fields)
+            yield _manifest_row(spec, number, fields, strict=False)
 
 
 def _manifest_rows(spec: InputSpec) -> Iterator[Row]:
@@ -238,39 +238,54 @@ def audio_ref(value: str, root: Path, param: str = "audio") -> AudioRef:
     return AudioRef("path", str(path if path.is_absolute() else root / path), param)
 
 
-def _manifest_row(spec: InputSpec, number: int, row: dict) -> Row:
-    row_id = str(row.get("id", f"row-{number}"))
+class ManifestColumns(BaseModel):
+    """The columns a manifest row is read by, besides the sampling ones (the others are
+    copied to the output as they are). Strict, as the gateway's JSON bodies are: `"id": null`,
+    `"prompt": 5` or `"lang": false` fail by name, not read as "None", "5" or the default."""
+
+    model_config = ConfigDict(strict=True)
+
+    id: str = ""  # only a row's own id is validated: null is not one
+    audio: str | None = None
+    prompt: str | None = None
+    task: str | None = None
+    lang: str | None = None
+
+
+def _manifest_row(spec: InputSpec, number: int, row: dict, strict: bool = True) -> Row:
+    """`strict`: JSON's types are checked as the gateway checks a JSON body's (`"max_tokens":
+    true` or `"3"` fails); a CSV row's values are all text and are converted, as a form's are."""
+    row_id = row["id"] if isinstance(row.get("id"), str) else f"row-{number}"
     source = {**row, "id": row_id}
     try:
-        audio = row.get("audio")
-        if not isinstance(audio, str) or not audio:
+        columns = validated(ManifestColumns, row)
+        if not columns.audio:
             raise RowError("invalid_row", f"row {number} has no audio (a path or URL in the 'audio' column)")
-        prompt, max_tokens = _row_prompt(spec, row)
-        sampling = _row_sampling(spec, row, max_tokens)
+        prompt, max_tokens = _row_prompt(spec, columns)
+        sampling = _row_sampling(spec, row, max_tokens, strict)
         messages = question(prompt)
     except RowError as exc:
         return BadRow(row_id, source, exc)
     source["prompt"] = prompt
-    return BatchItem(row_id, source, messages, sampling, audio_ref(audio, spec.root()))
+    return BatchItem(row_id, source, messages, sampling, audio_ref(columns.audio, spec.root()))
 
 
-def _row_prompt(spec: InputSpec, row: dict) -> tuple[str, int]:
+def _row_prompt(spec: InputSpec, columns: ManifestColumns) -> tuple[str, int]:
     try:
-        prompt = str(row["prompt"]) if row.get("prompt") else None
-        return spec.default_prompt(row.get("task"), row.get("lang"), prompt)
+        return spec.default_prompt(columns.task, columns.lang, columns.prompt)
     except PresetError as exc:
         raise RowError("invalid_task", str(exc)) from None
 
 
-def _row_sampling(spec: InputSpec, row: dict, default_max_tokens: int) -> SamplingFields:
+def _row_sampling(spec: InputSpec, row: dict, default_max_tokens: int, strict: bool = True) -> SamplingFields:
     fields = {"max_tokens": default_max_tokens, **(spec.sampling or {})}
     fields.update({k: row[k] for k in SAMPLING_COLUMNS if row.get(k) not in (None, "")})
-    return validated(SamplingFields, fields)
+    return validated(SamplingFields, fields, strict=strict)
 
 
-def validated(model: type[BaseModel], data: dict, root: str = ""):
+def validated(model: type[BaseModel], data: dict, root: str = "", strict: bool | None = None):
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         path, message = validation_problems(exc.errors(), data, root)[0]
         raise RowError("invalid_row", f"{path or 'row'}: {message}") from None
@@ -280,6 +295,8 @@ def validated(model: type[BaseModel], data: dict, root: str = ""):
 
 
 class BatchRequestLine(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     custom_id: str
     method: str
     url: str
@@ -288,7 +305,11 @@ class BatchRequestLine(BaseModel):
 
 class BatchTranscriptionBody(TranscriptionForm):
     """A transcription request in a batch file: the audio as `file_url` (vLLM run-batch's
-    shape: http(s), data: or file:// URL, or a path) instead of a multipart upload."""
+    shape: http(s), data: or file:// URL, or a path) instead of a multipart upload. Strict, as
+    the gateway's JSON bodies are (the form it extends converts text: `"stream": "true"`,
+    `"max_completion_tokens": true` would be read as true and 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     file: None = Field(None, exclude=True)
     file_url: str
@@ -306,7 +327,8 @@ def _openai_rows(spec: InputSpec) -> Iterator[Row]:
         if isinstance(line, BadRow):
             yield line
             continue
-        row_id = str(line.get("custom_id") or f"line-{number}")
+        custom_id = line.get("custom_id")
+        row_id = custom_id if isinstance(custom_id, str) and custom_id else f"line-{number}"
         try:
             request = validated(BatchRequestLine, line)
             yield _openai_item(spec, request, line)
@@ -365,6 +387,18 @@ def dasheng_id(row: dict) -> str:
     return f"{row.get('dataset_name', '')}:{row.get('audio', '')}:{row.get('prompt', '')}"
 
 
+class DashengColumns(BaseModel):
+    """The fields of their rows the job reads (`text`, the reference, is only copied): strict,
+    as ManifestColumns; a null dataset_name is not one (it would be the id's "None")."""
+
+    model_config = ConfigDict(strict=True)
+
+    dataset_name: str = ""
+    audio: str | None = None
+    lang: str | None = None
+    prompt: str | None = None
+
+
 def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
     for number, row in _json_lines(spec.input):
         if isinstance(row, BadRow):
@@ -372,11 +406,12 @@ def _dasheng_rows(spec: InputSpec) -> Iterator[Row]:
             continue
         source = dict(row)
         try:
-            if not row.get("prompt"):
-                source["prompt"] = spec.default_prompt(lang=row.get("lang") or None)[0]
-            max_tokens = spec.default_prompt(lang=row.get("lang") or None, prompt=source["prompt"])[1]
-            audio = row.get("audio")
-            if not isinstance(audio, str) or not audio:
+            columns = validated(DashengColumns, row)
+            if not columns.prompt:
+                source["prompt"] = spec.default_prompt(lang=columns.lang or None)[0]
+            max_tokens = spec.default_prompt(lang=columns.lang or None, prompt=source["prompt"])[1]
+            audio = columns.audio
+            if not audio:
                 raise RowError("invalid_row", f"line {number} has no audio file name")
             sampling = _row_sampling(spec, {}, max_tokens)
             messages = question(source["prompt"])

@@ -272,7 +272,7 @@ def test_ids_and_rows_with_lone_surrogates_are_written_and_resumed(tmp_path):
     assert again == [] and counts.done_before == 1
 
 
-def test_a_lang_that_is_not_a_string_is_an_invalid_task_row(tmp_path):
+def test_a_lang_that_is_not_a_string_is_an_invalid_row(tmp_path):
     """{"task": "asr", "lang": 5} raised AttributeError ('int' object has no attribute 'lower')
     in the reader thread, which ended the job."""
     from mdlserve.server.batch.inputs import InputSpec, read_rows
@@ -282,6 +282,69 @@ def test_a_lang_that_is_not_a_string_is_an_invalid_task_row(tmp_path):
     manifest.write_text(json.dumps({"id": "n", "audio": "n.wav", "task": "asr", "lang": 5}) + "\n"
                         + json.dumps({"id": "ok", "audio": "ok.wav", "task": "asr", "lang": "zh"}) + "\n")  # fmt: skip
     rows = {row.id: row for row in read_rows(InputSpec(str(manifest)))}
-    assert isinstance(rows["n"], BadRow) and rows["n"].error.code == "invalid_task"
-    assert rows["n"].error.message == "unknown asr language 5; an ISO-639-1 code such as en or zh"
+    assert isinstance(rows["n"], BadRow) and rows["n"].error.code == "invalid_row"
+    assert rows["n"].error.message == "lang: Input should be a valid string"
     assert not isinstance(rows["ok"], BadRow)
+
+
+def test_fields_of_the_wrong_json_type_are_error_rows_naming_the_field(tmp_path):
+    """Typed as the gateway types a JSON body: `"id": null` was the id "None", `"prompt": 5`
+    the prompt "5", `"task": 0` the default task, `"max_tokens": true` 1 and an OpenAI
+    transcription body's `"stream": "false"` true; a CSV row's text is still converted."""
+    from mdlserve.server.batch.inputs import InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    def errors(name: str, lines: list, format: str = "auto") -> dict:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return {row.id: (row.error.code, row.error.message) if isinstance(row, BadRow) else None
+                for row in read_rows(InputSpec(str(path), format=format))}  # fmt: skip
+
+    def expected(*problems: str) -> tuple:
+        return ("invalid_row", *problems)
+
+    manifest = [{"id": None, "audio": "a.wav"}, {"id": 7, "audio": "a.wav"}, {"id": "audio", "audio": 5},
+                {"id": "prompt", "audio": "a.wav", "prompt": 5}, {"id": "prompt-0", "audio": "a.wav", "prompt": 0},
+                {"id": "task", "audio": "a.wav", "task": 0}, {"id": "lang", "audio": "a.wav", "lang": False},
+                {"id": "bool", "audio": "a.wav", "max_tokens": True}, {"id": "text", "audio": "a.wav", "seed": "3"},
+                {"id": "float", "audio": "a.wav", "min_tokens": 2.0}, {"id": "top-p", "audio": "a.wav", "top_p": True},
+                {"id": "fine", "audio": "a.wav", "prompt": None, "max_tokens": 3, "temperature": 1, "ref": 5}]  # fmt: skip
+    assert errors("m.jsonl", manifest) == {
+        "row-1": expected("id: Input should be a valid string"), "row-2": expected("id: Input should be a valid string"),
+        "audio": expected("audio: Input should be a valid string"),
+        "prompt": expected("prompt: Input should be a valid string"),
+        "prompt-0": expected("prompt: Input should be a valid string"),
+        "task": expected("task: Input should be a valid string"), "lang": expected("lang: Input should be a valid string"),
+        "bool": expected("max_tokens: Input should be a valid integer"),
+        "text": expected("seed: Input should be a valid integer"),
+        "float": expected("min_tokens: Input should be a valid integer"),
+        "top-p": expected("top_p: Input should be a valid number"), "fine": None,
+    }  # fmt: skip
+    (tmp_path / "m.csv").write_text("id,audio,max_tokens,temperature\nc,c.wav,3,0.5\n")
+    assert [row.sampling.max_tokens for row in read_rows(InputSpec(str(tmp_path / "m.csv")))] == [3]
+
+    def request(custom_id, **body):
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/audio/transcriptions",
+                "body": {"model": "m", "file_url": "a.wav", **body}}  # fmt: skip
+
+    openai = [request(5), request(None), request("stream", stream="false"), request("bool", max_completion_tokens=True),
+              request("text", temperature="0.5"), {**request("method"), "method": 1}, request("fine", seed=3)]  # fmt: skip
+    assert errors("o.jsonl", openai) == {
+        "line-1": expected("custom_id: Input should be a valid string"),
+        "line-2": expected("custom_id: Input should be a valid string"),
+        "stream": expected("body.stream: Input should be a valid boolean"),
+        "bool": expected("body.max_completion_tokens: Input should be a valid integer"),
+        "text": expected("body.temperature: Input should be a valid number"),
+        "method": expected("method: Input should be a valid string"), "fine": None,
+    }  # fmt: skip
+
+    dasheng = [{"dataset_name": None, "audio": "a.wav"}, {"dataset_name": "D", "audio": 5},
+               {"dataset_name": "D", "audio": "a.wav", "prompt": 0}, {"dataset_name": "D", "audio": "b.wav", "lang": 5},
+               {"dataset_name": "D", "audio": "c.wav", "lang": "", "text": "a dog"}]  # fmt: skip
+    assert errors("d.jsonl", dasheng, "dasheng-eval") == {
+        "None:a.wav:": expected("dataset_name: Input should be a valid string"),
+        "D:5:": expected("audio: Input should be a valid string"),
+        "D:a.wav:0": expected("prompt: Input should be a valid string"),
+        "D:b.wav:": expected("lang: Input should be a valid string"),
+        "D:c.wav:Write an audio caption describing the sound": None,
+    }  # fmt: skip

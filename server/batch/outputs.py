@@ -1,7 +1,8 @@
 """Output rows in each input kind's shape, and the append-only, resumable output file.
 
-Crash safety: every row is written whole and flushed before the next; a rerun first cuts
-a torn last line (a kill in the middle of a write), then skips every id already present.
+Crash safety: every row is written whole and flushed before the next; a rerun first checks
+that every line is a row (a file that is not a batch output is refused, not changed), then
+cuts a torn last line (a kill in the middle of a write) and skips every id already present.
 """
 
 import json
@@ -143,17 +144,18 @@ class OutputFileError(ValueError):
 
 
 def output_rows(path: Path, skip_torn: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, row) of an output file, streamed; `skip_torn`: without a torn last line."""
+    """(line number, row) of an output file, streamed; `skip_torn`: without a torn last line,
+    which must be the start of a row (`{`): a text file's last line is not taken for one."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip() or (skip_torn and not line.endswith("\n")):
+            if not line.strip() or (skip_torn and not line.endswith("\n") and line.startswith("{")):
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise OutputFileError(
-                    f"{path}:{number} is not a JSON row; is this the output of a batch job?"
-                ) from None
+                row = None
+            if not isinstance(row, dict):
+                raise OutputFileError(f"{path}:{number} is not a JSON row; is this the output of a batch job?")
             yield number, row
 
 
@@ -198,15 +200,19 @@ class ResultWriter:
     def _open(self, retry_errors: bool, read_only: bool) -> None:
         path, fmt = self.path, self.format
         if path.exists():
-            if not read_only:
-                self.torn_bytes = cut_torn_line(path)
-            if retry_errors and not read_only:
-                self.errors_dropped = self._drop_error_rows()
-            for number, row in output_rows(path, skip_torn=read_only):
+            # Every row is checked before the torn line is cut or the error rows dropped: a
+            # file that is not a batch output is refused as it is.
+            retry = retry_errors and not read_only
+            for number, row in output_rows(path, skip_torn=True):
                 row_id = fmt.row_id(row)
                 if row_id is None:
                     raise OutputFileError(f"{path}:{number} has no row id; is this the output of this input kind?")
-                self.done.add(id_hash(str(row_id)))
+                if not (retry and fmt.is_error(row)):  # dropped below: run again
+                    self.done.add(id_hash(str(row_id)))
+            if not read_only:
+                self.torn_bytes = cut_torn_line(path)
+            if retry:
+                self.errors_dropped = self._drop_error_rows()
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the job, closed by close())

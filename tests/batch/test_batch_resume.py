@@ -192,6 +192,24 @@ def test_input_or_output_that_cannot_be_used_exit_2(clips_dir, tmp_path):
     assert foreign.read_text() == "hello\n"
 
 
+def test_an_output_that_is_not_a_batch_output_exits_2_before_anything_is_cut(clips_dir, tmp_path, capsys):
+    """The torn-line repair ran before the output was checked: a text file without a final
+    newline lost its last line, and a one-line one was emptied and then written into. A JSON
+    line that is not an object raised AttributeError. Now every line is checked first; only a
+    last line that can be the start of a row (`{`) is taken for a torn one."""
+    cases = {"notes.txt": ("first line\nlast line", 1), "one-line.txt": ("hello", 1),
+             "torn-text.jsonl": ('{"id": "a"}\nlast line', 2), "not-an-object.jsonl": ('{"id": "a"}\n5\n', 2),
+             "torn-not-an-object.jsonl": ('{"id": "a"}\n[1]', 2)}  # fmt: skip
+    for name, (text, line) in cases.items():
+        output = tmp_path / name
+        output.write_text(text)
+        for dry_run in (False, True):
+            code, summary, err = _run_batch(capsys, clips_dir / "a", output, dry_run=dry_run)
+            expected = f"{output}:{line} is not a JSON row; is this the output of a batch job?"
+            assert (code, summary["error"]) == (2, expected), name
+            assert output.read_text() == text and "Traceback" not in err, name
+
+
 def _run_batch(capsys, input, output, **options) -> tuple[int, dict, str]:
     """`run_batch` in this process (a usage error comes before any settings or engine)."""
     from mdlserve.server.batch.options import BatchOptions

@@ -125,16 +125,21 @@ def text_lines(path: str) -> Iterator[str]:
 # ---------------------------------------------------------------- files
 
 
-def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str]]:
-    """(id, path): relative paths under a folder (sorted per directory), or glob matches."""
+def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str] | OSError]:
+    """(id, path): relative paths under a folder (sorted per directory), or glob matches; the
+    OSError of a folder that could not be listed, where it was met in the walk."""
     if Path(spec.input).is_dir():
         root = Path(spec.input)
-        for folder, dirs, files in os.walk(root):
+        unreadable: list[OSError] = []  # os.walk reports a folder it cannot list here, and goes on
+        for folder, dirs, files in os.walk(root, onerror=unreadable.append):
+            yield from unreadable
+            unreadable.clear()
             dirs.sort()
             for name in sorted(files):
                 if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
                     path = Path(folder) / name
                     yield path.relative_to(root).as_posix(), str(path)
+        yield from unreadable
         return
     for match in glob.iglob(spec.input, recursive=True):
         if Path(match).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(match):
@@ -150,10 +155,26 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
     except RowError as exc:
         raise InputError(f"--{exc.message}") from None  # "--prompt: ...": the flag it came from
     sampling = SamplingFields.model_validate({"max_tokens": max_tokens, **(spec.sampling or {})})
-    for row_id, path in _audio_files(spec):
+    for found in _audio_files(spec):
+        if isinstance(found, OSError):
+            yield _unreadable_folder(spec, found)
+            continue
+        row_id, path = found
         yield BatchItem(
             row_id, {"id": row_id, "audio": path, "prompt": prompt}, messages, sampling, AudioRef("path", path)
         )
+
+
+def _unreadable_folder(spec: InputSpec, exc: OSError) -> BadRow:
+    """A folder under the input that cannot be listed (permission denied) is an error row, its
+    relative path and "/" the id, so that its missing files are seen; the input itself: exit 2."""
+    path = Path(exc.filename if exc.filename is not None else spec.input)
+    if path == Path(spec.input):
+        raise InputError(f"cannot read the input {spec.input}: {exc.strerror or exc}")
+    row_id = path.relative_to(spec.input).as_posix() + "/"
+    problem = exc.strerror or exc
+    error = RowError("unreadable_folder", f"cannot read the folder {path}: {problem} (its files are not listed)")
+    return BadRow(row_id, {"id": row_id, "audio": str(path)}, error)
 
 
 # ---------------------------------------------------------------- manifests

@@ -348,3 +348,37 @@ def test_fields_of_the_wrong_json_type_are_error_rows_naming_the_field(tmp_path)
         "D:b.wav:": expected("lang: Input should be a valid string"),
         "D:c.wav:Write an audio caption describing the sound": None,
     }  # fmt: skip
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_row_and_the_input_folder_exits_2(tmp_path, monkeypatch):
+    """os.walk skipped a subfolder it could not list (permission denied): its clips were
+    missing from the output without a word. os.scandir is made to fail as chmod 000 would
+    for another user (tests may run as root, whom chmod does not stop)."""
+    import errno
+
+    from mdlserve.server.batch.inputs import InputError, InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    folder = tmp_path / "clips"
+    for name in ("a/x.wav", "locked/y.wav", "locked/deeper/z.wav", "z.wav"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"RIFF")
+    locked = {str(folder / "locked")}
+    scandir = os.scandir
+
+    def failing_scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing_scandir)
+    rows = list(read_rows(InputSpec(str(folder))))
+    assert [row.id for row in rows] == ["z.wav", "a/x.wav", "locked/"]
+    bad = rows[2]
+    assert isinstance(bad, BadRow) and bad.source == {"id": "locked/", "audio": str(folder / "locked")}
+    assert (bad.error.code, bad.error.message) == (
+        "unreadable_folder", f"cannot read the folder {folder / 'locked'}: Permission denied (its files are not listed)")
+
+    locked.add(str(folder))
+    with pytest.raises(InputError, match=f"^cannot read the input {folder}: Permission denied$"):
+        list(read_rows(InputSpec(str(folder))))

@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int | None = Field(
         None,
         ge=1,
-        description="tokens per engine step (default: vllm.LLM's for the hardware, 16384 on an H100/H200; "
-        "at most max-num-seqs x max-model-len)",
+        description="tokens per engine step (default: vllm.LLM's for the hardware: 16384 on an H100/H200, 8192 "
+        "on other GPUs, 4096 on a CPU; at least one clip of max-audio-seconds; at most max-num-seqs x "
+        "max-model-len)",
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the model is sharded over")

@@ -34,7 +34,7 @@ def instruction(task: str | None, lang: str | None = None, prompt: str | None = 
     if prompt and QUESTION_SLOT not in TASK_PROMPTS[chosen]:
         return prompt, max_tokens
     if chosen is Task.asr:
-        if lang and (not isinstance(lang, str) or lang.lower() not in ISO_639_1):  # a manifest's lang may be 5
+        if lang and lang.lower() not in ISO_639_1:
             raise PresetError(f"unknown asr language {lang!r}; an ISO-639-1 code such as en or zh")
         return asr_instruction((lang or "en").lower()), max_tokens
     try:

@@ -126,15 +126,18 @@ def test_concurrent_requests_spread_over_both_replicas(dp_server):
 
 @pytest.mark.slow
 def test_one_replica_dying_is_engine_death(dp_server):
-    """SIGKILL of EngineCore_DP1 takes the whole AsyncLLM down (vLLM's DP): streams that
-    were generating end with an engine_unavailable error event instead of finishing,
-    readiness is no longer 200 and the process exits non-zero for the orchestrator to
-    restart it. The kill comes once every stream has its first token, with ~1900 tokens
-    still to go, so no stream can finish first however fast the machine is. There are only
-    as many streams as one replica runs at once: vLLM's balancer works from request counts
-    the coordinator reports now and then, so it may put several on one replica, and a
-    stream queued behind two 1900-token ones would get its first token only once they had
-    finished normally."""
+    """SIGKILL of one replica's engine core takes the whole AsyncLLM down (vLLM's DP): streams
+    that replica was generating end with an engine_unavailable error event instead of
+    finishing, readiness is no longer 200 and the process exits non-zero for the orchestrator
+    to restart it. The kill comes once every stream has its first token, with ~1900 tokens
+    still to go, and goes to a replica the per-replica running gauge shows busy: vLLM's
+    balancer may put every stream on one replica, and a stream on the replica that lives on
+    may legitimately finish while vLLM's client shuts the survivor down (seconds on a busy
+    CPU). So every stream ends (none hangs), each either with engine_unavailable or with its
+    whole answer (finish_reason "length"), never cut short behind a [DONE], and at least one
+    (the dead replica's) with engine_unavailable. There are only as many streams as one
+    replica runs at once: a stream queued behind two 1900-token ones would get its first
+    token only once they had finished normally."""
     url = dp_server.url
     streams = MAX_NUM_SEQS
 
@@ -152,12 +155,24 @@ def test_one_replica_dying_is_engine_death(dp_server):
                             started.set()
         return events
 
+    async def busy_replica(client: httpx.AsyncClient) -> int:
+        """The replica running the most streams, once the gauges account for all of them (a
+        replica's stats arrive with its next output batch)."""
+        deadline, running = time.monotonic() + DEATH_NOTICE_S, [0] * REPLICAS
+        while time.monotonic() < deadline:
+            text = (await client.get(url + "/metrics")).text
+            running = [metric(text, "mdl_engine_running_requests", replica=str(r)) for r in range(REPLICAS)]
+            if sum(running) == streams:
+                return running.index(max(running))
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"running gauges {running} never added up to {streams} streams")
+
     async def run():
         async with httpx.AsyncClient(timeout=300) as client:
             started, counter = asyncio.Event(), [0]
             in_flight = [asyncio.create_task(stream(client, started, counter)) for _ in range(streams)]
             await asyncio.wait_for(started.wait(), timeout=300)
-            replica_core(dp_server.process.pid, 1).send_signal(signal.SIGKILL)
+            replica_core(dp_server.process.pid, await busy_replica(client)).send_signal(signal.SIGKILL)
             killed_at, ready = time.monotonic(), 200
             while time.monotonic() - killed_at < DEATH_NOTICE_S and ready == 200:
                 try:
@@ -169,8 +184,9 @@ def test_one_replica_dying_is_engine_death(dp_server):
 
     ready, outcomes = asyncio.run(run())
     assert ready != 200
-    for events in outcomes:  # every stream ended (none hung), none finished normally
+    for events in outcomes:  # every stream ended (none hung), none cut short
         assert isinstance(events, list), repr(events)
-        assert events[-1] != "data: [DONE]" or any("engine_unavailable" in e for e in events), events[-3:]
+        whole = any('"finish_reason":"length"' in e for e in events) and events[-1] == "data: [DONE]"
+        assert whole or any("engine_unavailable" in e for e in events), events[-3:]
     assert any(any("engine_unavailable" in e for e in events) for events in outcomes), [o[-2:] for o in outcomes]
     assert dp_server.process.wait(timeout=EXIT_WAIT_S) not in (0, None)

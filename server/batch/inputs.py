@@ -9,12 +9,13 @@
 """
 
 import csv
-import glob
+import errno
+import fnmatch
 import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -81,7 +82,9 @@ def detect_format(path: str) -> str:
     cannot be peeked at: it is a JSONL manifest unless --format says otherwise)."""
     if path == STDIN:
         return "jsonl"
-    if Path(path).is_dir() or GLOB_CHARS & set(path):
+    # os.path.isdir, not Path.is_dir: a glob under a folder that may not be looked into is
+    # not a folder (Path.is_dir raised PermissionError on it)
+    if os.path.isdir(path) or GLOB_CHARS & set(path):
         return "files"
     if path.lower().endswith(".csv"):
         return "csv"
@@ -125,29 +128,57 @@ def text_lines(path: str) -> Iterator[str]:
 # ---------------------------------------------------------------- files
 
 
-def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str] | OSError]:
-    """(id, path): relative paths under a folder (sorted per directory), or glob matches; the
-    OSError of a folder that could not be listed, where it was met in the walk."""
-    if Path(spec.input).is_dir():
+@dataclass
+class Unlisted:
+    """A folder under the input that could not be listed: its row id (its path as the walk or
+    the glob spells it, and "/"), its path, and why."""
+
+    id: str
+    path: str
+    error: OSError
+
+
+def _audio_files(spec: InputSpec) -> Iterator[tuple[str, str] | Unlisted]:
+    """(id, path): relative paths under a folder (sorted per directory), or glob matches; an
+    Unlisted for a folder that could not be listed, where it was met. The input folder (or the
+    folder a glob starts from) that cannot be listed is an InputError."""
+    if os.path.isdir(spec.input):
         root = Path(spec.input)
         unreadable: list[OSError] = []  # os.walk reports a folder it cannot list here, and goes on
         for folder, dirs, files in os.walk(root, onerror=unreadable.append):
-            yield from unreadable
+            yield from (_unlisted_folder(spec, root, exc) for exc in unreadable)
             unreadable.clear()
             dirs.sort()
             for name in sorted(files):
                 if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
                     path = Path(folder) / name
                     yield path.relative_to(root).as_posix(), str(path)
-        yield from unreadable
+        yield from (_unlisted_folder(spec, root, exc) for exc in unreadable)
         return
-    for match in glob.iglob(spec.input, recursive=True):
-        if Path(match).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(match):
+    base = glob_base(spec.input)
+    for match in iglob(spec.input):
+        if isinstance(match, OSError):
+            yield _unlisted_glob_folder(spec, base, match)
+        elif Path(match).suffix.lower() in AUDIO_EXTENSIONS and os.path.isfile(match):
             yield match, match
 
 
+def _unlisted_folder(spec: InputSpec, root: Path, exc: OSError) -> Unlisted:
+    path = Path(exc.filename if exc.filename is not None else root)
+    if path == root:
+        raise InputError(f"cannot read the input {spec.input}: {exc.strerror or exc}")
+    return Unlisted(path.relative_to(root).as_posix() + "/", str(path), exc)
+
+
+def _unlisted_glob_folder(spec: InputSpec, base: str, exc: OSError) -> Unlisted:
+    path = os.fspath(exc.filename)
+    if os.path.normpath(path) == os.path.normpath(base or os.curdir):  # nothing of the glob can be listed
+        raise InputError(f"cannot read the input {spec.input}: {exc.strerror or exc} ({path})")
+    return Unlisted(path if path.endswith("/") else path + "/", path, exc)
+
+
 def _file_rows(spec: InputSpec) -> Iterator[Row]:
-    if spec.input == STDIN or not (Path(spec.input).is_dir() or GLOB_CHARS & set(spec.input)):
+    if spec.input == STDIN or not (os.path.isdir(spec.input) or GLOB_CHARS & set(spec.input)):
         raise InputError(f"--format files needs a folder or a glob pattern, got {spec.input}")
     prompt, max_tokens = spec.default_prompt()
     try:
@@ -156,8 +187,8 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
         raise InputError(f"--{exc.message}") from None  # "--prompt: ...": the flag it came from
     sampling = SamplingFields.model_validate({"max_tokens": max_tokens, **(spec.sampling or {})})
     for found in _audio_files(spec):
-        if isinstance(found, OSError):
-            yield _unreadable_folder(spec, found)
+        if isinstance(found, Unlisted):
+            yield _unreadable_folder(found)
             continue
         row_id, path = found
         yield BatchItem(
@@ -165,16 +196,148 @@ def _file_rows(spec: InputSpec) -> Iterator[Row]:
         )
 
 
-def _unreadable_folder(spec: InputSpec, exc: OSError) -> BadRow:
-    """A folder under the input that cannot be listed (permission denied) is an error row, its
-    relative path and "/" the id, so that its missing files are seen; the input itself: exit 2."""
-    path = Path(exc.filename if exc.filename is not None else spec.input)
-    if path == Path(spec.input):
-        raise InputError(f"cannot read the input {spec.input}: {exc.strerror or exc}")
-    row_id = path.relative_to(spec.input).as_posix() + "/"
-    problem = exc.strerror or exc
-    error = RowError("unreadable_folder", f"cannot read the folder {path}: {problem} (its files are not listed)")
-    return BadRow(row_id, {"id": row_id, "audio": str(path)}, error)
+def _unreadable_folder(folder: Unlisted) -> BadRow:
+    """A folder under the input that cannot be listed (permission denied) is an error row, so
+    that its missing files are seen (the input folder itself is exit 2)."""
+    problem = folder.error.strerror or folder.error
+    error = RowError("unreadable_folder", f"cannot read the folder {folder.path}: {problem} (its files are not listed)")
+    return BadRow(folder.id, {"id": folder.id, "audio": folder.path}, error)
+
+
+# ---------------------------------------------------------------- globs
+
+# What glob.iglob meets as a matter of course and passes over: a path of the pattern that is
+# not there or not a folder ("**" tries to list every file), a symlink loop under "**".
+GLOB_QUIET_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG))
+
+
+def glob_base(pattern: str) -> str:
+    """The folder a glob starts from: its path up to the first part with a wildcard ("" for
+    the current folder)."""
+    folder = pattern
+    while GLOB_CHARS & set(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def iglob(pattern: str) -> Iterator[str | OSError]:
+    """glob.iglob(pattern, recursive=True), path for path and in its order (the ids of earlier
+    runs stay the same), except that a folder it cannot list (permission denied) is yielded as
+    its OSError where glob.iglob passes over it without a word. Python 3.11's glob module, with
+    root_dir, dir_fd, bytes and include_hidden left out."""
+    reported: set[str] = set()  # "**" lists a folder, then globs in it: one error for it
+    for path in _iglob(pattern, dironly=False):
+        if isinstance(path, OSError):
+            if path.filename not in reported:
+                reported.add(path.filename)
+                yield path
+        elif path != "":  # "**" at the start matches the empty path first
+            yield path
+
+
+def _has_magic(text: str) -> bool:
+    return bool(GLOB_CHARS & set(text))
+
+
+def _iglob(pathname: str, dironly: bool) -> Iterator[str | OSError]:
+    dirname, basename = os.path.split(pathname)
+    if not _has_magic(pathname):
+        if basename:
+            if os.path.lexists(pathname):
+                yield pathname
+        elif os.path.isdir(dirname):  # a pattern ending with a slash matches only folders
+            yield pathname
+        return
+    if not dirname:
+        yield from (_glob2 if basename == "**" else _glob1)(dirname, basename, dironly)
+        return
+    dirs: Iterable[str | OSError] = (
+        _iglob(dirname, dironly=True) if dirname != pathname and _has_magic(dirname) else [dirname]
+    )
+    glob_in_dir = (_glob2 if basename == "**" else _glob1) if _has_magic(basename) else _glob0
+    for folder in dirs:
+        if isinstance(folder, OSError):
+            yield folder
+            continue
+        for name in glob_in_dir(folder, basename, dironly):
+            yield name if isinstance(name, OSError) else os.path.join(folder, name)
+
+
+def _glob1(dirname: str, pattern: str, dironly: bool) -> Iterator[str | OSError]:
+    names, error = _listdir(dirname, dironly)
+    if error is not None:
+        yield error
+    if not _is_hidden(pattern):
+        names = [name for name in names if not _is_hidden(name)]
+    yield from fnmatch.filter(names, pattern)
+
+
+def _glob0(dirname: str, basename: str, dironly: bool) -> Iterator[str | OSError]:
+    """glob's os.path.lexists, which cannot tell a folder that may not be looked into from a
+    name that is not there."""
+    if basename:
+        try:
+            os.lstat(_join(dirname, basename))
+        except OSError as exc:
+            if exc.errno not in GLOB_QUIET_ERRNOS:
+                yield _folder_error(exc, dirname)
+            return
+        except ValueError:  # a NUL character
+            return
+        yield basename
+    elif os.path.isdir(dirname):
+        yield basename
+
+
+def _glob2(dirname: str, pattern: str, dironly: bool) -> Iterator[str | OSError]:
+    yield ""
+    yield from _rlistdir(dirname, dironly)
+
+
+def _rlistdir(dirname: str, dironly: bool) -> Iterator[str | OSError]:
+    names, error = _listdir(dirname, dironly)
+    if error is not None:
+        yield error
+    for name in names:
+        if not _is_hidden(name):
+            yield name
+            path = _join(dirname, name) if dirname else name
+            for found in _rlistdir(path, dironly):
+                yield found if isinstance(found, OSError) else _join(name, found)
+
+
+def _listdir(dirname: str, dironly: bool) -> tuple[list[str], OSError | None]:
+    """The names in a folder (its folders only, if dironly) and the error that stopped the
+    listing, if it is one glob.iglob would have passed over without a word (None otherwise)."""
+    names: list[str] = []
+    try:
+        with os.scandir(dirname or os.curdir) as entries:
+            for entry in entries:
+                try:
+                    if not dironly or entry.is_dir():
+                        names.append(entry.name)
+                except OSError:
+                    pass
+    except OSError as exc:
+        if exc.errno not in GLOB_QUIET_ERRNOS:
+            return names, _folder_error(exc, dirname)
+    return names, None
+
+
+def _folder_error(exc: OSError, dirname: str) -> OSError:
+    """The error, naming the folder the glob could not look into as the glob spells it."""
+    exc.filename = dirname or os.curdir
+    return exc
+
+
+def _is_hidden(name: str) -> bool:
+    return name[0] == "."
+
+
+def _join(dirname: str, basename: str) -> str:
+    if not dirname or not basename:
+        return dirname or basename
+    return os.path.join(dirname, basename)
 
 
 # ---------------------------------------------------------------- manifests

@@ -4,6 +4,7 @@ repair, task presets, input-kind detection, progress output."""
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -382,3 +383,82 @@ def test_a_folder_that_cannot_be_read_is_an_error_row_and_the_input_folder_exits
     locked.add(str(folder))
     with pytest.raises(InputError, match=f"^cannot read the input {folder}: Permission denied$"):
         list(read_rows(InputSpec(str(folder))))
+
+
+def _tree(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"RIFF")
+
+
+def test_the_glob_of_a_files_input_matches_what_glob_iglob_matches(tmp_path, monkeypatch):
+    """The reader lists globs itself (to see the folders it cannot list): every path, and so
+    every id, is the one glob.iglob(recursive=True) gives, in its order."""
+    import glob
+
+    from mdlserve.server.batch.inputs import iglob
+
+    _tree(tmp_path / "clips", ["top.wav", ".dot.wav", "a/x.wav", "a/deeper/y.flac", "a/deeper/z.wav",
+                               ".hidden/h.wav", "b/z.WAV", "b/notes.txt", "folder.wav/in.wav", "c/deeper/w.wav"])
+    (tmp_path / "clips" / "link").symlink_to(tmp_path / "clips" / "a")
+    (tmp_path / "clips" / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    patterns = ["clips/**/*.wav", "clips/*/*.wav", "clips/**", "clips/*.wav", "clips/**/*.[wf]*", "**/*.wav",
+                "clips/*/deeper/*.wav", "clips/.*/*.wav", "clips/*/deeper/", "clips/[ab]/**/*", "*/a/*.wav",
+                "clips/nothing/*.wav", "nothing/**/*.wav", "clips/**/**/*.flac", str(tmp_path / "clips/**/*.wav"),
+                str(tmp_path / "*/*/deeper/*")]  # fmt: skip
+    for pattern in patterns:
+        expected = list(glob.iglob(pattern, recursive=True))
+        assert list(iglob(pattern)) == [path for path in expected if path], pattern
+    assert len(list(iglob("clips/**/*.wav"))) == 8  # the tree holds matches (folder.wav too)
+
+
+def test_a_folder_a_glob_cannot_read_is_an_error_row_and_its_first_folder_exits_2(tmp_path, monkeypatch):
+    """glob.iglob passed over a folder it could not list or look into (permission denied):
+    its clips were missing from the output without a word. Now it is an unreadable_folder row,
+    as under a folder input; the folder the glob starts from is exit 2. As in the folder test,
+    os.scandir, os.lstat and os.stat are made to fail as chmod 000 would for another user."""
+    import errno
+
+    from mdlserve.server.batch.inputs import InputError, InputSpec, read_rows
+    from mdlserve.server.batch.items import BadRow
+
+    folder = tmp_path / "clips"
+    _tree(folder, ["a/x.wav", "a/deeper/w.wav", "locked/y.wav", "locked/deeper/z.wav", "z.wav"])
+    locked = str(folder / "locked")
+    real = {name: getattr(os, name) for name in ("scandir", "lstat", "stat")}
+
+    def denied(name, inside_only):
+        def call(path=".", *args, **kwargs):
+            text = os.fspath(path)
+            if text.startswith(locked + os.sep) or (text == locked and not inside_only):
+                raise PermissionError(errno.EACCES, "Permission denied", text)
+            return real[name](path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "scandir", denied("scandir", inside_only=False))  # cannot list it
+    monkeypatch.setattr(os, "lstat", denied("lstat", inside_only=True))  # nor look into it
+    monkeypatch.setattr(os, "stat", denied("stat", inside_only=True))
+
+    def ids(pattern):
+        rows = list(read_rows(InputSpec(pattern)))
+        bad = [row for row in rows if isinstance(row, BadRow)]
+        assert len(bad) <= 1
+        if bad:
+            assert bad[0].source == {"id": locked + "/", "audio": locked}
+            assert (bad[0].error.code, bad[0].error.message) == (
+                "unreadable_folder", f"cannot read the folder {locked}: Permission denied (its files are not listed)")
+        return sorted(row.id for row in rows)
+
+    clips = str(folder)
+    assert ids(f"{clips}/**/*.wav") == sorted([f"{clips}/z.wav", f"{clips}/a/x.wav", f"{clips}/a/deeper/w.wav",
+                                               f"{locked}/"])  # fmt: skip
+    assert ids(f"{clips}/*/*.wav") == [f"{clips}/a/x.wav", f"{locked}/"]
+    assert ids(f"{clips}/*/deeper/*.wav") == [f"{clips}/a/deeper/w.wav", f"{locked}/"]  # looked into, not listed
+    assert ids(f"{clips}/a/*.wav") == [f"{clips}/a/x.wav"]
+    message = "^" + re.escape(f"cannot read the input {locked}/*.wav: Permission denied ({locked})") + "$"
+    with pytest.raises(InputError, match=message):
+        list(read_rows(InputSpec(f"{locked}/*.wav")))
+    with pytest.raises(InputError, match="^cannot read the input .*: Permission denied"):
+        list(read_rows(InputSpec(f"{locked}/**/*.wav")))

@@ -115,9 +115,9 @@ def sampling_for(
     requested = fields.output_limit()
     if requested is not None and requested > room:
         raise bad_request(
-            f"max_tokens is {requested} but only {room} tokens are left: the prompt uses "
+            f"{fields.output_limit_field()} is {requested} but only {room} tokens are left: the prompt uses "
             f"{prompt_tokens} of the model's {max_model_len}-token context",
-            param="max_tokens",
+            param=fields.output_limit_field(),
             code="context_length_exceeded",
         )
     max_tokens = requested or room

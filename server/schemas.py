@@ -154,13 +154,19 @@ class GenerationFields(_Body):
     @classmethod
     def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
         """A field's validator (the fields it reads come before it) so the 400 names min_tokens."""
-        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        name = "max_completion_tokens" if info.data.get("max_completion_tokens") else "max_tokens"
+        limit = info.data.get(name)
         if limit is not None and value > limit:
-            raise ValueError(f"min_tokens ({value}) must not exceed max_tokens ({limit})")
+            raise ValueError(f"min_tokens ({value}) must not exceed {name} ({limit})")
         return value
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def output_limit_field(self) -> str:
+        """The field output_limit() comes from, as the client sent it (the forms have no
+        max_tokens): errors about the limit name it."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class JsonSchemaFormat(_JsonBody):

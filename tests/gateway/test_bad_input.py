@@ -394,6 +394,38 @@ def test_validation_errors_name_the_field_where_it_is_in_the_body(client, case):
     assert response.json()["error"]["param"] == param
 
 
+# (request, the message's start, param): an output limit sent as max_completion_tokens is
+# named so (the forms have no max_tokens field at all); it said "max_tokens is ...".
+OUTPUT_LIMIT_NAMED = {
+    "chat max_completion_tokens past the context": (
+        chat(max_tokens=None, max_completion_tokens=100000), "max_completion_tokens is 100000 but only ",
+        "max_completion_tokens"),
+    "chat max_completion_tokens beside max_tokens, past the context": (
+        chat(max_tokens=2, max_completion_tokens=100000), "max_completion_tokens is 100000 but only ",
+        "max_completion_tokens"),
+    "chat max_tokens past the context": (chat(max_tokens=100000), "max_tokens is 100000 but only ", "max_tokens"),
+    "chat min_tokens over max_completion_tokens": (
+        chat(max_tokens=None, max_completion_tokens=2, min_tokens=5),
+        "invalid request: min_tokens: Value error, min_tokens (5) must not exceed max_completion_tokens (2)",
+        "min_tokens"),
+    "transcription max_completion_tokens past the context": (
+        transcribe(max_completion_tokens="100000"), "max_completion_tokens is 100000 but only ", "max_completion_tokens"),
+    "translation max_completion_tokens past the context": (
+        ("POST", "/v1/audio/translations", transcribe(max_completion_tokens="100000")[2]),
+        "max_completion_tokens is 100000 but only ", "max_completion_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_LIMIT_NAMED), ids=list(OUTPUT_LIMIT_NAMED))
+def test_output_limit_errors_name_the_field_sent(client, case):
+    (method, path, kwargs), start, param = OUTPUT_LIMIT_NAMED[case]
+    response = client.request(method, path, **{k: v for k, v in kwargs.items() if v is not None})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith(start), error
+    assert error["param"] == param, error
+
+
 def test_declared_oversize_body_is_refused_before_upload(gateway):
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             "Authorization: Bearer key-one\r\n"

@@ -9,6 +9,7 @@ connect cannot redirect us. Redirects are followed by hand, each hop checked the
 import asyncio
 import binascii
 import ipaddress
+import re
 import socket
 import urllib.parse
 from collections.abc import Sequence
@@ -200,7 +201,7 @@ class AudioFetcher:
             except httpx.TimeoutException:
                 raise FetchError(f"fetching audio_url timed out after {self.timeout:g} s") from None
             except httpx.HTTPError as exc:
-                raise FetchError(f"could not fetch audio_url ({type(exc).__name__})") from None
+                raise _fetch_failure(exc, host, port) from None
             try:
                 if response.is_redirect:
                     location = response.headers.get("location")
@@ -265,5 +266,42 @@ class AudioFetcher:
         except httpx.TimeoutException:
             raise FetchError(f"fetching audio_url timed out after {self.timeout:g} s") from None
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not read audio_url ({type(exc).__name__})") from None
+            raise _read_failure(exc, response) from None
         return b"".join(chunks)
+
+
+# What the HTTP client's failures mean, in words: a client learns nothing from the name of
+# httpx's exception class ("could not fetch audio_url (RemoteProtocolError)", as it said).
+def _fetch_failure(exc: httpx.HTTPError, host: str, port: int) -> FetchError:
+    """A failure to connect or to get a response's head."""
+    if isinstance(exc, httpx.ConnectError):
+        reason = str(exc)
+        if "SSL" in reason or "certificate" in reason:
+            return FetchError(f"TLS handshake with audio_url host {host!r} failed ({_ssl_reason(reason)})")
+        return FetchError(f"could not connect to audio_url host {host!r} (port {port})")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "without sending a response" in str(exc):
+            return FetchError(f"audio_url host {host!r} closed the connection without answering")
+        return FetchError(f"audio_url host {host!r} answered with something that is not HTTP")
+    if isinstance(exc, httpx.NetworkError):
+        return FetchError(f"the connection to audio_url host {host!r} failed before it answered")
+    return FetchError(f"could not fetch audio_url from host {host!r}")
+
+
+def _read_failure(exc: httpx.HTTPError, response: httpx.Response) -> FetchError:
+    """A failure while reading a 200 response's body."""
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return FetchError("audio_url host closed the connection before the body was complete")
+    if isinstance(exc, httpx.DecodingError):
+        encoding = response.headers.get("content-encoding", "")[:40]
+        return FetchError(f"audio_url body could not be decoded: it is not valid {encoding!r} (its Content-Encoding)")
+    if isinstance(exc, httpx.NetworkError):
+        return FetchError("the connection to the audio_url host broke while its body was being read")
+    return FetchError("could not read the audio_url body")
+
+
+def _ssl_reason(message: str) -> str:
+    """OpenSSL's reason without its library code and source line: "[SSL:
+    CERTIFICATE_VERIFY_FAILED] certificate verify failed: ... (_ssl.c:1006)"."""
+    message = re.sub(r"^\[SSL(: [A-Z_]+)?\] ", "", message)
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", message)[:200]

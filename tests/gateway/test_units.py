@@ -6,6 +6,8 @@ import base64
 import http.server
 import io
 import ipaddress
+import re
+import socket
 import struct
 import threading
 import time
@@ -61,6 +63,19 @@ def _body(data, declared=True):
     return go
 
 
+def _not_http(h):
+    h.wfile.write(b"\x00\x01 no status line\r\n\r\n")
+    h.close_connection = True
+
+
+def _truncated(h):
+    h.send_response(200)
+    h.send_header("Content-Length", str(len(CLIP) + 1000))
+    h.end_headers()
+    h.wfile.write(CLIP)
+    h.close_connection = True
+
+
 def _slow(h):
     time.sleep(3)
     try:
@@ -83,6 +98,8 @@ def origin():
         "/to-file": _redirect("file:///etc/passwd"),
         "/loop": _redirect("/loop"),
         "/slow": _slow,
+        "/not-http": _not_http,
+        "/truncated": _truncated,
         "/host": lambda h: _body(h.headers["Host"].encode())(h),
     }
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -148,6 +165,25 @@ def test_fetch_timeout(origin):
 def test_upstream_errors(origin):
     with pytest.raises(FetchError, match="HTTP 404"):
         fetch(origin + "/missing")
+
+
+def test_connection_failures_are_named_without_exception_classes(origin):
+    """The message says what went wrong; it said "could not fetch audio_url (ConnectError)"
+    or "(RemoteProtocolError)", the HTTP client's exception classes."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]  # nothing listens once the socket is closed
+    cases = [
+        (f"http://127.0.0.1:{closed_port}/clip.wav",
+         f"could not connect to audio_url host '127.0.0.1' (port {closed_port})"),
+        (origin + "/not-http", "audio_url host '127.0.0.1' answered with something that is not HTTP"),
+        (origin + "/truncated", "audio_url host closed the connection before the body was complete"),
+    ]  # fmt: skip
+    for url, message in cases:
+        with pytest.raises(FetchError) as raised:
+            fetch(url)
+        assert str(raised.value).startswith(message), str(raised.value)
+        assert not re.search(r"\w(Error|Exception)\b", str(raised.value)), str(raised.value)
 
 
 def test_default_guard_refuses_loopback_an_allowed_network_or_a_batch_job_reaches_it(origin):

@@ -132,10 +132,10 @@ def audio_host():
 # (case, URL path or absolute URL, words the error message must contain)
 FETCH_FAILURES = [
     ("DNS failure", "http://nxdomain-alias.test/audio.wav", "does not resolve"),
-    ("connection refused", "CLOSED_PORT", "could not fetch audio_url (ConnectError)"),
+    ("connection refused", "CLOSED_PORT", "could not connect to audio_url host '127.0.0.1'"),
     ("server never answers", "/stall", "timed out"),
     ("body stalls mid-way", "/stall-body", "timed out"),
-    ("truncated body", "/truncated", "could not read audio_url"),
+    ("truncated body", "/truncated", "closed the connection before the body was complete"),
     ("oversize body (declared)", "/oversize", "exceeds"),
     ("oversize body (undeclared)", "/oversize-undeclared", "exceeds"),
     ("redirect loop", "/loop", "redirected more than"),

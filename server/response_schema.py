@@ -194,11 +194,11 @@ def check_response_schema(schema: dict[str, Any]) -> None:
     """Raise the client's 400 for a schema past the limits, not a JSON Schema, using a
     keyword the backend does not enforce, or admitting no value. Runs in a worker thread:
     the metaschema check alone takes up to 0.8 s at the limits."""
+    _check_numbers(schema)  # first: the walk computes with bounds and steps, which must be finite and 64-bit
     walk = _Walk(schema)
     walk.schema(schema, "#", 0)
     walk.ref_targets()
     walk.check_limits()
-    _check_numbers(schema)
     if walk.draft04_bound is not None:  # before the metaschema check, whose words would not say what to write
         raise walk.draft04_bound
     _check_metaschema(schema)
@@ -246,7 +246,9 @@ def _check_numbers(schema: dict[str, Any]) -> None:
     vLLM's msgpack encoder raises on integers outside [-2**63, 2**64 - 1] (our 500), and
     xgrammar's JSON reader turns one outside [-2**63, 2**63 - 1] into a float (an enum of
     18446744073709551615 was answered 1.8446744073709552e+19); a number past 1.8e308
-    reads as infinity, which json.dumps writes as `Infinity`, not JSON."""
+    reads as infinity, which json.dumps writes as `Infinity`, not JSON. It runs before the
+    walk, whose multipleOf check computes with the step and the bounds beside it (a
+    `multipleOf` of 1e400, infinity to the gateway's reader, was our 500 there)."""
     pending: list[tuple[dict | list, tuple]] = [(schema, ())]
     while pending:
         container, path = pending.pop()

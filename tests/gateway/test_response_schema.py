@@ -193,6 +193,8 @@ def test_any_pattern_is_either_accepted_or_a_400(regex):
     (required_object({"n": {"type": "integer", "examples": [{"big": [1, 2**70]}]}}),
      "at #/properties/n/examples/0/big/1"),
     ({"type": "object", "x-limit/max~": 2**100}, "at #/x-limit~1max~0"),
+    # beside "integer" the multipleOf check computes with the step and bounds: this was our 500
+    ({"type": ["integer", "null"], "multipleOf": 10**400}, "has an integer of 1329 bits at #/multipleOf"),
 ])  # fmt: skip
 def test_integers_beyond_64_bits_anywhere_are_refused_saying_where(schema, named):
     message = refusal(schema)
@@ -203,6 +205,9 @@ def test_integers_beyond_64_bits_anywhere_are_refused_saying_where(schema, named
     ({"type": "number", "maximum": math.inf}, "has inf at #/maximum"),
     ({"enum": ["a", -math.inf]}, "has -inf at #/enum/1"),
     ({"type": "number", "examples": [math.nan]}, "has nan at #/examples/0"),
+    # beside "integer" the multipleOf check computes with the step and bounds: these were our 500
+    ({"type": ["integer", "null"], "multipleOf": math.inf}, "has inf at #/multipleOf"),
+    ({"type": ["integer", "null"], "multipleOf": 3, "minimum": math.nan, "maximum": 5}, "has nan at #/minimum"),
 ])  # fmt: skip
 def test_numbers_that_are_not_finite_are_refused(schema, named):
     """The gateway's JSON reader turns 1e400 into infinity and accepts NaN and Infinity,
@@ -1050,18 +1055,23 @@ async def test_the_gateway_refuses_a_schema_past_a_limit_before_the_engine_and_o
 async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_the_engine():
     """A repeat that stalled the engine's compile for 100 s, an integer that made vLLM's
     encoder raise (a 500), a const its own type contradicts, an enum value its type
-    contradicts and a length bound without a type (each a 200 breaking it)."""
+    contradicts and a length bound without a type (each a 200 breaking it), and a
+    multipleOf of Infinity (the reader takes it, and makes 1e400 the same), which the
+    multipleOf check computed with (our 500)."""
     schemas = {
         "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
         "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
         'admits no JSON value: `const` "a" at # is not of its `type` "integer"': {"type": "integer", "const": "a"},
         '`enum` value 1 at #/enum/1 is not of its `type` "string"': {"type": "string", "enum": ["a", 1]},
         "uses `minLength` without `type` at #/properties/a": required_object({"a": {"minLength": 3}}),
+        "has inf at #/multipleOf": {"type": ["integer", "null"], "multipleOf": math.inf},
     }
     async with running_gateway() as gw:
         for named, schema in schemas.items():
             response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-            refused = await gw.client.post("/v1/chat/completions", json=chat_body(response_format=response_format))
+            raw = json.dumps(chat_body(response_format=response_format), allow_nan=True)
+            refused = await gw.client.post("/v1/chat/completions", content=raw,
+                                           headers={"content-type": "application/json"})  # fmt: skip
             assert refused.status_code == 400, refused.text
             error = refused.json()["error"]
             assert error["param"] == "response_format" and named in error["message"], error

@@ -30,6 +30,8 @@ from mdlserve.server.schemas import AudioUrlPart, ChatMessage, InputAudioPart, S
 from mdlserve.server.settings import Settings
 
 AUDIO_PLACEHOLDER = {"type": "audio"}
+# The roles the chat template sees (developer is rendered as system).
+CHAT_ROLES = ("system", "user", "assistant")
 # Prompts longer than this (characters) are rendered and tokenized in a worker thread,
 # so that a long prompt cannot hold the event loop (a 1 MB prompt takes ~100 ms).
 INLINE_TOKENIZE_CHARS = 4096
@@ -169,6 +171,7 @@ class RequestBuilder:
         self.max_model_len = settings.max_model_len
         self.decoder = decoder
         self.fetcher = fetcher
+        self._tokens_per_message: dict[int, int] = {}  # id(tokenizer) -> its template's fewest
 
     def conversation(
         self, messages: Sequence[ChatMessage], *, param: str = "messages", leading_audio: AudioSource | None = None
@@ -233,6 +236,7 @@ class RequestBuilder:
         worker thread: at the limits its metaschema check takes up to 0.8 s of Python (a
         55 KB schema of 500 anyOf branches held the event loop for 14 s before it was
         bounded and moved here)."""
+        self._check_message_count(conversation, tokenizer)
         if fields.response_format is not None and fields.response_format.json_schema is not None:
             await asyncio.to_thread(check_response_schema, fields.response_format.json_schema.json_schema)
         clips = await asyncio.gather(*(self.load_audio(source) for source in conversation.audio))
@@ -264,6 +268,24 @@ class RequestBuilder:
         sampling = sampling_for(fields, prompt_tokens, self.max_model_len, len(tokenizer), final_only)
         return PreparedRequest(token_ids, list(clips), prompt_tokens, seconds, sampling)
 
+    def _check_message_count(self, conversation: Conversation, tokenizer: Tokenizer) -> None:
+        """Every message costs the chat template's tokens (turn markers, role) whatever its
+        text, and rendering and tokenizing them costs the API process's CPU: 33000 messages
+        of one character each (a 1 MB body, far below the character bound) took 23 s on the
+        2-core VM before their 264023 tokens were refused. So the messages that cannot fit
+        the context even empty are refused unrendered."""
+        per_message = self._tokens_per_message.get(id(tokenizer))
+        if per_message is None:
+            per_message = self._tokens_per_message[id(tokenizer)] = template_tokens_per_message(tokenizer)
+        least = len(conversation.messages) * per_message
+        if least >= self.max_model_len:
+            raise bad_request(
+                f"the prompt has {len(conversation.messages)} messages, at least {least} tokens of the chat "
+                f"template ({per_message} a message), but the model's context is {self.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
     async def load_audio(self, source: AudioSource) -> np.ndarray:
         """Fetch (or read) and decode one source; a client fault is a 400 naming it."""
         if source.samples is not None:
@@ -279,6 +301,17 @@ class RequestBuilder:
             raise bad_request(
                 f"{source.param}: could not decode audio: {exc}", param=source.param, code="invalid_audio"
             ) from None
+
+
+def template_tokens_per_message(tokenizer: Tokenizer) -> int:
+    """The fewest tokens the chat template adds for one more message of any role, its
+    content empty: a lower bound on what each message of a prompt costs (text splits the
+    template's pieces, which never merges tokens)."""
+    first = [{"role": "user", "content": []}]
+    alone = len(_tokenize(tokenizer, first))
+    return max(
+        0, min(len(_tokenize(tokenizer, [*first, {"role": role, "content": []}])) - alone for role in CHAT_ROLES)
+    )
 
 
 def _tokenize(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:

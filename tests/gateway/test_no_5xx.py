@@ -500,3 +500,29 @@ async def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing():
         error = refused(response, "context_length_exceeded")
         assert "131073 characters" in error["message"]
         assert gw.engine.submitted == []
+
+
+async def test_more_messages_than_the_context_can_hold_are_refused_before_rendering():
+    """Each message costs the chat template's tokens whatever its text: 33000 one-character
+    messages (a 1 MB body, 33000 characters of text) took 23 s of the API process's CPU to
+    render and tokenize on the 2-core VM, and stalled /health/live for seconds, before their
+    264023 tokens were refused. Now the count of messages refuses them unrendered."""
+    async with gateway(max_model_len=1024) as gw:
+        rendered: list[int] = []
+        render = gw.engine.tokenizer.apply_chat_template
+
+        def recording_render(conversation, **kwargs):
+            rendered.append(len(conversation))
+            return render(conversation, **kwargs)
+
+        gw.engine.tokenizer.apply_chat_template = recording_render
+        many = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}] * 2000}
+        response = await gw.client.post("/v1/chat/completions", json=many)
+        error = refused(response, "context_length_exceeded", "messages")
+        assert error["message"].startswith("the prompt has 2000 messages, at least 12000 tokens of the chat template"), error
+        assert max(rendered, default=0) < 10, rendered  # small conversations only (the template's cost per message)
+        assert gw.engine.submitted == []
+        # The control: as many messages as fit are rendered and answered.
+        fitting = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}] * 100}
+        response = await gw.client.post("/v1/chat/completions", json=fitting)
+        assert response.status_code == 200, response.text

@@ -70,6 +70,12 @@ took 0.3), and beside "integer" unless whole and 1024 at most ({"type": ["intege
 integers apart (multipleOf 3 with "minimum": 0 alone took 4); one every integer meets
 (0.5) changes nothing there. vLLM refuses any multipleOf beside a numeric `type` string,
 in words that do not say why; a `type` list reaches xgrammar.
+So is a numeric range xgrammar cannot compile, where it reads the subschema by its `type`:
+its compile fails, and vLLM's 400 named neither keyword nor place, on a range with no
+value ({"type": "integer", "minimum": 1.2, "maximum": 1.8}, "minimum": 5, "maximum": 7 and
+"multipleOf": 4, a number's "minimum": 5 beside "exclusiveMaximum": 5) and, beside
+"integer", on a bound with a fraction ("minimum": 1.5: it does not round it inward, so the
+message names the whole bound that means the same) or written as a float from 2**63 up.
 A one-schema `allOf` reads as its schema in place (19 schemas tried: objects with and
 without properties, strings, bounded integers, arrays with items, type lists, enums,
 anyOf) but for a bare `{"type": "object"}` or `{"type": "array"}` (with annotations at
@@ -210,6 +216,9 @@ def check_response_schema(schema: dict[str, Any]) -> None:
         )
     if walk.narrowed is not None:
         raise walk.narrowed
+    empty = walk.uncompiled_range()
+    if empty is not None:
+        raise empty
     reason = walk.no_value()
     if reason is not None:
         raise bad_request(f"{WHERE} admits no JSON value: {reason}", param=PARAM)
@@ -746,6 +755,105 @@ def _note_multiple_of(node: dict[str, Any], ignored: Callable[[str, str], None])
     ignored(f"`multipleOf` beside {what}", why)
 
 
+# (keyword, whether it bounds from below, whether the bound itself is left out)
+_RANGE = (("minimum", True, False), ("exclusiveMinimum", True, True), ("maximum", False, False),
+          ("exclusiveMaximum", False, True))  # fmt: skip
+_Bound = tuple[str, int | float, bool, bool]  # one of _RANGE's, with its value
+
+
+def _range_refusal(node: dict[str, Any], pointer: str) -> ApiError | None:
+    """The 400 for a numeric range xgrammar 0.2.8 cannot compile, in a subschema it reads by
+    its `type` (one with a const, enum, applicator or $ref is read otherwise), or None. Its
+    compile fails, and vLLM answers a 400 naming neither keyword nor place, for a range
+    with no value ({"type": "integer", "minimum": 5, "maximum": 3}; a number's "minimum": 5
+    beside "exclusiveMaximum": 5; an integer range with no multiple of the multipleOf it
+    enforces, "minimum": 5, "maximum": 7, "multipleOf": 4; "exclusiveMinimum":
+    9223372036854775807, past its 64 bits) and, beside "integer", for a bound with a
+    fraction ("minimum": 1.5: "Integer constraint must be a whole number"; it does not round
+    it inward) or one written as a float from 2**63 up on either side (1e20: "Integer
+    exceeds maximum limit"). Bounds and steps are finite, integers 64-bit (`_check_numbers`
+    ran first)."""
+    kind = node.get("type")
+    kinds = [kind] if isinstance(kind, str) else kind if isinstance(kind, list) else []
+    if any(key in node for key in ("$ref", "const", "enum", *_APPLICATORS)) or not {"integer", "number"} & {*kinds}:
+        return None
+    bounds = [(keyword, node[keyword], below, exclusive) for keyword, below, exclusive in _RANGE
+              if _is_number(node.get(keyword))]  # fmt: skip
+    words = [f"`{keyword}` {_shown(bound)}" for keyword, bound, _, _ in bounds]
+    if "number" in kinds and _no_number(bounds):
+        return _empty_range(pointer, "number", words)
+    if "integer" not in kinds:
+        return None
+    # beside "number" the fix is to leave "integer" out: rounding would narrow the numbers
+    fix = 'leave "integer" out of the `type` list ("number" takes the integers too)' if "number" in kinds else ""
+    low = max((_inward(bound) for bound in bounds if bound[2]), default=None)
+    high = min((_inward(bound) for bound in bounds if not bound[2]), default=None)
+    step = node.get("multipleOf")
+    whole_step = int(step) if _is_number(step) and step > 0 and float(step).is_integer() else None
+    if _no_integer(low, high, None):
+        return _empty_range(pointer, "integer", words, fix)
+    if _no_integer(low, high, whole_step):
+        return _empty_range(pointer, "integer", [*words, f"`multipleOf` {_shown(step)}"], fix)
+    if _no_integer(INT64_MIN if low is None else max(low, INT64_MIN),
+                   INT64_MAX if high is None else min(high, INT64_MAX), whole_step):  # fmt: skip
+        return _empty_range(pointer, "64-bit integer (what the backend reads)", words, fix)
+    for bound in bounds:
+        keyword, value, below, exclusive = bound
+        if isinstance(value, int) or (value.is_integer() and -(2**63) < value < 2**63):
+            continue
+        if not value.is_integer():
+            why = "it takes only whole numbers as integer bounds"
+            rounded = math.ceil(value) if below != exclusive else math.floor(value)
+            fix = fix or f'write "{keyword}": {rounded}, the same bound on integers'
+        else:
+            why = "it reads integer bounds as 64-bit integers, and one written as a float only strictly within ±2**63"
+            bounds_none = _inward(bound) <= INT64_MIN if below else _inward(bound) >= INT64_MAX
+            fix = fix or ("leave it out, as it bounds no 64-bit integer" if bounds_none else
+                          f"write it as the integer {int(value)}")  # fmt: skip
+        return bad_request(
+            f'{WHERE} has `{keyword}` {_shown(value)} beside type "integer" at {pointer}, which the structured-output '
+            f"backend cannot compile ({why}): {fix}",
+            param=PARAM,
+        )
+    return None
+
+
+def _inward(bound: _Bound) -> int:
+    """The integer a bound leaves the range of integers starting (a lower bound) or ending at."""
+    _, value, below, exclusive = bound
+    if below:
+        return math.floor(value) + 1 if exclusive else math.ceil(value)
+    return math.ceil(value) - 1 if exclusive else math.floor(value)
+
+
+def _no_number(bounds: list[_Bound]) -> bool:
+    """Whether no number lies within `bounds`: the stricter lower and upper bound (of equal
+    ones, the exclusive) cross, or meet where either is exclusive."""
+    lows = [(value, exclusive) for _, value, below, exclusive in bounds if below]
+    highs = [(-value, exclusive) for _, value, below, exclusive in bounds if not below]
+    if not lows or not highs:
+        return False
+    (low, low_exclusive), (high, high_exclusive) = max(lows), max(highs)
+    return low > -high or (low == -high and (low_exclusive or high_exclusive))
+
+
+def _no_integer(low: int | None, high: int | None, step: int | None) -> bool:
+    """Whether no integer from `low` to `high` (None: unbounded) is a multiple of `step`
+    (None: any integer is)."""
+    if low is None or high is None:
+        return False
+    return low > high or (step is not None and -(-low // step) * step > high)
+
+
+def _empty_range(pointer: str, what: str, words: list[str], fix: str = "") -> ApiError:
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    return bad_request(
+        f"{WHERE} has a range with no value at {pointer}: no {what} satisfies {listed}, which the structured-output "
+        f"backend cannot compile{f'; {fix}' if fix else ''}",
+        param=PARAM,
+    )
+
+
 @dataclass
 class _Walk:
     """One pass over every subschema (and every local $ref target), counting what the
@@ -1015,6 +1123,16 @@ class _Walk:
                         "as they are, reading no keyword beside them): remove the value or change the keyword",
                         param=PARAM,
                     )
+        return None
+
+    def uncompiled_range(self) -> ApiError | None:
+        """The 400 for the first numeric range, in walk order, that xgrammar cannot compile
+        (`_range_refusal`), or None. Runs after the metaschema check: bounds are numbers,
+        a `type` a name or a list of them."""
+        for node, pointer in self.nodes.values():
+            refusal = _range_refusal(node, pointer) if id(node) not in self.key_schemas else None
+            if refusal is not None:
+                return refusal
         return None
 
     def no_value(self) -> str | None:

@@ -770,6 +770,88 @@ def test_xgrammar_ignores_the_refused_multipleofs_and_enforces_the_others(gramma
         assert not xgrammar_accepts(grammar_compiler, enforced, _non_multiple(enforced)), enforced
 
 
+# Numeric ranges xgrammar 0.2.8 fails to compile (vLLM's 400 said only "Failed to transform
+# json schema into a grammar: Integer constraint must be a whole number", "Invalid range:
+# minimum greater than maximum", "range contains no multipleOf value", ...): a bound with a
+# fraction beside "integer" (it does not round it inward), a float bound from 2**63 up, and
+# a range with no value.
+RANGES_REFUSED = [
+    ({"type": "integer", "minimum": 1.5}, '`minimum` 1.5 beside type "integer" at #',
+     'only whole numbers as integer bounds): write "minimum": 2, the same bound on integers'),
+    ({"type": ["integer", "null"], "exclusiveMinimum": 0.5}, "`exclusiveMinimum` 0.5", 'write "exclusiveMinimum": 0'),
+    ({"type": ["integer"], "maximum": 2.5}, "`maximum` 2.5", 'write "maximum": 2'),
+    ({"type": "integer", "exclusiveMaximum": 2.5, "minimum": 0}, "`exclusiveMaximum` 2.5",
+     'write "exclusiveMaximum": 3'),
+    ({"type": ["integer", "number"], "minimum": 1.5}, "`minimum` 1.5 beside type \"integer\"",
+     'leave "integer" out of the `type` list ("number" takes the integers too)'),
+    ({"type": "integer", "maximum": 1e20}, "`maximum` 1e+20 beside type \"integer\"",
+     "as 64-bit integers, and one written as a float only strictly within ±2**63): leave it out, as it bounds no"),
+    ({"type": "integer", "maximum": -(2.0**63)}, "`maximum` -9.223372036854776e+18",
+     "write it as the integer -9223372036854775808"),
+    ({"type": "integer", "minimum": 1.2, "maximum": 1.8}, "has a range with no value at #",
+     "no integer satisfies `minimum` 1.2 and `maximum` 1.8, which the structured-output backend cannot compile"),
+    ({"type": ["integer", "number"], "minimum": 1.2, "maximum": 1.8}, "no integer satisfies `minimum` 1.2 and",
+     'cannot compile; leave "integer" out of the `type` list'),
+    ({"type": "integer", "minimum": 5, "maximum": 3}, "no integer satisfies `minimum` 5 and `maximum` 3", "compile"),
+    ({"type": "integer", "exclusiveMinimum": 5, "exclusiveMaximum": 6}, "no integer satisfies `exclusiveMinimum` 5 and",
+     "compile"),
+    ({"type": ["integer", "null"], "minimum": 5, "maximum": 7, "multipleOf": 4},
+     "no integer satisfies `minimum` 5, `maximum` 7 and `multipleOf` 4", "compile"),
+    ({"type": ["integer", "null"], "exclusiveMinimum": 4, "exclusiveMaximum": 8, "multipleOf": 4},
+     "and `multipleOf` 4", "compile"),
+    ({"type": "integer", "minimum": 1e20}, "no 64-bit integer (what the backend reads) satisfies `minimum` 1e+20",
+     "compile"),
+    ({"type": "integer", "exclusiveMinimum": 2**63 - 1}, "no 64-bit integer", "compile"),
+    ({"type": "number", "minimum": 5, "maximum": 3}, "no number satisfies `minimum` 5 and `maximum` 3", "compile"),
+    ({"type": ["number", "null"], "minimum": 5, "exclusiveMaximum": 5}, "no number satisfies `minimum` 5 and",
+     "compile"),
+    ({"type": "number", "minimum": 2, "exclusiveMinimum": 5, "maximum": 5},
+     "no number satisfies `minimum` 2, `exclusiveMinimum` 5 and `maximum` 5", "compile"),
+    (required_object({"n": {"type": "integer", "minimum": 0.5}}), "at #/properties/n", 'write "minimum": 1'),
+    ({"type": "object", "properties": {"n": {"type": "number", "minimum": 1, "maximum": 0}}},
+     "has a range with no value at #/properties/n", "compile"),
+    ({"anyOf": [{"type": "integer", "maximum": 9.5}, {"type": "null"}]}, "at #/anyOf/0", 'write "maximum": 9'),
+]  # fmt: skip
+# (schema, an answer it takes, one it does not)
+RANGES_COMPILED = [
+    ({"type": "integer", "minimum": 1.0, "maximum": 3.0}, "3", "4"),
+    ({"type": "number", "minimum": 1.5, "maximum": 1.5}, "1.5", "1.6"),
+    ({"type": "integer", "exclusiveMinimum": 4, "exclusiveMaximum": 6}, "5", "6"),
+    ({"type": ["integer", "null"], "minimum": 5, "maximum": 8, "multipleOf": 4}, "8", "6"),
+    ({"type": "integer", "maximum": 9.2e18}, "9200000000000000000", "9200000000000000001"),
+    ({"type": "integer", "exclusiveMinimum": -(2**63)}, "-9223372036854775807", "-9223372036854775808"),
+]
+
+
+@pytest.mark.parametrize(("schema", "named", "instead"), RANGES_REFUSED)
+def test_a_numeric_range_xgrammar_cannot_compile_is_refused_naming_its_bounds(schema, named, instead):
+    message = refusal(schema)
+    assert named in message and instead in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    *(schema for schema, _, _ in RANGES_COMPILED),
+    # beside a const or enum xgrammar reads no bound: the values are checked against them instead
+    {"type": "integer", "minimum": 1.5, "enum": [2, 3]},
+    {"type": ["integer", "null"], "minimum": 5, "maximum": 7, "multipleOf": 4, "const": None},
+    # a bound beside no numeric type bounds nothing there
+    {"type": ["string", "null"], "minimum": 5, "maximum": 3},
+])  # fmt: skip
+def test_a_numeric_range_xgrammar_compiles_passes(schema):
+    check_response_schema(schema)
+
+
+@pytest.mark.parametrize("schema", [schema for schema, _, _ in RANGES_REFUSED])
+def test_xgrammar_fails_to_compile_the_refused_ranges_and_enforces_the_others(grammar_compiler, schema):
+    """What the refusal rests on: should an xgrammar upgrade compile one of these (rounding a
+    bound inward, say), the refusal of it can go."""
+    with pytest.raises(RuntimeError):
+        grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+    for compiled, taken, refused in RANGES_COMPILED:
+        assert xgrammar_accepts(grammar_compiler, compiled, taken), compiled
+        assert not xgrammar_accepts(grammar_compiler, compiled, refused), compiled
+
+
 @pytest.mark.parametrize(("schema", "answer"), [
     ({"type": "object", "properties": {"a": {"type": "integer"}}, "const": {"a": "x"}}, '{"a":"x"}'),
     ({"type": "array", "items": {"type": "integer"}, "enum": [[1], ["a"]]}, '["a"]'),
@@ -1057,7 +1139,8 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
     encoder raise (a 500), a const its own type contradicts, an enum value its type
     contradicts and a length bound without a type (each a 200 breaking it), and a
     multipleOf of Infinity (the reader takes it, and makes 1e400 the same), which the
-    multipleOf check computed with (our 500)."""
+    multipleOf check computed with (our 500), and a range with no value (the engine's 400
+    named no keyword)."""
     schemas = {
         "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
         "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
@@ -1065,6 +1148,8 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
         '`enum` value 1 at #/enum/1 is not of its `type` "string"': {"type": "string", "enum": ["a", 1]},
         "uses `minLength` without `type` at #/properties/a": required_object({"a": {"minLength": 3}}),
         "has inf at #/multipleOf": {"type": ["integer", "null"], "multipleOf": math.inf},
+        "no integer satisfies `minimum` 5, `maximum` 7 and `multipleOf` 4": {"type": ["integer", "null"], "minimum": 5,
+                                                                              "maximum": 7, "multipleOf": 4},
     }
     async with running_gateway() as gw:
         for named, schema in schemas.items():

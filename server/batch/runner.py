@@ -113,6 +113,9 @@ class BatchJob:
         self.tally = Tally()
         self.interrupted: signal.Signals | None = None  # SIGINT or SIGTERM stopped the run
         self.counts = Counts()
+        # The first pass's counts (the whole input, before the run reads it): what is left when
+        # the run stops early; None for stdin, which cannot be read twice.
+        self.planned: Counts | None = None
         self.startup_s = 0.0
         self.run_s = 0.0
 
@@ -147,7 +150,7 @@ class BatchJob:
         run = asyncio.current_task()
         if run is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate, run)
-        total = None if self.options.input == STDIN else self.count().todo
+        self.plan()
         started = time.monotonic()
         decoder = ProcessDecodePool(self.options.decode_workers or default_decode_workers())
         decoder.warm_up()
@@ -155,7 +158,7 @@ class BatchJob:
         try:
             await engine.start()
             self.startup_s = time.monotonic() - started
-            return await self.execute(engine, decoder, total)
+            return await self.execute(engine, decoder)
         finally:
             engine.shutdown()
             decoder.shutdown()
@@ -167,6 +170,12 @@ class BatchJob:
         self.interrupted = signal.SIGTERM
         run.cancel()
 
+    def plan(self) -> None:
+        """The first pass over the input (not stdin): the progress total, and the rows left
+        in the summary of a run that stops early."""
+        if self.planned is None and self.options.input != STDIN:
+            self.planned = self.count()
+
     def stop(self, sig: signal.Signals) -> dict:
         """The summary of a run that a signal stopped: the rows written so far stay (each is
         whole), the rows in flight are not written; a rerun resumes."""
@@ -174,11 +183,13 @@ class BatchJob:
         self.tally.stopped = f"interrupted by {sig.name}; rerun the same command to resume"
         return self.summary()
 
-    async def execute(self, engine, decoder, total: int | None = None) -> dict:
+    async def execute(self, engine, decoder) -> dict:
         """The run itself, on an engine and decode pool that are up (tests share theirs)."""
         from mdlserve.server.batch.loading import batch_fetcher
         from mdlserve.server.request import RequestBuilder
 
+        self.plan()
+        total = self.planned.todo if self.planned is not None else None
         fetcher = batch_fetcher(self.settings.fetch_timeout, self.settings.fetch_max_bytes)
         self.builder = RequestBuilder(self.settings, decoder, fetcher)
         self.engine = engine
@@ -303,8 +314,21 @@ class BatchJob:
             return EXIT_STOPPED
         return EXIT_ROWS_FAILED if self.tally.failed or self.counts.duplicates else EXIT_OK
 
+    def left(self) -> tuple[int | None, int | None]:
+        """(rows not processed, rows not read): the rows to do that this run did not answer
+        (what a rerun has to do) and the input rows it never reached. A run that read its whole
+        input knows them; one that stopped early (a signal, a dead engine) takes them from the
+        first pass, and stdin had none: None, not known."""
+        processed = self.tally.ok + self.tally.failed
+        if self.options.dry_run or (self.interrupted is None and self.tally.stopped is None):
+            return max(0, self.counts.todo - processed), 0
+        if self.planned is None:
+            return None, None
+        return max(0, self.planned.todo - processed), max(0, self.planned.rows - self.counts.rows)
+
     def summary(self) -> dict:
         processed = self.tally.ok + self.tally.failed
+        not_processed, not_read = self.left()
         hours = self.tally.audio_seconds / 3600
         return {
             "input": self.options.input, "output": str(self.output), "format": self.kind, "shard": str(self.shard),
@@ -312,7 +336,8 @@ class BatchJob:
             "rows": self.counts.todo + self.counts.done_before, "done_before": self.counts.done_before,
             "todo": self.counts.todo, "duplicates": self.counts.duplicates,
             "duplicate_ids": self.counts.duplicate_ids, "error_rows_retried": self.writer.errors_dropped,
-            "processed": processed, "ok": self.tally.ok, "failed": self.tally.failed,
+            "processed": processed, "not_processed": not_processed, "rows_not_read": not_read,
+            "ok": self.tally.ok, "failed": self.tally.failed,
             "failures_by_code": dict(self.tally.failures_by_code), "failures": self.tally.failures,
             "audio_hours": round(hours, 6),
             "clips_per_s": round(processed / self.run_s, 3) if self.run_s else None,
@@ -361,7 +386,11 @@ def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]
             raise
         summary = job.stop(job.interrupted)
     if job is not None and job.interrupted is not None:
-        logger.error("batch: %s", summary["stopped"])
+        left = summary["not_processed"]
+        if left is None:
+            logger.error("batch: %s (the rows not processed are not counted: the input is stdin)", summary["stopped"])
+        else:
+            logger.error("batch: %s (%d rows not processed)", summary["stopped"], left)
     text = json_line(summary)
     print(text, flush=True)
     if options.summary is not None:

@@ -290,10 +290,62 @@ def test_engine_death_stops_the_job_with_exit_3_and_a_rerun_finishes_it(runtime,
     assert summary["exit_code"] == 3 and "rerun" in summary["stopped"]
     assert (summary["ok"], summary["failed"]) == (5, 0)
     assert len(read_rows(out)) == 5  # no row for the requests the dead engine dropped
+    assert summary["not_processed"] == 43 and summary["rows_not_read"] == 48 - summary["rows_read"] > 0
 
     again, rows = runtime.run(str(clips_dir / "a"), out)
     assert (again["done_before"], again["processed"], again["exit_code"]) == (5, 43, 0)
     assert sorted(row["id"] for row in rows) == [f"clip{i:03d}.wav" for i in range(48)]
+
+
+@pytest.mark.parametrize("source", ["folder", "stdin"])
+def test_an_interrupted_run_says_how_many_rows_it_did_not_process(source, runtime, clips_dir, tmp_path, monkeypatch):
+    """The summary of a run stopped by Ctrl-C or SIGTERM counted only the rows read before the
+    stop (rows_read, rows, todo): nothing said how many were never reached. Now not_processed
+    is what a rerun has to do (the first pass counted the input) and rows_not_read the rows
+    never read; both are null for stdin, which is not counted ahead. The run is cancelled as
+    the signals cancel it (asyncio.run on SIGINT, BatchJob._terminate on SIGTERM), after its
+    third row."""
+    import asyncio
+    import io
+    import signal
+    import sys
+
+    from mdlserve.server.batch.options import BatchOptions
+    from mdlserve.server.batch.runner import BatchJob
+
+    clips = sorted((clips_dir / "a").glob("*.wav"))
+    if source == "stdin":
+        lines = "".join(json.dumps({"id": clip.name, "audio": str(clip)}) + "\n" for clip in clips)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    input = "-" if source == "stdin" else str(clips_dir / "a")
+    out = tmp_path / "out.jsonl"
+    options = BatchOptions(input=input, output=out, progress="none", max_in_flight=2, read_ahead=2, max_tokens=8)
+    job = BatchJob(options, runtime.settings())
+    run = runtime.loop.create_task(job.execute(runtime.engine, runtime.decoder))
+    write = job.writer.write
+
+    def write_then_interrupt(row):
+        write(row)
+        if len(read_rows(out)) == 3:
+            run.cancel()
+
+    job.writer.write = write_then_interrupt
+    with pytest.raises(asyncio.CancelledError):
+        runtime.loop.run_until_complete(run)
+    summary = job.stop(signal.SIGTERM)
+    written = len(read_rows(out))
+    assert summary["stopped"] == "interrupted by SIGTERM; rerun the same command to resume"
+    assert summary["exit_code"] == 143 and summary["processed"] == summary["ok"] == written >= 3
+    assert summary["rows_read"] < len(clips)  # read ahead of the engine by a few rows at most
+    if source == "stdin":
+        assert (summary["not_processed"], summary["rows_not_read"]) == (None, None)
+        return
+    assert summary["not_processed"] == len(clips) - written
+    assert summary["rows_not_read"] == len(clips) - summary["rows_read"] > 0
+
+    again, rows = runtime.run(input, out)  # the rerun does what the summary said was left
+    assert (again["processed"], again["not_processed"], again["rows_not_read"]) == (summary["not_processed"], 0, 0)
+    assert sorted(row["id"] for row in rows) == [clip.name for clip in clips]
 
 
 class AbortingOnceEngine(DyingEngine):

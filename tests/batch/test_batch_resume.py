@@ -103,6 +103,8 @@ def test_sigterm_or_ctrl_c_mid_run_stops_the_engine_keeps_the_rows_and_prints_th
     summary = last_json_line(stdout)
     assert summary["stopped"] == f"interrupted by {sig.name}; rerun the same command to resume"
     assert summary["exit_code"] == 128 + sig and summary["ok"] == complete_lines(out) >= 3
+    assert (summary["not_processed"], summary["rows_not_read"]) == (None, None)  # stdin: not counted ahead
+    assert "(the rows not processed are not counted: the input is stdin)" in log_text
     while time.monotonic() < deadline:  # the engine core and decode workers end with the job
         try:
             os.killpg(first.pid, 0)

@@ -255,9 +255,10 @@ class ChatCompletionRequest(SamplingFields):
 class SpeechForm(_Body):
     """multipart/form-data of POST /v1/audio/translations, and the base of transcriptions'
     (OpenAI's fields, plus max_completion_tokens to bound the answer and seed). Unknown
-    form fields are refused by name."""
+    form fields are kept for check_extra_fields, which refuses them by name as in a JSON
+    body (or lets --accept-unknown-fields ignore them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     file: UploadFile
     model: str
@@ -295,9 +296,10 @@ class TranscriptionForm(SpeechForm):
 class AudioChatForm(GenerationFields):
     """multipart/form-data of POST /v1/audio/analysis (alias /v1/audio/chat): an audio file
     plus either `messages` (a JSON list of chat messages), or `task` (a preset of the
-    authors' evaluation prompts) and/or `prompt` (one user question)."""
+    authors' evaluation prompts) and/or `prompt` (one user question). Unknown form fields
+    are kept for check_extra_fields, as SpeechForm's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     file: UploadFile
     model: str | None = None

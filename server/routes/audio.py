@@ -74,6 +74,7 @@ def form_conversation(form: AudioChatForm, *, accept_unknown: bool) -> list[Chat
 )
 async def create_audio_analysis(form: Annotated[AudioChatForm, Form()], request: Request, state: State):
     model = check_model(state, form.model)
+    check_extra_fields(form, accept_unknown=state.settings.accept_unknown_fields)
     conversation = state.builder.conversation(
         form_conversation(form, accept_unknown=state.settings.accept_unknown_fields), leading_audio=uploaded(form)
     )

@@ -22,6 +22,7 @@ from fastapi.responses import PlainTextResponse
 
 from mdlserve.model_plugin.processing import SAMPLE_RATE
 from mdlserve.server.admission import Ticket, request_weight
+from mdlserve.server.chat_fields import check_extra_fields
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request
 from mdlserve.server.formbody import CheckedFormRoute
@@ -142,6 +143,7 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
     `stream`) or every window has its first output, so that a failure there is an error
     response rather than an event in a 200."""
     check_model(state, form.model)
+    check_extra_fields(form, accept_unknown=state.settings.accept_unknown_fields)
     if form.stream and form.response_format not in STREAMABLE_FORMATS:
         raise bad_request(
             f"stream=true sends transcript events; response_format must be json or text, not {form.response_format}",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from gateway.helpers import audio_file
-from gateway.inprocess import chat_body, running_gateway
+from gateway.inprocess import MODEL, chat_body, running_gateway
 
 from mdlserve.server.chat_fields import HONOURED, IGNORABLE, NESTED_IGNORABLE, NESTED_REFUSED, REFUSED
 from mdlserve.server.schemas import ChatCompletionRequest
@@ -143,6 +143,33 @@ async def test_audio_analysis_form_follows_the_chat_rules(accept, fields, status
     assert response.status_code == status, response.text
     if param:
         assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("accept", "path", "fields", "status"),
+    [
+        (False, "/v1/audio/transcriptions", {"chunking_strategy": "auto"}, 400),
+        (True, "/v1/audio/transcriptions", {"chunking_strategy": "auto"}, 200),
+        (False, "/v1/audio/translations", {"include[]": "logprobs"}, 400),
+        (True, "/v1/audio/translations", {"include[]": "logprobs"}, 200),
+        (False, "/v1/audio/analysis", {"prompt": "hi", "chunking_strategy": "auto"}, 400),
+        (True, "/v1/audio/analysis", {"prompt": "hi", "chunking_strategy": "auto"}, 200),
+    ],
+)
+@pytest.mark.anyio
+async def test_unknown_form_fields_are_refused_as_in_json(accept, path, fields, status):
+    """An unknown form field is the same 400 unknown_field as an unknown JSON field, and
+    --accept-unknown-fields ignores it on the form routes too."""
+    async with running_gateway(accept_unknown_fields=accept) as gw:
+        response = await gw.client.post(
+            path, data={"model": MODEL, "max_completion_tokens": "2", **fields}, files={"file": ("a.wav", audio_file())}
+        )
+    assert response.status_code == status, response.text
+    if status == 400:
+        name = next(iter(fields.keys() - {"prompt"}))
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (name, "unknown_field")
+        assert error["message"].startswith(f"unknown field {name!r}")
 
 
 @pytest.mark.parametrize(

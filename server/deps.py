@@ -44,10 +44,11 @@ def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:
 def api_key_error(authorization: str, keys: list[bytes]) -> ApiError | None:
     """The 401 for an `Authorization` header value, or None when it carries a valid key."""
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() != "bearer" or not token.strip():
+        problem = "malformed Authorization header" if authorization.strip() else "missing API key"
         return ApiError(
             401,
-            "missing API key: send 'Authorization: Bearer <key>'",
+            f"{problem}: send 'Authorization: Bearer <key>'",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )

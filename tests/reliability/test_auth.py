@@ -20,15 +20,16 @@ PROTECTED = [
 ]
 BAD_CREDENTIALS = [
     ("no Authorization header", {}, "", "missing API key"),
-    ("bearer scheme without a token", {"Authorization": "Bearer"}, "", "missing API key"),
+    ("bearer scheme without a token", {"Authorization": "Bearer"}, "", "malformed Authorization header"),
     ("empty Authorization header", {"Authorization": ""}, "", "missing API key"),
     ("bearer null", {"Authorization": "Bearer null"}, "", "invalid API key"),
     ("wrong key", {"Authorization": f"Bearer {CANARY_KEY}"}, "", "invalid API key"),
     ("valid key minus its last character", {"Authorization": f"Bearer {API_KEY[:-1]}"}, "", "invalid API key"),
     ("valid key plus a character", {"Authorization": f"Bearer {API_KEY}x"}, "", "invalid API key"),
     ("both keys joined", {"Authorization": f"Bearer {API_KEY}{OTHER_API_KEY}"}, "", "invalid API key"),
-    ("key as Basic credentials", {"Authorization": f"Basic {API_KEY}"}, "", "missing API key"),
-    ("key without a scheme", {"Authorization": API_KEY}, "", "missing API key"),
+    ("key as Basic credentials", {"Authorization": f"Basic {API_KEY}"}, "", "malformed Authorization header"),
+    ("key without a scheme", {"Authorization": API_KEY}, "", "malformed Authorization header"),
+    ("key after a tab", {"Authorization": f"Bearer\t{API_KEY}"}, "", "malformed Authorization header"),
     ("key in X-API-Key", {"X-API-Key": API_KEY}, "", "missing API key"),
     ("key in the query string", {}, f"?api_key={API_KEY}", "missing API key"),
     ("key in the query string as key=", {}, f"?key={API_KEY}", "missing API key"),
@@ -54,6 +55,15 @@ def test_each_configured_key_opens_the_api(guarded_server, key):
     response = httpx.post(guarded_server.url + "/v1/chat/completions", json=captioning_body(),
                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("header", "words"), [("", "missing API key"), ("  ", "missing API key"),
+                                               ("Bearer   ", "malformed Authorization header"),
+                                               ("Bearer\tkey-a", "malformed Authorization header")])
+def test_a_header_without_a_key_is_named_missing_or_malformed(header, words):
+    """Clients can't send some of these (httpx refuses a value ending in spaces); proxies can."""
+    refusal = deps.api_key_error(header, [b"key-a"])
+    assert refusal is not None and refusal.message.startswith(words), refusal
 
 
 def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):

@@ -45,7 +45,11 @@ infinity and NaN (the gateway's reader makes 1e400 infinity) reach xgrammar as
 xgrammar 0.2.8 silently ignores some keywords (tried one by one: an answer breaking them
 is accepted): `not`, `if`/`then`/`else`, `allOf` of more than one schema, the
 `dependent*` keywords, `contains`, `uniqueItems`, `$dynamicRef`, keywords beside a `$ref`,
-a `$ref` outside the document, a `required` name missing from `properties`,
+a `$ref` outside the document, a `$ref` pointer it reads otherwise than JSON Schema (it
+takes `~0`, `~1` and `%25` escapes as written and skips empty names: "#/$defs/a~1b"
+followed "a~1b", not "a/b", and "#/" the root, not the name ""; it follows no pointer
+into an array either, failing to compile as for a `$ref` to nothing), a `required` name
+missing from `properties`,
 `minLength`/`maxLength` beside a `pattern` or `format`, and the keywords that bound one
 type of value (`pattern`, `minLength`, `minItems`, `minimum`, `multipleOf`,
 `patternProperties`, `propertyNames`, `minProperties`, ...) in a subschema without a
@@ -693,19 +697,37 @@ def _literal_chars(value: object, budget: int) -> int:
 
 
 def _resolve(root: object, ref: str) -> object | None:
-    """The target of a local `$ref` ("#" or a JSON pointer "#/..."), or None."""
+    """The target of a local `$ref` ("#" or a JSON pointer "#/...") as xgrammar 0.2.8 reads
+    it, or None: each name as written (it decodes no `~0`, `~1` or `%` escape), empty names
+    skipped ("#/" is the root), and through objects only (in an array it finds no field
+    "0"). `_misread_ref` refuses the pointers JSON Schema reads otherwise."""
     if ref != "#" and not ref.startswith("#/"):
         return None
     node = root
-    for raw in ref[2:].split("/") if ref != "#" else []:
-        token = unquote(raw).replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and token in node:
-            node = node[token]
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-            node = node[int(token)]
-        else:
+    for token in ref[2:].split("/"):
+        if not token:
+            continue
+        if not isinstance(node, dict) or token not in node:
             return None
+        node = node[token]
     return node
+
+
+def _misread_ref(ref: str) -> str | None:
+    """Why xgrammar reads the local `$ref` `ref` otherwise than JSON Schema does, or None:
+    it takes a name's escapes as written ("#/$defs/a~1b" found "a~1b", not "a/b": with both
+    names defined it followed "a~1b", with "a/b" alone its compile failed; `~0` and `%25`
+    alike) and skips an empty name ("#/" and "#//" read as "#", "#/$defs/a/" as
+    "#/$defs/a"), where JSON Schema looks for the name ""."""
+    for token in ref[2:].split("/") if ref.startswith("#/") else []:
+        unescaped = unquote(token).replace("~1", "/").replace("~0", "~")
+        if not token:
+            why = "it skips an empty name in a pointer (`//`, or a `/` at its end) where JSON Schema looks for the "
+            return why + 'name ""; leave the empty name out, and put its target under a name'
+        if unescaped != token:
+            why = f"it reads a pointer's escapes as written, looking for the name {token!r} where JSON Schema reads "
+            return why + f"{unescaped!r}; rename the target so that its pointer needs no `~` or `%` escape"
+    return None
 
 
 def _note_multiple_of(node: dict[str, Any], ignored: Callable[[str, str], None]) -> None:
@@ -1041,6 +1063,8 @@ class _Walk:
         if isinstance(ref, str):
             if ref != "#" and not ref.startswith("#/"):
                 ignored(f"`$ref` {ref!r}", "it resolves only references into the same schema ('#' or '#/...')")
+            elif (misread := _misread_ref(ref)) is not None:
+                ignored(f"`$ref` {ref!r}", misread)
             beside = [keyword for keyword in _VALIDATION if keyword in node]
             if beside:
                 ignored(f"`{beside[0]}` beside `$ref`", "it ignores keywords beside a $ref; move them into its target")

@@ -233,6 +233,16 @@ def test_the_64_bit_edges_pass():
     ({"items": {"type": "integer"}, "uniqueItems": True}, "`uniqueItems`"),
     ({"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a", "minimum": 5}, "`minimum` beside `$ref`"),
     ({"$ref": "https://example.com/schema.json"}, "`$ref` 'https://example.com/schema.json'"),
+    # xgrammar reads these pointers otherwise than JSON Schema (test_xgrammar_reads_pointer_names_as_written)
+    ({"$defs": {"a/b": {"type": "integer"}}, **required_object({"p": {"$ref": "#/$defs/a~1b"}})},
+     "`$ref` '#/$defs/a~1b' at #/properties/p, which the structured-output backend does not enforce: it reads a "
+     "pointer's escapes as written, looking for the name 'a~1b' where JSON Schema reads 'a/b'; rename the target"),
+    ({"$defs": {"c~d": {"type": "integer"}}, "$ref": "#/$defs/c~0d"}, "looking for the name 'c~0d' where JSON Schema"),
+    ({"$defs": {"a%b": {"type": "integer"}}, "$ref": "#/$defs/a%25b"},
+     "the name 'a%25b' where JSON Schema reads 'a%b'"),
+    ({"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a/"}, "`$ref` '#/$defs/a/' at #"),
+    ({"": {"type": "integer"}, **required_object({"p": {"$ref": "#/"}})},
+     'it skips an empty name in a pointer (`//`, or a `/` at its end) where JSON Schema looks for the name ""'),
     ({"type": "object", "required": ["a"]}, "`required` name 'a'"),
     ({"type": "object", "properties": {"x": {"$dynamicRef": "#meta"}}}, "`$dynamicRef` at #/properties/x"),
     ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 5}, "`maxLength` beside `pattern`"),
@@ -251,7 +261,7 @@ def test_keywords_the_backend_does_not_enforce_are_refused_by_name(schema, named
     (required_object({"a": False}), "required property 'a' at # is `false`"),
     ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}, "$ref": "#/$defs/n"},
      "item 0 (minItems 1)"),
-    ({"anyOf": [{"$ref": "#"}, {"$ref": "#/anyOf/0"}]}, "every `anyOf` branch"),
+    ({"$defs": {"a": {"$ref": "#"}}, "anyOf": [{"$ref": "#"}, {"$ref": "#/$defs/a"}]}, "every `anyOf` branch"),
     # xgrammar emits enum and const values as they are, reading nothing beside them: these
     # were answered with JSON that breaks the schema
     ({"type": "integer", "const": "a"}, '`const` "a" at # is not of its `type` "integer"'),
@@ -691,6 +701,46 @@ def test_xgrammar_narrows_a_bare_schema_through_allof_or_ref_and_not_the_filled_
     assert xgrammar_accepts(grammar_compiler, wrap(bare), around("{}" if bare is BARE_OBJECT else "[]"))
     assert xgrammar_accepts(grammar_compiler, wrap(filled), around(answer))
     check_response_schema(wrap(filled))
+
+
+# How xgrammar 0.2.8 reads a $ref pointer, as (the property's schema, what the root holds
+# beside it, the property's values xgrammar takes, values it does not): each name as
+# written, empty names skipped.
+POINTERS = {
+    "~1 as written": ({"$ref": "#/$defs/a~1b"}, {"$defs": {"a/b": {"type": "integer"}, "a~1b": {"type": "string"}}},
+                      ['"x"'], ["1"]),
+    "%25 as written": ({"$ref": "#/$defs/a%25b"}, {"$defs": {"a%b": {"type": "integer"}, "a%25b": {"type": "string"}}},
+                       ['"x"'], ["1"]),
+    "an empty name skipped": ({"$ref": "#/$defs/a/"}, {"$defs": {"a": {"type": "integer", "": {"type": "string"}}}},
+                              ["1"], ['"x"']),
+    "#/ is the root": ({"anyOf": [{"$ref": "#/"}, {"type": "null"}]}, {"": {"type": "integer"}},
+                       ['{"p": null}', "null"], ["1"]),
+    "names needing no escape": ({"$ref": "#/$defs/a b#?\u00e9"}, {"$defs": {"a b#?\u00e9": {"type": "integer"}}},
+                                ["1"], ['"x"']),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", POINTERS)
+def test_xgrammar_reads_pointer_names_as_written(grammar_compiler, case):
+    """What the refusal of escaped and empty names rests on; the last passes the check."""
+    inner, beside, taken, refused = POINTERS[case]
+    schema = {**required_object({"p": inner}), "additionalProperties": False, **beside}
+    for value in taken:
+        assert xgrammar_accepts(grammar_compiler, schema, f'{{"p": {value}}}'), value
+    for value in refused:
+        assert not xgrammar_accepts(grammar_compiler, schema, f'{{"p": {value}}}'), value
+    if case == "names needing no escape":
+        check_response_schema(schema)
+
+
+@pytest.mark.parametrize("schema", [
+    # with "a/b" alone, and into an array: "Cannot find field a~1b (0)", vLLM's 400 with that reason
+    {"$defs": {"a/b": {"type": "integer"}}, "$ref": "#/$defs/a~1b"},
+    {"anyOf": [{"type": "integer"}, {"$ref": "#/anyOf/0"}]},
+])  # fmt: skip
+def test_xgrammar_cannot_compile_a_pointer_to_no_name(grammar_compiler, schema):
+    with pytest.raises(RuntimeError, match="Cannot find field"):
+        grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
 
 
 # multipleOf in a subschema xgrammar 0.2.8 reads by its type: it ignores it (logging

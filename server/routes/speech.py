@@ -149,6 +149,12 @@ async def _start(request: Request, state: State, form: SpeechForm, instruction: 
             f"stream=true sends transcript events; response_format must be json or text, not {form.response_format}",
             param="response_format",
         )
+    if form.timestamp_granularities and form.response_format != "verbose_json":
+        raise bad_request(
+            "timestamp_granularities[] sets the timestamps of verbose_json's segments; response_format is "
+            f"{form.response_format}, which has none (send response_format=verbose_json)",
+            param="timestamp_granularities[]",
+        )
     upload = uploaded(form)
     audio = await state.builder.load_audio(upload)
     parts = windows(audio)

@@ -377,6 +377,18 @@ def test_form_fields_that_are_lists_may_repeat(client):
     assert len(verbose.json()["segments"]) == 1
 
 
+@pytest.mark.parametrize("response_format", ["json", "text", "srt", "vtt"])
+def test_timestamp_granularities_need_verbose_json(client, response_format):
+    """Only verbose_json has segments to time: the field is refused rather than ignored."""
+    response = client.post("/v1/audio/transcriptions", files={"file": ("clip.wav", WAV)},
+                           data={"model": MODEL, "response_format": response_format, "max_completion_tokens": "2",
+                                 "timestamp_granularities[]": "segment"})  # fmt: skip
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "timestamp_granularities[]"
+    assert f"response_format is {response_format}, which has none" in error["message"]
+
+
 def test_float_audio_past_full_scale_is_answered_while_the_front_end_can_take_it(client):
     """Float WAVs may carry int16-scale samples (±32768): loud, not broken."""
     loud = wav_bytes(np.full(16000, 3e4, dtype=np.float32), 16000, "FLOAT")

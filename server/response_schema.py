@@ -93,7 +93,10 @@ properties or additionalProperties is `{}` alone everywhere (an array without it
 narrower than the schema, but valid, so not refused.
 A schema that admits no finite value (`{"$ref": "#"}`, a required property that refers
 back to its object) leaves the model no token to continue with; the engine then ends the
-request with finish reason "error", so such schemas are refused here too. So is one whose
+request with finish reason "error", so such schemas are refused here too, and so is a
+subschema that admits none because it leads back to itself, an optional property's say:
+xgrammar let the answer start it, and then allowed no token, or wrote `{"q": {"q": ` on
+to the token limit. So is one whose
 `const` or `enum` values all break its own type, bounds or counts: xgrammar emits those
 values as they are, reading no keyword beside them, so `{"type": "integer", "const": "a"}`
 was answered "a" with a 200. It emits each enum value so, and a `const` beside an `enum`
@@ -118,7 +121,10 @@ the schema's draft with draft 2020-12's types (xgrammar writes 1.0 as 1), a `$re
 resolved in the whole schema as xgrammar reads it, and pattern, format and multipleOf as
 above; where the break is not certain it counts as none: `oneOf` is read as `anyOf`,
 `patternProperties` keys go unchecked, and so does everything once a schema's checks have
-run 0.5 s (branches multiply) or recursed past Python's limit (a `$ref` cycle).
+run 0.5 s (branches multiply) or recursed past Python's limit (hundreds of `anyOf` and
+`$ref` steps in a chain). A `$ref` cycle is followed as xgrammar's grammar reads it: a
+value that comes back to a `$ref` target it is being checked against fails that way round
+(with x {"anyOf": [{"$ref": "#/$defs/x"}, {"type": "integer"}]}, xgrammar took 1, not "a").
 """
 
 import json
@@ -220,15 +226,10 @@ def check_response_schema(schema: dict[str, Any]) -> None:
         )
     if walk.narrowed is not None:
         raise walk.narrowed
-    empty = walk.uncompiled_range()
-    if empty is not None:
-        raise empty
-    reason = walk.no_value()
-    if reason is not None:
-        raise bad_request(f"{WHERE} admits no JSON value: {reason}", param=PARAM)
-    broken = walk.broken_value()  # after no_value: where no value is left, that says more
-    if broken is not None:
-        raise broken
+    for check in (walk.uncompiled_range, walk.no_value, walk.broken_value):  # no_value first: where no value is
+        refusal = check()  # left, that says more than the value that breaks its keywords
+        if refusal is not None:
+            raise refusal
 
 
 def _check_metaschema(schema: dict[str, Any]) -> None:
@@ -521,6 +522,7 @@ class _ValueCheck:
     search: _PatternSearch = field(default_factory=_PatternSearch)
     deadline: float = 0.0
     validator: Any = None  # jsonschema's, for the root's draft, built on first use (`_value_validator`)
+    following: set[tuple[int, int]] = field(default_factory=set)  # (value, $ref target) pairs being checked
 
     def nested(self, value: dict | list, node: dict[str, Any]) -> str | None:
         """How the object or array `value`, an enum or const value of `node`, certainly
@@ -528,11 +530,16 @@ class _ValueCheck:
         less its own const and enum (a const beside an enum is `_broken_const`'s), with a
         `$ref` resolved in the whole schema as `_resolve` reads it (and as xgrammar does),
         and a `pattern`, `format` or `multipleOf` read as for a string or number value
-        (`_broken_keyword`). Only a certain break counts: `oneOf` is read as `anyOf` (a
+        (`_broken_keyword`). A `$ref` that leads back to a target it is checking the same
+        value against fails there, as the grammar xgrammar builds from it does (no finite
+        answer passes through it: with x {"anyOf": [{"$ref": "#/$defs/x"}, {"type":
+        "integer"}]} xgrammar 0.2.8 took 1, not "a"), so a value under a $ref cycle is
+        checked as any other. Only a certain break counts: `oneOf` is read as `anyOf` (a
         branch whose pattern search was cut short counts as taking the value), keys under
         `patternProperties` go unchecked, and so does every value once the checks of one
         schema have run VALUE_CHECK_SECONDS (an anyOf of anyOfs can take exponential
-        time) or recursed past Python's limit (a $ref cycle)."""
+        time) or recursed past Python's limit (a chain of hundreds of anyOf and $ref
+        subschemas, each of them a few frames of jsonschema's)."""
         if not self.deadline:
             self.deadline = time.monotonic() + VALUE_CHECK_SECONDS
         if self.validator is None:
@@ -555,7 +562,7 @@ class _ValueCheck:
 
 def _value_validator(check: _ValueCheck) -> Any:
     """A jsonschema validator for `check.root`'s draft, with the keywords `nested` reads
-    otherwise: `$ref` through `_resolve`, `pattern`, `format` and `multipleOf` as
+    otherwise: `$ref` through `_resolve` (failing where it leads back), `pattern`, `format` and `multipleOf` as
     `_broken_keyword` reads them (certain breaks only), `oneOf` as `anyOf`, and no
     `patternProperties` (nor `additionalProperties` or `unevaluatedProperties` beside it:
     which keys it matches is uncertain, and re would search them without a deadline).
@@ -568,8 +575,19 @@ def _value_validator(check: _ValueCheck) -> Any:
     def ref(validator: Any, ref: object, instance: object, schema: dict) -> Iterator[Any]:
         check.tick()
         target = _resolve(check.root, ref) if isinstance(ref, str) else None
-        if isinstance(target, dict | bool):
+        if isinstance(target, bool):
             yield from validator.descend(instance, target)
+        elif isinstance(target, dict):
+            key = (id(instance), id(target))
+            if key in check.following:  # no finite answer passes here again: this way round fails
+                yield error(f"{_shown(instance)} leads back to `$ref` {ref!r} with no end")
+                return
+            check.following.add(key)
+            try:  # all of its errors at once, so that `following` holds exactly the $refs being followed
+                errors = list(validator.descend(instance, target))
+            finally:
+                check.following.discard(key)
+            yield from errors
 
     def pattern(validator: Any, pattern: object, instance: object, schema: dict) -> Iterator[Any]:
         if isinstance(pattern, str) and isinstance(instance, str) and check.search.misses(pattern, instance):
@@ -1159,8 +1177,9 @@ class _Walk:
                 return refusal
         return None
 
-    def no_value(self) -> str | None:
-        """Why the root admits no finite JSON value as xgrammar reads it, or None.
+    def no_value(self) -> ApiError | None:
+        """The 400 for a root that admits no finite JSON value as xgrammar reads it, or for a
+        subschema that admits none because it leads back to itself, or None.
 
         A least fixpoint: a subschema admits a value once its $ref target does, one of its
         anyOf/oneOf branches and all of its allOf do, and, where it must be an object or a
@@ -1168,7 +1187,15 @@ class _Walk:
         enum only when a value of it keeps the subschema's own type, bounds and counts
         (`_unmatched_values`). Everything else (a pattern no string matches, say) counts
         as admitting a value: only what is proven is refused, and the engine's finish
-        reason covers the rest."""
+        reason covers the rest.
+
+        Below the root, a subschema whose failures lead round a cycle (`_endless`) is
+        refused too: an optional property {"$ref": "#/$defs/a"} with `a` {"$ref":
+        "#/$defs/a"}, or one whose object requires a property referring back to it.
+        xgrammar 0.2.8 compiles it, and lets the answer start it: it took `{"p": ` and then
+        no token at all (the engine's finish reason "error"), or `{"p": {"q": {"q": ` on to
+        the token limit. One admitting no value for another reason (`false`, a const its
+        type contradicts) is left to `broken_value` and the backend."""
         ok: set[int] = set()
         dependents: dict[int, set[int]] = {}
         for key, (node, _) in self.nodes.items():
@@ -1181,7 +1208,35 @@ class _Walk:
             if key not in ok and self._failure(self.nodes[key][0], ok) is None:
                 ok.add(key)
                 pending.extend(dependents.get(key, ()))
-        return None if id(self.root) in ok else self._why(ok)
+        if id(self.root) not in ok:
+            return bad_request(f"{WHERE} admits no JSON value: {self._why(ok, self.root)}", param=PARAM)
+        endless = self._endless(ok)
+        if endless is None:
+            return None
+        return bad_request(
+            f"{WHERE} admits no finite JSON value at {self._pointer(endless)} (an answer may still start one there, "
+            f"which the structured-output backend would never end): {self._why(ok, endless)}",
+            param=PARAM,
+        )
+
+    def _endless(self, ok: set[int]) -> dict[str, Any] | None:
+        """The first subschema, in walk order, that admits no value because its failures
+        lead round a cycle (where `_why` says "leads back to"), or None. Each failure is
+        followed once: a chain ends where an earlier one did, or comes back on itself."""
+        ends: dict[int, bool] = {}  # whether the failures from a subschema lead round a cycle
+        for key, (node, _) in self.nodes.items():
+            path: list[int] = []
+            current: object = node
+            while isinstance(current, dict) and id(current) not in ok and id(current) not in ends:
+                ends[id(current)] = False  # until the chain's end is known; a step back here finds it
+                path.append(id(current))
+                failure = self._failure(current, ok)
+                current = None if failure is None else failure[1]
+            cycle = isinstance(current, dict) and (id(current) in path or ends.get(id(current), False))
+            ends.update(dict.fromkeys(path, cycle))
+            if ends.get(key):
+                return node
+        return None
 
     def _needs(self, node: dict[str, Any]) -> Iterator[object]:
         """Every subschema `_failure` may look at."""
@@ -1235,11 +1290,12 @@ class _Walk:
                     return f"item {i} (minItems {min_items})", child
         return None
 
-    def _why(self, ok: set[int]) -> str:
-        """Follow the failures from the root down to one that explains itself."""
+    def _why(self, ok: set[int], start: dict[str, Any]) -> str:
+        """Follow the failures from `start` down to one that explains itself (a long chain
+        with its middle steps counted, not listed)."""
         steps: list[str] = []
         seen: list[int] = []
-        node: object = self.root
+        node: object = start
         while isinstance(node, dict) and (failure := self._failure(node, ok)) is not None:
             what, child = failure
             steps.append(f"{what} at {self._pointer(node)}")
@@ -1254,6 +1310,8 @@ class _Walk:
                 steps[-1] += f" {child.reason}"
                 break
             node = child
+        if len(steps) > 7:
+            steps[3:-3] = [f"({len(steps) - 6} more)"]
         return " -> ".join(steps)
 
     def _pointer(self, node: dict[str, Any]) -> str:

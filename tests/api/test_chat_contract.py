@@ -224,6 +224,9 @@ def test_a_request_refused_after_its_audio_was_processed_leaves_that_audio_usabl
                                           'backend cannot compile (it takes only whole numbers as integer bounds)'),
     ({"type": ["integer", "null"], "minimum": 5, "maximum": 7, "multipleOf": 4},
      "has a range with no value at #: no integer satisfies `minimum` 5, `maximum` 7 and `multipleOf` 4"),
+    # the backend compiled this, and let the answer start "p" and then allowed no token
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}},
+     "admits no finite JSON value at #/properties/p"),
 ])  # fmt: skip
 def test_schemas_past_the_limits_or_not_enforceable_are_400s_and_structured_answers_go_on(oai, schema, words):
     """Refused before the engine: none of them ties up its grammar compiler (the 90000

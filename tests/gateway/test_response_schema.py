@@ -294,6 +294,109 @@ def test_schemas_that_admit_no_value_are_refused_saying_where(schema, named):
     assert "admits no JSON value" in message and named in message, message
 
 
+# Trees (the root one, and one in $defs), and a subschema that refers to itself with a way
+# out (xgrammar's grammar for it takes the integers alone); $defs entries that lead back to
+# themselves with none.
+TREE = {"type": "object", "properties": {"kind": {"const": "node"},
+                                         "children": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["kind", "children"]}  # fmt: skip
+NODES = {"$defs": {"n": required_object({"kind": {"const": "node"},
+                                         "children": {"type": "array", "items": {"$ref": "#/$defs/n"}}})}}  # fmt: skip
+LEFT_RECURSIVE = {"anyOf": [{"$ref": "#/$defs/x"}, {"type": "integer"}]}
+SELF = {"$defs": {"a": {"$ref": "#/$defs/a"}}}
+NO_END = {"$defs": {"n": required_object({"q": {"$ref": "#/$defs/n"}})}}
+RING = {"$defs": {f"a{i}": {"$ref": f"#/$defs/a{(i + 1) % 400}"} for i in range(400)}}
+
+
+@pytest.mark.parametrize(("schema", "named"), [
+    # xgrammar 0.2.8 took `{"p": ` and then allowed no token (the engine's finish reason
+    # "error"); with NO_END it wrote `{"p": {"q": {"q": ` on to the token limit
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}}} | SELF,
+     "admits no finite JSON value at #/properties/p (an answer may still start one there, which the structured-output "
+     "backend would never end): `$ref` '#/$defs/a' at #/properties/p -> `$ref` '#/$defs/a' at #/$defs/a leads back to "
+     "#/$defs/a, so no finite value can end it"),
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/n"}}} | NO_END,
+     "at #/properties/p (an answer may still start one there, which the structured-output backend would never end): "
+     "`$ref` '#/$defs/n' at #/properties/p -> required property 'q' at #/$defs/n -> `$ref` '#/$defs/n' at "
+     "#/$defs/n/properties/q leads back to #/$defs/n"),
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}},
+      "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}},
+     "-> `allOf` at #/$defs/b -> `$ref` '#/$defs/a' at #/$defs/b/allOf/0 leads back to #/$defs/a"),
+    ({"type": "array", "items": {"$ref": "#/$defs/n"}} | NO_END, "admits no finite JSON value at #/items"),
+    ({"anyOf": [{"$ref": "#/$defs/n"}, {"type": "null"}]} | NO_END, "admits no finite JSON value at #/$defs/n"),
+    # where no $ref leads to it either: a schema that cannot be answered is a mistake
+    ({"type": "integer"} | SELF, "admits no finite JSON value at #/$defs/a"),
+    # a long chain shows its first and last three steps
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/a0"}}} | RING,
+     "`$ref` '#/$defs/a2' at #/$defs/a1 -> (395 more) -> `$ref` '#/$defs/a398' at #/$defs/a397"),
+])  # fmt: skip
+def test_a_subschema_that_admits_no_value_through_a_cycle_is_refused_wherever_it_is(schema, named):
+    message = refusal(schema)
+    assert named in message, message
+
+
+@pytest.mark.parametrize("schema", [
+    TREE, {"$defs": {"x": LEFT_RECURSIVE}, "type": "array", "items": {"$ref": "#/$defs/x"}},
+    {"type": "object", "properties": {"label": {"enum": ["a", "b"]}, "children": {"type": "array",
+                                                                                  "items": {"$ref": "#"}}},
+     "required": ["label", "children"]},
+    # an optional property, a branch or an item is a way out
+    {"type": "object", "properties": {"next": {"$ref": "#"}}},
+    {"$defs": {"n": {"anyOf": [required_object({"q": {"$ref": "#/$defs/n"}}), {"type": "null"}]}}, "$ref": "#/$defs/n"},
+    {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"},
+])  # fmt: skip
+def test_recursive_schemas_with_a_way_out_pass(schema):
+    check_response_schema(schema)
+
+
+def _chain(steps: int, step: dict) -> dict:
+    """$defs a0 ... a`steps`: each `step` with its "{next}" the next one's name, the last an integer."""
+    chain = {f"a{i}": json.loads(json.dumps(step).replace("{next}", f"a{i + 1}")) for i in range(steps)}
+    return {"$defs": chain | {f"a{steps}": {"type": "integer"}}}
+
+
+def _tree(depth: int, leaf: str) -> dict:
+    value = {"kind": leaf, "children": []}
+    for _ in range(depth):
+        value = {"kind": "node", "children": [value]}
+    return value
+
+
+HOSTILE_REFS = {
+    # (schema, words of its 400, or None where it passes)
+    "a chain of 480 $refs": ({"type": "object", "properties": {"p": {"$ref": "#/$defs/a0"}}, "required": ["p"]}
+                             | _chain(480, {"$ref": "#/$defs/{next}"}), None),
+    "a const 60 levels down a tree": ({"type": "object", "properties": {"t": {"$ref": "#/$defs/n"}},
+                                       "const": {"t": _tree(60, "leaf")}} | NODES,
+                                      "(at /t" + "/children/0" * 60 + "/kind: 'node' was expected)"),
+    "a $ref to no name": ({"type": "object", "properties": {"p": {"$ref": "#/$defs/gone/a"}}}, None),
+    "a $ref through 100000 names": ({"$ref": "#" + "/a" * 100000}, None),
+    "a $ref to a file": ({"$ref": "file:///etc/passwd"}, "uses `$ref` 'file:///etc/passwd' at #"),
+    "a $ref with %00": ({"$defs": {"a\u0000": {"type": "integer"}}, "$ref": "#/$defs/a%00"}, "where JSON Schema reads"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE_REFS)
+def test_hostile_refs_end_in_a_400_or_pass(case):
+    """Chains, rings and pointers built to make the check recurse without end or fail:
+    nothing recurses past a bound (the walk's depth limit, the value check's own), and
+    none is our 500."""
+    schema, named = HOSTILE_REFS[case]
+    if named is None:
+        check_response_schema(schema)
+    else:
+        message = refusal(schema)
+        assert named in message, message
+
+
+def test_a_value_check_past_pythons_recursion_limit_refuses_nothing_and_ends():
+    """A chain of 240 anyOf and $ref steps, each a few frames of jsonschema's, takes the
+    value check past Python's recursion limit: it proves nothing then (the const breaks
+    the integer at its end), which is a pass, not a RecursionError."""
+    check_response_schema({"type": "object", "properties": {"p": {"$ref": "#/$defs/a0"}}, "const": {"p": "x"}}
+                          | _chain(240, {"anyOf": [{"$ref": "#/$defs/{next}"}]}))  # fmt: skip
+
+
 @pytest.mark.parametrize(("schema", "named"), [
     # xgrammar emits every enum value as it is: this one took 1
     ({"type": "string", "enum": ["a", 1]}, '`enum` value 1 at #/enum/1 is not of its `type` "string"'),
@@ -355,6 +458,13 @@ def test_an_enum_or_const_value_breaking_a_keyword_beside_it_is_refused_naming_i
      '(at /1: "x" is not of its `format` "email")'),
     ({"type": "array", "items": {"type": ["integer"], "multipleOf": 3}, "enum": [[3], [3, 4]]},
      "(at /1: 4 is not a multiple of its `multipleOf` 3)"),
+    # under a $ref cycle too: xgrammar's grammar for x takes the integers alone (the check
+    # gave up on it, recursing past Python's limit, and passed it)
+    ({"$defs": {"x": LEFT_RECURSIVE}, "type": "object", "properties": {"p": {"$ref": "#/$defs/x"}},
+      "const": {"p": "a"}}, "(at /p: 'a' is not valid under any of the given schemas)"),
+    ({"type": "object", "properties": {"t": {"$ref": "#/$defs/n"}}, "const": {"t": {
+        "kind": "node", "children": [{"kind": "node", "children": [{"kind": "leaf", "children": []}]}]}}} | NODES,
+     "(at /t/children/0/children/0/kind: 'node' was expected)"),
 ])  # fmt: skip
 def test_an_object_or_array_enum_or_const_value_breaking_the_keywords_beside_it_is_refused_naming_it(schema, named):
     message = refusal(schema)
@@ -374,9 +484,10 @@ def test_an_object_or_array_enum_or_const_value_breaking_the_keywords_beside_it_
     # draft-07 reads 1.0 as no integer, but xgrammar emits it as 1
     {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {"a": {"type": "integer"}},
      "const": {"a": 1.0}},
-    # a $ref cycle the value never leaves proves nothing either way
-    {"$defs": {"x": {"anyOf": [{"$ref": "#/$defs/x"}, {"type": "integer"}]}}, "type": "object",
-     "properties": {"p": {"$ref": "#/$defs/x"}}, "const": {"p": 1}},
+    # under a $ref cycle, read as xgrammar's grammar: 1 takes the integer branch
+    {"$defs": {"x": LEFT_RECURSIVE}, "type": "object", "properties": {"p": {"$ref": "#/$defs/x"}}, "const": {"p": 1}},
+    {"type": "object", "properties": {"t": {"$ref": "#/$defs/n"}},
+     "enum": [{"t": {"kind": "node", "children": [{"kind": "node", "children": []}]}}, {}]} | NODES,
 ])  # fmt: skip
 def test_an_object_or_array_enum_or_const_value_that_validates_passes(schema):
     check_response_schema(schema)
@@ -928,6 +1039,29 @@ def test_xgrammar_writes_const_and_enum_objects_and_arrays_compactly(grammar_com
         assert not xgrammar_accepts(grammar_compiler, numbers, answer), answer
 
 
+def test_xgrammar_starts_a_value_that_leads_back_to_itself_and_cannot_end_it(grammar_compiler):
+    """What the refusal of such subschemas below the root rests on, and how a value under a
+    $ref cycle is checked: xgrammar's grammar takes no finite value through the cycle."""
+    import xgrammar as xgr
+
+    schema = {"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}}} | SELF
+    grammar = grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+    matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
+    assert matcher.accept_string('{"p": ')
+    bitmask = xgr.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    assert not bitmask.any()  # no token to continue with
+    endless = {"type": "object", "properties": {"p": {"$ref": "#/$defs/n"}}} | NO_END
+    matcher = xgr.GrammarMatcher(grammar_compiler.compile_json_schema(json.dumps(endless), any_whitespace=False))
+    assert matcher.accept_string('{"p": ' + '{"q": ' * 100)
+    left_recursive = {"$defs": {"x": LEFT_RECURSIVE}, "$ref": "#/$defs/x"}
+    assert xgrammar_accepts(grammar_compiler, left_recursive, "1")
+    assert not xgrammar_accepts(grammar_compiler, left_recursive, '"a"')
+    emitted = {"$defs": {"x": LEFT_RECURSIVE}, "type": "object", "properties": {"p": {"$ref": "#/$defs/x"}},
+               "const": {"p": "a"}}  # fmt: skip
+    assert xgrammar_accepts(grammar_compiler, emitted, '{"p":"a"}')
+
+
 class Shade(enum.Enum):
     LIGHT = "light"
     DARK = "dark"
@@ -1189,8 +1323,9 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
     encoder raise (a 500), a const its own type contradicts, an enum value its type
     contradicts and a length bound without a type (each a 200 breaking it), and a
     multipleOf of Infinity (the reader takes it, and makes 1e400 the same), which the
-    multipleOf check computed with (our 500), and a range with no value (the engine's 400
-    named no keyword)."""
+    multipleOf check computed with (our 500), a range with no value (the engine's 400
+    named no keyword), and an optional property that leads back to itself (the answer could
+    start it and never end it)."""
     schemas = {
         "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
         "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
@@ -1200,6 +1335,8 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
         "has inf at #/multipleOf": {"type": ["integer", "null"], "multipleOf": math.inf},
         "no integer satisfies `minimum` 5, `maximum` 7 and `multipleOf` 4": {"type": ["integer", "null"], "minimum": 5,
                                                                               "maximum": 7, "multipleOf": 4},
+        "admits no finite JSON value at #/properties/p": {"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}},
+                                                          "$defs": {"a": {"$ref": "#/$defs/a"}}},
     }
     async with running_gateway() as gw:
         for named, schema in schemas.items():

@@ -9,11 +9,14 @@ compete for the GIL with the decoders' Python glue.
 """
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import stat
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -22,6 +25,14 @@ from mdlserve.server.audio import decode_input
 from mdlserve.server.batch.items import AudioRef, RowError
 from mdlserve.server.fetch import AudioFetcher, FetchError
 from mdlserve.server.request import AudioSource
+
+logger = logging.getLogger("mdlserve.batch")
+
+# How long shutdown() lets a busy worker finish its clip before it terminates it (and then
+# waits for it to end before it kills it), and how long it waits for the pool to wind up
+# once every worker was killed, so that exit never hangs on the pool.
+SHUTDOWN_WAIT_S = 5.0
+KILLED_WAIT_S = 30.0
 
 
 class ProcessDecodePool:
@@ -40,8 +51,38 @@ class ProcessDecodePool:
     async def decode(self, data: bytes | str, max_seconds: float | None = None) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(self._pool, decode_input, data, max_seconds)
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, timeout: float = SHUTDOWN_WAIT_S) -> None:
+        """Stops the workers and returns once they and the pool's manager thread have ended:
+        nothing of the pool is left to tear down while the interpreter exits. (shutdown(wait=
+        False) alone returned while the manager thread was still closing its pipes and joining
+        the workers, work that could overlap the job's exit, where Python 3.11's exit hook
+        writes to one of those pipes without the lock the manager closes it under: "OSError:
+        [Errno 9] Bad file descriptor" or "handle is closed" after the summary.) Clips not
+        started are cancelled; a worker still busy after `timeout` seconds (a decode that does
+        not end) is terminated, then killed, so that exit never hangs on it."""
+        pool = self._pool
+        processes = list((pool._processes or {}).values())  # shutdown() drops both references
+        # a Thread (typeshed types it as the _ThreadWakeup)
+        manager = cast(threading.Thread | None, pool._executor_manager_thread)
+        pool.shutdown(wait=False, cancel_futures=True)
+        if manager is None:  # no clip was ever submitted: no worker started
+            return
+        manager.join(timeout)  # it joins the workers once the busy ones are done
+        if manager.is_alive():  # a worker still busy: a decode that does not end
+            busy = [process for process in processes if process.exitcode is None]
+            logger.warning(
+                "decode pool: still decoding %g s after shutdown; %d worker(s) terminated", timeout, len(busy)
+            )
+            for process in busy:
+                process.terminate()
+            manager.join(timeout)  # a worker that died breaks the pool: the manager winds it up
+        if manager.is_alive():
+            for process in processes:
+                if process.exitcode is None:
+                    process.kill()
+            manager.join(KILLED_WAIT_S)
+        if manager.is_alive():
+            logger.warning("the decode pool's manager thread did not end; exiting without it")
 
 
 def batch_fetcher(timeout: float, max_bytes: int) -> AudioFetcher:

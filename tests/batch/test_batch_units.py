@@ -462,3 +462,40 @@ def test_a_folder_a_glob_cannot_read_is_an_error_row_and_its_first_folder_exits_
         list(read_rows(InputSpec(f"{locked}/*.wav")))
     with pytest.raises(InputError, match="^cannot read the input .*: Permission denied"):
         list(read_rows(InputSpec(f"{locked}/**/*.wav")))
+
+
+def test_decode_pool_shutdown_ends_its_workers_and_manager_even_with_a_decode_that_never_ends():
+    """shutdown() was shutdown(wait=False): it returned while the pool's manager thread was
+    still closing its pipes and joining the workers, which then raced the interpreter's exit
+    (Python 3.11's exit hook writes to one of those pipes without the manager's lock: "OSError:
+    [Errno 9] Bad file descriptor" after the summary, now and then), and a worker busy with a
+    decode that never ended was left running. Now it returns once the workers and the manager
+    have ended: idle workers end cleanly, a busy one is terminated after `timeout`."""
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    from mdlserve.server.batch.loading import ProcessDecodePool
+
+    def parts(pool):
+        pool.warm_up()
+        return list(pool._pool._processes.values()), pool._pool._executor_manager_thread
+
+    idle = ProcessDecodePool(2)
+    processes, manager = parts(idle)
+    idle.shutdown(timeout=600)  # returns as soon as they have ended
+    assert not manager.is_alive()
+    assert [process.exitcode for process in processes] == [0, 0]  # ended by the pool, not terminated
+
+    busy = ProcessDecodePool(2)
+    processes, manager = parts(busy)
+    never_ends = busy._pool.submit(time.sleep, 3600)
+    deadline = time.monotonic() + 600
+    while not never_ends.running():  # handed to the workers: it can no longer be cancelled
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    busy.shutdown(timeout=0.5)
+    assert not manager.is_alive()
+    assert not any(process.is_alive() for process in processes)
+    assert isinstance(never_ends.exception(timeout=0), BrokenProcessPool)
+
+    ProcessDecodePool(1).shutdown()  # no worker ever started: nothing to wait for

@@ -65,7 +65,8 @@ beside an `anyOf`, `oneOf` or `allOf` of any length ({"type": "string", "anyOf":
 applicator beside a `const` or `enum` ({"anyOf": [integer], "const": "a"} took "a");
 annotations (title, description, default, $defs) beside them are harmless. A schema
 using them is refused by name, rather than answered with JSON that does not validate.
-So is draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside a numeric `type`
+So is a draft-03 schema (it ignored `extends`, `divisibleBy`, a boolean `required`), and
+draft-04's boolean `exclusiveMinimum`/`exclusiveMaximum`: beside a numeric `type`
 xgrammar fails to compile it ("Value must be a number"), without one it ignores it.
 So is a `multipleOf` xgrammar ignores where it reads the subschema by its `type` (logging
 "ignoring multipleOf"): beside "number" ({"type": ["number", "null"], "multipleOf": 0.5}
@@ -233,12 +234,25 @@ def check_response_schema(schema: dict[str, Any]) -> None:
 
 
 def _check_metaschema(schema: dict[str, Any]) -> None:
+    """Refuse a schema that is not a JSON Schema of its draft, or one of draft-03: xgrammar
+    0.2.8 ignores draft-03's `extends`, `disallow`, `divisibleBy` and boolean `required`
+    (an answer breaking each was accepted) and cannot compile a schema in its `type` list,
+    and jsonschema's draft-03 metaschema check recursed once per level of those, which the
+    walk does not count (`extends` 190 levels deep: RecursionError, our 500)."""
     import jsonschema
 
     if not isinstance(schema.get("$schema", ""), str):  # jsonschema looks it up in a dict: a list would raise
         raise bad_request(f"{WHERE} is not a valid JSON Schema: $schema must be a string", param=PARAM)
+    validator = jsonschema.validators.validator_for(schema)
+    if validator is jsonschema.Draft3Validator:
+        raise bad_request(
+            f"{WHERE} is draft-03 ($schema {schema['$schema']!r}), which the structured-output backend does not read: "
+            "it ignores `extends`, `disallow`, `divisibleBy` and a boolean `required`, and cannot compile a schema in "
+            "`type`; write it in draft 2020-12",
+            param=PARAM,
+        )
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise bad_request(f"{WHERE} is not a valid JSON Schema: {exc.message}", param=PARAM) from None
 

@@ -1198,6 +1198,58 @@ def test_an_invalid_json_schema_is_refused():
     assert "$schema must be a string" in refusal({"$schema": []})
 
 
+DRAFT_03 = "http://json-schema.org/draft-03/schema#"
+
+
+def nested_under(keyword: str, levels: int, form: str = "schema") -> dict:
+    """{"type": "integer"} under `levels` of `keyword`, each holding a schema, a list of one
+    or a map to one."""
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {keyword: {"schema": schema, "list": [schema], "map": {"x": schema}}[form]}
+    return schema
+
+
+@pytest.mark.parametrize("schema", [
+    # xgrammar 0.2.8 took {} for the first, 1 for the next two, and failed to compile the last
+    {"$schema": DRAFT_03, "type": "object", "properties": {"a": {"type": "integer", "required": True}}},
+    {"$schema": DRAFT_03, "type": "integer", "extends": {"minimum": 5}},
+    {"$schema": "http://json-schema.org/draft-03/schema", "type": "integer", "divisibleBy": 3},
+    {"$schema": DRAFT_03, "type": [{"type": "integer"}, "null"]},
+    # jsonschema's draft-03 check recursed through these past Python's limit: our 500
+    {"$schema": DRAFT_03, **nested_under("extends", 190)},
+    {"$schema": DRAFT_03, **nested_under("type", 190, "list")},
+])  # fmt: skip
+def test_a_draft_03_schema_is_refused(schema):
+    message = refusal(schema)
+    assert message.startswith("response_format.json_schema.schema is draft-03 ($schema 'http://json-schema.org/draft-03/"
+                              "schema"), message  # fmt: skip
+    assert "which the structured-output backend does not read: it ignores `extends`" in message, message
+
+
+SCHEMA_KEYWORDS = ["additionalProperties", "items", "contains", "propertyNames", "not", "if", "then", "else",
+                   "unevaluatedItems", "unevaluatedProperties", "additionalItems", "contentSchema", "$defs",
+                   "definitions", "dependencies", "dependentSchemas", "properties", "patternProperties", "allOf",
+                   "anyOf", "oneOf", "prefixItems", "extends", "disallow", "type"]  # fmt: skip
+DRAFTS = ["http://json-schema.org/draft-04/schema#", "http://json-schema.org/draft-06/schema#",
+          "http://json-schema.org/draft-07/schema#", "https://json-schema.org/draft/2019-09/schema",
+          "https://json-schema.org/draft/2020-12/schema"]  # fmt: skip
+
+
+@pytest.mark.parametrize("draft", DRAFTS)
+def test_any_keyword_nested_as_deep_as_the_gateway_reads_is_a_400_or_passes_in_every_draft(draft):
+    """Every keyword any draft reads a schema from, 190 levels deep (the gateway's reader
+    allows 200 in all), as a schema, a list and a map: the walk's depth limit stops the
+    keywords it reads subschemas from, the metaschema check reads none of the others, and
+    nothing recurses past Python's limit into our 500."""
+    for keyword in SCHEMA_KEYWORDS:
+        for form in ("schema", "list", "map"):
+            try:
+                check_response_schema({"$schema": draft, **nested_under(keyword, 190, form)})
+            except ApiError as exc:
+                assert exc.status == 400 and exc.param == "response_format", exc.message
+
+
 KEYWORDS = ["type", "properties", "required", "items", "prefixItems", "anyOf", "oneOf", "allOf", "$ref", "$defs",
             "enum", "const", "minItems", "additionalProperties", "not", "if", "pattern", "format",
             "$schema"]  # fmt: skip
@@ -1324,8 +1376,9 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
     contradicts and a length bound without a type (each a 200 breaking it), and a
     multipleOf of Infinity (the reader takes it, and makes 1e400 the same), which the
     multipleOf check computed with (our 500), a range with no value (the engine's 400
-    named no keyword), and an optional property that leads back to itself (the answer could
-    start it and never end it)."""
+    named no keyword), an optional property that leads back to itself (the answer could
+    start it and never end it), and `extends` 190 levels deep, through which jsonschema's
+    draft-03 check recursed past Python's limit (our 500)."""
     schemas = {
         "repeats a part up to 30000 times": {"type": "string", "pattern": "a{30000}"},
         "has 123456789012345678901234567890 at #/enum/0": {"enum": [123456789012345678901234567890]},
@@ -1337,6 +1390,7 @@ async def test_the_gateway_answers_the_hostile_probes_schemas_with_a_400_before_
                                                                               "maximum": 7, "multipleOf": 4},
         "admits no finite JSON value at #/properties/p": {"type": "object", "properties": {"p": {"$ref": "#/$defs/a"}},
                                                           "$defs": {"a": {"$ref": "#/$defs/a"}}},
+        "is draft-03": {"$schema": DRAFT_03, **nested_under("extends", 190)},
     }
     async with running_gateway() as gw:
         for named, schema in schemas.items():

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import stat
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +36,13 @@ SHUTDOWN_WAIT_S = 5.0
 KILLED_WAIT_S = 30.0
 
 
+def _leave_ctrl_c_to_the_job() -> None:
+    """A terminal's Ctrl-C reaches every process of its group: the job stops the run and
+    shuts the pool down, and a worker that took SIGINT itself printed a KeyboardInterrupt
+    traceback from its wait for the next clip."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ProcessDecodePool:
     def __init__(self, workers: int):
         # forkserver: workers fork from a clean server process, never from this one once
@@ -42,7 +50,7 @@ class ProcessDecodePool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["mdlserve.server.audio"])
         self.workers = workers
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_leave_ctrl_c_to_the_job)
 
     def warm_up(self) -> None:
         """Starts every worker now, before the engine, so no row pays for it."""

@@ -145,11 +145,14 @@ class BatchJob:
             return self.summary()
         from mdlserve.server.batch.loading import ProcessDecodePool
 
-        # SIGTERM (kill, a pod evicted) stops the run as Ctrl-C does (asyncio.run cancels it on
-        # SIGINT): the engine and the decode processes are shut down, not left running.
+        # SIGTERM (kill, a pod evicted) and SIGINT (Ctrl-C) cancel the run: the engine and the
+        # decode processes are shut down, not left running. SIGINT is ours rather than
+        # asyncio.run's so that the signal is on record when it arrives: a terminal's Ctrl-C
+        # also reaches the engine core, and its death must not be read as the engine failing.
         run = asyncio.current_task()
         if run is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate, run)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, self._interrupt, run, sig)
         self.plan()
         started = time.monotonic()
         decoder = ProcessDecodePool(self.options.decode_workers or default_decode_workers())
@@ -163,11 +166,11 @@ class BatchJob:
             engine.shutdown()
             decoder.shutdown()
 
-    def _terminate(self, run: asyncio.Task) -> None:
+    def _interrupt(self, run: asyncio.Task, sig: signal.Signals) -> None:
         if self.interrupted is not None:  # a second one: the first waits on a stalled input (stdin)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.interrupted = signal.SIGTERM
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        self.interrupted = sig
         run.cancel()
 
     def plan(self) -> None:
@@ -377,14 +380,16 @@ def run_batch(options: BatchOptions, settings: Settings | Callable[[], Settings]
     except (UsageError, InputError) as exc:
         logger.error("%s", exc)
         summary = {"input": options.input, "error": str(exc), "exit_code": EXIT_USAGE}
-    except KeyboardInterrupt:  # Ctrl-C: asyncio.run cancelled the run, which shut the engine down
+    except KeyboardInterrupt:  # Ctrl-C before BatchJob.run took SIGINT over
         if job is None:
             raise
         summary = job.stop(signal.SIGINT)
-    except asyncio.CancelledError:  # SIGTERM (BatchJob._terminate)
+    except asyncio.CancelledError:  # SIGTERM or SIGINT (BatchJob._interrupt)
         if job is None or job.interrupted is None:
             raise
         summary = job.stop(job.interrupted)
+    if job is not None and job.interrupted is not None and summary["exit_code"] != 128 + job.interrupted:
+        summary = job.stop(job.interrupted)  # the run ended as the signal came (its engine stopped by it too)
     if job is not None and job.interrupted is not None:
         left = summary["not_processed"]
         if left is None:

@@ -303,7 +303,7 @@ def test_an_interrupted_run_says_how_many_rows_it_did_not_process(source, runtim
     stop (rows_read, rows, todo): nothing said how many were never reached. Now not_processed
     is what a rerun has to do (the first pass counted the input) and rows_not_read the rows
     never read; both are null for stdin, which is not counted ahead. The run is cancelled as
-    the signals cancel it (asyncio.run on SIGINT, BatchJob._terminate on SIGTERM), after its
+    the signals cancel it (BatchJob._interrupt), after its
     third row."""
     import asyncio
     import io

@@ -70,14 +70,17 @@ def test_kill_9_mid_run_then_rerun_gives_every_row_exactly_once(tiny_checkpoint,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(("sig", "to_group"), [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["sigterm", "sigint", "ctrl-c-in-a-terminal"])  # fmt: skip
 def test_sigterm_or_ctrl_c_mid_run_stops_the_engine_keeps_the_rows_and_prints_the_summary(
-    sig, tiny_checkpoint, clips_dir, tmp_path
+    sig, to_group, tiny_checkpoint, clips_dir, tmp_path
 ):
     """SIGTERM killed the job and left its engine core and decode processes running (holding
     a GPU); Ctrl-C printed a KeyboardInterrupt traceback. Now both cancel the run: the engine
     and decode pool are shut down, the rows written are whole, the summary says so, the exit
-    code is 128 + the signal, and a rerun resumes."""
+    code is 128 + the signal, and a rerun resumes. A terminal's Ctrl-C goes to the whole
+    process group, the engine core too, whose death was then reported as the engine
+    stopping (exit 3)."""
     clips = good_clips(clips_dir)
     lines = [json.dumps({"id": clip, "audio": str(clips_dir / clip)}) + "\n" for clip in clips]
     out = tmp_path / "out.jsonl"
@@ -93,7 +96,7 @@ def test_sigterm_or_ctrl_c_mid_run_stops_the_engine_keeps_the_rows_and_prints_th
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the first run wrote fewer than 3 rows in time"
             time.sleep(0.2)
-        os.kill(first.pid, sig)  # the job alone, as `kill PID` does
+        (os.killpg if to_group else os.kill)(first.pid, sig)  # the group, as a terminal does; or `kill PID`
         first.stdin.close()  # the input's end, as a pipeline's writer gives it
         stdout = first.stdout.read().decode()
         first.wait(timeout=DEADLINE_S)

@@ -45,10 +45,12 @@ def api_key_error(authorization: str, keys: list[bytes]) -> ApiError | None:
     """The 401 for an `Authorization` header value, or None when it carries a valid key."""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        problem = "malformed Authorization header" if authorization.strip() else "missing API key"
+        problem = (
+            "malformed Authorization header: send the API key as" if authorization.strip() else "missing API key: send"
+        )
         return ApiError(
             401,
-            f"{problem}: send 'Authorization: Bearer <key>'",
+            f"{problem} 'Authorization: Bearer <key>'",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )

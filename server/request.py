@@ -26,7 +26,14 @@ from mdlserve.server.audio import AudioDecodeError, DecodePool, InvalidBase64
 from mdlserve.server.errors import bad_request
 from mdlserve.server.fetch import AudioFetcher, FetchError
 from mdlserve.server.response_schema import check_response_schema
-from mdlserve.server.schemas import AudioUrlPart, ChatMessage, InputAudioPart, SamplingFields, TextPart
+from mdlserve.server.schemas import (
+    AudioUrlPart,
+    ChatMessage,
+    InputAudioPart,
+    SamplingFields,
+    TextPart,
+    output_limit_field,
+)
 from mdlserve.server.settings import Settings
 
 AUDIO_PLACEHOLDER = {"type": "audio"}
@@ -116,10 +123,11 @@ def sampling_for(
     room = max_model_len - prompt_tokens
     requested = fields.output_limit()
     if requested is not None and requested > room:
+        field = output_limit_field(fields.max_completion_tokens)
         raise bad_request(
-            f"{fields.output_limit_field()} is {requested} but only {room} tokens are left: the prompt uses "
+            f"{field} is {requested} but only {room} tokens are left: the prompt uses "
             f"{prompt_tokens} of the model's {max_model_len}-token context",
-            param=fields.output_limit_field(),
+            param=field,
             code="context_length_exceeded",
         )
     max_tokens = requested or room

@@ -122,6 +122,12 @@ class StreamOptions(_JsonBody):
     include_usage: bool = False
 
 
+def output_limit_field(max_completion_tokens: int | None) -> str:
+    """The field the output limit comes from, as the client sent it (max_completion_tokens
+    wins; the forms have no max_tokens): errors about the limit name it."""
+    return "max_completion_tokens" if max_completion_tokens else "max_tokens"
+
+
 class GenerationFields(_Body):
     """Generation parameters shared by every endpoint, multipart forms included (scalars only)."""
 
@@ -154,7 +160,7 @@ class GenerationFields(_Body):
     @classmethod
     def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
         """A field's validator (the fields it reads come before it) so the 400 names min_tokens."""
-        name = "max_completion_tokens" if info.data.get("max_completion_tokens") else "max_tokens"
+        name = output_limit_field(info.data.get("max_completion_tokens"))
         limit = info.data.get(name)
         if limit is not None and value > limit:
             raise ValueError(f"min_tokens ({value}) must not exceed {name} ({limit})")
@@ -162,11 +168,6 @@ class GenerationFields(_Body):
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
-
-    def output_limit_field(self) -> str:
-        """The field output_limit() comes from, as the client sent it (the forms have no
-        max_tokens): errors about the limit name it."""
-        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class JsonSchemaFormat(_JsonBody):

@@ -77,14 +77,24 @@ class InputSpec:
         return instruction(task or self.task, lang or self.lang, prompt or self.prompt)
 
 
+def _has_magic(text: str) -> bool:
+    """Whether `text` has a glob wildcard."""
+    return bool(GLOB_CHARS & set(text))
+
+
+def _lists_files(path: str) -> bool:
+    """Whether the input is a folder or a glob, read as its audio files. os.path.isdir, not
+    Path.is_dir: a glob under a folder that may not be looked into is not a folder
+    (Path.is_dir raised PermissionError on it)."""
+    return os.path.isdir(path) or _has_magic(path)
+
+
 def detect_format(path: str) -> str:
     """files for folders and globs; by extension or the first row's keys otherwise (stdin
     cannot be peeked at: it is a JSONL manifest unless --format says otherwise)."""
     if path == STDIN:
         return "jsonl"
-    # os.path.isdir, not Path.is_dir: a glob under a folder that may not be looked into is
-    # not a folder (Path.is_dir raised PermissionError on it)
-    if os.path.isdir(path) or GLOB_CHARS & set(path):
+    if _lists_files(path):
         return "files"
     if path.lower().endswith(".csv"):
         return "csv"
@@ -178,7 +188,7 @@ def _unlisted_glob_folder(spec: InputSpec, base: str, exc: OSError) -> Unlisted:
 
 
 def _file_rows(spec: InputSpec) -> Iterator[Row]:
-    if spec.input == STDIN or not (os.path.isdir(spec.input) or GLOB_CHARS & set(spec.input)):
+    if spec.input == STDIN or not _lists_files(spec.input):
         raise InputError(f"--format files needs a folder or a glob pattern, got {spec.input}")
     prompt, max_tokens = spec.default_prompt()
     try:
@@ -215,7 +225,7 @@ def glob_base(pattern: str) -> str:
     """The folder a glob starts from: its path up to the first part with a wildcard ("" for
     the current folder)."""
     folder = pattern
-    while GLOB_CHARS & set(folder) and folder != os.path.dirname(folder):
+    while _has_magic(folder) and folder != os.path.dirname(folder):
         folder = os.path.dirname(folder)
     return folder
 
@@ -233,10 +243,6 @@ def iglob(pattern: str) -> Iterator[str | OSError]:
                 yield path
         elif path != "":  # "**" at the start matches the empty path first
             yield path
-
-
-def _has_magic(text: str) -> bool:
-    return bool(GLOB_CHARS & set(text))
 
 
 def _iglob(pathname: str, dironly: bool) -> Iterator[str | OSError]:

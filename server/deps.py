@@ -41,13 +41,19 @@ def _key_matches(candidate: bytes, keys: list[bytes]) -> bool:
     return matched
 
 
-def api_key_error(authorization: str, keys: list[bytes]) -> ApiError | None:
-    """The 401 for an `Authorization` header value, or None when it carries a valid key."""
+def api_key_error(authorizations: list[str], keys: list[bytes]) -> ApiError | None:
+    """The 401 for a request's `Authorization` header values, or None when its one header
+    carries a valid key. Two headers are refused, not read first-wins: a proxy in front may
+    read the other one."""
+    authorization = authorizations[0] if authorizations else ""
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        problem = (
-            "malformed Authorization header: send the API key as" if authorization.strip() else "missing API key: send"
-        )
+    if len(authorizations) > 1 or scheme.lower() != "bearer" or not token.strip():
+        if len(authorizations) > 1:
+            problem = f"{len(authorizations)} Authorization headers: send the API key once, as"
+        elif authorization.strip():
+            problem = "malformed Authorization header: send the API key as"
+        else:
+            problem = "missing API key: send"
         return ApiError(
             401,
             f"{problem} 'Authorization: Bearer <key>'",

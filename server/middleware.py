@@ -144,7 +144,7 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = self.state
         if scope["type"] == "http" and state.api_keys and needs_api_key(scope["path"], self.protected):
-            refusal = api_key_error(_header(scope, b"authorization") or "", state.api_keys)
+            refusal = api_key_error(_header_values(scope, b"authorization"), state.api_keys)
             if refusal is not None:
                 state.metrics.rejections.labels(reason=refusal.reason).inc()
                 await api_error_response(refusal)(scope, receive, send)
@@ -339,3 +339,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def _header_values(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]

@@ -31,6 +31,10 @@ BAD_CREDENTIALS = [
     ("key without a scheme", {"Authorization": API_KEY}, "", "malformed Authorization header"),
     ("key after a tab", {"Authorization": f"Bearer\t{API_KEY}"}, "", "malformed Authorization header"),
     ("key in X-API-Key", {"X-API-Key": API_KEY}, "", "missing API key"),
+    ("two Authorization headers, the first valid",
+     [("Authorization", f"Bearer {API_KEY}"), ("Authorization", f"Bearer {CANARY_KEY}")], "", "2 Authorization headers"),
+    ("the valid key sent twice",
+     [("Authorization", f"Bearer {API_KEY}"), ("Authorization", f"Bearer {API_KEY}")], "", "2 Authorization headers"),
     ("key in the query string", {}, f"?api_key={API_KEY}", "missing API key"),
     ("key in the query string as key=", {}, f"?key={API_KEY}", "missing API key"),
 ]
@@ -62,7 +66,7 @@ def test_each_configured_key_opens_the_api(guarded_server, key):
                                                ("Bearer\tkey-a", "malformed Authorization header")])
 def test_a_header_without_a_key_is_named_missing_or_malformed(header, words):
     """Clients can't send some of these (httpx refuses a value ending in spaces); proxies can."""
-    refusal = deps.api_key_error(header, [b"key-a"])
+    refusal = deps.api_key_error([header], [b"key-a"])
     assert refusal is not None and refusal.message.startswith(words), refusal
 
 
@@ -80,6 +84,6 @@ def test_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
     keys = [b"key-a", b"key-b", b"key-c"]
     for token in ("key-a", "key-c", "nope"):
         compared.clear()
-        accepted = deps.api_key_error(f"Bearer {token}", keys) is None
+        accepted = deps.api_key_error([f"Bearer {token}"], keys) is None
         assert accepted == (token != "nope")
         assert compared == [(token.encode(), key) for key in keys]

@@ -14,6 +14,11 @@ import numpy as np
 from mdlserve.model_plugin.processing import SAMPLE_RATE
 
 WINDOW_SECONDS = 30.0
+# A last window shorter than this joins the one before it (which then runs up to 31 s): the
+# decoder sees one token per 0.2 s, so such a tail is a few tokens of a word cut at the
+# window's start, transcribed with nothing around it, and one under a millisecond became a
+# subtitle cue with equal start and end.
+MIN_LAST_WINDOW_SECONDS = 1.0
 
 
 @dataclass
@@ -31,10 +36,14 @@ class Segment:
 
 
 def windows(samples: np.ndarray, seconds: float = WINDOW_SECONDS) -> list[Window]:
-    """Consecutive windows covering `samples` (at least one, even for empty audio)."""
+    """Consecutive windows covering `samples` (at least one, even for empty audio), the last
+    one at least MIN_LAST_WINDOW_SECONDS long unless it is the only one."""
     size = int(seconds * SAMPLE_RATE)
-    starts = range(0, max(samples.size, 1), size)
-    return [Window(s / SAMPLE_RATE, min(s + size, samples.size) / SAMPLE_RATE, samples[s : s + size]) for s in starts]
+    starts = list(range(0, max(samples.size, 1), size))
+    if len(starts) > 1 and samples.size - starts[-1] < MIN_LAST_WINDOW_SECONDS * SAMPLE_RATE:
+        starts.pop()
+    ends = [*starts[1:], samples.size]
+    return [Window(s / SAMPLE_RATE, e / SAMPLE_RATE, samples[s:e]) for s, e in zip(starts, ends, strict=True)]
 
 
 SEPARATOR = " "

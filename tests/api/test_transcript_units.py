@@ -17,6 +17,8 @@ from mdlserve.server.transcripts import SAMPLE_RATE, Segment, StreamedJoin, join
         (30.0, [(0.0, 30.0)]),
         (60.0, [(0.0, 30.0), (30.0, 60.0)]),
         (61.0, [(0.0, 30.0), (30.0, 60.0), (60.0, 61.0)]),
+        (60.5, [(0.0, 30.0), (30.0, 60.5)]),  # a tail under MIN_LAST_WINDOW_SECONDS joins the window before
+        (30.0 + 1 / SAMPLE_RATE, [(0.0, 30.0 + 1 / SAMPLE_RATE)]),  # one sample more was a cue of 0 ms
     ],
 )
 def test_windows_cover_the_audio(seconds, bounds):

@@ -1,4 +1,4 @@
-"""response_format JSON schemas (server/response_schema.py), engine-free: the size limits,
+"""response_format JSON schemas (server/response_schema/), engine-free: the size limits,
 pattern repeats xgrammar cannot compile, numbers it cannot hold, keywords the
 structured-output backend would ignore, schemas that admit no value, and the schemas real
 clients send; through the gateway with the fake engine, the check's 400 and that it runs
@@ -22,7 +22,8 @@ from mdlserve.server import request as request_module
 from mdlserve.server.engine import generation_failed
 from mdlserve.server.errors import ApiError
 from mdlserve.server.request import PreparedRequest, Sampling
-from mdlserve.server.response_schema import (
+from mdlserve.server.response_schema import check_response_schema
+from mdlserve.server.response_schema.limits import (
     MAX_DEPTH,
     MAX_ENUM_VALUES,
     MAX_LITERAL_CHARS,
@@ -32,7 +33,6 @@ from mdlserve.server.response_schema import (
     MAX_PATTERN_SIZE,
     MAX_STRING_PATTERNS,
     MAX_SUBSCHEMAS,
-    check_response_schema,
 )
 
 from .inprocess import chat_body, running_gateway

@@ -17,7 +17,7 @@ from mdlserve.server.errors import ApiError, bad_request
 from .const_enum import Contradiction, unmatched_values
 from .refs import resolve
 from .refusal import PARAM, WHERE
-from .value_check import ValueCheck
+from .value_check import TooDeep, ValueCheck, too_deep
 
 
 @dataclass
@@ -111,7 +111,10 @@ class Satisfiability:
             return child is not False and (not isinstance(child, dict) or id(child) in ok)
 
         if id(node) not in self.unmatched:  # _failure runs again each time a subschema it needs admits a value
-            self.unmatched[id(node)] = unmatched_values(node, self.values)
+            try:
+                self.unmatched[id(node)] = unmatched_values(node, self.values)
+            except TooDeep:
+                raise too_deep(self._pointer(node)) from None
         unmatched = self.unmatched[id(node)]
         if unmatched is not None:
             return unmatched

@@ -13,8 +13,9 @@ draft 2020-12's types (xgrammar writes 1.0 as 1), a `$ref` resolved in the whole
 xgrammar reads it, and pattern, format and multipleOf as above. Where the break is not
 certain it counts as none: `oneOf` is read as `anyOf`, `patternProperties` keys go
 unchecked, and so does everything once a schema's checks have run 0.5 s (branches
-multiply) or recursed past Python's limit (hundreds of `anyOf` and `$ref` steps in a
-chain). A `$ref` cycle is followed as xgrammar's grammar reads it: a value that comes back
+multiply). A chain of $refs as long as the limits allow is checked to its end: one
+jsonschema call follows a few $refs, each inside the last, and hands the next to a call of
+its own. A `$ref` cycle is followed as xgrammar's grammar reads it: a value that comes back
 to a `$ref` target it is being checked against fails that way round (with x {"anyOf":
 [{"$ref": "#/$defs/x"}, {"type": "integer"}]}, xgrammar took 1, not "a").
 """
@@ -24,13 +25,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .json_types import is_number
+from mdlserve.server.errors import ApiError, bad_request
+
+from .json_types import is_number, json_equal
 from .numeric import not_multiple
 from .patterns import PatternSearch
 from .refs import escape, resolve
-from .refusal import shown_value
+from .refusal import PARAM, WHERE, shown_value
 
 VALUE_CHECK_SECONDS = 0.5  # enum and const objects and arrays validated against the keywords beside them, per schema
+# `$ref`s one jsonschema call follows inside each other before it hands the next one to a
+# call of its own (`ValueCheck.nested`): each is a few frames of jsonschema's per schema
+# level between them (up to MAX_DEPTH), and the call must stay well inside Python's limit.
+NESTED_REFS_PER_CALL = 4
 # The formats xgrammar enforces: vLLM passes these on and refuses any other beside "type":
 # "string" (xgrammar 0.2.8 refused "nope nope" for each). A value is checked against those
 # of them jsonschema's format checker knows with the packages installed (here date, email,
@@ -70,6 +77,8 @@ class ValueCheck:
     deadline: float = 0.0
     validator: Any = None  # jsonschema's, for the root's draft, built on first use (`_value_validator`)
     following: set[tuple[int, int]] = field(default_factory=set)  # (value, $ref target) pairs being checked
+    # the errors of (value, $ref target, `following`) checked in calls of their own (`_Deeper`)
+    checked: dict[tuple[int, int, frozenset[tuple[int, int]]], list[Any]] = field(default_factory=dict)
 
     def nested(self, value: dict | list, node: dict[str, Any]) -> str | None:
         """How the object or array `value`, an enum or const value of `node`, certainly
@@ -85,26 +94,92 @@ class ValueCheck:
         branch whose pattern search was cut short counts as taking the value), keys under
         `patternProperties` go unchecked, and so does every value once the checks of one
         schema have run VALUE_CHECK_SECONDS (an anyOf of anyOfs can take exponential
-        time) or recursed past Python's limit (a chain of hundreds of anyOf and $ref
-        subschemas, each of them a few frames of jsonschema's)."""
+        time).
+
+        jsonschema recurses a few frames per subschema, and a chain of $refs (hundreds of
+        `$defs` entries, each an anyOf of a $ref to the next, which xgrammar compiles) or
+        a value nested as deep as the JSON reader allows through a recursive $ref would
+        take one call past Python's recursion limit. So a call follows at most
+        NESTED_REFS_PER_CALL $refs inside each other: the next one is checked in a call of
+        its own, from an explicit stack (`_check_deeper`), with the same $refs being
+        followed, and the call that needed it starts over and finds its errors
+        (`checked`). A RecursionError all the same (a bug of ours) is `TooDeep`, a 400,
+        never a pass."""
         if not self.deadline:
             self.deadline = time.monotonic() + VALUE_CHECK_SECONDS
         if self.validator is None:
             self.validator = _value_validator(self)
         beside = {key: item for key, item in node.items() if key not in ("const", "enum")}
-        try:
-            error = next(iter(self.validator.evolve(schema=beside).iter_errors(value)), None)
-        except Exception:  # _OutOfTime, RecursionError: a check that did not end proves nothing
-            return None
+        while True:
+            try:
+                error = next(iter(self.validator.evolve(schema=beside).iter_errors(value)), None)
+                break
+            except _Deeper as deeper:
+                if not self._check_deeper(deeper):
+                    return None
+            except _OutOfTime:  # a check that did not end proves nothing
+                return None
+            except RecursionError:
+                raise TooDeep from None
         if error is None:
             return None
         where = "".join(f"/{escape(str(step))}" for step in error.absolute_path)
         message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
         return f"does not validate against the keywords beside it ({f'at {where}: ' if where else ''}{message})"
 
+    def _check_deeper(self, first: "_Deeper") -> bool:
+        """Check the $ref `first` names, and each deeper one its check needs, in calls of
+        their own (innermost first), keeping their errors in `checked`; False when the
+        checks ran out of time."""
+        pending = [first]
+        while pending:
+            deeper = pending[-1]
+            self.following = {*deeper.following, deeper.key}
+            try:
+                errors = list(self.validator.descend(deeper.instance, deeper.target))
+            except _Deeper as deepest:
+                pending.append(deepest)
+                continue
+            except _OutOfTime:
+                return False
+            except RecursionError:
+                raise TooDeep from None
+            finally:
+                self.following = set()
+            self.checked[(*deeper.key, deeper.following)] = errors
+            pending.pop()
+        return True
+
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
             raise _OutOfTime
+
+
+class TooDeep(Exception):
+    """A value's check recursed past Python's limit, which `ValueCheck.nested` is built
+    never to do: the value is refused as unchecked (`too_deep`) rather than passed."""
+
+
+def too_deep(pointer: str) -> ApiError:
+    return bad_request(
+        f"{WHERE} has enum or const values at {pointer} whose check against the keywords beside them nests too "
+        "deep for the gateway to finish; shorten the chains of `$ref` and `anyOf` they pass through",
+        param=PARAM,
+    )
+
+
+@dataclass
+class _Deeper(Exception):
+    """The check of `instance` against the $ref target `target` is to run in a call of its
+    own (`ValueCheck.nested`), with the (value, target) pairs in `following` being followed."""
+
+    instance: object
+    target: dict[str, Any]
+    following: frozenset[tuple[int, int]]
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return id(self.instance), id(self.target)
 
 
 def _value_validator(check: ValueCheck) -> Any:
@@ -129,6 +204,12 @@ def _value_validator(check: ValueCheck) -> Any:
             if key in check.following:  # no finite answer passes here again: this way round fails
                 yield error(f"{shown_value(instance)} leads back to `$ref` {ref!r} with no end")
                 return
+            following = frozenset(check.following)
+            if (*key, following) in check.checked:  # checked in a call of its own: copies, which descend amends
+                yield from (found.create_from(found) for found in check.checked[(*key, following)])
+                return
+            if len(following) >= NESTED_REFS_PER_CALL:
+                raise _Deeper(instance, target, following)
             check.following.add(key)
             try:  # all of its errors at once, so that `following` holds exactly the $refs being followed
                 errors = list(validator.descend(instance, target))
@@ -162,10 +243,19 @@ def _value_validator(check: ValueCheck) -> Any:
     def unchecked(validator: Any, value: object, instance: object, schema: dict) -> Iterator[Any]:
         return iter(())
 
+    def const(validator: Any, const: object, instance: object, schema: dict) -> Iterator[Any]:
+        if not json_equal(instance, const):  # jsonschema's equal recurses per level of the values
+            yield error(f"{const!r} was expected")
+
+    def enum(validator: Any, values: object, instance: object, schema: dict) -> Iterator[Any]:
+        if isinstance(values, list) and not any(json_equal(value, instance) for value in values):
+            yield error(f"{instance!r} is not one of {values!r}")
+
     keywords = {"$ref": ref, "pattern": pattern, "format": format_, "multipleOf": multiple_of, "anyOf": any_of,
                 "oneOf": any_of, "patternProperties": unchecked}  # fmt: skip
     for keyword in ("additionalProperties", "unevaluatedProperties"):
         if keyword in base.VALIDATORS:
             keywords[keyword] = unless_patterns(keyword)
+    keywords |= {keyword: read for keyword, read in (("const", const), ("enum", enum)) if keyword in base.VALIDATORS}
     kind = jsonschema.validators.extend(base, keywords, type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER)
     return kind(check.root)

@@ -26,7 +26,7 @@ from .numeric import range_refusal
 from .patterns import pattern_size, repeat_copies
 from .refs import escape, resolve
 from .refusal import PARAM, WHERE, limit_refusal, shown_value
-from .value_check import ValueCheck
+from .value_check import TooDeep, ValueCheck, too_deep
 
 
 @dataclass
@@ -190,10 +190,14 @@ class Walk:
         the limits, which bound the values it reads."""
         for node, pointer in self.nodes.values():
             for what, where, value in emitted_values(node, pointer):
-                if what == "`const`":
-                    reason = broken_const(node, self.values)
-                else:
-                    reason = broken_keyword(value, node, self.values)
+                try:
+                    reason = (
+                        broken_const(node, self.values)
+                        if what == "`const`"
+                        else broken_keyword(value, node, self.values)
+                    )
+                except TooDeep:
+                    return too_deep(pointer)
                 if reason is not None:
                     return bad_request(
                         f"{WHERE} allows an answer that does not validate: {what} {shown_value(value)} at {where} "

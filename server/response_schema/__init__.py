@@ -29,6 +29,7 @@ def check_response_schema(schema: dict[str, Any]) -> None:
     walk = Walk(schema)
     walk.schema(schema, "#", 0)
     walk.ref_targets()
+    walk.note_refs_under_an_id()
     walk.check_limits()
     if walk.draft04_bound is not None:  # before the metaschema check, whose words would not say what to write
         raise walk.draft04_bound

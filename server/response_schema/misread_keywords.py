@@ -55,7 +55,7 @@ from .keywords import (
     VALIDATION,
 )
 from .numeric import note_multiple_of
-from .refs import misread_ref, resolve
+from .refs import is_local, misread_ref, resolve
 from .refusal import PARAM, WHERE, shown_value
 
 
@@ -86,8 +86,9 @@ def ignored_keywords(node: dict[str, Any], pointer: str, key_schema: bool) -> li
         ignored("`allOf` with more than one schema", "it would follow only one of them; merge them into one schema")
     ref = node.get("$ref")
     if isinstance(ref, str):
-        if ref != "#" and not ref.startswith("#/"):
-            ignored(f"`$ref` {ref!r}", "it resolves only references into the same schema ('#' or '#/...')")
+        if not is_local(ref):
+            why = "it resolves only pointers into the same schema ('#' or '#/...'), reading no `$id` or `$anchor` "
+            ignored(f"`$ref` {ref!r}", why + "(it took any value for a $ref to one); write the pointer to the target")
         elif (misread := misread_ref(ref)) is not None:
             ignored(f"`$ref` {ref!r}", misread)
         beside = [keyword for keyword in VALIDATION if keyword in node]

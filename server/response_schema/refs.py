@@ -26,7 +26,7 @@ def resolve(root: object, ref: str) -> object | None:
     it, or None: each name as written (it decodes no `~0`, `~1` or `%` escape), empty names
     skipped ("#/" is the root), and through objects only (in an array it finds no field
     "0"). `misread_ref` refuses the pointers JSON Schema reads otherwise."""
-    if ref != "#" and not ref.startswith("#/"):
+    if not is_local(ref):
         return None
     node = root
     for token in ref[2:].split("/"):
@@ -36,6 +36,19 @@ def resolve(root: object, ref: str) -> object | None:
             return None
         node = node[token]
     return node
+
+
+def is_local(ref: str) -> bool:
+    """Whether `ref` is a pointer xgrammar follows ("#" or "#/...")."""
+    return ref == "#" or ref.startswith("#/")
+
+
+def own_base(node: dict) -> str | None:
+    """`node`'s `$id` where it gives the subschema a base URI of its own, against which JSON
+    Schema resolves the pointers of the `$ref`s in it, or None (none, or a fragment alone:
+    draft-06 and -07 name an anchor so, "$id": "#a")."""
+    base = node.get("$id")
+    return base if isinstance(base, str) and base.split("#", 1)[0] else None
 
 
 def misread_ref(ref: str) -> str | None:

@@ -24,7 +24,7 @@ from .misread_keywords import draft04_refusal, ignored_keywords, narrowed_refusa
 from .no_value import Satisfiability
 from .numeric import range_refusal
 from .patterns import pattern_size, repeat_copies
-from .refs import escape, resolve
+from .refs import escape, is_local, own_base, resolve
 from .refusal import PARAM, WHERE, limit_refusal, shown_value
 from .value_check import TooDeep, ValueCheck, too_deep
 
@@ -50,6 +50,7 @@ class Walk:
     draft04_bound: ApiError | None = None  # the first boolean exclusiveMinimum or exclusiveMaximum
     narrowed: ApiError | None = None  # the first bare object or array schema read through an allOf or a $ref
     key_schemas: set[int] = field(default_factory=set)  # propertyNames subschemas, which xgrammar reads as strings
+    bases: list[tuple[str, str]] = field(default_factory=list)  # (pointer, $id) of subschemas with a base of their own
     values: "ValueCheck" = field(init=False)  # enum and const values against the keywords beside them
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ class Walk:
         if depth > MAX_DEPTH:
             raise limit_refusal("levels of nested subschemas", f"more than {MAX_DEPTH}", MAX_DEPTH, f" (at {pointer})")
         self.nodes[id(node)] = (node, pointer)
+        if node is not self.root and (base := own_base(node)) is not None:
+            self.bases.append((pointer, base))
         if isinstance(node.get("propertyNames"), dict):
             self.key_schemas.add(id(node["propertyNames"]))
         self._count(node)
@@ -160,6 +163,26 @@ class Walk:
             target = resolve(self.root, ref)
             if isinstance(target, dict) and id(target) not in self.nodes:
                 self.schema(target, ref, 1)
+
+    def note_refs_under_an_id(self) -> None:
+        """Note each local `$ref` in a subschema below the root with a `$id` of its own
+        (`own_base`), after the walk has found them all. JSON Schema resolves its pointer
+        against that subschema, xgrammar 0.2.8 against the root (it reads no `$id`): with
+        "b" {"$id": "http://x.test/b.json", "$defs": {"c": integer}, "properties": {"q":
+        {"$ref": "#/$defs/c"}}} beside the root's own "c" (a string), it took {"q": "s"} and
+        refused {"q": 1}, and without the root's "c" it failed to compile ("Cannot find
+        field c"); "#" there it read as the root. A `$id` with no local `$ref` under it
+        changes nothing xgrammar reads."""
+        for node, pointer in self.nodes.values():
+            ref = node.get("$ref")
+            if not isinstance(ref, str) or not is_local(ref):
+                continue
+            for where, base in self.bases:
+                if pointer == where or pointer.startswith(where + "/"):
+                    why = (f"it resolves the pointer against the root, and JSON Schema against the `$id` {base!r} at "
+                           f"{where}; leave that `$id` out and write the pointer from the root")  # fmt: skip
+                    self.ignored.append((f"`$ref` {ref!r} under a `$id`", pointer, why))
+                    break
 
     def check_limits(self) -> None:
         if self.enum_values > MAX_ENUM_VALUES:

@@ -934,6 +934,75 @@ def test_xgrammar_reads_pointer_names_as_written(grammar_compiler, case):
         check_response_schema(schema)
 
 
+# A `$id` below the root, as xgrammar 0.2.8 reads it: (schema, the property's values xgrammar
+# takes, values it does not, words of the 400 or None where the schema passes). It reads
+# no `$id`: a pointer in the subschema that has one is resolved against the root (JSON
+# Schema: against that subschema), and a $ref naming a `$id` or `$anchor` is ignored.
+B_INNER = {"$id": "http://x.test/b.json", "$defs": {"c": {"type": "integer"}}, **required_object({"q": {"$ref": "#/$defs/c"}}),
+           "additionalProperties": False}
+IDS = {
+    "a pointer under a $id, read from the root": (
+        {"$defs": {"c": {"type": "string"}, "b": B_INNER}}, ['{"q": "s"}'], ['{"q": 1}'],
+        "uses `$ref` '#/$defs/c' under a `$id` at #/$defs/b/properties/q, which the structured-output backend does "
+        "not enforce: it resolves the pointer against the root, and JSON Schema against the `$id` "
+        "'http://x.test/b.json' at #/$defs/b; leave that `$id` out and write the pointer from the root"),
+    "'#' under a $id, read as the root": (
+        {"$defs": {"b": {"$id": "b.json", "anyOf": [{"type": "integer"}, {"type": "array", "items": {"$ref": "#"}}]}}},
+        ["1", '[{"p": 1}]'], ["[1]"], "uses `$ref` '#' under a `$id` at #/$defs/b/anyOf/1/items"),
+    "a $ref to a $id, ignored": (
+        {"$defs": {"b": {"$id": "http://x.test/b.json", "type": "integer"}}, "properties": {"p": {"$ref": "b.json"}}},
+        ["1", '"s"'], [], "uses `$ref` 'b.json' at #/properties/p, which the structured-output backend does not "
+        "enforce: it resolves only pointers into the same schema ('#' or '#/...'), reading no `$id` or `$anchor`"),
+    "a $ref to an $anchor, ignored": (
+        {"$defs": {"b": {"$anchor": "b", "type": "integer"}}, "properties": {"p": {"$ref": "#b"}}},
+        ["1", '"s"'], [], "reading no `$id` or `$anchor`"),
+    "a $id with no pointer under it": ({"$defs": {"b": {"$id": "b.json", "type": "integer"}}}, ["1"], ['"s"'], None),
+    "a pointer under the root's $id": (
+        {"$id": "http://x.test/root.json", "$defs": {"b": {"type": "integer"}}}, ["1"], ['"s"'], None),
+}  # fmt: skip
+
+
+def _with_p(case: str) -> dict:
+    beside = IDS[case][0]
+    return {**required_object({"p": {"$ref": "#/$defs/b"}}), "additionalProperties": False, **beside}
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_a_ref_xgrammar_resolves_otherwise_for_a_nested_id_is_refused_naming_it(case):
+    named = IDS[case][3]
+    if named is None:
+        check_response_schema(_with_p(case))
+    else:
+        message = refusal(_with_p(case))
+        assert named in message, message
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_xgrammar_reads_no_id(grammar_compiler, case):
+    """What the refusals above rest on: should an xgrammar upgrade resolve pointers against
+    a nested `$id`, or follow a $ref to one, this fails and the refusal can go."""
+    _, taken, refused, _ = IDS[case]
+    for value in taken:
+        assert xgrammar_accepts(grammar_compiler, _with_p(case), f'{{"p": {value}}}'), value
+    for value in refused:
+        assert not xgrammar_accepts(grammar_compiler, _with_p(case), f'{{"p": {value}}}'), value
+
+
+def test_xgrammar_cannot_compile_a_pointer_under_a_id_the_root_lacks(grammar_compiler):
+    schema = {**required_object({"p": {"$ref": "#/$defs/b"}}), "$defs": {"b": B_INNER}}
+    with pytest.raises(RuntimeError, match="Cannot find field c"):
+        grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+    assert "uses `$ref` '#/$defs/c' under a `$id` at #/$defs/b/properties/q" in refusal(schema)
+
+
+def test_a_draft07_anchor_id_changes_no_base_and_passes():
+    """draft-07 names an anchor "$id": "#name": pointers under it still resolve from the root."""
+    check_response_schema({"$schema": "http://json-schema.org/draft-07/schema#",
+                           "definitions": {"i": {"type": "integer"},
+                                           "b": {"$id": "#b", **required_object({"q": {"$ref": "#/definitions/i"}})}},
+                           **required_object({"p": {"$ref": "#/definitions/b"}})})  # fmt: skip
+
+
 @pytest.mark.parametrize("schema", [
     # with "a/b" alone, and into an array: "Cannot find field a~1b (0)", vLLM's 400 with that reason
     {"$defs": {"a/b": {"type": "integer"}}, "$ref": "#/$defs/a~1b"},

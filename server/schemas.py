@@ -171,7 +171,7 @@ class GenerationFields(_Body):
 
 
 class JsonSchemaFormat(_JsonBody):
-    """The schema itself is checked by the request builder (response_schema.py), off the
+    """The schema itself is checked by the request builder (server/response_schema/), off the
     event loop: at the size limits, jsonschema's metaschema check alone takes up to 0.8 s."""
 
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")

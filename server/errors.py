@@ -193,11 +193,11 @@ def validation_problems(errors: list, data: object, root: str = "") -> list[tupl
     `format`), the other members' type mismatches at the field itself are noise and are
     dropped; where all failed at the field, one message says what it should have been."""
     found = [(_resolved_path(e, data, root), e) for e in errors]
-    paths = {path for path, _ in found}
+    containers = {container for path, _ in found for container in _containers(path)}
     problems: dict[str, list[str]] = {}
     for path, error in found:
         type_mismatch = str(error.get("type", "")).endswith("_type")
-        if type_mismatch and any(_inside(other, path) for other in paths):
+        if type_mismatch and path in containers:
             continue
         message = str(error.get("msg", "invalid value"))
         if message.startswith("Value error, Expected UploadFile"):  # Starlette's words for a text field
@@ -216,8 +216,12 @@ def problems_message(problems: list[tuple[str, str]]) -> str:
     return "invalid request: " + "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems[:5])
 
 
-def _inside(path: str, container: str) -> bool:
-    return path != container and (not container or path.startswith((f"{container}.", f"{container}[")))
+def _containers(path: str) -> set[str]:
+    """The paths `path` is inside: "" and each prefix that a `.` or `[` follows. Collected once
+    for all errors: comparing every error's path with every other's took 24 s of the event
+    loop for the 8000 errors of 4000 messages with a number as content, and 33000 such
+    messages (a 1 MB body) would have held it for half an hour."""
+    return {""} | {path[:i] for i, ch in enumerate(path) if ch in ".["} if path else set()
 
 
 # Characters of a client's header value quoted in an error message, at most.

@@ -179,6 +179,12 @@ CASES = {
     "transcription unknown model": (transcribe(model="whisper-1"), 404, "model 'whisper-1' does not exist"),
     "audio chat without question": (audio_chat(), 400, "send 'task'"),
     "audio chat messages not json": (audio_chat(messages="[{"), 400, "messages is not valid JSON"),
+    # FastAPI and the repeated-field check scan the whole form per field name: bounded counts.
+    "too many form fields": (audio_chat(**{f"f{i}": "x" for i in range(101)}), 400,
+                             "Too many fields. Maximum number of fields is 100."),
+    "too many form files": (("POST", "/v1/audio/transcriptions",
+                             {"data": {"model": MODEL}, "files": [(f"f{i}", ("a.wav", WAV)) for i in range(11)]}),
+                            400, "Too many files. Maximum number of files is 10."),
     "audio chat messages wrong shape": (audio_chat(messages=json.dumps([{"role": "user"}])), 400,
                                         "invalid request: messages[0].content: Field required"),
     "audio chat without user message": (audio_chat(messages=json.dumps([{"role": "system", "content": "x"}])), 400,

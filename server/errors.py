@@ -250,7 +250,8 @@ def has_body(request: Request) -> bool:
     return length != "0" or "chunked" in request.headers.get("transfer-encoding", "").lower()
 
 
-def _validation_error(request: Request, exc: RequestValidationError) -> ApiError:
+def validation_error(request: Request, exc: RequestValidationError) -> ApiError:
+    """The 400 (or 415) for FastAPI's validation errors, naming where each problem is."""
     errors = exc.errors()
     invalid_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
     if invalid_json is not None:
@@ -324,7 +325,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> Response:
-        return await respond(request, _validation_error(request, exc))
+        return await respond(request, validation_error(request, exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_http(request: Request, exc: StarletteHTTPException) -> Response:

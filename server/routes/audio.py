@@ -11,11 +11,12 @@ from mdlserve.server.chat_fields import check_extra_fields
 from mdlserve.server.deps import State, single_valued_form
 from mdlserve.server.errors import bad_request, problems_message, validation_problems
 from mdlserve.server.formbody import CheckedFormRoute
-from mdlserve.server.jsonbody import loads_bounded
-from mdlserve.server.request import AudioSource
+from mdlserve.server.jsonbody import INLINE_ELEMENTS, count_elements, loads_bounded, run_for_elements
+from mdlserve.server.request import AudioSource, Conversation
 from mdlserve.server.routes import AUDIO_ANALYSIS, AUDIO_CHAT
 from mdlserve.server.routes.chat import CHAT_RESPONSES, answer_chat, check_model
 from mdlserve.server.schemas import AudioChatForm, ChatCompletionResponse, ChatMessage, ChatMessages, SpeechForm
+from mdlserve.server.state import GatewayState
 from mdlserve.server.tasks import TaskPromptError, task_instruction
 
 router = APIRouter(route_class=CheckedFormRoute, dependencies=[Depends(single_valued_form)])
@@ -62,6 +63,13 @@ def form_conversation(form: AudioChatForm, *, accept_unknown: bool) -> list[Chat
     return [ChatMessage(role="user", content=text)]
 
 
+def form_chat(form: AudioChatForm, state: GatewayState) -> Conversation:
+    """The conversation about the uploaded clip: `messages` parsed, validated and checked,
+    or the one user turn."""
+    messages = form_conversation(form, accept_unknown=state.settings.accept_unknown_fields)
+    return state.builder.conversation(messages, leading_audio=uploaded(form))
+
+
 @router.post(
     AUDIO_ANALYSIS, response_model=ChatCompletionResponse, responses=CHAT_RESPONSES, operation_id="audio_analysis"
 )
@@ -75,9 +83,10 @@ def form_conversation(form: AudioChatForm, *, accept_unknown: bool) -> list[Chat
 async def create_audio_analysis(form: Annotated[AudioChatForm, Form()], request: Request, state: State):
     model = check_model(state, form.model)
     check_extra_fields(form, accept_unknown=state.settings.accept_unknown_fields)
-    conversation = state.builder.conversation(
-        form_conversation(form, accept_unknown=state.settings.accept_unknown_fields), leading_audio=uploaded(form)
-    )
+    # `messages` is JSON of up to a form field's 1 MiB: as many elements as a chat body.
+    raw = (form.messages or "").encode("utf-8", "surrogatepass")
+    elements = count_elements(raw, stop_above=INLINE_ELEMENTS)
+    conversation = await run_for_elements(elements, form_chat, form, state)
     return await answer_chat(
         request, state, conversation, form.sampling(), model=model, stream=form.stream, include_usage=form.include_usage
     )

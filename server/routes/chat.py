@@ -11,7 +11,7 @@ from mdlserve.server.chat_fields import check_extra_fields
 from mdlserve.server.deps import State
 from mdlserve.server.engine import TokenLogprob
 from mdlserve.server.errors import ApiError
-from mdlserve.server.jsonbody import BoundedJsonRoute
+from mdlserve.server.jsonbody import BoundedJsonRoute, body_elements, run_for_elements
 from mdlserve.server.request import Conversation
 from mdlserve.server.routes import CHAT_COMPLETIONS
 from mdlserve.server.schemas import (
@@ -53,14 +53,19 @@ def check_model(state: GatewayState, model: str | None) -> str:
 @router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=CHAT_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
-    check_extra_fields(body, accept_unknown=state.settings.accept_unknown_fields)
     if body.user is not None:
         logger.info("request %s from user %r", request.state.request_id, body.user)
-    conversation = state.builder.conversation(body.messages)
+    conversation = await run_for_elements(body_elements(request), checked_conversation, body, state)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await answer_chat(
         request, state, conversation, body, model=model, stream=body.stream, include_usage=include_usage
     )
+
+
+def checked_conversation(body: ChatCompletionRequest, state: GatewayState) -> Conversation:
+    """The fields checked, the conversation built: work over every element of the body."""
+    check_extra_fields(body, accept_unknown=state.settings.accept_unknown_fields)
+    return state.builder.conversation(body.messages)
 
 
 async def answer_chat(

@@ -7,6 +7,7 @@ here, the request path does (schemas, request builder, audio intake, session).""
 import asyncio
 import io
 import json
+import threading
 from collections import Counter
 
 import numpy as np
@@ -242,6 +243,109 @@ async def test_json_form_field_limits():
                 "/v1/audio/chat", files={"file": ("a.wav", WAV, "audio/wav")}, data={"messages": messages}
             )
             refused(response, words)
+
+
+# --- bodies of many elements, within the bound ---------------------------------------------------------------
+
+
+def where_it_ran(monkeypatch, gw: Gateway) -> dict[str, list[tuple[bool, tuple, object]]]:
+    """Records each call of the body's parse (and validation), the conversation's building
+    and the prompt's rendering: whether it ran on the event loop's thread (this test's), its
+    arguments and what it gave back."""
+    from mdlserve.server import request as request_module
+    from mdlserve.server.jsonbody import BoundedJsonRequest
+
+    loop_thread = threading.get_ident()
+    calls: dict[str, list[tuple[bool, tuple, object]]] = {"read": [], "conversation": [], "tokenize": []}
+
+    def recording(name, work):
+        def record(*args, **kwargs):
+            result = work(*args, **kwargs)
+            calls[name].append((threading.get_ident() == loop_thread, args, result))
+            return result
+
+        return record
+
+    read = BoundedJsonRequest._read
+    monkeypatch.setattr(BoundedJsonRequest, "_read", lambda self, *a: recording("read", read)(self, *a))
+    monkeypatch.setattr(gw.state.builder, "conversation", recording("conversation", gw.state.builder.conversation))
+    monkeypatch.setattr(request_module, "_tokenize", recording("tokenize", request_module._tokenize))
+    return calls
+
+
+MANY = 300  # messages: 900 JSON elements, over INLINE_ELEMENTS
+
+
+async def test_a_body_of_many_elements_is_validated_and_built_off_the_event_loop(monkeypatch):
+    """A 1 MB body of 33000 one-character messages held the event loop for a second in its
+    validation, field check and conversation building; a body of more than INLINE_ELEMENTS
+    elements is validated where it is parsed, in a worker thread, and its conversation is
+    built and its prompt rendered there too. A small one stays on the loop (no hand-off)."""
+    from mdlserve.server.jsonbody import INLINE_ELEMENTS
+    from mdlserve.server.schemas import ChatCompletionRequest
+
+    assert MANY * 3 > INLINE_ELEMENTS
+    async with gateway() as gw:
+        calls = where_it_ran(monkeypatch, gw)
+        many = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}] * MANY}
+        response = await gw.client.post("/v1/chat/completions", json=many)
+        assert response.status_code == 200, response.text
+        [(on_loop, _, (body, _))] = calls["read"]
+        assert not on_loop and isinstance(body, ChatCompletionRequest)  # validated where it was parsed
+        assert [on_loop for on_loop, _, _ in calls["conversation"]] == [False]
+        assert [on_loop for on_loop, (_, messages), _ in calls["tokenize"] if len(messages) == MANY] == [False]
+        for work in calls.values():
+            work.clear()
+        response = await gw.client.post("/v1/chat/completions", json=chat_body("hi", max_tokens=2))
+        assert response.status_code == 200, response.text
+        [(on_loop, _, (body, _))] = calls["read"]
+        assert on_loop and isinstance(body, dict)  # FastAPI validates it, on the loop
+        assert [on_loop for on_loop, _, _ in calls["conversation"]] == [True]
+        # The same for the messages of /v1/audio/chat, a JSON form field.
+        form = {"model": MODEL, "max_tokens": "2", "messages": json.dumps(many["messages"])}
+        response = await gw.client.post("/v1/audio/chat", data=form, files={"file": ("a.wav", WAV)})
+        assert response.status_code == 200, response.text
+        assert [on_loop for on_loop, _, _ in calls["conversation"]][-1] is False
+
+
+def padded(messages: list, to: int = MANY) -> list:
+    return messages + [{"role": "user", "content": "x"}] * (to - len(messages))
+
+
+# A small body's error, and the same error in a body of many elements: same status, same JSON.
+MANY_ELEMENT_ERRORS = {
+    "a bad role": ([{"role": "robot", "content": "x"}], padded([{"role": "robot", "content": "x"}])),
+    "every content a number": ([{"role": "user", "content": 1}] * 6, [{"role": "user", "content": 1}] * 33000),
+    "an unknown part type": (
+        [{"role": "user", "content": [{"type": "image_url"}]}],
+        padded([{"role": "user", "content": [{"type": "image_url"}] + [{"type": "text", "text": "x"}] * 500}]),
+    ),
+    "an unknown field": (
+        [{"role": "user", "content": "x", "name": "a"}],
+        padded([{"role": "user", "content": "x", "name": "a"}]),
+    ),
+    "a message with audio past the limit": (
+        [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(WAV)}}] * 9}],
+        padded([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": b64(WAV)}}] * 9}]),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MANY_ELEMENT_ERRORS))
+async def test_errors_in_a_body_of_many_elements_read_as_in_a_small_one(case):
+    """Validated off the loop, a body of many elements gets the answer FastAPI's validation
+    gets on it. "every content a number": 33000 messages, 66000 errors, whose reading into a
+    message compared every error's path with every other's (half an hour of the loop)."""
+    small, large = MANY_ELEMENT_ERRORS[case]
+    async with gateway() as gw:
+        answers = []
+        for messages in (small, large):
+            answers.append(await gw.client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}))
+        assert answers[0].status_code == answers[1].status_code == 400, answers[0].text
+        assert answers[0].json() == answers[1].json()
+        not_objects = [await post_json(gw, json.dumps(["x"] * n)) for n in (1, 1000)]
+        assert not_objects[0].json() == not_objects[1].json()
+        assert not_objects[0].json()["error"]["message"] == "the request body must be a JSON object"
 
 
 # --- audio that decodes to huge sample counts -----------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Engine-free and unit-testable: from a validated body (schemas.py) it builds the
 conversation and its audio sources (`Conversation.of`), then `RequestBuilder.prepare`
-checks a response_format JSON schema (response_schema.py), fetches and decodes the audio
+checks a response_format JSON schema (server/response_schema/), fetches and decodes the audio
 in the decode pool, renders and tokenizes the chat template, and converts the sampling
 fields to `Sampling`. Every input limit is enforced here (audio parts, audio duration,
 context length, sampling ranges and combinations, schema size), so what reaches the

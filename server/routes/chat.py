@@ -53,9 +53,9 @@ def check_model(state: GatewayState, model: str | None) -> str:
 @router.post(CHAT_COMPLETIONS, response_model=ChatCompletionResponse, responses=CHAT_RESPONSES)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: State):
     model = check_model(state, body.model)
+    conversation = await run_for_elements(body_elements(request), checked_conversation, body, state)
     if body.user is not None:
         logger.info("request %s from user %r", request.state.request_id, body.user)
-    conversation = await run_for_elements(body_elements(request), checked_conversation, body, state)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await answer_chat(
         request, state, conversation, body, model=model, stream=body.stream, include_usage=include_usage

@@ -43,11 +43,18 @@ def is_local(ref: str) -> bool:
     return ref == "#" or ref.startswith("#/")
 
 
-def own_base(node: dict) -> str | None:
-    """`node`'s `$id` where it gives the subschema a base URI of its own, against which JSON
-    Schema resolves the pointers of the `$ref`s in it, or None (none, or a fragment alone:
-    draft-06 and -07 name an anchor so, "$id": "#a")."""
-    base = node.get("$id")
+def id_keyword(root: dict) -> str:
+    """The keyword that gives a subschema a base URI: `id` in a draft-04 schema (where `$id`
+    means nothing), `$id` in later drafts."""
+    schema_uri = root.get("$schema")
+    return "id" if isinstance(schema_uri, str) and "draft-04/" in schema_uri else "$id"
+
+
+def own_base(node: dict, keyword: str = "$id") -> str | None:
+    """`node`'s `keyword` (id_keyword) where it gives the subschema a base URI of its own,
+    against which JSON Schema resolves the pointers of the `$ref`s in it, or None (none, or a
+    fragment alone: draft-04 to -07 name an anchor so, "$id": "#a")."""
+    base = node.get(keyword)
     return base if isinstance(base, str) and base.split("#", 1)[0] else None
 
 

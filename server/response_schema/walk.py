@@ -24,7 +24,7 @@ from .misread_keywords import draft04_refusal, ignored_keywords, narrowed_refusa
 from .no_value import Satisfiability
 from .numeric import range_refusal
 from .patterns import pattern_size, repeat_copies
-from .refs import escape, is_local, own_base, resolve
+from .refs import escape, id_keyword, is_local, own_base, resolve
 from .refusal import PARAM, WHERE, limit_refusal, shown_value
 from .value_check import TooDeep, ValueCheck, too_deep
 
@@ -68,7 +68,7 @@ class Walk:
         if depth > MAX_DEPTH:
             raise limit_refusal("levels of nested subschemas", f"more than {MAX_DEPTH}", MAX_DEPTH, f" (at {pointer})")
         self.nodes[id(node)] = (node, pointer)
-        if node is not self.root and (base := own_base(node)) is not None:
+        if node is not self.root and (base := own_base(node, id_keyword(self.root))) is not None:
             self.bases.append((pointer, base))
         if isinstance(node.get("propertyNames"), dict):
             self.key_schemas.add(id(node["propertyNames"]))
@@ -179,9 +179,12 @@ class Walk:
                 continue
             for where, base in self.bases:
                 if pointer == where or pointer.startswith(where + "/"):
-                    why = (f"it resolves the pointer against the root, and JSON Schema against the `$id` {base!r} at "
-                           f"{where}; leave that `$id` out and write the pointer from the root")  # fmt: skip
-                    self.ignored.append((f"`$ref` {ref!r} under a `$id`", pointer, why))
+                    keyword = id_keyword(self.root)
+                    why = (
+                        f"it resolves the pointer against the root, and JSON Schema against the `{keyword}` "
+                        f"{base!r} at {where}; leave that `{keyword}` out and write the pointer from the root"
+                    )
+                    self.ignored.append((f"`$ref` {ref!r} under a `{keyword}`", pointer, why))
                     break
 
     def check_limits(self) -> None:

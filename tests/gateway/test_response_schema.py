@@ -995,6 +995,30 @@ def test_xgrammar_cannot_compile_a_pointer_under_a_id_the_root_lacks(grammar_com
     assert "uses `$ref` '#/$defs/c' under a `$id` at #/$defs/b/properties/q" in refusal(schema)
 
 
+DRAFT04_NESTED_ID = {
+    "$schema": "http://json-schema.org/draft-04/schema#",
+    "definitions": {"c": {"type": "string"},
+                    "b": {"id": "http://x.test/b.json", "definitions": {"c": {"type": "integer"}},
+                          **required_object({"q": {"$ref": "#/definitions/c"}})}},
+    **required_object({"p": {"$ref": "#/definitions/b"}}),
+}  # fmt: skip
+
+
+def test_a_pointer_under_a_draft04_id_is_refused_naming_id(grammar_compiler):
+    """draft-04 spells `$id` as `id`: xgrammar resolves the pointer from the root there too."""
+    assert xgrammar_accepts(grammar_compiler, DRAFT04_NESTED_ID, '{"p": {"q": "s"}}')
+    assert not xgrammar_accepts(grammar_compiler, DRAFT04_NESTED_ID, '{"p": {"q": 1}}')
+    message = refusal(DRAFT04_NESTED_ID)
+    assert "uses `$ref` '#/definitions/c' under a `id` at #/definitions/b/properties/q" in message, message
+    assert "against the `id` 'http://x.test/b.json' at #/definitions/b" in message, message
+
+
+def test_id_is_a_base_in_draft04_only():
+    """In later drafts `id` is an unknown keyword: the same schema without `$schema` passes."""
+    later = {key: value for key, value in DRAFT04_NESTED_ID.items() if key != "$schema"}
+    check_response_schema(later)
+
+
 def test_a_draft07_anchor_id_changes_no_base_and_passes():
     """draft-07 names an anchor "$id": "#name": pointers under it still resolve from the root."""
     check_response_schema({"$schema": "http://json-schema.org/draft-07/schema#",

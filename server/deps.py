@@ -48,22 +48,20 @@ def api_key_error(authorizations: list[str], keys: list[bytes]) -> ApiError | No
     read the other one."""
     authorization = authorizations[0] if authorizations else ""
     scheme, _, token = authorization.partition(" ")
-    if len(authorizations) > 1 or scheme.lower() != "bearer" or not token.strip():
-        if len(authorizations) > 1:
-            problem = f"{len(authorizations)} Authorization headers: send the API key once, as"
-        elif authorization.strip():
-            problem = "malformed Authorization header: send the API key as"
-        else:
-            problem = "missing API key: send"
-        return ApiError(
-            401,
-            f"{problem} 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+    how = "'Authorization: Bearer <key>'"
+    if len(authorizations) > 1:
+        problem = f"{len(authorizations)} Authorization headers: send the API key once, as {how}"
+    elif scheme.lower() != "bearer" or not token.strip():
+        problem = (
+            f"malformed Authorization header: send the API key as {how}"
+            if authorization.strip()
+            else f"missing API key: send {how}"
         )
-    if not _key_matches(token.strip().encode(), keys):
-        return ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return None
+    elif not _key_matches(token.strip().encode(), keys):
+        problem = "invalid API key"
+    else:
+        return None
+    return ApiError(401, problem, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def require_serving(state: State) -> None:
